@@ -139,7 +139,7 @@ def look_at(eye, target, up=(0.0, 1.0, 0.0)):
   target = jnp.asarray(target, jnp.float32)
   up = jnp.asarray(up, jnp.float32)
   z = _safe_normalize(target - eye)
-  x = _safe_normalize(jnp.cross(z, -up))  # right = forward x down
+  x = _safe_normalize(jnp.cross(z, up))  # right = down x forward = forward x up
   y = jnp.cross(z, x)  # down
   R = jnp.stack([x, y, z], axis=0)
   t = -R @ eye

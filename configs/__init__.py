@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections), one ``get_config()`` per file; shared defaults in ``common``."""

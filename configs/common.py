@@ -1,0 +1,180 @@
+"""Defaults shared by every experiment config; each config file changes only what differs.
+
+Usage in a config file::
+
+  from configs import common
+
+  def get_config(arg=None):
+    config = common.get_base_config()
+    config.model.prior = 'lipflow'
+    return common.apply_variant(config, arg)
+
+Config strings: ``--config=configs/<name>.py`` (the CPU default) or ``--config=configs/<name>.py:tiny`` (a
+seconds-long smoke run on the tiny synthetic capture).
+"""
+
+import ml_collections
+
+VARIANTS = ('default', 'tiny')
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The DAM on the default synthetic capture, sized to train in a few minutes on a 2-core CPU."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.task = 'lipflow'  # 'lipflow' (LipFlowModel: all priors, direct encoder) | 'regressor'
+
+  # Data (TFDS builder, generated on first use).
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'synthetic_capture'
+  config.dataset.builder_config = 'default'
+  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # None = the TFDS default
+  config.dataset.builder_kwargs = ml_collections.ConfigDict()
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'test'
+  config.dataset.worker_count = 0
+
+  # Model: ``lipflow_jax.models.LipFlowModel`` attributes. None = from the data (sizes, cameras).
+  config.model = ml_collections.ConfigDict()
+  config.model.prior = 'gaussian'
+  config.model.conditions = ()
+  config.model.encoder_input = 'x'
+  config.model.z_dim = 64
+  config.model.num_vertices = ml_collections.config_dict.placeholder(int)
+  config.model.tex_size = ml_collections.config_dict.placeholder(int)
+  config.model.num_cameras = ml_collections.config_dict.placeholder(int)
+  config.model.keypoint_image_size = ml_collections.config_dict.placeholder(tuple)
+  config.model.enc_channels = (16, 32, 64, 64)
+  config.model.enc_tex_features = 128
+  config.model.enc_vert_features = 128
+  config.model.dec_z_features = 128
+  config.model.dec_start_size = 4
+  config.model.dec_start_channels = 64
+  config.model.dec_channels = (64, 32, 16)  # 4 -> 64 texels
+  config.model.dec_upsample = 'resize'
+  config.model.weight_norm = False
+  # Inference-time encoders and flows (conditional priors, direct encoder).
+  config.model.context_dim = 128
+  config.model.keypoint_hidden = (256, 256)
+  config.model.hmc_channels = (16, 32, 64)
+  config.model.hmc_features = 64
+  config.model.flow_layers = 4
+  config.model.flow_hidden = (128, 128)
+  config.model.flow_bijector = 'spline'
+  config.model.flow_context = True
+
+  # Loss weights (``lipflow_jax.models.model_loss``): tex, geo, kl (= beta), screen.
+  config.loss = ml_collections.ConfigDict(dict(tex=1.0, geo=1.0, kl=0.01, screen=0.0))
+
+  # Regressor baseline only (task='regressor'): one ``Regressor`` per condition on a frozen DAM teacher.
+  config.teacher_workdir = ml_collections.config_dict.placeholder(str)
+
+  # Optimisation.
+  config.batch_size = 16  # global, over all processes
+  config.num_train_steps = 1000
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 50
+  config.optimizer.decay = 'cosine'  # 'cosine' | 'linear' | 'constant' after warm-up
+  config.optimizer.end_factor = 0.05  # final lr = end_factor * learning_rate
+  config.optimizer.clip_norm = 10.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.weight_decay = 0.0
+  config.max_consecutive_nonfinite = 10
+
+  # Logging, evaluation and checkpoints.
+  config.log_every = 50
+  config.image_every = 500
+  config.eval_every = 500
+  config.eval_batches = 4
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 3
+  config.async_checkpoints = True
+  config.progress_bar = True
+  config.num_devices = ml_collections.config_dict.placeholder(int)  # None = all devices of all processes
+  return config
+
+
+def multiface(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Full-size Multiface settings (DESIGN section 6): the public DAM's architecture and optimiser."""
+  config.dataset.name = 'multiface'
+  config.dataset.builder_config = ml_collections.config_dict.placeholder(str)
+  config.dataset.builder_kwargs = ml_collections.ConfigDict()
+  config.dataset.builder_kwargs.source_dir = ml_collections.config_dict.placeholder(str)
+  config.dataset.worker_count = 8
+  m = config.model
+  m.z_dim = 256
+  m.enc_channels = (16, 16, 32, 32, 64, 64, 128, 128)  # 4 blocks of two 4x4 stride-2 convs: 1024 -> 4
+  m.enc_tex_features = 256
+  m.enc_vert_features = 256
+  m.dec_z_features = 256
+  m.dec_start_size = 4
+  m.dec_start_channels = 256
+  m.dec_channels = (256, 64, 64, 32, 32, 16, 16)  # 4 -> 1024 texels by 4x4 stride-2 transposed convs
+  m.dec_upsample = 'transpose'
+  m.weight_norm = True
+  m.context_dim = 256
+  m.hmc_channels = (16, 32, 64, 128)
+  m.hmc_features = 128
+  config.loss = ml_collections.ConfigDict(dict(tex=1.0, geo=1.0, kl=0.01, screen=0.0))
+  config.batch_size = 16
+  config.num_train_steps = 200_000
+  config.optimizer.learning_rate = 3e-4
+  config.optimizer.warmup_steps = 1000
+  config.optimizer.decay = 'cosine'
+  config.optimizer.end_factor = 0.1
+  config.optimizer.clip_norm = 10.0
+  config.log_every = 100
+  config.image_every = 2000
+  config.eval_every = 5000
+  config.eval_batches = 16
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 3
+  return config
+
+
+def parse_arg(arg, options=()) -> set:
+  """Splits a config string (``'tiny'``, ``'tiny,hmc'``) into options, checking each is known."""
+  known = set(VARIANTS) | set(options)
+  tokens = {t.strip() for t in (arg or 'default').split(',') if t.strip()}
+  unknown = tokens - known
+  if unknown:
+    raise ValueError(f'unknown config option(s) {sorted(unknown)}; expected from {sorted(known)}')
+  return tokens
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg=None, options=()) -> ml_collections.ConfigDict:
+  """Applies the config-string variant: 'default' (or none) or 'tiny' (a seconds-long run on the tiny
+  capture); ``options`` names further tokens the calling config handles itself."""
+  tokens = parse_arg(arg, options)
+  if 'tiny' in tokens:
+    # The tiny synthetic capture (32x32 textures, 420 vertices, 6 cameras), also for the Multiface configs,
+    # whose smoke run keeps their code path (weight norm, transposed convs) at small size.
+    config.dataset.name = 'synthetic_capture'
+    config.dataset.builder_config = 'tiny'
+    config.dataset.builder_kwargs = ml_collections.ConfigDict()
+    config.dataset.worker_count = 0
+    config.model.z_dim = 8
+    config.model.enc_channels = (8, 16)
+    config.model.enc_tex_features = 32
+    config.model.enc_vert_features = 32
+    config.model.dec_z_features = 32
+    config.model.dec_start_channels = 16
+    config.model.dec_channels = (16, 8)  # 4 -> 32 texels: len + 1 doublings
+    config.model.context_dim = 32
+    config.model.keypoint_hidden = (32,)
+    config.model.hmc_channels = (8, 16)
+    config.model.hmc_features = 16
+    config.model.flow_layers = 2
+    config.model.flow_hidden = (32,)
+    config.batch_size = 8
+    config.num_train_steps = 30
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 3
+    config.log_every = 5
+    config.image_every = 15
+    config.eval_every = 15
+    config.eval_batches = 1
+    config.checkpoint_every = 10
+  return config

@@ -1,0 +1,102 @@
+"""The whole pipeline on the synthetic capture: data -> train every model -> fit -> evaluate -> report.
+
+``python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR`` (about 15 minutes on a 2-core CPU), or
+``--config=configs/demo.py:tiny`` (an end-to-end smoke run of about a minute on the tiny capture).
+
+Every model is a full experiment config of its own (``configs/<name>_synthetic.py``), resolved here with the
+demo's training length, so that the resolved demo config (dumped to the workdir and into ``report.json``)
+says exactly what was trained.
+"""
+
+import ml_collections
+
+from configs import common
+from configs import conditional_gaussian_synthetic
+from configs import dam_synthetic
+from configs import direct_synthetic
+from configs import flow_synthetic
+from configs import lipflow_synthetic
+from configs import regressor_synthetic
+
+# Sub-workdir name -> (config module, extra config-string options).
+MODELS = {
+    'dam': (dam_synthetic, ''),
+    'lipflow': (lipflow_synthetic, ''),
+    'conditional_gaussian': (conditional_gaussian_synthetic, ''),
+    'flow': (flow_synthetic, ''),
+    'regressor': (regressor_synthetic, ''),
+    'direct_keypoints': (direct_synthetic, 'keypoints'),
+    'direct_hmc': (direct_synthetic, 'hmc'),
+}
+
+
+def _model_config(module, options, variant, steps, common_overrides):
+  arg = ','.join(t for t in (variant if variant != 'default' else '', options) if t) or None
+  config = module.get_config(arg)
+  config.num_train_steps = steps
+  config.progress_bar = True
+  for k, v in common_overrides.items():
+    config[k] = v
+  return config
+
+
+def get_config(arg=None):
+  variant = arg or 'default'
+  if variant not in common.VARIANTS:
+    raise ValueError(f'unknown demo variant {variant!r}; expected one of {common.VARIANTS}')
+  tiny = variant == 'tiny'
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+
+  # ------------------------------------------------------------------------------------------ data
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'synthetic_capture'
+  config.dataset.builder_config = 'tiny' if tiny else 'default'
+  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+
+  # ------------------------------------------------------------------------------------------ training
+  steps = {'dam': 30, 'lipflow': 30, 'conditional_gaussian': 30, 'flow': 20, 'regressor': 30,
+           'direct_keypoints': 20, 'direct_hmc': 20} if tiny else {
+               'dam': 900, 'lipflow': 900, 'conditional_gaussian': 700, 'flow': 300, 'regressor': 500,
+               'direct_keypoints': 400, 'direct_hmc': 400}
+  overrides = dict(eval_every=0, image_every=0, log_every=10 if tiny else 50,
+                   checkpoint_every=1000000, keep_checkpoints=1)
+  config.models = ml_collections.ConfigDict()
+  for name, (module, options) in MODELS.items():
+    sub = _model_config(module, options, variant, steps[name], overrides)
+    sub.dataset.name = config.dataset.name
+    sub.dataset.builder_config = config.dataset.builder_config
+    config.models[name] = sub
+  # The regressor's teacher is the DAM of this demo (main.py sets the path).
+  config.train_order = ('dam', 'lipflow', 'conditional_gaussian', 'regressor', 'direct_keypoints',
+                        'direct_hmc', 'flow')
+
+  # ------------------------------------------------------------------------------------------ fitting
+  config.fit = ml_collections.ConfigDict()
+  config.fit.keypoints = ml_collections.ConfigDict(dict(
+      num_steps=40 if tiny else 200, lr=0.05, schedule='cosine', objective_options=dict(robust='huber', scale=2.0)))
+  config.fit.hmc = ml_collections.ConfigDict(dict(
+      num_steps=15 if tiny else 60, lr=0.05, schedule='cosine', objective_options=dict()))
+  # lambda_prior per (fit method, input): the weight of -log p(z | c) against the observation term.
+  config.fit.lambda_prior = ml_collections.ConfigDict(dict(
+      dam=dict(keypoints=0.01, hmc=1e-4),
+      lipflow=dict(keypoints=0.01, hmc=1e-4),
+      conditional_gaussian=dict(keypoints=0.01, hmc=1e-4)))
+  config.fit.space = 'z'  # 'y': optimise the flow's base variable (LiP-Flow only)
+  config.fit.sequence_warm_steps = 20 if tiny else 60
+
+  # ------------------------------------------------------------------------------------------ evaluation
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = 'test'
+  config.eval.max_frames = 4 if tiny else 32  # held-out frames (spread evenly over the test segments)
+  config.eval.view_stride = 1  # every held-out frame in every n-th dome camera
+  config.eval.chunk = 4
+  config.eval.methods = ('dam_fit', 'dam_regressor', 'direct_encoder', 'lipflow_prior_mode', 'lipflow_fit',
+                         'conditional_gaussian_fit')
+  config.eval.inputs = ('keypoints', 'hmc')
+  config.eval.figure_frames = 2 if tiny else 4
+  config.eval.figure_views = 3 if tiny else 5
+  config.eval.num_samples = 4 if tiny else 8
+  config.eval.gif_frames = 4 if tiny else 16
+  return config

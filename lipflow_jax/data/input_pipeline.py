@@ -1,0 +1,191 @@
+"""grain input pipeline over the TFDS array_record data sources.
+
+    sources, meta = load_dataset(data_dir, "synthetic_capture", "default")
+    it = make_iterator(sources["train"], meta, batch_size=16, seed=0, cameras=meta.train_cameras)
+    batch = next(it)                     # dict of numpy arrays, see ``schema`` for keys and shapes
+    state = it.get_state()               # bytes; save with the checkpoint
+    it.set_state(state)                  # resumes with the same batches
+
+Each process reads only its shard of the records (``shard_index``/``shard_count``, default the JAX process);
+shuffling is a deterministic function of ``seed`` and the epoch. Selection of cameras / segments happens
+before sharding, from the record index in ``DatasetMeta.splits`` (no record is read to filter).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import grain.python as grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lipflow_jax.data import schema
+
+
+def dataset_dir(data_dir, name: str = "synthetic_capture", config: str = "default",
+                version: Optional[str] = None) -> str:
+  """The versioned directory ``data_dir/name/config/version`` (latest version if not given)."""
+  base = os.path.join(os.fspath(data_dir), name, config)
+  if version is None:
+    if not os.path.isdir(base):
+      raise FileNotFoundError(f"dataset not built: {base} does not exist (run python -m lipflow_jax.data.build)")
+    versions = sorted((v for v in os.listdir(base) if v[:1].isdigit() and "incomplete" not in v),
+                      key=lambda v: tuple(int(x) for x in v.split(".")))
+    if not versions:
+      raise FileNotFoundError(f"dataset not built: no version directory in {base}")
+    version = versions[-1]
+  return os.path.join(base, version)
+
+
+def load_dataset(data_dir, name: str = "synthetic_capture",
+                 config: str = "default") -> Tuple[Dict[str, object], schema.DatasetMeta]:
+  """({split: TFDS ArrayRecordDataSource}, DatasetMeta) of a built dataset (no builder code needed)."""
+  d = dataset_dir(data_dir, name, config)
+  builder = tfds.builder_from_directory(d)
+  return builder.as_data_source(), schema.load_meta(d)
+
+
+class SubsetSource(grain.RandomAccessDataSource):
+  """The records ``indices`` of a data source, in that order (a view; nothing is copied)."""
+
+  def __init__(self, source, indices):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._source[int(self._indices[i])]
+
+  def __repr__(self) -> str:
+    return f"SubsetSource({self._source!r}, {len(self._indices)} records)"
+
+
+def _split_name(source, split: Optional[str]) -> str:
+  if split is not None:
+    return split
+  s = getattr(source, "split", None)
+  if isinstance(s, str):
+    return s.split("[")[0]
+  raise ValueError("cannot tell the split of this source: pass split='train' or 'test'")
+
+
+def select_records(meta: schema.DatasetMeta, split: str, cameras: Optional[Sequence[str]] = None,
+                   segments: Optional[Sequence[str]] = None, frames: Optional[Sequence[int]] = None) -> np.ndarray:
+  """Record indices of ``split`` whose camera / segment / global frame index is in the given sets (None: all)."""
+  if split not in meta.splits:
+    raise KeyError(f"split {split!r} not in the dataset (has {sorted(meta.splits)})")
+  cols = meta.splits[split]
+  keep = np.ones(len(cols["frame_index"]), bool)
+  if cameras is not None:
+    keep &= np.isin(cols["camera_index"], meta.camera_indices(list(cameras)))
+  if segments is not None:
+    keep &= np.isin(cols["segment_index"], meta.segment_indices(list(segments)))
+  if frames is not None:
+    keep &= np.isin(cols["frame_index"], np.asarray(list(frames)))
+  return np.nonzero(keep)[0]
+
+
+class Normalize(grain.MapTransform):
+  """Stored example -> batch form (``schema.normalize_example``); drops strings."""
+
+  def __init__(self, meta: schema.DatasetMeta):
+    self._meta = meta
+
+  def map(self, element):
+    return schema.normalize_example(element, self._meta)
+
+
+def make_iterator(source, meta: schema.DatasetMeta, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                  num_epochs: Optional[int] = None, shard_index: Optional[int] = None,
+                  shard_count: Optional[int] = None, drop_remainder: bool = True, worker_count: int = 0,
+                  split: Optional[str] = None, cameras: Optional[Sequence[str]] = None,
+                  segments: Optional[Sequence[str]] = None):
+  """A grain iterator of normalised batches (dicts of numpy arrays with a leading axis ``batch_size``).
+
+  Args:
+    source: a TFDS data source (``load_dataset(...)[0]['train']``) or any random-access source of stored
+      examples.
+    meta: the dataset's ``DatasetMeta``.
+    batch_size: per-process batch size.
+    seed: shuffling seed (32-bit, >= 0); the order is a pure function of (seed, epoch, shard).
+    shuffle: global shuffle (within this process's shard) every epoch.
+    num_epochs: None = repeat forever.
+    shard_index / shard_count: this process's shard (default ``jax.process_index()`` / ``jax.process_count()``).
+      Shards split the records in contiguous ranges whose sizes differ by at most one, so over the shards
+      every record is seen exactly once per epoch.
+    drop_remainder: drop the last incomplete batch (of an epoch when ``num_epochs`` is finite).
+    worker_count: grain worker processes (0: in this process).
+    split: 'train' / 'test' (default: the source's own split); needed with ``cameras`` / ``segments``.
+    cameras / segments: keep only these dome cameras / segments (names), e.g. ``meta.train_cameras``.
+  Returns:
+    A ``grain.DataLoader`` iterator: ``next(it)``, ``it.get_state()``, ``it.set_state(state)``.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if cameras is not None or segments is not None:
+    source = SubsetSource(source, select_records(meta, _split_name(source, split), cameras, segments))
+  shard_index = jax.process_index() if shard_index is None else int(shard_index)
+  shard_count = jax.process_count() if shard_count is None else int(shard_count)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  if len(source) < shard_count:
+    raise ValueError(f"{len(source)} records cannot be split into {shard_count} shards")
+  sampler = grain.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=False),
+      shuffle=shuffle, num_epochs=num_epochs, seed=int(seed) if shuffle else None)
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[Normalize(meta), grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder)],
+      worker_count=worker_count)
+  return iter(loader)
+
+
+def make_train_iterator(source, meta: schema.DatasetMeta, **kwargs):
+  """``make_iterator`` over the training cameras only (the held-out ones stay unseen)."""
+  kwargs.setdefault("split", "train")
+  return make_iterator(source, meta, cameras=meta.train_cameras, **kwargs)
+
+
+def load_frames(source, meta: schema.DatasetMeta, *, split: Optional[str] = None,
+                cameras: Optional[Sequence[str]] = None, frames: Optional[Sequence[int]] = None,
+                max_frames: Optional[int] = None, keys: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+  """An evaluation set: the examples of a split grouped by frame (all requested cameras of each frame).
+
+  Args:
+    source: data source of the split; meta: ``DatasetMeta``.
+    split: default the source's split.
+    cameras: dome cameras to include (default all, in ``meta.camera_names`` order); frames that lack one of
+      them (skipped bad input) are dropped.
+    frames: global frame indices to include (default all of the split); max_frames: keep the first N.
+    keys: batch keys to return (default all numeric ones).
+  Returns:
+    dict of numpy arrays with a leading frame axis N: per-frame keys (``schema.FRAME_KEYS``, e.g. ``verts``
+    [N, V, 3] normalised, ``keypoints`` [N, P, 2], ``hmc`` [N, 3, h, w, 1]) and per-camera keys stacked
+    on a camera axis (``schema.CAMERA_KEYS``, e.g. ``image`` [N, C, H, W, 3], ``camera_Rt`` [N, C, 3, 4]).
+  """
+  split = _split_name(source, split)
+  cols = meta.splits[split]
+  cam_idx = list(range(meta.num_cameras)) if cameras is None else meta.camera_indices(list(cameras))
+  frame_ids = np.unique(cols["frame_index"]) if frames is None else np.asarray(list(frames))
+  lookup = {(int(f), int(c)): r for r, (f, c) in enumerate(zip(cols["frame_index"], cols["camera_index"]))}
+  complete = [f for f in frame_ids if all((int(f), c) in lookup for c in cam_idx)]
+  if max_frames is not None:
+    complete = complete[:max_frames]
+  if not complete:
+    raise ValueError(f"no frame of split {split!r} has all of the cameras {cameras or 'all'}")
+  out: Dict[str, list] = {}
+  for f in complete:
+    per_cam = [schema.normalize_example(source[lookup[(int(f), c)]], meta) for c in cam_idx]
+    for k, v in per_cam[0].items():
+      if keys is not None and k not in keys:
+        continue
+      if k in schema.CAMERA_KEYS:
+        out.setdefault(k, []).append(np.stack([e[k] for e in per_cam]))
+      else:
+        out.setdefault(k, []).append(v)
+  return {k: np.stack(v) for k, v in out.items()}

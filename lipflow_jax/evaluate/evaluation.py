@@ -1,0 +1,256 @@
+"""Evaluation of latent codes on held-out frames: decode, render into every held-out dome view, compare.
+
+An *evaluation set* is a dict of numpy arrays over N held-out frames (see ``lipflow_jax.data``'s eval helper):
+
+  observations (fitting inputs):  keypoints [N, P, 2], keypoints_visible [N, P], frontal_K [N, 3, 3],
+      frontal_Rt [N, 3, 4], hmc [N, 3, h, w, 1], hmc_K [N, 3, 3, 3], hmc_Rt [N, 3, 3, 4]
+  ground truth:  verts [N, V, 3] (normalised), camera_K [N, C, 3, 3], camera_Rt [N, C, 3, 4] (head -> view),
+      image [N, C, H, W, 3] in [0, 1], image_mask [N, C, H, W, 1]
+  identity:  segment_index [N], frame_index [N]
+
+Methods produce codes for the N frames (and the bundle whose decoder reads them); ``evaluate_codes`` turns
+codes into per-frame metrics, ``summarize`` into a report row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipflow_jax import fit
+from lipflow_jax import geometry
+from lipflow_jax.evaluate import metrics
+from lipflow_jax.evaluate import report as report_lib
+
+OBSERVATION_KEYS = ("keypoints", "keypoints_visible", "frontal_K", "frontal_Rt", "hmc", "hmc_K", "hmc_Rt",
+                    "hmc_mask", "image_frontal")
+
+
+def observations(eval_set: Dict[str, Any]) -> Dict[str, np.ndarray]:
+  """The fitting inputs of an evaluation set (a dict of [N, ...] arrays)."""
+  return {k: eval_set[k] for k in OBSERVATION_KEYS if k in eval_set}
+
+
+def take(eval_set: Dict[str, Any], index) -> Dict[str, Any]:
+  """The frames ``index`` (slice or index array) of every [N, ...] entry."""
+  return {k: (v[index] if hasattr(v, "shape") and np.ndim(v) > 0 else v) for k, v in eval_set.items()}
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def render_views(bundle, z, K, Rt, settings, camera_index=None):
+  """Decodes one code for each view (its view direction and colour response) and renders it there.
+
+  Args:
+    bundle: ``fit.ModelBundle``.
+    z: [Z]; K: [C, 3, 3]; Rt: [C, 3, 4] (head coordinates -> camera).
+    settings: ``render.RasterSettings`` (static).
+    camera_index: optional [C] int32 dome camera indices (the decoder's per-camera colour gain/bias).
+  Returns:
+    (rgb [C, H, W, 3] in [0, 1], alpha [C, H, W, 1]).
+  """
+  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
+
+  meta = bundle.meta
+
+  def one(k, rt, ci):
+    camera = geometry.Camera(K=k, Rt=rt)
+    tex, verts = fit.decode(bundle, z, geometry.view_direction(camera), ci)
+    out = render.render_mesh(fit.denormalize_verts(meta, verts), meta.faces, meta.uvs, meta.uv_faces,
+                             fit.denormalize_tex(meta, tex), camera, settings)
+    return out.rgb, out.alpha
+
+  if camera_index is None:
+    return jax.vmap(lambda k, rt: one(k, rt, None))(K, Rt)
+  return jax.vmap(one)(K, Rt, camera_index)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def render_batch(bundle, z, K, Rt, settings, camera_index=None):
+  """[N, Z] codes, [N, C, 3, 3], [N, C, 3, 4] (, [N, C] camera indices) -> (rgb [N, C, H, W, 3],
+  alpha [N, C, H, W, 1])."""
+  if camera_index is None:
+    return jax.vmap(lambda a, k, r: render_views(bundle, a, k, r, settings))(z, K, Rt)
+  return jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _frame_metrics(bundle, z, verts_gt, K, Rt, camera_index, image, mask, settings):
+  verts = jax.vmap(lambda a: fit.decode_verts(bundle, a))(z)
+  geo = metrics.geometry_error(verts, fit.denormalize_verts(bundle.meta, verts_gt))
+  rgb, _ = jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
+  m = metrics.image_metrics(rgb, image, mask)  # each [N, C]
+  return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}
+
+
+def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8) -> Dict[str, np.ndarray]:
+  """Per-frame metrics of codes on an evaluation set.
+
+  Args:
+    bundle: the bundle whose decoder reads ``z``.
+    z: [N, Z] codes.
+    eval_set: see the module docstring.
+    settings: ``render.RasterSettings`` of the dome views.
+    chunk: frames rendered per call (bounds memory).
+  Returns:
+    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view).
+  """
+  n = z.shape[0]
+  outs = []
+  for s in range(0, n, chunk):
+    e = slice(s, min(n, s + chunk))
+    pad = chunk - (e.stop - e.start)  # pad the last chunk to the chunk size: one compiled shape
+    sel = lambda x: np.concatenate([x[e], np.repeat(x[e][-1:], pad, axis=0)]) if pad else x[e]
+    out = _frame_metrics(bundle, jnp.asarray(sel(np.asarray(z))), sel(eval_set["verts"]),
+                         sel(eval_set["camera_K"]), sel(eval_set["camera_Rt"]), sel(eval_set["camera_index"]),
+                         sel(eval_set["image"]),
+                         sel(eval_set["image_mask"]), settings)
+    outs.append({k: np.asarray(v)[:chunk - pad] for k, v in out.items()})
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def summarize(method: str, input: str, per_frame: Dict[str, np.ndarray], seconds: float) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
+  """One report row: means over frames (and views) of the per-frame metrics; PSNR is the mean per-view PSNR."""
+  n = int(per_frame["geometry_error"].shape[0])
+  return report_lib.make_row(method, input, np.mean(per_frame["geometry_error"]), np.mean(per_frame["image_mse"]),
+                             np.mean(per_frame["psnr"]), np.mean(per_frame["ssim"]), 1000.0 * seconds / max(n, 1), n)
+
+
+# ----------------------------------------------------------------------------------------------- methods
+@dataclasses.dataclass
+class MethodOutput:
+  """Codes of one method on N frames: z [N, Z], the bundle that decodes them, and the wall time (seconds) of
+  producing them (compilation excluded)."""
+  z: np.ndarray
+  bundle: Any
+  seconds: float
+  losses: Optional[Dict[str, np.ndarray]] = None
+
+
+def timed_call(fn: Callable, *args):
+  """Compiles ``fn`` (a jitted function) ahead of time, then times one execution. Returns (out, seconds)."""
+  compiled = fn.lower(*args).compile()
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return out, time.perf_counter() - t0
+
+
+@jax.jit
+def _encode_direct(bundle, obs):
+  return bundle.model.apply(bundle.variables, obs, method="encode_input")[0]
+
+
+def _regress_jit(name):
+  return jax.jit(lambda bundle, obs: fit.regress(bundle, obs, name))
+
+
+def _mode_jit(name):
+  return jax.jit(lambda bundle, obs: fit.prior_mode(bundle, obs, name))
+
+
+# Report method -> (bundle key in `bundles`, how codes are made).
+METHOD_SPECS = {
+    "dam_fit": ("dam", "fit:dam"),
+    "dam_regressor": ("dam", "regressor"),
+    "direct_encoder": ("direct_{input}", "direct"),
+    "lipflow_prior_mode": ("lipflow", "prior_mode"),
+    "lipflow_fit": ("lipflow", "fit:lipflow"),
+    "conditional_gaussian_fit": ("conditional_gaussian", "fit:conditional_gaussian"),
+}
+
+
+def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, np.ndarray],  # pylint: disable=redefined-builtin
+               fit_options: Optional[Dict[str, Any]] = None) -> MethodOutput:
+  """Codes of a report method for an input on a batch of observations.
+
+  Args:
+    method: a key of ``METHOD_SPECS``.
+    input: 'keypoints' or 'hmc'.
+    bundles: {'dam', 'lipflow', 'conditional_gaussian', 'direct_keypoints', 'direct_hmc'} -> ModelBundle
+      (the 'dam' bundle carries the regressors).
+    obs: fitting inputs [N, ...].
+    fit_options: ``fit.fit_config`` overrides for the fitted methods (num_steps, lr, lambda_prior, ...), or a
+      dict {method name: overrides} keyed by 'dam' / 'lipflow' / 'conditional_gaussian'.
+  """
+  key, how = METHOD_SPECS[method]
+  bundle = bundles[key.format(input=input)]
+  obs = {k: jnp.asarray(v) for k, v in obs.items()}
+  if how.startswith("fit:"):
+    fit_method = how[4:]
+    options = dict(fit_options or {})
+    if fit_method in options and isinstance(options[fit_method], dict):
+      options = options[fit_method]
+    else:
+      options = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    cfg = fit.fit_config(fit_method, input, **options)
+    z0 = None
+    if cfg.init == "zeros":
+      z0 = jnp.zeros((next(iter(obs.values())).shape[0], bundle.latent_dim), jnp.float32)
+    fn = jax.jit(functools.partial(fit.fit_jit, cfg=cfg))
+    res, sec = timed_call(fn, bundle, obs, z0)
+    return MethodOutput(np.asarray(res.z), bundle, sec, {k: np.asarray(v) for k, v in res.losses.items()})
+  if how == "regressor":
+    z, sec = timed_call(_regress_jit(input), bundle, obs)
+  elif how == "direct":
+    z, sec = timed_call(_encode_direct, bundle, obs)
+  elif how == "prior_mode":
+    z, sec = timed_call(_mode_jit(input), bundle, obs)
+  else:
+    raise ValueError(f"unknown method {method!r}")
+  return MethodOutput(np.asarray(z), bundle, sec)
+
+
+# ------------------------------------------------------------------------------------------- evaluation set
+PER_VIEW_KEYS = ("camera_K", "camera_Rt", "camera_index", "image", "image_mask", "view")
+
+
+def select_frames(frame_index: np.ndarray, max_frames: Optional[int]) -> np.ndarray:
+  """Up to ``max_frames`` distinct frame ids of a split, spread evenly over it (sorted)."""
+  frames = np.unique(np.asarray(frame_index))
+  if max_frames is None or max_frames >= len(frames):
+    return frames
+  pick = np.round(np.linspace(0, len(frames) - 1, max_frames)).astype(int)
+  return frames[np.unique(pick)]
+
+
+def load_eval_set(source, meta, split: str = "test", frames: Optional[Sequence[int]] = None,
+                  max_frames: Optional[int] = None, view_stride: int = 1, cameras: Optional[Sequence[int]] = None):
+  """Groups the held-out examples of a split by frame, with every dome view of each frame.
+
+  Args:
+    source: random-access data source of the split (``source[i]`` = stored example of record i).
+    meta: ``DatasetMeta`` (its ``splits[split]`` gives each record's frame and camera).
+    frames: frame ids to take (default: ``select_frames(..., max_frames)``).
+    view_stride: keep every n-th camera of each frame (1 = all). cameras: explicit camera indices instead.
+  Returns:
+    The evaluation set (see the module docstring), numpy, in batch form (``data.normalize_example``).
+  """
+  from lipflow_jax import data  # pylint: disable=g-import-not-at-top
+  cols = meta.splits[split]
+  rec_frame = np.asarray(cols["frame_index"])
+  rec_cam = np.asarray(cols["camera_index"])
+  if frames is None:
+    frames = select_frames(rec_frame, max_frames)
+  all_cams = np.unique(rec_cam)
+  if cameras is None:
+    cameras = all_cams[::max(1, int(view_stride))]
+  cameras = [int(c) for c in cameras]
+  per_frame = []
+  for f in frames:
+    recs = {int(c): i for i, (fr, c) in enumerate(zip(rec_frame, rec_cam)) if fr == f}
+    missing = [c for c in cameras if c not in recs]
+    if missing:
+      raise ValueError(f"frame {f} of split {split!r} lacks cameras {missing}")
+    examples = [data.normalize_example(dict(source[recs[c]]), meta) for c in cameras]
+    one = {k: v for k, v in examples[0].items() if k not in PER_VIEW_KEYS}
+    for k in PER_VIEW_KEYS:
+      if k in examples[0]:
+        one[k] = np.stack([e[k] for e in examples])
+    per_frame.append(one)
+  keys = [k for k in per_frame[0] if all(k in p for p in per_frame)]
+  return {k: np.stack([p[k] for p in per_frame]) for k in keys}

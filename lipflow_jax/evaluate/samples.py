@@ -1,0 +1,89 @@
+"""Samples from the latent priors, decoded and rendered: DAM's N(0, I) vs the flow prior, and the conditional
+LiP-Flow prior given one frame's inference-time signal."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipflow_jax.evaluate import evaluation
+from lipflow_jax.evaluate import figures
+
+
+def prior_samples(bundle, rng, num_samples: int, batch: Optional[Dict[str, Any]] = None,
+                  name: Optional[str] = None):
+  """z ~ the bundle's prior.
+
+  Args:
+    bundle: ``fit.ModelBundle``; prior 'gaussian' samples N(0, I), the others call the model's
+      ``prior_sample`` (unconditional priors need no batch; conditional ones read ``batch`` of one frame).
+    rng: PRNG key.
+    num_samples: n.
+    batch: condition batch of one frame ([1, ...] arrays) for conditional priors.
+    name: the condition name.
+  Returns:
+    [n, Z] codes.
+  """
+  if bundle.prior == "gaussian":
+    return jax.random.normal(rng, (num_samples, bundle.latent_dim), jnp.float32)
+  if batch is None:
+    batch = {"view": jnp.zeros((1, 3), jnp.float32)}
+  z = bundle.model.apply(bundle.variables, rng, batch, name, num_samples, method="prior_sample")
+  return z[:, 0]
+
+
+def render_codes(bundle, z, K, Rt, settings) -> np.ndarray:
+  """[n, Z] codes rendered into one camera (K [3, 3], Rt [3, 4]) -> [n, H, W, 3] numpy in [0, 1]."""
+  n = z.shape[0]
+  Ks = jnp.broadcast_to(jnp.asarray(K), (n, 1, 3, 3))
+  Rts = jnp.broadcast_to(jnp.asarray(Rt), (n, 1, 3, 4))
+  rgb, _ = evaluation.render_batch(bundle, jnp.asarray(z), Ks, Rts, settings)
+  return np.asarray(rgb[:, 0])
+
+
+def random_samples_figure(bundles: Dict[str, Any], rng, num_samples: int, K, Rt, settings, path: str,
+                          temperature: float = 1.0) -> str:
+  """One row per bundle (e.g. {'DAM N(0, I)': dam, 'flow prior': flow}) of decoded random samples (PNG)."""
+  rows, labels = [], []
+  for label, bundle in bundles.items():
+    z = prior_samples(bundle, rng, num_samples) if temperature == 1.0 else _tempered(bundle, rng, num_samples,
+                                                                                     temperature)
+    rows.append(list(render_codes(bundle, z, K, Rt, settings)))
+    labels.append(label)
+  return figures.save_png(figures.grid(rows, labels, title="Random samples from the prior"), path)
+
+
+def _tempered(bundle, rng, n, t):
+  if bundle.prior == "gaussian":
+    return t * jax.random.normal(rng, (n, bundle.latent_dim), jnp.float32)
+  eps = t * jax.random.normal(rng, (n, bundle.latent_dim), jnp.float32)
+  z, _ = bundle.model.apply(bundle.variables, eps, None, None, method="flow_forward")
+  return z
+
+
+def conditional_samples_figure(bundle, rng, frame: Dict[str, Any], name: str, num_samples: int, K, Rt,
+                               settings, path: str, ground_truth=None, target=None) -> str:
+  """Samples of the conditional prior p(z | c) of one frame, rendered beside its target and ground truth.
+
+  Args:
+    frame: the frame's condition batch ([1, ...] arrays).
+    ground_truth: optional [H, W, 3] image of the frame in this camera; target: optional image of c.
+  """
+  z = prior_samples(bundle, rng, num_samples, {k: jnp.asarray(v) for k, v in frame.items()}, name)
+  mode = bundle.model.apply(bundle.variables, {k: jnp.asarray(v) for k, v in frame.items()}, name,
+                            method="prior_mode")
+  imgs = render_codes(bundle, jnp.concatenate([mode, z]), K, Rt, settings)
+  row, cols = [], []
+  if target is not None:
+    row.append(target)
+    cols.append("target")
+  if ground_truth is not None:
+    row.append(ground_truth)
+    cols.append("ground truth")
+  row += list(imgs)
+  cols += ["mode f(mu_c)"] + [f"sample {i + 1}" for i in range(num_samples)]
+  return figures.save_png(figures.grid([row], col_labels=cols, title=f"Conditional prior p(z | {name})"), path)

@@ -1,0 +1,143 @@
+"""What fitting needs from a trained model: the module, its variables and the mesh/normalisation constants.
+
+A ``ModelBundle`` is a pytree (variables and constants are leaves; modules and render settings are static),
+so it is passed *into* jitted functions instead of being baked into them as constants. Objectives and priors
+receive the bundle as their "model parts" and reach the model only through the small functions below, which
+follow the ``LipFlowModel`` method protocol (``decode``, ``encode_condition``, ``flow_forward``,
+``flow_inverse``) with a batch axis of one. Any Flax module implementing the methods a given objective or
+prior uses can stand in (the tests use a small random decoder).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class MeshMeta:
+  """Mesh topology and normalisation constants (a pytree of arrays).
+
+  Attributes:
+    faces: [F, 3] int32 vertex indices.
+    uvs: [U, 2] float32 texture coordinates (UV (0, 0) = bottom-left).
+    uv_faces: [F, 3] int32 UV indices.
+    keypoint_vertex_ids: [P] int32 vertices whose projections are the 2D keypoints.
+    vert_mean: [V, 3] float32; vert_std: scalar or broadcastable float32 (verts = n * std + mean).
+    tex_mean: [T, T, 3] float32 in 0..255; tex_std: scalar or broadcastable (tex = n * std + mean).
+  """
+  faces: Any
+  uvs: Any
+  uv_faces: Any
+  keypoint_vertex_ids: Any
+  vert_mean: Any
+  vert_std: Any
+  tex_mean: Any
+  tex_std: Any
+
+  @classmethod
+  def from_dataset_meta(cls, meta) -> "MeshMeta":
+    """Builds the fitting constants from ``lipflow_jax.data.DatasetMeta`` (or any object with those fields)."""
+    f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))
+    i32 = lambda x: jnp.asarray(np.asarray(x, np.int32))
+    return cls(faces=i32(meta.faces), uvs=f32(meta.uvs), uv_faces=i32(meta.uv_faces),
+               keypoint_vertex_ids=i32(meta.keypoint_vertex_ids), vert_mean=f32(meta.vert_mean),
+               vert_std=f32(meta.vert_std), tex_mean=f32(meta.tex_mean), tex_std=f32(meta.tex_std))
+
+
+@flax.struct.dataclass
+class ModelBundle:
+  """A trained model ready for fitting.
+
+  Attributes:
+    model: the Flax module (static), e.g. ``lipflow_jax.models.LipFlowModel``.
+    variables: its variables (``{'params': ...}``).
+    meta: ``MeshMeta``.
+    hmc_settings: ``lipflow_jax.render.RasterSettings`` for rendering into the HMC cameras (static; None if
+      HMC fitting is not used).
+    regressors: optional static tuple of (condition name, module) pairs, each module mapping a condition
+      batch to codes (``lipflow_jax.models.Regressor``), used for ``init='regressor'``;
+      ``regressor_variables`` a dict {condition name: variables}.
+    prior: the model's prior type ('gaussian', 'conditional_gaussian', 'lipflow', 'flow'), static.
+    latent_dim: Z, static.
+  """
+  model: Any = flax.struct.field(pytree_node=False)
+  variables: Any
+  meta: MeshMeta
+  hmc_settings: Any = flax.struct.field(pytree_node=False, default=None)
+  regressors: Tuple[Tuple[str, Any], ...] = flax.struct.field(pytree_node=False, default=())
+  regressor_variables: Any = None
+  prior: str = flax.struct.field(pytree_node=False, default="gaussian")
+  latent_dim: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def _one(x):
+  return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
+
+
+def decode(bundle: ModelBundle, z, view, camera_index=None):
+  """Decodes one code. z: [Z], view: [3], camera_index: [] int (dome camera colour response) or None ->
+  (texture [T, T, 3] normalised, verts [V, 3] normalised)."""
+  if camera_index is None:
+    tex, verts = bundle.model.apply(bundle.variables, z[None], view[None], method="decode")
+  else:
+    tex, verts = bundle.model.apply(bundle.variables, z[None], view[None], jnp.reshape(camera_index, (1,)),
+                                    method="decode")
+  return tex[0], verts[0]
+
+
+def denormalize_verts(meta: MeshMeta, verts):
+  """[..., V, 3] normalised -> dataset units."""
+  return verts * meta.vert_std + meta.vert_mean
+
+
+def denormalize_tex(meta: MeshMeta, tex):
+  """[..., T, T, 3] normalised -> [0, 1] colours (clipped)."""
+  return jnp.clip((tex * meta.tex_std + meta.tex_mean) / 255.0, 0.0, 1.0)
+
+
+def decode_verts(bundle: ModelBundle, z, view=None):
+  """[Z] -> [V, 3] de-normalised vertices (the texture branch is dead code under jit and is removed)."""
+  if view is None:
+    view = jnp.array([0.0, 0.0, 1.0], z.dtype)
+  _, verts = decode(bundle, z, view)
+  return denormalize_verts(bundle.meta, verts)
+
+
+def encode_condition(bundle: ModelBundle, obs, name: str):
+  """Batched conditional prior stats. obs: dict of [B, ...] -> (mu [B, Z], logstd [B, Z], h [B, H] or None)."""
+  return bundle.model.apply(bundle.variables, obs, name, method="encode_condition")
+
+
+def flow_forward(bundle: ModelBundle, y, h, name: str):
+  """z = f(y | h) for one code. y: [Z], h: [H] or None -> [Z]."""
+  hb = None if h is None else h[None]
+  out = bundle.model.apply(bundle.variables, y[None], hb, name, method="flow_forward")
+  if isinstance(out, tuple):  # (z, logdet) variants
+    out = out[0]
+  return out[0]
+
+
+def flow_inverse(bundle: ModelBundle, z, h, name: str):
+  """(y, log|det d f^-1 / dz|) for one code. z: [Z] -> ([Z], [])."""
+  hb = None if h is None else h[None]
+  y, logdet = bundle.model.apply(bundle.variables, z[None], hb, name, method="flow_inverse")
+  return y[0], jnp.reshape(logdet, (-1,))[0]
+
+
+def regress(bundle: ModelBundle, obs, name: str):
+  """Regressor codes for a batch: obs dict of [B, ...] -> [B, Z]."""
+  modules = dict(bundle.regressors)
+  if name not in modules:
+    raise ValueError(f"init='regressor' needs a regressor for {name!r} in the bundle; it has "
+                     f"{sorted(modules)} (see load_fitter(..., regressor_workdirs=))")
+  return modules[name].apply(bundle.regressor_variables[name], obs)
+
+
+def prior_mode(bundle: ModelBundle, obs, name: str):
+  """Batched prior mode: f(mu_c) (lipflow), mu_c (conditional Gaussian), f(0) (flow), 0 (gaussian); [B, Z]."""
+  return bundle.model.apply(bundle.variables, obs, name, method="prior_mode")

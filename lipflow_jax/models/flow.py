@@ -1,0 +1,152 @@
+"""The latent flow f: Y -> Z, a distrax chain of masked coupling layers whose conditioners are Flax MLPs.
+
+distrax bijectors are plain Python objects that take their parameters as arrays, so the chain is built
+inside a method of a Flax module (``LatentFlow.bijector``): the conditioners are the module's submodules and
+are called from within the distrax ``MaskedCoupling`` layers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import distrax
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from lipflow_jax.models import layers
+
+BIJECTORS = ("spline", "affine")
+MASKS = ("checkerboard", "half")
+
+
+def coupling_masks(z_dim: int, num_layers: int, kind: str = "checkerboard"):
+  """Boolean masks [num_layers, Z]; True = passed through unchanged (and read by the conditioner).
+
+  'checkerboard': even/odd dimensions, alternating per layer; 'half': first/second half, alternating.
+  """
+  if kind not in MASKS:
+    raise ValueError(f"Unknown mask {kind!r}; expected one of {MASKS}.")
+  idx = np.arange(z_dim)
+  base = (idx % 2 == 0) if kind == "checkerboard" else (idx < z_dim // 2)
+  return np.stack([base if i % 2 == 0 else ~base for i in range(num_layers)])
+
+
+class LatentFlow(nn.Module):
+  """Conditional coupling flow z = f(y; h) on R^Z.
+
+  f = L_K o ... o L_1, each L_k a masked coupling layer with mask m_k (alternating between layers):
+
+    forward:  z = m * y + (1 - m) * g(y; theta_k([m * y, h]))
+    inverse:  y = m * z + (1 - m) * g^-1(z; theta_k([m * z, h]))
+    log-det:  log|det df/dy| = sum_{i: m_i = 0} log|g'(y_i; theta_k,i)|,   summed over layers;
+              the inverse's log-det is its negative.
+
+  g is elementwise: a rational-quadratic spline on [-range_bound, range_bound] with ``num_bins`` bins
+  (``bijector='spline'``; outside that interval g is the identity, and with ``boundary_slopes='identity'``
+  the spline's end slopes are 1, so g is C^1 across the boundary), or an affine map
+  g(x) = exp(s) * x + t with s = max_log_scale * tanh(raw / max_log_scale) (``bijector='affine'``).
+  theta_k is an MLP on the masked input concatenated with the context h (when ``use_context``); its last
+  layer is zero-initialised, so f is exactly the identity at initialisation.
+
+  Attributes:
+    z_dim: Z.
+    num_layers: number of coupling layers (even numbers transform every dimension equally often).
+    hidden: hidden widths of each conditioner MLP.
+    bijector: 'spline' or 'affine'.
+    num_bins: spline bins.
+    range_bound: the spline acts on [-range_bound, range_bound].
+    mask: 'checkerboard' or 'half'.
+    use_context: conditioners read h (a conditional flow); False: h is ignored (must be None).
+    max_log_scale: bound of the affine log-scale.
+    max_spline_param: the raw spline parameters (bin-width/height logits, slope pre-activations) are
+      soft-clipped to (-max_spline_param, max_spline_param) (0: no clipping); this keeps bins and slopes
+      away from float32-degenerate values (ratios of bin sizes <= e^(2 max)) and leaves the identity at 0.
+  """
+
+  z_dim: int
+  num_layers: int = 4
+  hidden: Sequence[int] = (128, 128)
+  bijector: str = "spline"
+  num_bins: int = 8
+  range_bound: float = 5.0
+  mask: str = "checkerboard"
+  use_context: bool = True
+  max_log_scale: float = 3.0
+  max_spline_param: float = 5.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.bijector not in BIJECTORS:
+      raise ValueError(f"Unknown flow bijector {self.bijector!r}; expected one of {BIJECTORS}.")
+    if self.mask not in MASKS:
+      raise ValueError(f"Unknown flow mask {self.mask!r}; expected one of {MASKS}.")
+    if self.z_dim < 2:
+      raise ValueError(f"A coupling flow needs z_dim >= 2, got {self.z_dim}.")
+    if self.num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
+    if self.bijector == "spline" and (self.num_bins < 1 or self.range_bound <= 0):
+      raise ValueError(f"Spline needs num_bins >= 1 and range_bound > 0, got {self.num_bins}, "
+                       f"{self.range_bound}.")
+
+  @property
+  def params_per_dim(self) -> int:
+    """Bijector parameters per dimension: 3 * num_bins + 1 (spline) or 2 (affine)."""
+    return 3 * self.num_bins + 1 if self.bijector == "spline" else 2
+
+  def setup(self):
+    self.conditioners = [
+        layers.MLP(tuple(self.hidden) + (self.z_dim * self.params_per_dim,), zero_init_last=True, name=f"coupling_{i}")
+        for i in range(self.num_layers)
+    ]
+
+  def _inner(self, params):
+    if self.bijector == "spline":
+      if self.max_spline_param > 0:
+        params = layers.soft_clip(params, self.max_spline_param)
+      return distrax.RationalQuadraticSpline(params, range_min=-self.range_bound,
+                                             range_max=self.range_bound, boundary_slopes="identity")
+    shift, raw = params[..., 0], params[..., 1]
+    return distrax.ScalarAffine(shift=shift, log_scale=layers.soft_clip(raw, self.max_log_scale))
+
+  def bijector_for(self, h: Optional[jnp.ndarray] = None) -> distrax.Chain:
+    """The distrax bijector f(.; h) (a ``Chain`` of ``MaskedCoupling``), for use within this module.
+
+    Args:
+      h: [B, H] context, broadcast against the leading axes of the inputs ([..., B, Z]); None when
+        ``use_context`` is False.
+    """
+    if self.use_context and h is None:
+      raise ValueError("This flow is conditional (use_context=True); pass the context h.")
+    if not self.use_context and h is not None:
+      raise ValueError("This flow is unconditional (use_context=False); h must be None.")
+    masks = coupling_masks(self.z_dim, self.num_layers, self.mask)
+
+    def make_conditioner(net):
+      def conditioner(x):
+        if h is not None:
+          ctx = jnp.broadcast_to(h, x.shape[:-1] + h.shape[-1:])
+          x = jnp.concatenate([x, ctx], axis=-1)
+        out = net(x)
+        return out.reshape(out.shape[:-1] + (self.z_dim, self.params_per_dim))
+      return conditioner
+
+    couplings = [
+        distrax.MaskedCoupling(mask=jnp.asarray(m), conditioner=make_conditioner(net),
+                               bijector=self._inner, event_ndims=1)
+        for m, net in zip(masks, self.conditioners)
+    ]
+    # distrax.Chain applies the last bijector first; reverse so that coupling_0 acts first on y.
+    return distrax.Chain(couplings[::-1])
+
+  def forward(self, y, h=None):
+    """y: [..., Z] (h: [B, H] or None) -> (z [..., Z], log|det dz/dy| [...])."""
+    return self.bijector_for(h).forward_and_log_det(y)
+
+  def inverse(self, z, h=None):
+    """z: [..., Z] (h: [B, H] or None) -> (y [..., Z], log|det dy/dz| [...])."""
+    return self.bijector_for(h).inverse_and_log_det(z)
+
+  def __call__(self, y, h=None):
+    """Same as ``forward``."""
+    return self.forward(y, h)

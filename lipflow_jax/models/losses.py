@@ -1,0 +1,113 @@
+"""Losses of the models: pure functions of arrays, plus ``model_loss`` / ``regressor_loss`` for training.
+
+Objective per frame (DESIGN section 2):
+
+  L = w_tex * masked_mse(tex) + w_geo * mse(verts) [+ w_screen * screen loss]
+      + w_kl * mean_c (log q(z|x) - log p(z|c)) / Z,     z ~ q(z|x),
+
+the latent term averaged over conditions and over the Z latent dimensions (as DAM averages its KL); it is
+the analytic KL for the Gaussian priors and the one-sample Monte-Carlo estimate through the flow otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lipflow_jax.models import layers
+
+gaussian_kl = layers.gaussian_kl
+gaussian_log_prob = layers.gaussian_log_prob
+
+DEFAULT_LOSS_WEIGHTS = {"tex": 1.0, "geo": 1.0, "kl": 0.01, "screen": 0.0}
+
+
+def masked_mse(pred, target, mask):
+  """Masked mean squared error.
+
+  Args:
+    pred, target: [B, H, W, C] float32.
+    mask: [B, H, W, 1] (or [B, H, W, C]) in {0, 1}.
+  Returns:
+    sum(mask * (pred - target)^2) / (number of masked texel-channels), 0 if nothing is masked in.
+  """
+  mask = jnp.broadcast_to(mask, pred.shape).astype(pred.dtype)
+  sq = mask * jnp.square(pred - target)
+  return jnp.sum(sq) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def mse(pred, target):
+  """Mean squared error over all elements."""
+  return jnp.mean(jnp.square(pred - target))
+
+
+def latent_term(outputs, z_dim: int):
+  """Latent term per latent dimension: mean over priors and batch of outputs['kl'][name], divided by Z."""
+  kls = [jnp.mean(v) for v in outputs["kl"].values()]
+  return sum(kls) / (len(kls) * z_dim)
+
+
+def latent_nll(outputs, z_dim: int):
+  """-log p(z|c) per latent dimension, averaged over priors and batch (a diagnostic)."""
+  nlls = [-jnp.mean(v) for v in outputs["log_p"].values()]
+  return sum(nlls) / (len(nlls) * z_dim)
+
+
+def _resolve_weights(weights):
+  w = dict(DEFAULT_LOSS_WEIGHTS)
+  if weights is not None:
+    unknown = sorted(set(weights) - set(w))
+    if unknown:
+      raise ValueError(f"Unknown loss weights {unknown}; expected keys from {sorted(w)}.")
+    w.update(weights)
+  return w
+
+
+def model_loss(model, params, batch, rng, *, weights: Optional[Mapping[str, Any]] = None,
+               screen_loss_fn: Optional[Callable[[dict, dict], Any]] = None, train: bool = True):
+  """The training loss of a ``LipFlowModel``.
+
+  Args:
+    model: a ``LipFlowModel``.
+    params: its 'params' collection (``variables['params']``).
+    batch: dict of [B, ...] arrays (the batch contract).
+    rng: PRNG key for the posterior sample.
+    weights: loss weights, keys from ``DEFAULT_LOSS_WEIGHTS`` (tex, geo, kl, screen); missing keys take the
+      defaults (1, 1, 0.01, 0).
+    screen_loss_fn: ``(outputs, batch) -> scalar``, e.g. a masked MSE of the decoded avatar rendered into
+      the batch's camera; required when the 'screen' weight is non-zero (the hook for the rasterizer).
+    train: sample z ~ q(z|x) (True) or use z = mu.
+  Returns:
+    (loss scalar, metrics dict of scalars: tex_mse, geo_mse, kl (latent term per dimension, averaged over
+    priors), latent_nll, kl_<prior name> for each prior, screen (if used), total).
+  """
+  w = _resolve_weights(weights)
+  screen_w = w["screen"]
+  if screen_loss_fn is None and not (isinstance(screen_w, (int, float)) and screen_w == 0):
+    raise ValueError("A non-zero 'screen' weight needs screen_loss_fn(outputs, batch) -> scalar.")
+  out = model.apply({"params": params}, batch, train=train, rngs={"sample": rng})
+  tex = masked_mse(out["tex"], batch["tex"], batch["tex_mask"])
+  geo = mse(out["verts"], batch["verts"])
+  kl = latent_term(out, model.z_dim)
+  total = w["tex"] * tex + w["geo"] * geo + w["kl"] * kl
+  metrics = {"tex_mse": tex, "geo_mse": geo, "kl": kl, "latent_nll": latent_nll(out, model.z_dim)}
+  for name, v in out["kl"].items():
+    metrics[f"kl_{name}"] = jnp.mean(v) / model.z_dim
+  if screen_loss_fn is not None:
+    screen = screen_loss_fn(out, batch)
+    total = total + screen_w * screen
+    metrics["screen"] = screen
+  metrics["total"] = total
+  return total, metrics
+
+
+def regressor_loss(regressor, params, batch, target_mu):
+  """DAM-Regressor loss: MSE between ``regressor(batch)`` [B, Z] and the frozen posterior mean ``target_mu``.
+
+  Returns (loss scalar, {'regressor_mse': loss}).
+  """
+  pred = regressor.apply({"params": params}, batch)
+  loss = mse(pred, jax.lax.stop_gradient(target_mu))
+  return loss, {"regressor_mse": loss}

@@ -1,0 +1,103 @@
+"""Rasterizer settings: a frozen, hashable dataclass that is static under ``jax.jit``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+# Coverage below this probability counts as "not covered" when the blur radius is derived from sigma.
+_AUTO_BLUR_EPS = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class RasterSettings:
+  """How to rasterize and shade. All lengths are in pixels.
+
+  Attributes:
+    image_size: (H, W) of the output image.
+    faces_per_pixel: K, the number of nearest faces kept per pixel.
+    sigma: width of the soft coverage in pixels; coverage of a face at signed pixel distance ``d`` (positive
+      inside) is ``p = 2 * sigmoid(min(d, 0) / sigma)``: exactly 1 on and inside the face, decaying outside
+      it. ``sigma = 0`` gives hard (step) coverage.
+    gamma: depth-blending temperature, in *relative* depth (scale free): a fragment that is a fraction ``r``
+      farther than the pixel's nearest fragment has its colour weight multiplied by ``exp(-r / gamma)``.
+    blur_radius: faces farther than this from a pixel centre are not considered for that pixel. ``None``
+      derives it from sigma: ``sigma * log(2 / 1e-3)`` (coverage below 1e-3 is dropped); 0 when sigma = 0.
+    tile_size: side of the square screen tiles used for binning.
+    max_faces_per_tile: cap on the candidate faces per tile (static shapes). A tile with more candidates
+      keeps the ones with the smallest minimum vertex depth and is counted in ``overflow``.
+    background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
+    znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
+    cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ
+      convention) points away from the camera.
+  """
+
+  image_size: Tuple[int, int]
+  faces_per_pixel: int = 8
+  sigma: float = 0.25
+  gamma: float = 1e-4
+  blur_radius: Optional[float] = None
+  tile_size: int = 8
+  max_faces_per_tile: int = 64
+  background: Tuple[float, ...] = (0.0, 0.0, 0.0)
+  znear: float = 1e-3
+  cull_backfaces: bool = False
+
+  def __post_init__(self):
+    def fail(msg):
+      raise ValueError(f"RasterSettings: {msg}")
+
+    try:
+      size = tuple(int(s) for s in self.image_size)
+    except TypeError:
+      fail(f"image_size must be (H, W), got {self.image_size!r}")
+    if len(size) != 2 or min(size) < 1 or tuple(self.image_size) != size:
+      fail(f"image_size must be two positive integers (H, W), got {self.image_size!r}")
+    object.__setattr__(self, "image_size", size)
+    if int(self.faces_per_pixel) != self.faces_per_pixel or self.faces_per_pixel < 1:
+      fail(f"faces_per_pixel must be an integer >= 1, got {self.faces_per_pixel!r}")
+    if not (math.isfinite(self.sigma) and self.sigma >= 0):
+      fail(f"sigma must be finite and >= 0 (0 = hard coverage), got {self.sigma!r}")
+    if not (math.isfinite(self.gamma) and self.gamma > 0):
+      fail(f"gamma must be finite and > 0, got {self.gamma!r}")
+    blur = self.blur_radius
+    if blur is None:
+      blur = self.sigma * math.log(2.0 / _AUTO_BLUR_EPS) if self.sigma > 0 else 0.0
+    if not (math.isfinite(blur) and blur >= 0):
+      fail(f"blur_radius must be finite and >= 0, got {self.blur_radius!r}")
+    object.__setattr__(self, "blur_radius", float(blur))
+    if int(self.tile_size) != self.tile_size or not 1 <= self.tile_size <= 256:
+      fail(f"tile_size must be an integer in [1, 256], got {self.tile_size!r}")
+    if int(self.max_faces_per_tile) != self.max_faces_per_tile or self.max_faces_per_tile < 1:
+      fail(f"max_faces_per_tile must be an integer >= 1, got {self.max_faces_per_tile!r}")
+    if self.max_faces_per_tile < self.faces_per_pixel:
+      fail(f"max_faces_per_tile ({self.max_faces_per_tile}) must be >= faces_per_pixel "
+           f"({self.faces_per_pixel})")
+    try:
+      bg = tuple(float(c) for c in self.background)
+    except TypeError:
+      fail(f"background must be a sequence of floats, got {self.background!r}")
+    if not bg:
+      fail("background must have at least one channel")
+    object.__setattr__(self, "background", bg)
+    if not (math.isfinite(self.znear) and self.znear > 0):
+      fail(f"znear must be finite and > 0, got {self.znear!r}")
+    object.__setattr__(self, "cull_backfaces", bool(self.cull_backfaces))
+
+  @property
+  def is_hard(self) -> bool:
+    """True for step coverage (sigma = 0): colour, depth and face id of the nearest covering face."""
+    return self.sigma == 0.0
+
+  @classmethod
+  def hard(cls, image_size, **kwargs) -> "RasterSettings":
+    """Hard rasterization for ground truth and visibility: K = 1, sigma = 0, no blur."""
+    kwargs = {"faces_per_pixel": 1, "sigma": 0.0, "blur_radius": 0.0, **kwargs}
+    return cls(image_size=image_size, **kwargs)
+
+  def replace(self, **kwargs) -> "RasterSettings":
+    """A copy with some fields changed (re-validated; ``blur_radius`` re-derived unless given)."""
+    if "sigma" in kwargs and "blur_radius" not in kwargs:
+      kwargs["blur_radius"] = None
+    return dataclasses.replace(self, **kwargs)

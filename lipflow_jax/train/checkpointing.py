@@ -1,0 +1,188 @@
+"""Checkpoints: one orbax ``CheckpointManager`` with two composite items per step.
+
+    <workdir>/checkpoints/<step>/state/       the ``TrainState`` (StandardSave: params, optimiser, step, rng, counters)
+    <workdir>/checkpoints/<step>/data_iter/   process_<i>-of-<n>.json, each process's input iterator state
+
+Saving is asked on every step on every process; the manager decides (every ``save_every`` steps, on orbax's
+preemption detection in multi-process jobs, or when forced, e.g. after SIGTERM). A restored run continues the
+same run: same parameters, optimiser moments, RNG and next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+STATE = 'state'
+DATA_ITER = 'data_iter'
+
+
+# ------------------------------------------------------------------------------------ data iterator item
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves ``iterator.get_state()`` of each process as JSON (dict states, or bytes states such as grain's
+  ``DataLoaderIterator``), one file per process; restores with ``iterator.set_state``."""
+
+  def _filename(self, directory: epath.Path) -> epath.Path:
+    return directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+  def save(self, directory: epath.Path, args: 'DataIteratorSave'):
+    state = args.item.get_state()
+    if isinstance(state, (bytes, bytearray)):
+      payload = {'kind': 'bytes', 'state': bytes(state).decode()}
+    else:
+      payload = {'kind': 'json', 'state': state}
+    directory.mkdir(parents=True, exist_ok=True)
+    self._filename(directory).write_text(json.dumps(payload, indent=1))
+
+  def restore(self, directory: epath.Path, args: 'DataIteratorRestore'):
+    filename = self._filename(directory)
+    if not filename.exists():
+      raise FileNotFoundError(f'{filename} does not exist (checkpoint written by a different process count?)')
+    payload = json.loads(filename.read_text())
+    state = payload['state'].encode() if payload['kind'] == 'bytes' else payload['state']
+    args.item.set_state(state)
+    return args.item
+
+  def metadata(self, directory: epath.Path):
+    del directory
+    return None
+
+  def structure(self, directory: epath.Path):
+    del directory
+    return None
+
+  def finalize(self, directory: epath.Path):
+    del directory
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+# ------------------------------------------------------------------------------------ manager
+def make_checkpoint_manager(directory: str, *, save_every: int, keep: int | None = 3,
+                            async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager saving every ``save_every`` steps and keeping the last ``keep``."""
+  # Every `save_every` steps and on preemption (multi-process jobs); no extra save at the first step.
+  policy = ocp.checkpoint_managers.AnySavePolicy([
+      ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(save_every))),
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                         save_decision_policy=policy)
+  return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=(STATE, DATA_ITER))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+  """Asks the manager to save ``state`` (and the iterator) as ``step``. Returns whether a save started."""
+  items = {STATE: ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items[DATA_ITER] = DataIteratorSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, state_template, data_iter=None, step: int | None = None):
+  """Restores the latest (or given) step into the shardings and dtypes of ``state_template``.
+
+  Args:
+    state_template: a ``TrainState`` of arrays or ``jax.ShapeDtypeStruct`` s carrying the target shardings.
+    data_iter: restored in place (``set_state``) when given.
+  Returns:
+    (state, step), or (None, None) when the directory holds no checkpoint.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None, None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+  items = {STATE: ocp.args.StandardRestore(abstract)}
+  if data_iter is not None:
+    items[DATA_ITER] = DataIteratorRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored[STATE], step
+
+
+def restore_state_for_inference(directory: str, step: int | None = None, sharding=None):
+  """Restores the saved ``TrainState`` of ``directory/<step>`` (latest when None) as a plain dict, without a
+  template and whatever topology it was saved on; every array is placed with ``sharding`` (default: device 0).
+
+  Returns:
+    ({'params', 'opt_state', 'step', 'rng', ...}, step).
+  """
+  directory = epath.Path(directory)
+  if step is None:
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    step = steps[-1]
+  path = directory / str(step) / STATE
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata
+  is_leaf = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
+                          is_leaf=is_leaf)
+  state = checkpointer.restore(path, abstract)
+  checkpointer.close()
+  return state, int(step)
+
+
+# ------------------------------------------------------------------------------------ preemption
+class PreemptionWatcher:
+  """Turns SIGTERM into a request to checkpoint at the next step and stop.
+
+  In a one-process job a Python SIGTERM handler sets the flag. In a multi-process job the handler is not
+  installed (it would replace the preemption notifier that ``jax.distributed`` installs); orbax's
+  ``CheckpointManager.reached_preemption`` then tells all processes at the same step.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager | None = None, install: bool | None = None):
+    self._manager = manager
+    self._event = threading.Event()
+    self._previous = None
+    if install is None:
+      install = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+    if install:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: will checkpoint at the next step and stop.', signum)
+    self._event.set()
+
+  def request(self):
+    """Requests a save-and-stop as if SIGTERM had arrived (tests, callbacks)."""
+    self._event.set()
+
+  def should_stop(self, step: int) -> bool:
+    if self._event.is_set():
+      return True
+    if self._manager is not None and jax.process_count() > 1:
+      return bool(self._manager.reached_preemption(step))
+    return False
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

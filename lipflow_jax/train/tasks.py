@@ -1,0 +1,160 @@
+"""What a run trains: the model, its parameter initialiser, loss and image summaries, built from plain values.
+
+A ``Task`` is everything the train loop needs to know about a model:
+
+  init_params(rng, batch) -> params
+  loss_fn(params, frozen, batch, rng) -> (loss [], metrics {name: []})
+  images_fn(params, frozen, batch) -> {name: [H, W, 3] in [0, 1]}   (first example of the batch)
+  frozen: a pytree of fixed arrays the loss reads (the DAM teacher of the regressor), passed to the jitted
+    step as an argument rather than baked into it as constants.
+
+Kinds: 'lipflow' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow prior, direct encoder) and
+'regressor' (one ``Regressor`` per condition, trained to the frozen DAM posterior mean of a teacher workdir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipflow_jax import models
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  model: Any
+  init_params: Callable[[jax.Array, dict], PyTree]
+  loss_fn: Callable[[PyTree, PyTree, dict, jax.Array], tuple]
+  images_fn: Optional[Callable[[PyTree, PyTree, dict], dict]] = None
+  frozen: PyTree = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ sizes from data
+def _meta_get(meta, *names, default=None):
+  for n in names:
+    if meta is not None and hasattr(meta, n) and getattr(meta, n) is not None:
+      return getattr(meta, n)
+    if isinstance(meta, Mapping) and meta.get(n) is not None:
+      return meta[n]
+  return default
+
+
+def data_sizes(example: Mapping[str, np.ndarray], meta=None) -> dict:
+  """Model sizes implied by a batch (``[B, ...]`` arrays) and the dataset metadata.
+
+  Returns {num_vertices, tex_size, keypoint_image_size, num_cameras} (the last two possibly None/0).
+  """
+  sizes = dict(num_vertices=int(example['verts'].shape[-2]), tex_size=int(example['avg_tex'].shape[-2]))
+  kp_size = _meta_get(meta, 'frontal_size')  # the keypoints' pixel frame
+  sizes['keypoint_image_size'] = None if kp_size is None else tuple(int(s) for s in kp_size)
+  num_cameras = _meta_get(meta, 'num_cameras')
+  if num_cameras is None:
+    cams = _meta_get(meta, 'camera_names', 'cameras', 'dome_cameras', 'camera_ids')
+    num_cameras = 0 if cams is None else len(cams) if not hasattr(cams, 'K') else int(np.shape(cams.K)[0])
+  sizes['num_cameras'] = int(num_cameras)
+  return sizes
+
+
+def tex_to_rgb(tex, meta=None):
+  """Normalised texture [..., T, T, 3] -> [0, 1] colours, with the dataset's mean/std when known."""
+  tex_mean = _meta_get(meta, 'tex_mean')
+  tex_std = _meta_get(meta, 'tex_std')
+  if tex_mean is None or tex_std is None:
+    return jnp.clip(0.5 + 0.25 * tex, 0.0, 1.0)
+  tex_mean = jnp.asarray(np.asarray(tex_mean, np.float32))
+  if tex_mean.shape[-3:-1] != tex.shape[-3:-1]:
+    tex_mean = jax.image.resize(tex_mean, tex.shape[-3:-1] + tex_mean.shape[-1:], 'linear')
+  return jnp.clip((tex * jnp.asarray(np.asarray(tex_std, np.float32)) + tex_mean) / 255.0, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ LipFlowModel
+def build_model(model_config: Mapping[str, Any], sizes: Mapping[str, Any]) -> models.LipFlowModel:
+  """``LipFlowModel`` from the config's model fields; None fields are filled from ``sizes``."""
+  kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(model_config).items()}
+  for k, v in sizes.items():
+    if kwargs.get(k) is None:
+      kwargs[k] = v
+  needs_kp = (kwargs.get('prior') in models.CONDITIONAL_PRIORS and 'keypoints' in kwargs.get('conditions', ())
+              ) or kwargs.get('encoder_input') == 'keypoints'
+  if not needs_kp and kwargs.get('keypoint_image_size') is None:
+    kwargs.pop('keypoint_image_size', None)
+  return models.LipFlowModel(**kwargs)
+
+
+def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None) -> Task:
+  """Task of a ``LipFlowModel`` trained with ``models.model_loss``."""
+  weights = dict(loss_weights)
+
+  def init_params(rng, batch):
+    k1, k2 = jax.random.split(rng)
+    return model.init({'params': k1, 'sample': k2}, batch)['params']
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen
+    return models.model_loss(model, params, batch, rng, weights=weights)
+
+  def images_fn(params, frozen, batch):
+    del frozen
+    one = jax.tree.map(lambda x: x[:1], batch)
+    out = model.apply({'params': params}, one, train=False)
+    mask = one['tex_mask'][0]
+    target = tex_to_rgb(one['tex'][0], meta) * mask
+    decoded = tex_to_rgb(out['tex'][0], meta)
+    return {'texture/decoded_vs_target': jnp.concatenate([decoded, target], axis=1)}
+
+  return Task(model=model, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn)
+
+
+# ------------------------------------------------------------------------------------ regressor
+def regressor_task(conditions: Sequence[str], regressor_config: Mapping[str, Any], teacher, teacher_params,
+                   sizes: Mapping[str, Any], meta=None) -> Task:
+  """One ``Regressor`` per condition (params {condition: ...}), each trained by MSE to the frozen posterior mean
+  of ``teacher`` (a DAM ``LipFlowModel``) on the batch's rich data; the loss is the mean over conditions."""
+  rc = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(regressor_config).items()}
+  if rc.get('keypoint_image_size') is None:
+    rc['keypoint_image_size'] = sizes.get('keypoint_image_size')
+  regressors = {c: models.Regressor(condition=c, z_dim=teacher.z_dim, **rc) for c in conditions}
+
+  def target_mu(frozen, batch):
+    mu, _ = teacher.apply({'params': frozen['teacher']}, batch, method=models.LipFlowModel.encode_input)
+    return jax.lax.stop_gradient(mu)
+
+  def init_params(rng, batch):
+    keys = jax.random.split(rng, len(conditions))
+    return {c: regressors[c].init(k, batch)['params'] for c, k in zip(conditions, keys)}
+
+  def loss_fn(params, frozen, batch, rng):
+    del rng
+    mu = target_mu(frozen, batch)
+    total, metrics = 0.0, {}
+    for c in conditions:
+      loss, _ = models.regressor_loss(regressors[c], params[c], batch, mu)
+      metrics[f'regressor_mse_{c}'] = loss
+      total = total + loss / len(conditions)
+    metrics['regressor_mse'] = total
+    return total, metrics
+
+  def images_fn(params, frozen, batch):
+    one = jax.tree.map(lambda x: x[:1], batch)
+    mu = target_mu(frozen, one)
+    row = []
+    for c in conditions:
+      z = regressors[c].apply({'params': params[c]}, one)
+      tex, _ = teacher.apply({'params': frozen['teacher']}, z, one['view'], one.get('camera_index'),
+                             method=models.LipFlowModel.decode)
+      row.append(tex_to_rgb(tex[0], meta))
+    tex, _ = teacher.apply({'params': frozen['teacher']}, mu, one['view'], one.get('camera_index'),
+                           method=models.LipFlowModel.decode)
+    row.append(tex_to_rgb(tex[0], meta))
+    return {'texture/regressed_' + '_'.join(conditions) + '_vs_teacher': jnp.concatenate(row, axis=1)}
+
+  return Task(model=regressors, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn,
+              frozen={'teacher': teacher_params})

@@ -1,0 +1,295 @@
+"""Tests of lipflow_jax.data: synthetic head, capture, synthetic_capture builder, grain pipeline."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lipflow_jax import geometry
+from lipflow_jax import render
+from lipflow_jax.data import capture
+from lipflow_jax.data import capture_script
+from lipflow_jax.data import input_pipeline
+from lipflow_jax.data import schema
+from lipflow_jax.data import synthetic_head as sh
+from lipflow_jax.data import uv_raster
+
+
+# ----------------------------------------------------------------------------------------------- head model
+@pytest.fixture(scope="module")
+def head():
+  return sh.make_head((22, 25))
+
+
+def _deform(head, **factors):
+  f = np.zeros(sh.NUM_FACTORS, np.float32)
+  for k, v in factors.items():
+    f[sh.FACTOR_NAMES.index(k)] = v
+  return np.asarray(sh.deform(jnp.asarray(head.plane), jnp.asarray(f)))
+
+
+def test_factors_visible_and_hidden():
+  assert sh.NUM_FACTORS >= 10
+  vis = [n for n, v in zip(sh.FACTOR_NAMES, sh.FACTOR_KEYPOINT_VISIBLE) if v]
+  hidden = [n for n, v in zip(sh.FACTOR_NAMES, sh.FACTOR_KEYPOINT_VISIBLE) if not v]
+  assert {"jaw_open", "lip_corner_l", "lip_corner_r", "pucker", "brow_raise_l", "brow_raise_r", "eyelid_close_l",
+          "eyelid_close_r"} == set(vis)
+  assert {"gaze_x", "gaze_y", "tongue", "cheek_puff", "wrinkles", "flush"} == set(hidden)
+
+
+def test_mesh_topology(head):
+  assert head.faces.dtype == np.int32 and head.faces.max() < len(head.plane)
+  v = _deform(head)
+  n = np.asarray(geometry.face_normals(jnp.asarray(v), jnp.asarray(head.faces)))
+  centres = v[head.faces].mean(1)
+  assert np.mean(np.sum(n * centres, -1) > 0) > 0.99  # counter-clockwise seen from outside
+  assert np.all(np.isfinite(v))
+  assert len(set(head.keypoint_vertex_ids.tolist())) == len(head.keypoint_vertex_ids) == len(head.keypoint_names)
+
+
+def test_localised_effects(head):
+  rest = _deform(head)
+  groups = sh.keypoint_groups(head.keypoint_names)
+  kp = head.keypoint_vertex_ids
+
+  def moved(v, ids):
+    return np.linalg.norm(v[ids] - rest[ids], axis=-1).max()
+
+  jaw = _deform(head, jaw_open=1.0)
+  assert moved(jaw, kp[groups["mouth"]]) > 5.0 and moved(jaw, kp[groups["brow_l"]]) < 1e-3
+  brow = _deform(head, brow_raise_l=1.0)
+  assert moved(brow, kp[groups["brow_l"]]) > 3.0 and moved(brow, kp[groups["mouth"]]) < 1e-2
+  lid = _deform(head, eyelid_close_r=1.0)
+  assert moved(lid, kp[groups["eye_r"]]) > 2.0 and moved(lid, kp[groups["eye_l"]]) < 1e-3
+  # Hidden factors: texture only, or geometry away from the keypoints.
+  for name in ("gaze_x", "gaze_y", "wrinkles", "flush"):
+    np.testing.assert_array_equal(_deform(head, **{name: 1.0}), rest)
+  puff = _deform(head, cheek_puff=1.0)
+  # Cheek puff bulges the cheeks (along z) but hardly moves keypoints in the frontal image plane (x, y).
+  assert np.abs(puff - rest).max() > 5.0 and np.abs(puff[kp, :2] - rest[kp, :2]).max() < 1.0
+  tp = sh.texel_plane(32)
+  base = np.asarray(sh.albedo_texture(jnp.asarray(tp), jnp.zeros(sh.NUM_FACTORS), jnp.asarray(head.person))[0])
+  f = np.zeros(sh.NUM_FACTORS, np.float32)
+  f[sh.FACTOR_NAMES.index("gaze_x")] = 1.0
+  gaze = np.asarray(sh.albedo_texture(jnp.asarray(tp), jnp.asarray(f), jnp.asarray(head.person))[0])
+  changed = np.abs(gaze - base).max(-1) > 0.02
+  assert 0 < changed.mean() < 0.05  # only inside the eyes
+
+
+def test_view_dependent_shading(head):
+  v = jnp.asarray(_deform(head))
+  n = geometry.vertex_normals(v, jnp.asarray(head.faces))
+  rgb, ks, shin = sh.albedo(jnp.asarray(head.plane), jnp.zeros(sh.NUM_FACTORS), jnp.asarray(head.person))
+  a = sh.shade(rgb, ks, shin, v, n, jnp.array([0.0, 0.0, 600.0]))
+  b = sh.shade(rgb, ks, shin, v, n, jnp.array([400.0, 0.0, 450.0]))
+  assert float(jnp.abs(a - b).max()) > 0.05
+
+
+def test_factor_correlations():
+  s = capture_script.make_script(list(capture_script.SEGMENTS), capture_script.TEST_SEGMENTS, 12, 16, seed=0)
+  f = {n: s.factors[:, i] for i, n in enumerate(sh.FACTOR_NAMES)}
+  assert np.corrcoef(f["cheek_puff"], f["pucker"])[0, 1] > 0.4
+  assert np.corrcoef(f["tongue"], f["jaw_open"])[0, 1] > 0.4
+  assert np.corrcoef(f["cheek_puff"], f["pucker"])[0, 1] < 0.99  # plus an independent part
+  # Smooth within segments: frame-to-frame steps are small compared with the range.
+  seg = s.frame_segment
+  same = seg[1:] == seg[:-1]
+  span = np.array([sh.FACTOR_RANGES[n][1] - sh.FACTOR_RANGES[n][0] for n in sh.FACTOR_NAMES])
+  assert (np.abs(np.diff(s.factors, axis=0))[same] / span).max() < 0.4
+  assert np.abs(s.head_pose[:, :, 3]).max() < 20.0
+
+
+def test_uv_raster_interpolates_uvs(head):
+  m = uv_raster.rasterize_uv(head.uvs, head.faces, 32)
+  assert (m.face_id >= 0).all()
+  uv3 = np.concatenate([head.uvs, np.zeros((len(head.uvs), 1), np.float32)], 1)
+  uvp = uv_raster.texel_points(m, head.faces, uv3)
+  c = (np.arange(32) + 0.5) / 32
+  np.testing.assert_allclose(uvp[..., 0], np.broadcast_to(c[None], (32, 32)), atol=1e-5)
+  np.testing.assert_allclose(uvp[..., 1], np.broadcast_to(1.0 - c[:, None], (32, 32)), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- the builder
+def test_stored_schema(tiny_capture):
+  meta = tiny_capture.meta
+  shapes = schema.feature_shapes(meta.num_verts, meta.texture_size, meta.image_size, meta.num_keypoints,
+                                 meta.image_frontal_size, meta.hmc_size, meta.num_factors)
+  src = tiny_capture.sources["train"]
+  ex = src[0]
+  assert set(ex) == set(shapes) | set(schema.STRING_KEYS)
+  for k, (shape, dtype) in shapes.items():
+    assert np.shape(ex[k]) == shape, k
+    if shape:
+      assert ex[k].dtype == dtype, k
+  assert len(src) == len(meta.splits["train"]["frame_index"]) == 12 * 6
+  assert len(tiny_capture.sources["test"]) == 4 * 6
+  # Record order follows meta.splits.
+  for r in (0, 5, 17, len(src) - 1):
+    assert int(src[r]["frame_index"]) == meta.splits["train"]["frame_index"][r]
+    assert int(src[r]["camera_index"]) == meta.splits["train"]["camera_index"][r]
+  assert set(meta.train_cameras).isdisjoint(meta.test_cameras) and len(meta.test_cameras) == 2
+  assert set(meta.test_segments) == {"EXP_ROM_01"}
+
+
+def test_batch_contract(tiny_capture):
+  meta = tiny_capture.meta
+  b = tiny_capture.batch(batch_size=4)
+  bsz, v, t, (h, w), p = 4, meta.num_verts, meta.texture_size, meta.image_size, meta.num_keypoints
+  hh, hw = meta.hmc_size
+  expected = {
+      "verts": (bsz, v, 3), "avg_tex": (bsz, t, t, 3), "tex": (bsz, t, t, 3), "tex_mask": (bsz, t, t, 1),
+      "view": (bsz, 3), "camera_K": (bsz, 3, 3), "camera_Rt": (bsz, 3, 4), "camera_index": (bsz,),
+      "image": (bsz, h, w, 3), "image_mask": (bsz, h, w, 1), "keypoints": (bsz, p, 2),
+      "keypoints_visible": (bsz, p), "frontal_K": (bsz, 3, 3), "frontal_Rt": (bsz, 3, 4),
+      "hmc": (bsz, 3, hh, hw, 1), "hmc_mask": (bsz, 3, hh, hw, 1), "hmc_K": (bsz, 3, 3, 3), "hmc_Rt": (bsz, 3, 3, 4),
+      "head_pose": (bsz, 3, 4), "factors": (bsz, meta.num_factors), "frame_index": (bsz,), "segment_index": (bsz,),
+      "image_frontal": (bsz,) + tuple(meta.image_frontal_size) + (3,), "keypoints_clean": (bsz, p, 2),
+  }
+  assert set(b) == set(expected)
+  for k, shape in expected.items():
+    assert b[k].shape == shape, k
+    assert b[k].dtype == (np.int32 if k in schema.INT_KEYS else np.float32), k
+    assert np.all(np.isfinite(b[k])), k
+  assert set(np.unique(b["tex_mask"])) <= {0.0, 1.0} and set(np.unique(b["keypoints_visible"])) <= {0.0, 1.0}
+  assert np.all(b["tex"][np.broadcast_to(b["tex_mask"] == 0, b["tex"].shape)] == 0)
+  assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["hmc"].max() <= 1.0
+  np.testing.assert_allclose(np.linalg.norm(b["view"], axis=-1), 1.0, atol=1e-5)
+  assert np.all(b["keypoints"][b["keypoints_visible"] == 0] == 0)
+  assert set(b["camera_index"].tolist()) <= set(meta.camera_indices(meta.train_cameras))
+  # Normalised verts round-trip to millimetres; camera_Rt maps head coordinates to this view.
+  verts = schema.denormalize_verts(b["verts"], meta)
+  assert np.abs(b["verts"]).mean() < 5.0 and 50.0 < np.abs(verts).max() < 200.0
+  world = np.stack([geometry.compose_rigid(meta.camera_Rt[c], hp) for c, hp in zip(b["camera_index"], b["head_pose"])])
+  np.testing.assert_allclose(world, b["camera_Rt"], atol=1e-3)
+
+
+def test_keypoints_fall_on_rendered_face(tiny_capture):
+  meta = tiny_capture.meta
+  src = tiny_capture.sources["train"]
+  settings = render.RasterSettings.hard(tuple(meta.frontal_size), tile_size=4, max_faces_per_tile=128)
+  fn = jax.jit(lambda v, K, Rt: render.render_mesh(v, meta.faces, meta.uvs, meta.uv_faces,
+                                                   jnp.ones((4, 4, 3)), geometry.Camera(K=K, Rt=Rt), settings))
+  hits, total = 0, 0
+  for r in range(0, len(src), 6 * 3):  # every third frame
+    ex = src[r]
+    out = fn(jnp.asarray(ex["verts"]), jnp.asarray(ex["frontal_K"]), jnp.asarray(ex["frontal_Rt"]))
+    alpha = np.asarray(out.alpha[..., 0])
+    vis = ex["keypoints_visible"] > 0
+    for pts in (ex["keypoints_clean"][vis], ex["keypoints"][vis]):
+      col = np.clip(np.floor(pts[:, 0]).astype(int), 0, alpha.shape[1] - 1)
+      row = np.clip(np.floor(pts[:, 1]).astype(int), 0, alpha.shape[0] - 1)
+      hits += int((alpha[row, col] > 0).sum())
+      total += len(pts)
+    # The clean keypoints are the projections of the keypoint vertices.
+    proj = geometry.project(geometry.Camera(K=ex["frontal_K"], Rt=ex["frontal_Rt"]),
+                            jnp.asarray(ex["verts"][meta.keypoint_vertex_ids]))
+    np.testing.assert_allclose(np.asarray(proj), ex["keypoints_clean"], atol=1e-3)
+    assert vis.mean() > 0.8
+  assert hits >= 0.97 * total  # noisy ones may fall just off the silhouette
+
+
+def test_image_is_the_texture_rendered(tiny_capture):
+  """The stored photo equals the stored (observed) texture rendered by lipflow_jax.render: orientation check."""
+  meta = tiny_capture.meta
+  ex = tiny_capture.sources["train"][3]
+  settings = render.RasterSettings.hard(tuple(meta.image_size), tile_size=4, max_faces_per_tile=128,
+                                        cull_backfaces=True)
+  draw = jax.jit(lambda tex: render.render_mesh(jnp.asarray(ex["verts"]), meta.faces, meta.uvs, meta.uv_faces, tex,
+                                                geometry.Camera(K=ex["camera_K"], Rt=ex["camera_Rt"]), settings))
+  tex = jnp.asarray(ex["tex"], jnp.float32) / 255.0
+  out = draw(tex)
+  rgb = np.asarray(out.rgb)
+  img = ex["image"].astype(np.float32) / 255.0
+  both = (ex["image_mask"][..., 0] > 0) & (rgb.min(-1) > 0.05)  # pixels whose texels were all observed
+  assert both.mean() > 0.2
+  err = np.abs(rgb - img)[both]
+  assert np.median(err) < 0.02
+  flipped = draw(tex[::-1])  # rows flipped: the convention Multiface's reference loader converts to
+  assert np.median(np.abs(np.asarray(flipped.rgb) - img)[both]) > 2 * np.median(err)
+  np.testing.assert_array_equal(np.asarray(out.alpha[..., 0]) > 0, ex["image_mask"][..., 0] > 0)
+
+
+def test_meta_round_trip(tiny_capture, tmp_path):
+  meta = tiny_capture.meta
+  schema.save_meta(meta, tmp_path)
+  again = schema.load_meta(tmp_path)
+  for k in ("uvs", "faces", "vert_mean", "tex_mean", "camera_K", "hmc_Rt"):
+    np.testing.assert_array_equal(getattr(again, k), getattr(meta, k))
+  assert again.camera_names == meta.camera_names and again.frames == meta.frames
+  np.testing.assert_array_equal(again.splits["test"]["camera_index"], meta.splits["test"]["camera_index"])
+  t = np.random.RandomState(0).randn(2, meta.texture_size, meta.texture_size, 3).astype(np.float32)
+  d = schema.denormalize_tex(t, meta)
+  assert d.min() >= 0.0 and d.max() <= 1.0
+  v = np.random.RandomState(1).randn(meta.num_verts, 3).astype(np.float32)
+  np.testing.assert_allclose(schema.normalize_verts(schema.denormalize_verts(v, meta), meta), v, atol=1e-4)
+  assert meta.tex_mean.max() > 100 and meta.tex_std > 1 and meta.vert_std > 0.1
+
+
+# -------------------------------------------------------------------------------------------- the pipeline
+def _ids(batch):
+  return list(zip(batch["frame_index"].tolist(), batch["camera_index"].tolist()))
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_cover_the_data_exactly_once(tiny_capture, shards):
+  meta = tiny_capture.meta
+  seen = []
+  for s in range(shards):
+    it = tiny_capture.iterator("train", batch_size=5, seed=7, num_epochs=1, shard_index=s, shard_count=shards,
+                               drop_remainder=False, cameras=meta.train_cameras)
+    seen += [x for b in it for x in _ids(b)]
+  expected = input_pipeline.select_records(meta, "train", cameras=meta.train_cameras)
+  cols = meta.splits["train"]
+  want = sorted(zip(cols["frame_index"][expected].tolist(), cols["camera_index"][expected].tolist()))
+  assert sorted(seen) == want and len(set(seen)) == len(seen)
+
+
+def test_shuffle_is_deterministic_and_epochs_differ(tiny_capture):
+  a = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=3), range(6))]
+  b = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=3), range(6))]
+  c = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=4), range(6))]
+  assert a == b and a != c
+  assert sorted(sum(a[:3], [])) == sorted(sum(a[3:], [])) and a[:3] != a[3:]  # 24 records = 3 batches/epoch
+
+
+def test_restored_iterator_continues_with_the_same_batches(tiny_capture):
+  it = tiny_capture.iterator("train", batch_size=4, seed=11)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(4)]
+  fresh = tiny_capture.iterator("train", batch_size=4, seed=11)
+  fresh.set_state(state)
+  for e in expected:
+    got = next(fresh)
+    assert set(got) == set(e)
+    for k in e:
+      np.testing.assert_array_equal(got[k], e[k])
+
+
+def test_camera_filter_and_eval_frames(tiny_capture):
+  meta = tiny_capture.meta
+  it = tiny_capture.iterator("train", batch_size=6, seed=0, num_epochs=1, cameras=meta.test_cameras)
+  cams = {c for b in it for c in b["camera_index"].tolist()}
+  assert cams == set(meta.camera_indices(meta.test_cameras))
+  ev = tiny_capture.eval_set("test")
+  n, c = 4, meta.num_cameras
+  assert ev["verts"].shape == (n, meta.num_verts, 3) and ev["image"].shape == (n, c) + tuple(meta.image_size) + (3,)
+  assert ev["camera_Rt"].shape == (n, c, 3, 4) and ev["keypoints"].shape == (n, meta.num_keypoints, 2)
+  np.testing.assert_array_equal(ev["camera_index"], np.broadcast_to(np.arange(c), (n, c)))
+  assert len(set(ev["frame_index"].tolist())) == n
+  assert {meta.segments[s] for s in ev["segment_index"]} == set(meta.test_segments)
+
+
+def test_contact_sheet(tiny_capture, tmp_path):
+  from lipflow_jax.data import contact_sheet  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = contact_sheet.make_contact_sheet(tiny_capture.sources, tiny_capture.meta, tmp_path / "sheet.png")
+  with Image.open(path) as im:
+    assert im.size[0] > 500 and im.size[1] > 500
+
+
+def test_test_camera_indices():
+  assert capture.test_camera_indices(40, 4) == [8, 16, 23, 31]
+  with pytest.raises(ValueError, match="no training camera"):
+    capture.test_camera_indices(3, 2)

@@ -1,0 +1,187 @@
+"""Tests of the Multiface layout: synthetic -> Multiface directory -> multiface builder, and bad input."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from lipflow_jax.data import builders
+from lipflow_jax.data import capture
+from lipflow_jax.data import multiface as mf
+from lipflow_jax.data import schema
+from lipflow_jax.geometry import KRTFormatError
+
+
+@pytest.fixture(scope="module")
+def entity(tiny_capture, tmp_path_factory):
+  """The tiny synthetic capture exported as a Multiface entity directory."""
+  root = str(tmp_path_factory.mktemp("entity") / "m--synthetic--GHS")
+  mf.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def roundtrip(entity, tmp_path_factory):
+  b = builders.Multiface(data_dir=str(tmp_path_factory.mktemp("mf")), entity_dir=entity, config="roundtrip")
+  b.download_and_prepare(file_format=builders.FILE_FORMAT)
+  return b.as_data_source(), schema.load_meta(b.data_dir)
+
+
+def test_layout_files(entity, tiny_capture):
+  meta = tiny_capture.meta
+  seg, frame = meta.frames[0]
+  for rel in ("KRT", "frame_list.txt", "tex_mean.png", "tex_var.txt", "vert_mean.bin", "vert_var.txt",
+              f"tracked_mesh/{seg}/{frame}.bin", f"tracked_mesh/{seg}/{frame}.obj",
+              f"tracked_mesh/{seg}/{frame}_transform.txt", f"unwrapped_uv_1024/{seg}/average/{frame}.png",
+              f"unwrapped_uv_1024/{seg}/{meta.camera_names[0]}/{frame}.png",
+              f"images/{seg}/{meta.camera_names[0]}/{frame}.png", "test_segment.json", "camera-split-config.json"):
+    assert os.path.exists(os.path.join(entity, rel)), rel
+  with open(os.path.join(entity, "frame_list.txt")) as f:
+    text = f.read()
+  assert not text.endswith("\n") and text.split("\n")[0] == f"{seg} {frame}" and len(frame) == 6
+  assert mf.read_test_segments(os.path.join(entity, "test_segment.json")) == ("EXP_ROM",)
+
+
+def test_roundtrip_same_meshes_cameras_textures(roundtrip, tiny_capture):
+  src, meta = roundtrip
+  ref, rmeta = tiny_capture.sources, tiny_capture.meta
+  np.testing.assert_array_equal(meta.faces, rmeta.faces)
+  np.testing.assert_array_equal(meta.uv_faces, rmeta.uv_faces)
+  np.testing.assert_allclose(meta.uvs, rmeta.uvs, atol=1e-6)
+  np.testing.assert_array_equal(meta.vert_mean, rmeta.vert_mean)
+  np.testing.assert_allclose(meta.vert_std, rmeta.vert_std, rtol=1e-6)
+  np.testing.assert_allclose(meta.tex_mean, rmeta.tex_mean, atol=0.5 + 1e-4)  # PNG rounding
+  np.testing.assert_allclose(meta.tex_std, rmeta.tex_std, rtol=1e-6)
+  np.testing.assert_allclose(meta.camera_K, rmeta.camera_K, rtol=1e-6)
+  np.testing.assert_allclose(meta.camera_Rt, rmeta.camera_Rt, atol=1e-4)
+  assert meta.camera_names == rmeta.camera_names and meta.frames == rmeta.frames
+  assert meta.train_segments == rmeta.train_segments and meta.test_segments == rmeta.test_segments
+  assert meta.train_cameras == rmeta.train_cameras and meta.test_cameras == rmeta.test_cameras
+  np.testing.assert_array_equal(meta.keypoint_vertex_ids, rmeta.keypoint_vertex_ids)
+  assert meta.skipped == 0 and not meta.has_factors
+  for split in ("train", "test"):
+    assert len(src[split]) == len(ref[split])
+    for k in ("frame_index", "camera_index", "segment_index"):
+      np.testing.assert_array_equal(meta.splits[split][k], rmeta.splits[split][k])
+    for r in range(0, len(src[split]), 5):
+      a, b = src[split][r], ref[split][r]
+      for k in ("verts", "tex", "tex_mask", "avg_tex", "image", "frame_index", "camera_index"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+      for k in ("camera_K", "camera_Rt", "view", "head_pose"):
+        np.testing.assert_allclose(a[k], b[k], atol=1e-4, err_msg=k)
+      assert a["camera_id"] == b["camera_id"] and a["segment"] == b["segment"]
+      np.testing.assert_array_equal(a["factors"], 0.0)
+
+
+def test_multiface_keypoints_and_hmc(roundtrip):
+  src, meta = roundtrip
+  ex = src["train"][3]
+  assert meta.frontal_camera in meta.camera_names and tuple(meta.frontal_size) == tuple(meta.image_size)
+  vis = ex["keypoints_visible"] > 0
+  assert vis.mean() > 0.7
+  h, w = meta.frontal_size
+  kp = ex["keypoints_clean"][vis]
+  assert np.all((kp >= 0) & (kp <= [w, h]))
+  assert ex["hmc"].shape == (3,) + tuple(meta.hmc_size) + (1,)
+  assert ex["hmc_mask"].mean() > 0.3 and ex["hmc"].std() > 5  # crops show the face
+  batch = schema.normalize_example(ex, meta)
+  assert batch["verts"].dtype == np.float32 and np.abs(batch["verts"]).max() < 50
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _copy(entity, tmp_path, frames=3):
+  """A copy of the entity with a short frame list (2 training frames and 1 test frame)."""
+  root = str(tmp_path / "entity")
+  shutil.copytree(entity, root)
+  lines = mf.read_frame_list(os.path.join(root, "frame_list.txt"))
+  train = [l for l in lines if not l[0].startswith("EXP")][:frames - 1]
+  test = [l for l in lines if l[0].startswith("EXP")][:1]
+  with open(os.path.join(root, "frame_list.txt"), "w") as f:
+    f.write("\n".join(f"{s} {n}" for s, n in train + test))
+  return root, train[0]
+
+
+def _build(root, tmp_path, skip=False):
+  b = builders.Multiface(data_dir=str(tmp_path / "data"), entity_dir=root, config="bad",
+                         options=mf.MultifaceOptions(skip_bad_frames=skip))
+  b.download_and_prepare(file_format=builders.FILE_FORMAT)
+  return b, schema.load_meta(b.data_dir)
+
+
+def _break_missing_png(root, seg, frame, cam):
+  path = mf.image_path(root, seg, cam, frame)
+  os.remove(path)
+  return path, mf.MultifaceMissingFileError, "photo not found"
+
+
+def _break_unreadable_png(root, seg, frame, cam):
+  path = mf.tex_path(root, seg, cam, frame)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n this is not a png")
+  return path, mf.MultifaceFormatError, "unreadable texture PNG"
+
+
+def _break_bin(root, seg, frame, cam):
+  del cam
+  path = mf.mesh_path(root, seg, frame)
+  v = np.fromfile(path, "<f4")
+  v[:-3].tofile(path)  # one vertex short
+  return path, mf.MultifaceFormatError, r"has \d+ vertices, expected \d+"
+
+
+@pytest.mark.parametrize("breaker,examples_lost", [(_break_missing_png, 1), (_break_unreadable_png, 1),
+                                                   (_break_bin, 6)])
+def test_bad_frame_files_raise_or_are_skipped(entity, tmp_path, breaker, examples_lost):
+  root, (seg, frame) = _copy(entity, tmp_path)
+  path, err, pattern = breaker(root, seg, frame, "400001")
+  with pytest.raises(err, match=pattern) as info:
+    _build(root, tmp_path / "strict")
+  assert path in str(info.value)
+  b, meta = _build(root, tmp_path / "skip", skip=True)
+  assert meta.skipped == 1 and path in meta.skipped_reasons[0]
+  n = {k: len(v) for k, v in b.as_data_source().items()}
+  assert n == {"train": 2 * 6 - examples_lost, "test": 6}
+  assert len(meta.splits["train"]["frame_index"]) == n["train"]
+
+
+def test_krt_with_a_missing_line(entity, tmp_path):
+  root, _ = _copy(entity, tmp_path)
+  path = os.path.join(root, "KRT")
+  with open(path) as f:
+    lines = f.read().split("\n")
+  del lines[12]  # a line of the second camera's K
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  for skip in (False, True):  # global files are never skipped
+    with pytest.raises(KRTFormatError, match="expected 7") as info:
+      _build(root, tmp_path / f"k{skip}", skip=skip)
+    assert path in str(info.value)
+
+
+def test_empty_frame_list(entity, tmp_path):
+  root, _ = _copy(entity, tmp_path)
+  path = os.path.join(root, "frame_list.txt")
+  with open(path, "w") as f:
+    f.write("\n")
+  with pytest.raises(mf.MultifaceFormatError, match="empty frame list") as info:
+    _build(root, tmp_path, skip=True)
+  assert path in str(info.value)
+
+
+def test_readers_name_the_file(tmp_path):
+  p = str(tmp_path / "frame_list.txt")
+  with open(p, "w") as f:
+    f.write("E001 000102\nE001\n")
+  with pytest.raises(mf.MultifaceFormatError, match=r"frame_list.txt:2: expected 'segment frame'"):
+    mf.read_frame_list(p)
+  with pytest.raises(mf.MultifaceMissingFileError, match="mesh not found: .*nope.bin"):
+    mf.read_mesh_bin(str(tmp_path / "nope.bin"), 10)
+  q = str(tmp_path / "t.txt")
+  np.savetxt(q, np.eye(3))
+  with pytest.raises(mf.MultifaceFormatError, match="t.txt: head pose must be a finite 3x4"):
+    mf.read_transform(q)
+  with open(q, "w") as f:
+    f.write("1.0 2.0\n")
+  with pytest.raises(mf.MultifaceFormatError, match="exactly one number"):
+    mf.read_scalar(q, "texture variance")

@@ -1,0 +1,425 @@
+"""Tests of lipflow_jax.render against slow numpy reference loops, analytic areas and finite differences."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lipflow_jax import geometry
+from lipflow_jax import render
+from lipflow_jax.render import RasterSettings
+
+H, W = 30, 37  # not multiples of the tile size
+
+
+def _camera(h=H, w=W, eye=(0.3, 0.2, 6.0), focal=45.0):
+  return geometry.Camera(K=geometry.intrinsics(focal, (h, w)), Rt=geometry.look_at(eye, (0.0, 0.0, 0.0)))
+
+
+def _random_scene(seed, num_faces=14, spread=1.3):
+  """Random triangles of mixed sizes and depths, some partly outside the image. Separate vertices."""
+  rng = np.random.default_rng(seed)
+  centres = rng.uniform(-spread, spread, (num_faces, 1, 3)) * np.array([1.0, 0.8, 1.0])
+  scale = rng.uniform(0.15, 0.9, (num_faces, 1, 1))
+  verts = (centres + scale * rng.normal(size=(num_faces, 3, 3))).reshape(-1, 3).astype(np.float32)
+  faces = np.arange(3 * num_faces, dtype=np.int32).reshape(-1, 3)
+  return verts, faces
+
+
+# ------------------------------------------------------------------------------------------ numpy reference
+def _seg_dist(p, a, b):
+  e = b - a
+  t = np.clip(np.sum((p - a) * e, -1) / max(np.sum(e * e), 1e-30), 0.0, 1.0)
+  q = a + t[..., None] * e
+  return np.sqrt(np.sum((p - q) ** 2, -1))
+
+
+def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
+  """Brute force: every face at every pixel centre, float64. Returns face ids, bary, dists, zbuf, keys."""
+  K = np.asarray(camera.K, np.float64)
+  Rt = np.asarray(camera.Rt, np.float64)
+  cam = np.asarray(verts, np.float64) @ Rt[:, :3].T + Rt[:, 3]
+  proj = cam @ K.T
+  xy = proj[:, :2] / proj[:, 2:3]
+  z = cam[:, 2]
+  jj, ii = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+  p = np.stack([jj, ii], -1)  # [h, w, 2]
+  cand = []  # per face: (key, bary, dist, depth, mask) maps
+  for fi, f in enumerate(np.asarray(faces)):
+    a, zz = xy[f], z[f]
+    area2 = (a[1, 0] - a[0, 0]) * (a[2, 1] - a[0, 1]) - (a[1, 1] - a[0, 1]) * (a[2, 0] - a[0, 0])
+    if np.any(zz <= znear) or abs(area2) <= 1e-6:
+      continue
+    lam, line = [], []
+    for i in range(3):
+      u, v = a[(i + 1) % 3], a[(i + 2) % 3]
+      e = v - u
+      ei = e[0] * (p[..., 1] - u[1]) - e[1] * (p[..., 0] - u[0])
+      lam.append(ei / area2)
+      line.append(np.sign(area2) * ei / np.linalg.norm(e))
+    lam = np.stack(lam, -1)
+    line = np.stack(line, -1)
+    inside = np.all(lam >= 0, -1)
+    segd = np.min(np.stack([_seg_dist(p, a[(i + 1) % 3], a[(i + 2) % 3]) for i in range(3)], -1), -1)
+    dist = np.where(inside, segd, -segd)
+    lo, hi = a.min(0) - blur, a.max(0) + blur
+    sel = np.min(line, -1) >= -blur  # the documented selection rule: grown edge lines and bounding box
+    sel &= np.all((p >= lo) & (p <= hi), -1)
+    key = np.clip(np.sum(lam / zz, -1), np.min(1 / zz), np.max(1 / zz))
+    lc = np.maximum(lam, 0)
+    lc /= lc.sum(-1, keepdims=True)
+    q = lc / zz
+    bary = q / q.sum(-1, keepdims=True)
+    depth = 1.0 / q.sum(-1)
+    cand.append((fi, key, bary, dist, depth, sel))
+  ids = -np.ones((h, w, k), np.int64)
+  bary = np.zeros((h, w, k, 3))
+  dists = np.zeros((h, w, k))
+  zbuf = np.zeros((h, w, k))
+  keys = np.full((h, w, k + 1), -1.0)
+  for y in range(h):
+    for x in range(w):
+      lst = sorted([(-c[1][y, x], c) for c in cand if c[5][y, x]], key=lambda t: t[0])
+      for s, (negkey, c) in enumerate(lst[:k + 1]):
+        keys[y, x, s] = -negkey
+        if s < k:
+          ids[y, x, s] = c[0]
+          bary[y, x, s] = c[2][y, x]
+          dists[y, x, s] = c[3][y, x]
+          zbuf[y, x, s] = c[4][y, x]
+  return ids, bary, dists, zbuf, keys
+
+
+def _unambiguous(keys, k, verts, faces, camera, h, w, margin=2e-3):
+  """Pixels whose selection cannot flip under float32 rounding: no near-tie in depth, no centre near an edge."""
+  gaps = np.abs(np.diff(keys, axis=-1)) / np.maximum(np.abs(keys[..., :-1]), 1e-9)
+  ok = np.all((gaps > 1e-4) | (keys[..., 1:] < 0), -1)
+  xy, _ = geometry.project_with_depth(camera, jnp.asarray(verts))
+  xy = np.asarray(xy, np.float64)
+  jj, ii = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+  p = np.stack([jj, ii], -1)
+  for f in faces:
+    for i in range(3):
+      u, v = xy[f[(i + 1) % 3]], xy[f[(i + 2) % 3]]
+      e = v - u
+      d = np.abs(e[0] * (p[..., 1] - u[1]) - e[1] * (p[..., 0] - u[0])) / max(np.linalg.norm(e), 1e-12)
+      ok &= d > margin
+  return ok
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+HARD = RasterSettings.hard((H, W))
+SOFT = RasterSettings((H, W), faces_per_pixel=4, sigma=0.5, blur_radius=1.5)
+
+
+@pytest.fixture(scope="module")
+def jit_rasterize():
+  return jax.jit(render.rasterize, static_argnums=3)
+
+
+@pytest.fixture(scope="module")
+def jit_render():
+  return jax.jit(render.render_mesh, static_argnums=6)
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_settings_validation_and_hashing():
+  s = RasterSettings((16, 24))
+  assert hash(s) == hash(RasterSettings((16, 24)))
+  assert s.blur_radius > 0 and not s.is_hard
+  h = RasterSettings.hard([16, 24])
+  assert h.is_hard and h.faces_per_pixel == 1 and h.blur_radius == 0.0 and h.image_size == (16, 24)
+  for bad in [dict(image_size=(0, 4)), dict(image_size=(4,)), dict(image_size=(4, 4), faces_per_pixel=0),
+              dict(image_size=(4, 4), sigma=-1.0), dict(image_size=(4, 4), gamma=0.0),
+              dict(image_size=(4, 4), blur_radius=-1.0), dict(image_size=(4, 4), tile_size=0),
+              dict(image_size=(4, 4), faces_per_pixel=8, max_faces_per_tile=4),
+              dict(image_size=(4, 4), background=()), dict(image_size=(4, 4), znear=0.0)]:
+    with pytest.raises(ValueError, match="RasterSettings"):
+      RasterSettings(**bad)
+
+
+# ------------------------------------------------------------------------------------------ rasterization
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hard_matches_brute_force(jit_rasterize, seed):
+  verts, faces = _random_scene(seed)
+  cam = _camera()
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, HARD)
+  ids, bary, dists, zbuf, keys = reference_rasterize(verts, faces, cam, H, W, 1, 0.0)
+  ok = _unambiguous(keys, 1, verts, faces, cam, H, W)
+  assert ok.mean() > 0.8
+  got = np.asarray(fr.face_ids)
+  np.testing.assert_array_equal(got[ok], ids[ok])
+  m = ok[..., None] & (ids >= 0)
+  assert m.sum() > 100
+  np.testing.assert_allclose(np.asarray(fr.bary)[m], bary[m], atol=2e-4)
+  np.testing.assert_allclose(np.asarray(fr.zbuf)[m], zbuf[m], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(fr.dists)[m], dists[m], atol=2e-3)
+  assert int(fr.overflow) == 0
+
+
+def test_soft_matches_brute_force(jit_rasterize):
+  verts, faces = _random_scene(2, num_faces=18)
+  cam = _camera()
+  k = SOFT.faces_per_pixel
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, SOFT)
+  ids, bary, dists, zbuf, keys = reference_rasterize(verts, faces, cam, H, W, k, SOFT.blur_radius)
+  ok = _unambiguous(keys, k, verts, faces, cam, H, W)
+  # Pixels with at most K faces near them (beyond K, faces near sharp corners may compete for slots), and
+  # no distance at the blur radius itself.
+  ok &= keys[..., k] < 0
+  ok &= np.all(np.abs(dists + SOFT.blur_radius) > 1e-3, -1)
+  assert ok.mean() > 0.5
+  got = np.asarray(fr.face_ids)
+  np.testing.assert_array_equal(got[ok], ids[ok])
+  m = ok[..., None] & (ids >= 0)
+  assert m.sum() > 200 and (np.sum(ids >= 0, -1) >= 2).sum() > 20
+  np.testing.assert_allclose(np.asarray(fr.bary)[m], bary[m], atol=3e-4)
+  np.testing.assert_allclose(np.asarray(fr.zbuf)[m], zbuf[m], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(fr.dists)[m], dists[m], atol=3e-3)
+  assert np.all(np.asarray(fr.dists)[got < 0] == render.EMPTY_DIST)
+
+
+def test_small_tiles_and_caps_agree(jit_rasterize):
+  """Tile size and cap (when it does not overflow) do not change the result."""
+  verts, faces = _random_scene(3)
+  cam = _camera()
+  a = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, SOFT)
+  b = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam,
+                    SOFT.replace(tile_size=5, max_faces_per_tile=20, blur_radius=SOFT.blur_radius))
+  assert int(a.overflow) == 0 and int(b.overflow) == 0
+  np.testing.assert_array_equal(np.asarray(a.face_ids), np.asarray(b.face_ids))
+  np.testing.assert_allclose(np.asarray(a.bary), np.asarray(b.bary), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hard_coverage_matches_area(jit_rasterize, seed):
+  rng = np.random.default_rng(10 + seed)
+  size = 64
+  cam = geometry.Camera(K=geometry.intrinsics(64.0, (size, size)), Rt=jnp.eye(3, 4).at[2, 3].set(2.0))
+  # A triangle at depth 2 in front of the camera, fully inside the image.
+  pix = rng.uniform(4, size - 4, (3, 2))
+  verts = np.concatenate([(pix - size / 2) / 32.0, np.zeros((3, 1))], -1).astype(np.float32)
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray([[0, 1, 2]], jnp.int32), cam,
+                     RasterSettings.hard((size, size)))
+  count = int(np.sum(np.asarray(fr.face_ids) >= 0))
+  a = pix[1] - pix[0]
+  b = pix[2] - pix[0]
+  area = 0.5 * abs(a[0] * b[1] - a[1] * b[0])
+  perimeter = sum(np.linalg.norm(pix[i] - pix[(i + 1) % 3]) for i in range(3))
+  assert abs(count - area) <= 0.5 * perimeter + 2, (count, area, perimeter)
+
+
+def test_interpolate_depth_equals_zbuf(jit_rasterize):
+  verts, faces = _random_scene(4)
+  cam = _camera()
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, HARD)
+  cam_z = geometry.world_to_camera(cam, jnp.asarray(verts))[:, 2:3]
+  zi = render.interpolate(fr, jnp.asarray(faces), cam_z)[..., 0]
+  m = np.asarray(fr.face_ids) >= 0
+  np.testing.assert_allclose(np.asarray(zi)[m], np.asarray(fr.zbuf)[m], rtol=1e-5)
+  assert np.all(np.asarray(zi)[~m] == 0)
+
+
+def test_orientation_winding_and_culling(jit_rasterize):
+  """World up appears at the image top; either winding is drawn unless back faces are culled."""
+  size = 32
+  cam = geometry.Camera(K=geometry.intrinsics(40.0, (size, size)), Rt=geometry.look_at((0, 0, 5.0), (0, 0, 0)))
+  verts = jnp.array([[-1, -1, 0], [1, -1, 0], [0, 1, 0]], jnp.float32)  # counter-clockwise seen from +z
+  front = jnp.array([[0, 1, 2]], jnp.int32)
+  back = jnp.array([[0, 2, 1]], jnp.int32)
+  hard = RasterSettings.hard((size, size))
+  cov = np.asarray(jit_rasterize(verts, front, cam, hard).face_ids[..., 0]) >= 0
+  rows = np.nonzero(cov.any(1))[0]
+  widths = cov.sum(1)
+  assert widths[rows[0]] < widths[rows[-1]]  # apex (world y = +1) at the top
+  assert (np.asarray(jit_rasterize(verts, back, cam, hard).face_ids) >= 0).sum() == cov.sum()
+  culled = RasterSettings.hard((size, size), cull_backfaces=True)
+  assert (np.asarray(jit_rasterize(verts, front, cam, culled).face_ids) >= 0).sum() == cov.sum()
+  assert (np.asarray(jit_rasterize(verts, back, cam, culled).face_ids) >= 0).sum() == 0
+  # Behind the camera: culled.
+  behind = verts.at[:, 2].add(10.0)
+  assert (np.asarray(jit_rasterize(behind, front, cam, hard).face_ids) >= 0).sum() == 0
+
+
+def test_overflow_counter_and_nearest_kept(jit_rasterize):
+  """A stack of 12 full-screen-ish quads: a cap of 4 overflows every tile but keeps the nearest faces."""
+  size = 16
+  cam = geometry.Camera(K=geometry.intrinsics(16.0, (size, size)), Rt=jnp.eye(3, 4))
+  n = 12
+  depths = np.linspace(5.0, 2.0, n)  # nearest last
+  quad = np.array([[-2, -2], [2, -2], [2, 2], [-2, 2]], np.float32)
+  verts = np.concatenate([np.concatenate([quad * d, np.full((4, 1), d)], -1) for d in depths]).astype(np.float32)
+  faces = np.concatenate([np.array([[0, 1, 2], [0, 2, 3]]) + 4 * i for i in range(n)]).astype(np.int32)
+  s = RasterSettings.hard((size, size), tile_size=8, max_faces_per_tile=4)
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, s)
+  assert int(fr.overflow) == 4  # all 2 x 2 tiles
+  ids = np.asarray(fr.face_ids[..., 0])
+  assert set(np.unique(ids)) <= {2 * n - 2, 2 * n - 1}
+  ok = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, s.replace(max_faces_per_tile=2 * n))
+  assert int(ok.overflow) == 0
+  off_diagonal = ~np.eye(size, dtype=bool)  # pixel centres on the shared diagonal edge are ties
+  np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal], ids[off_diagonal])
+
+
+# ------------------------------------------------------------------------------------------ texture
+def test_sample_texture_ramp_and_corners():
+  th, tw = 8, 12
+  rr, cc = np.meshgrid(np.arange(th), np.arange(tw), indexing="ij")
+  tex = jnp.asarray(np.stack([cc, rr], -1).astype(np.float32))
+  rng = np.random.default_rng(0)
+  uv = rng.uniform(0, 1, (50, 2)).astype(np.float32)
+  uv[:, 0] = np.clip(uv[:, 0], 0.5 / tw, 1 - 0.5 / tw)
+  uv[:, 1] = np.clip(uv[:, 1], 0.5 / th, 1 - 0.5 / th)
+  out = np.asarray(render.sample_texture(tex, jnp.asarray(uv)))
+  np.testing.assert_allclose(out[:, 0], uv[:, 0] * tw - 0.5, atol=1e-5)
+  np.testing.assert_allclose(out[:, 1], (1 - uv[:, 1]) * th - 0.5, atol=1e-5)
+  corners = np.asarray(render.sample_texture(tex, jnp.array([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])))
+  np.testing.assert_allclose(corners, [[0, th - 1], [tw - 1, 0], [0, 0]])  # (col, row)
+  # Batch shape and texel centres are exact.
+  uvc = jnp.array([[[(3 + 0.5) / tw, 1 - (5 + 0.5) / th]]])
+  np.testing.assert_allclose(render.sample_texture(tex, uvc), [[[3.0, 5.0]]])
+
+
+def test_render_texture_not_flipped(jit_render):
+  """A quad facing the camera with UV (0,0) at its bottom-left shows texture row 0 at the image top."""
+  size = 24
+  cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
+  verts = jnp.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], jnp.float32) * 1.3
+  faces = jnp.array([[0, 1, 2], [0, 2, 3]], jnp.int32)
+  uvs = jnp.array([[0, 0], [1, 0], [1, 1], [0, 1]], jnp.float32)
+  tex = np.zeros((4, 4, 3), np.float32)
+  tex[:2, :, 0] = 1.0  # top half red
+  tex[:, 2:, 1] = 1.0  # right half green
+  out = jit_render(verts, faces, uvs, faces, jnp.asarray(tex), cam, RasterSettings.hard((size, size)))
+  rgb = np.asarray(out.rgb)
+  assert rgb[3, 12, 0] == 1 and rgb[20, 12, 0] == 0
+  assert rgb[12, 20, 1] == 1 and rgb[12, 3, 1] == 0
+  assert np.asarray(out.face_id)[0, 0] == -1 and np.asarray(out.alpha)[0, 0, 0] == 0
+  assert np.asarray(out.depth)[0, 0] == 0 and np.asarray(out.depth)[12, 12] == pytest.approx(3.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+def _fd_check(f, x, rng, n_dirs=3, eps=1e-6, rtol=2e-4):
+  g = jax.grad(f)(x)
+  assert np.all(np.isfinite(np.asarray(g)))
+  for _ in range(n_dirs):
+    d = jnp.asarray(rng.normal(size=x.shape))
+    fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
+    an = jnp.sum(g * d)
+    np.testing.assert_allclose(float(an), float(fd), rtol=rtol, atol=1e-8 * max(1.0, abs(float(fd))))
+
+
+def test_gradients_match_finite_differences():
+  size = 20
+  with jax.enable_x64(True):
+    cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)).astype(jnp.float64),
+                          Rt=geometry.look_at((0.3, 0.2, 3.0), (0, 0, 0)).astype(jnp.float64))
+    verts = jnp.array([[-0.9, -0.8, 0.1], [0.8, -0.7, -0.2], [0.1, 0.9, 0.0], [0.9, 0.6, 0.4]], jnp.float64)
+    faces = jnp.array([[0, 1, 2], [1, 3, 2]], jnp.int32)
+    uvs = jnp.array([[0.1, 0.1], [0.9, 0.2], [0.4, 0.9], [0.9, 0.8]], jnp.float64)
+    rng = np.random.default_rng(0)
+    tex = jnp.asarray(rng.uniform(0, 1, (6, 6, 3)))
+    # Large sigma, gamma and blur so that every face reaches every pixel: no selection changes under FD.
+    s = RasterSettings((size, size), faces_per_pixel=2, sigma=3.0, gamma=0.05, blur_radius=100.0,
+                       tile_size=8, max_faces_per_tile=4, background=(0.2, 0.4, 0.6))
+    wr = jnp.asarray(rng.normal(size=(size, size, 3)))
+    wa = jnp.asarray(rng.normal(size=(size, size, 1)))
+    wd = jnp.asarray(rng.normal(size=(size, size)))
+
+    def loss(v, t):
+      out = render.render_mesh(v, faces, uvs, faces, t, cam, s)
+      return jnp.sum(out.rgb * wr) + jnp.sum(out.alpha * wa) + 0.1 * jnp.sum(out.depth * wd)
+
+    f_v = jax.jit(lambda v: loss(v, tex))
+    f_t = jax.jit(lambda t: loss(verts, t))
+    _fd_check(f_v, verts, rng)
+    _fd_check(f_t, tex, rng)
+    # Rasterizer outputs alone.
+    fr_loss = jax.jit(lambda v: jnp.sum(render.rasterize(v, faces, cam, s).bary[..., 0] * wd[..., None])
+                      + 0.01 * jnp.sum(render.rasterize(v, faces, cam, s).dists * wd[..., None]))
+    _fd_check(fr_loss, verts, rng)
+
+
+def _degenerate_mesh():
+  verts = jnp.array([
+      [-1, -1, 0], [1, -1, 0], [0, 1, 0],  # good
+      [0.2, 0.2, 0.1], [0.2, 0.2, 0.1], [0.5, 0.6, 0.1],  # zero area (repeated vertex)
+      [-0.5, 0.0, -0.5], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0],  # edge-on (collinear on screen? nearly)
+      [0.3, 0.3, 4.0], [0.6, 0.3, 4.0], [0.3, 0.6, 4.0],  # behind the camera
+      [0.3, -0.3, 2.9], [0.6, -0.3, 6.0], [0.3, 0.1, 2.0],  # crosses the camera plane
+  ], jnp.float32)
+  faces = jnp.arange(15, dtype=jnp.int32).reshape(5, 3)
+  return verts, faces
+
+
+@pytest.mark.parametrize("settings", [RasterSettings.hard((20, 20)),
+                                      RasterSettings((20, 20), faces_per_pixel=4, sigma=0.5)])
+def test_no_nan_gradients_on_degenerate_faces(settings):
+  verts, faces = _degenerate_mesh()
+  cam = geometry.Camera(K=geometry.intrinsics(20.0, (20, 20)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
+  tex = jnp.ones((4, 4, 3)) * jnp.arange(3.0)
+  uvs = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (15, 2)), jnp.float32)
+
+  def loss(v, t):
+    out = render.render_mesh(v, faces, uvs, faces, t, cam, settings)
+    return jnp.sum(out.rgb) + jnp.sum(out.alpha) + jnp.sum(out.depth)
+
+  val, (gv, gt) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(verts, tex)
+  assert np.isfinite(float(val))
+  assert np.all(np.isfinite(np.asarray(gv))) and np.all(np.isfinite(np.asarray(gt)))
+  assert np.any(np.asarray(gv)[:3] != 0)
+  fr = render.rasterize(verts, faces, cam, settings)
+  assert set(np.unique(np.asarray(fr.face_ids))) <= {-1, 0}
+
+
+# ------------------------------------------------------------------------------------------ batching
+def test_vmap_over_cameras_and_frames(jit_render):
+  verts, faces = _random_scene(5, num_faces=10)
+  verts, faces = jnp.asarray(verts), jnp.asarray(faces)
+  uvs = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (verts.shape[0], 2)), jnp.float32)
+  tex = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (8, 8, 3)), jnp.float32)
+  cams = geometry.dome_cameras(3, 6.0, (H, W), fov_degrees=40.0)
+  s = SOFT
+  render_cams = jax.jit(jax.vmap(lambda c: render.render_mesh(verts, faces, uvs, faces, tex, c, s)))
+  out = render_cams(cams)
+  chex.assert_shape(out.rgb, (3, H, W, 3))
+  chex.assert_shape(out.alpha, (3, H, W, 1))
+  chex.assert_shape(out.face_id, (3, H, W))
+  chex.assert_shape(out.overflow, (3,))
+  single = jit_render(verts, faces, uvs, faces, tex, geometry.index_camera(cams, 1), s)
+  np.testing.assert_allclose(np.asarray(out.rgb[1]), np.asarray(single.rgb), atol=1e-5)
+  # Frames: vmap over verts and texture with one camera.
+  vb = jnp.stack([verts, verts * 1.1])
+  tb = jnp.stack([tex, 1.0 - tex])
+  cam = geometry.index_camera(cams, 0)
+  frames = jax.jit(jax.vmap(lambda v, t: render.render_mesh(v, faces, uvs, faces, t, cam, s)))(vb, tb)
+  chex.assert_shape(frames.rgb, (2, H, W, 3))
+  second = jit_render(vb[1], faces, uvs, faces, tb[1], cam, s)
+  np.testing.assert_allclose(np.asarray(frames.rgb[1]), np.asarray(second.rgb), atol=1e-5)
+  # Gradients through vmap.
+  g = jax.jit(jax.grad(lambda v: jnp.sum(jax.vmap(
+      lambda c: render.render_mesh(v, faces, uvs, faces, tex, c, s).rgb)(cams))))(verts)
+  assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
+
+
+def test_soft_render_blending_properties(jit_render):
+  """Soft mode: opaque interior across shared edges, background outside, alpha in [0, 1]."""
+  size = 24
+  cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
+  verts = jnp.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], jnp.float32) * 0.9
+  faces = jnp.array([[0, 1, 2], [0, 2, 3]], jnp.int32)
+  uvs = jnp.array([[0, 0], [1, 0], [1, 1], [0, 1]], jnp.float32)
+  tex = jnp.full((4, 4, 3), 0.5)
+  s = RasterSettings((size, size), faces_per_pixel=4, sigma=0.5, background=(1.0, 0.0, 0.0))
+  out = jit_render(verts, faces, uvs, faces, tex, cam, s)
+  alpha = np.asarray(out.alpha[..., 0])
+  assert np.all((alpha >= 0) & (alpha <= 1))
+  inner = alpha[6:18, 6:18]
+  np.testing.assert_allclose(inner, 1.0)  # including pixels on the diagonal shared edge
+  np.testing.assert_allclose(np.asarray(out.rgb)[6:18, 6:18], 0.5, atol=1e-6)
+  assert alpha[0, 0] == 0 and np.all(np.asarray(out.rgb)[0, 0] == [1, 0, 0])
+  edge = alpha[12, 1:6]
+  assert np.all(np.diff(edge) >= 0) and 0 < edge[1] < 1  # soft silhouette
