@@ -1,7 +1,7 @@
 r"""Throughput of the jitted, data-parallel train step; prints one JSON object.
 
-  python benchmarks/train_step.py                       # default synthetic config + Multiface size, batch 2
-  python benchmarks/train_step.py --cases=synthetic --steps=20
+  python benchmarks/train_step.py                  # LiP-Flow: default synthetic config + Multiface size, batch 2
+  python benchmarks/train_step.py --cases=synthetic,synthetic_dam,multiface,multiface_dam --steps=20
 
 Per case: samples/s, ms/step, model FLOPs per step (XLA's ``cost_analysis`` of the compiled step), achieved
 GFLOP/s, compile time; beside them the machine's measured fp32 matmul GFLOP/s (a 2048^3 ``jnp.dot``), the ceiling
@@ -35,12 +35,14 @@ def _config(name: str):
   return importlib.import_module(f'configs.{name}').get_config()
 
 
-# Shapes of the default synthetic capture and of one Multiface entity.
+# Shapes of the default synthetic capture (read from its metadata) and of one Multiface entity.
+_SYNTHETIC = dict(num_vertices=None, tex_size=None, keypoint_image_size=None, num_cameras=None)
+_MULTIFACE = dict(num_vertices=7306, tex_size=1024, keypoint_image_size=(2048, 1334), num_cameras=38)
 CASES = {
-    'synthetic': dict(config='lipflow_synthetic', sizes=dict(num_vertices=None, tex_size=None,
-                                                             keypoint_image_size=None, num_cameras=None)),
-    'multiface': dict(config='lipflow_multiface', sizes=dict(num_vertices=7306, tex_size=1024,
-                                                             keypoint_image_size=(2048, 1334), num_cameras=38)),
+    'synthetic': dict(config='lipflow_synthetic', sizes=_SYNTHETIC),
+    'synthetic_dam': dict(config='dam_synthetic', sizes=_SYNTHETIC),
+    'multiface': dict(config='lipflow_multiface', sizes=_MULTIFACE),
+    'multiface_dam': dict(config='dam_multiface', sizes=_MULTIFACE),
 }
 
 
@@ -153,7 +155,7 @@ def main(argv=None):
   out['matmul_fp32_gflops'] = matmul_gflops()
   results = []
   for name in args.cases.split(','):
-    if name == 'multiface':
+    if name.startswith('multiface'):
       bs, steps = args.batch_size or 2, args.multiface_steps
     else:
       bs, steps = args.batch_size or _config(CASES[name]['config']).batch_size, args.steps

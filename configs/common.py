@@ -86,6 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Logging, evaluation and checkpoints.
   config.log_every = 50
   config.image_every = 500
+  config.render_images = True  # also render the decoded avatar into the example's camera
   config.eval_every = 500
   config.eval_batches = 4
   config.checkpoint_every = 250
@@ -101,7 +102,13 @@ def multiface(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.dataset.name = 'multiface'
   config.dataset.builder_config = ml_collections.config_dict.placeholder(str)
   config.dataset.builder_kwargs = ml_collections.ConfigDict()
-  config.dataset.builder_kwargs.source_dir = ml_collections.config_dict.placeholder(str)
+  # The entity directory as published, and ``lipflow_jax.data.multiface.MultifaceOptions`` (None: its default).
+  kw = config.dataset.builder_kwargs
+  kw.entity_dir = ml_collections.config_dict.placeholder(str)
+  kw.texture_size = ml_collections.config_dict.placeholder(int)  # None: the files' 1024
+  kw.image_size = ml_collections.config_dict.placeholder(tuple)  # (H, W); None: the photos' 2048 x 1334
+  kw.frontal_camera = ml_collections.config_dict.placeholder(str)
+  kw.skip_bad_frames = False
   config.dataset.worker_count = 8
   m = config.model
   m.z_dim = 256

@@ -10,8 +10,9 @@
 # Environment: TPU_NAME, ZONE (required), PROJECT (default: gcloud's), REMOTE_DIR (default: lipflow_jax, in the
 # remote home). Arguments other than --install go to `python -m lipflow_jax.train` unchanged. The workdir (and the
 # dataset's data_dir) must be a filesystem all hosts see (e.g. a Filestore/NFS mount); rerunning resumes.
-# To stop a run: Ctrl-C here stops the ssh sessions; the remote processes may need
-#   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command='sudo lsof -t /dev/accel* | xargs -r kill'
+# To stop a run: Ctrl-C here stops the ssh sessions; processes left on the hosts (they hold the TPU) can be
+# stopped with: gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
+#   --command='sudo lsof -t /dev/accel* | xargs -r kill'
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU VM zone}"

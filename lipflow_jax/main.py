@@ -159,7 +159,7 @@ def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: D
   for n, (method, inp) in enumerate(jobs):
     bundle_key = evaluate.METHOD_SPECS[method][0].format(input=inp)
     options = fit_options(config, method, inp) if method in FIT_METHODS else {}
-    key = fingerprint(method, inp, options, frames_key, model_keys.get(bundle_key, ""),
+    key = fingerprint(method, inp, options, frames_key, figure_frames(config, eval_set)[:2].tolist(), model_keys.get(bundle_key, ""),
                       model_keys.get("regressor", "") if method == "dam_regressor" else "")
     path = os.path.join(workdir, "fits", f"{method}_{inp}.npz")
     if os.path.exists(path):
@@ -171,7 +171,8 @@ def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: D
     t0 = time.time()
     out = evaluate.run_method(method, inp, bundles, obs, {FIT_METHODS[method]: options} if options else None)
     t1 = time.time()
-    per_frame = evaluate.evaluate_codes(out.bundle, out.z, eval_set, settings, chunk=config.eval.chunk)
+    per_frame = evaluate.evaluate_codes(out.bundle, out.z, eval_set, settings, chunk=config.eval.chunk,
+                                        keep_images=figure_frames(config, eval_set)[:2])
     res = dict(key=np.asarray(key), z=out.z, seconds=np.asarray(out.seconds), **per_frame)
     if out.losses is not None:
       res.update({f"loss_{k}": v for k, v in out.losses.items()})
@@ -204,12 +205,17 @@ def hmc_target_image(frame: Dict[str, np.ndarray]) -> np.ndarray:
   return np.concatenate([figures.to_uint8(frame["hmc"][i]) for i in range(frame["hmc"].shape[0])], axis=1)
 
 
+def figure_frames(config, eval_set) -> np.ndarray:
+  """Indices (into the eval set) of the frames shown in the figures."""
+  n = eval_set["verts"].shape[0]
+  return np.unique(np.round(np.linspace(0, n - 1, min(config.eval.figure_frames, n))).astype(int))
+
+
 def make_figures(config, bundles, eval_set, results, meta, settings, workdir: str):
-  """PNG figures (targets, fitted renders beside ground truth, samples) and the sequence GIF's inputs."""
+  """PNG figures: fitting targets, fitted renders beside ground truth (kept from the evaluation), samples."""
   fig_dir = os.path.join(workdir, "figures")
   paths = []
-  n_frames = min(config.eval.figure_frames, eval_set["verts"].shape[0])
-  frames = np.round(np.linspace(0, eval_set["verts"].shape[0] - 1, n_frames)).astype(int)
+  frames = figure_frames(config, eval_set)
   # Fitting targets.
   rows = [[keypoint_target_image(evaluate.take(eval_set, f), meta), hmc_target_image(evaluate.take(eval_set, f))]
           for f in frames]
@@ -222,18 +228,13 @@ def make_figures(config, bundles, eval_set, results, meta, settings, workdir: st
   views = np.unique(np.round(np.linspace(0, num_views - 1, min(config.eval.figure_views, num_views))).astype(int))
   for inp in config.eval.inputs:
     rows, labels = [], []
-    for f in frames[:2]:
+    for j, f in enumerate(frames[:2]):
       rows.append([eval_set["image"][f, v] for v in views])
       labels.append(f"ground truth (frame {int(eval_set['frame_index'][f])})")
       for method in config.eval.methods:
         if (method, inp) not in results:
           continue
-        bundle = bundles[evaluate.METHOD_SPECS[method][0].format(input=inp)]
-        z = jnp.asarray(results[(method, inp)]["z"][f:f + 1])
-        rgb, _ = evaluate.render_batch(bundle, z, jnp.asarray(eval_set["camera_K"][f:f + 1, views]),
-                                       jnp.asarray(eval_set["camera_Rt"][f:f + 1, views]), settings,
-                                       jnp.asarray(eval_set["camera_index"][f:f + 1, views]))
-        rows.append(list(np.asarray(rgb[0])))
+        rows.append([results[(method, inp)]["images"][j, v] for v in views])
         labels.append(method)
     cols = [f"camera {int(eval_set['camera_index'][0, v])}" for v in views]
     paths.append(figures.save_png(figures.grid(rows, labels, cols, label_width=170,
@@ -266,7 +267,8 @@ def make_sequence_gif(config, bundles, source, meta, settings, workdir: str, vie
   cols = meta.splits[config.eval.split]
   seg = int(np.min(cols["segment_index"]))
   frames = np.unique(cols["frame_index"][cols["segment_index"] == seg])[:config.eval.gif_frames]
-  seq = evaluate.load_eval_set(source, meta, config.eval.split, frames=frames, cameras=[view_camera])
+  seq = evaluate.load_eval_set(source, meta, config.eval.split, frames=frames,
+                               cameras=[meta.camera_names[view_camera]])
   obs = {k: jnp.asarray(v) for k, v in evaluate.observations(seq).items()}
   renders = {}
   for method in ("dam_fit", "lipflow_fit"):
@@ -274,7 +276,7 @@ def make_sequence_gif(config, bundles, source, meta, settings, workdir: str, vie
     opts = fit_options(config, method, "keypoints")
     opts["warm_steps"] = min(int(config.fit.sequence_warm_steps), int(opts["num_steps"]))
     res = fit.fit_latents(bundle, obs, method=FIT_METHODS[method], input="keypoints", sequence=True, **opts)
-    rgb, _ = evaluate.render_batch(bundle, res.z, jnp.asarray(seq["camera_K"]), jnp.asarray(seq["camera_Rt"]),
+    rgb, _ = evaluate.render_batch(fit.decoder_only(bundle), res.z, jnp.asarray(seq["camera_K"]), jnp.asarray(seq["camera_Rt"]),
                                    settings, jnp.asarray(seq["camera_index"]))
     renders[method] = np.asarray(rgb[:, 0])
   height = 128
@@ -323,10 +325,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                              float(results[(m, i)]["seconds"])) for (m, i) in results]
 
   t0 = time.time()
-  figs = make_figures(config, bundles, eval_set, results, meta, settings, workdir)
-  view_camera = int(eval_set["camera_index"][0, frontal_view(eval_set)])
-  figs.append(make_sequence_gif(config, bundles, source, meta, settings, workdir, view_camera))
-  log(f"figures written to {workdir}/figures in {time.time() - t0:.1f} s")
+  figs = []
+  if config.eval.get("figures", True):
+    figs = make_figures(config, bundles, eval_set, results, meta, settings, workdir)
+    view_camera = int(eval_set["camera_index"][0, frontal_view(eval_set)])
+    figs.append(make_sequence_gif(config, bundles, source, meta, settings, workdir, view_camera))
+    log(f"figures written to {workdir}/figures in {time.time() - t0:.1f} s")
   timings["figures_s"] = time.time() - t0
   timings["total_s"] = time.time() - t_start
 

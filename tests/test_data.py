@@ -293,3 +293,20 @@ def test_test_camera_indices():
   assert capture.test_camera_indices(40, 4) == [8, 16, 23, 31]
   with pytest.raises(ValueError, match="no training camera"):
     capture.test_camera_indices(3, 2)
+
+
+def _holes(mask):
+  """Background pixels whose 4 neighbours are all foreground (cracks of a broken rasteriser)."""
+  a = mask[..., 0] > 0
+  inner = a[:-2, 1:-1] & a[2:, 1:-1] & a[1:-1, :-2] & a[1:-1, 2:]
+  return int((inner & ~a[1:-1, 1:-1]).sum())
+
+
+def test_ground_truth_renders_have_no_cracks(tiny_capture):
+  for split in ("train", "test"):
+    src = tiny_capture.sources[split]
+    for r in range(0, len(src), 5):
+      ex = src[r]
+      assert _holes(ex["image_mask"]) == 0
+      assert all(_holes(m) == 0 for m in ex["hmc_mask"])
+      assert ex["hmc_mask"].mean() > 0.3

@@ -8,6 +8,7 @@ import pytest
 
 from lipflow_jax.data import builders
 from lipflow_jax.data import capture
+from lipflow_jax.data import input_pipeline
 from lipflow_jax.data import multiface as mf
 from lipflow_jax.data import schema
 from lipflow_jax.geometry import KRTFormatError
@@ -23,9 +24,13 @@ def entity(tiny_capture, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def roundtrip(entity, tmp_path_factory):
-  b = builders.Multiface(data_dir=str(tmp_path_factory.mktemp("mf")), entity_dir=entity, config="roundtrip")
+  root = str(tmp_path_factory.mktemp("mf"))
+  b = builders.Multiface(data_dir=root, entity_dir=entity, config="roundtrip")
   b.download_and_prepare(file_format=builders.FILE_FORMAT)
-  return b.as_data_source(), schema.load_meta(b.data_dir)
+  # Reopened from disk alone (no entity directory, no builder code), as training does.
+  sources, meta = input_pipeline.load_dataset(root, "multiface", "roundtrip")
+  assert {k: len(v) for k, v in sources.items()} == {k: len(v) for k, v in b.as_data_source().items()}
+  return sources, meta
 
 
 def test_layout_files(entity, tiny_capture):

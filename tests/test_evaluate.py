@@ -125,3 +125,51 @@ def test_report_schema_and_markdown(tmp_path):
   assert "| keypoints | lipflow_fit |" in md and "| hmc | dam_fit |" in md
   with pytest.raises(ValueError):
     report_lib.write_report(str(tmp_path), [dict(rows[0], extra=1)], {})
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_demo(tiny_capture, tmp_path_factory):
+  """The whole pipeline (configs/demo.py:tiny) on the session's tiny capture."""
+  from lipflow_jax import main  # pylint: disable=g-import-not-at-top  (puts the repo root on sys.path)
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("tiny")
+  config.dataset.data_dir = tiny_capture.data_dir
+  workdir = str(tmp_path_factory.mktemp("demo_tiny"))
+  return workdir, config, main.run(config, workdir)
+
+
+def test_tiny_end_to_end_report(tiny_demo):
+  workdir, config, rep = tiny_demo
+  with open(os.path.join(workdir, "report.json")) as f:
+    loaded = json.load(f)
+  assert set(loaded) == {"rows", "config"} and isinstance(loaded["config"], dict)
+  rows = loaded["rows"]
+  assert {(r["method"], r["input"]) for r in rows} == {(m, i) for m in report_lib.METHODS for i in report_lib.INPUTS}
+  for r in rows:
+    assert list(r) == list(report_lib.ROW_KEYS)
+    assert isinstance(r["method"], str) and isinstance(r["input"], str) and isinstance(r["frames"], int)
+    for k in report_lib.ROW_KEYS[2:7]:
+      assert isinstance(r[k], float) and np.isfinite(r[k]), (r, k)
+    assert r["frames"] == config.eval.max_frames and r["geometry_error"] > 0 and 0 < r["image_mse"] < 1
+    assert -1 <= r["ssim"] <= 1
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert md.count("\n| keypoints |") == 6 and md.count("\n| hmc |") == 6
+  for name in ("targets.png", "fits_keypoints.png", "fits_hmc.png", "samples_random.png",
+               "samples_conditional_keypoints.png", "sequence.gif"):
+    assert os.path.getsize(os.path.join(workdir, "figures", name)) > 0, name
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  gif = Image.open(os.path.join(workdir, "figures", "sequence.gif"))
+  assert gif.n_frames == config.eval.gif_frames
+
+
+def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
+  workdir, config, rep = tiny_demo
+  from lipflow_jax import main  # pylint: disable=g-import-not-at-top
+  stamps = {p: os.path.getmtime(os.path.join(workdir, "fits", p)) for p in os.listdir(os.path.join(workdir, "fits"))}
+  # Trainings and fits are reused; only the report is rewritten (figures off to keep it short).
+  config = config.copy_and_resolve_references()
+  config.eval.figures = False
+  rep2 = main.run(config, workdir)
+  assert [r["geometry_error"] for r in rep2["rows"]] == [r["geometry_error"] for r in rep["rows"]]
+  assert stamps == {p: os.path.getmtime(os.path.join(workdir, "fits", p)) for p in stamps}

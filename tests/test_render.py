@@ -244,24 +244,40 @@ def test_orientation_winding_and_culling(jit_rasterize):
   assert (np.asarray(jit_rasterize(behind, front, cam, hard).face_ids) >= 0).sum() == 0
 
 
-def test_overflow_counter_and_nearest_kept(jit_rasterize):
-  """A stack of 12 full-screen-ish quads: a cap of 4 overflows every tile but keeps the nearest faces."""
-  size = 16
-  cam = geometry.Camera(K=geometry.intrinsics(16.0, (size, size)), Rt=jnp.eye(3, 4))
-  n = 12
-  depths = np.linspace(5.0, 2.0, n)  # nearest last
+def _quad_stack(n=12, size=16):
+  """n full-screen quads (2 faces each) at decreasing depth: the last quad is the nearest."""
+  depths = np.linspace(5.0, 2.0, n)
   quad = np.array([[-2, -2], [2, -2], [2, 2], [-2, 2]], np.float32)
-  verts = np.concatenate([np.concatenate([quad * d, np.full((4, 1), d)], -1) for d in depths]).astype(np.float32)
-  faces = np.concatenate([np.array([[0, 1, 2], [0, 2, 3]]) + 4 * i for i in range(n)]).astype(np.int32)
-  s = RasterSettings.hard((size, size), tile_size=8, max_faces_per_tile=4)
-  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, s)
-  assert int(fr.overflow) == 4  # all 2 x 2 tiles
-  ids = np.asarray(fr.face_ids[..., 0])
-  assert set(np.unique(ids)) <= {2 * n - 2, 2 * n - 1}
-  ok = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, s.replace(max_faces_per_tile=2 * n))
+  verts = np.concatenate([np.concatenate([quad * d, np.full((4, 1), d)], -1) for d in depths])
+  faces = np.concatenate([np.array([[0, 1, 2], [0, 2, 3]]) + 4 * i for i in range(n)])
+  cam = geometry.Camera(K=geometry.intrinsics(16.0, (size, size)), Rt=jnp.eye(3, 4))
+  return jnp.asarray(verts, jnp.float32), jnp.asarray(faces, jnp.int32), cam
+
+
+def test_overflow_counter_and_nearest_kept(jit_rasterize):
+  """Too small a cap overflows (counted) but keeps the nearest faces; an ample cap does not overflow."""
+  n, size = 12, 16
+  verts, faces, cam = _quad_stack(n, size)
+  off_diagonal = ~np.eye(size, dtype=bool)  # pixel centres on the quads' diagonal edge are ties
+  nearest = {2 * n - 2, 2 * n - 1}
+  # K > 1 (tiles): a cap of 4 candidates per 8 x 8 tile overflows all 4 tiles.
+  tiles = RasterSettings((size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=4)
+  fr = jit_rasterize(verts, faces, cam, tiles)
+  assert int(fr.overflow) == 4
+  assert set(np.unique(np.asarray(fr.face_ids[..., 0]))) <= nearest
+  ok = jit_rasterize(verts, faces, cam, tiles.replace(max_faces_per_tile=2 * n, sigma=0.1))
   assert int(ok.overflow) == 0
-  off_diagonal = ~np.eye(size, dtype=bool)  # pixel centres on the shared diagonal edge are ties
-  np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal], ids[off_diagonal])
+  np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal],
+                                np.asarray(fr.face_ids[..., 0])[off_diagonal])
+  # K = 1 (chunks): 24 faces x 4 chunks of 8 x 8 pixels exceed the chunk budget; the farthest are dropped.
+  hard = RasterSettings.hard((size, size), tile_size=8, max_faces_per_tile=16)
+  fr = jit_rasterize(verts, faces, cam, hard)
+  assert int(fr.overflow) > 0
+  assert set(np.unique(np.asarray(fr.face_ids))) <= nearest
+  ok = jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=256))
+  assert int(ok.overflow) == 0
+  np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal],
+                                np.asarray(fr.face_ids[..., 0])[off_diagonal])
 
 
 # ------------------------------------------------------------------------------------------ texture
@@ -302,17 +318,8 @@ def test_render_texture_not_flipped(jit_render):
 
 
 # ------------------------------------------------------------------------------------------ gradients
-def _fd_check(f, x, rng, n_dirs=3, eps=1e-6, rtol=2e-4):
-  g = jax.grad(f)(x)
-  assert np.all(np.isfinite(np.asarray(g)))
-  for _ in range(n_dirs):
-    d = jnp.asarray(rng.normal(size=x.shape))
-    fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
-    an = jnp.sum(g * d)
-    np.testing.assert_allclose(float(an), float(fd), rtol=rtol, atol=1e-8 * max(1.0, abs(float(fd))))
-
-
 def test_gradients_match_finite_differences():
+  """Directional derivatives of a soft render (float64) w.r.t. vertices and texture vs central differences."""
   size = 20
   with jax.enable_x64(True):
     cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)).astype(jnp.float64),
@@ -328,19 +335,49 @@ def test_gradients_match_finite_differences():
     wr = jnp.asarray(rng.normal(size=(size, size, 3)))
     wa = jnp.asarray(rng.normal(size=(size, size, 1)))
     wd = jnp.asarray(rng.normal(size=(size, size)))
+    wk = jnp.asarray(rng.normal(size=(size, size, 2)))
 
     def loss(v, t):
       out = render.render_mesh(v, faces, uvs, faces, t, cam, s)
-      return jnp.sum(out.rgb * wr) + jnp.sum(out.alpha * wa) + 0.1 * jnp.sum(out.depth * wd)
+      fr = render.rasterize(v, faces, cam, s)
+      return (jnp.sum(out.rgb * wr) + jnp.sum(out.alpha * wa) + 0.1 * jnp.sum(out.depth * wd)
+              + jnp.sum(fr.bary[..., 0] * wk) + 0.01 * jnp.sum(fr.dists * wk))
 
-    f_v = jax.jit(lambda v: loss(v, tex))
-    f_t = jax.jit(lambda t: loss(verts, t))
-    _fd_check(f_v, verts, rng)
-    _fd_check(f_t, tex, rng)
-    # Rasterizer outputs alone.
-    fr_loss = jax.jit(lambda v: jnp.sum(render.rasterize(v, faces, cam, s).bary[..., 0] * wd[..., None])
-                      + 0.01 * jnp.sum(render.rasterize(v, faces, cam, s).dists * wd[..., None]))
-    _fd_check(fr_loss, verts, rng)
+    f = jax.jit(loss)
+    gv, gt = jax.jit(jax.grad(loss, argnums=(0, 1)))(verts, tex)
+    assert np.all(np.isfinite(np.asarray(gv))) and np.all(np.isfinite(np.asarray(gt)))
+    eps = 1e-6
+    for _ in range(3):
+      dv = jnp.asarray(rng.normal(size=verts.shape))
+      dt = jnp.asarray(rng.normal(size=tex.shape))
+      fd_v = (f(verts + eps * dv, tex) - f(verts - eps * dv, tex)) / (2 * eps)
+      fd_t = (f(verts, tex + eps * dt) - f(verts, tex - eps * dt)) / (2 * eps)
+      np.testing.assert_allclose(float(jnp.sum(gv * dv)), float(fd_v), rtol=2e-4, atol=1e-7)
+      np.testing.assert_allclose(float(jnp.sum(gt * dt)), float(fd_t), rtol=2e-4, atol=1e-7)
+
+
+def test_sample_texture_gradients_match_autodiff_reference():
+  rng = np.random.default_rng(3)
+  tex = jnp.asarray(rng.uniform(size=(5, 7, 3)), jnp.float32)
+  uv = jnp.asarray(rng.uniform(-0.1, 1.1, size=(40, 2)), jnp.float32)  # also outside [0, 1]: clamped
+  w = jnp.asarray(rng.normal(size=(40, 3)), jnp.float32)
+
+  def ref(t, uv):  # four plain lookups, differentiated by JAX
+    th, tw, _ = t.shape
+    x = jnp.clip(uv[:, 0] * tw - 0.5, 0, tw - 1)
+    y = jnp.clip((1 - uv[:, 1]) * th - 0.5, 0, th - 1)
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    x1, y1 = jnp.minimum(x0 + 1, tw - 1), jnp.minimum(y0 + 1, th - 1)
+    return (t[y0, x0] * (1 - fx) * (1 - fy) + t[y0, x1] * fx * (1 - fy) + t[y1, x0] * (1 - fx) * fy
+            + t[y1, x1] * fx * fy)
+
+  np.testing.assert_allclose(render.sample_texture(tex, uv), ref(tex, uv), atol=1e-6)
+  got = jax.grad(lambda t, u: jnp.sum(render.sample_texture(t, u) * w), argnums=(0, 1))(tex, uv)
+  want = jax.grad(lambda t, u: jnp.sum(ref(t, u) * w), argnums=(0, 1))(tex, uv)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-4)
 
 
 def _degenerate_mesh():
@@ -357,7 +394,7 @@ def _degenerate_mesh():
 
 @pytest.mark.parametrize("settings", [RasterSettings.hard((20, 20)),
                                       RasterSettings((20, 20), faces_per_pixel=4, sigma=0.5)])
-def test_no_nan_gradients_on_degenerate_faces(settings):
+def test_no_nan_gradients_on_degenerate_faces(jit_rasterize, settings):
   verts, faces = _degenerate_mesh()
   cam = geometry.Camera(K=geometry.intrinsics(20.0, (20, 20)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
   tex = jnp.ones((4, 4, 3)) * jnp.arange(3.0)
@@ -371,7 +408,7 @@ def test_no_nan_gradients_on_degenerate_faces(settings):
   assert np.isfinite(float(val))
   assert np.all(np.isfinite(np.asarray(gv))) and np.all(np.isfinite(np.asarray(gt)))
   assert np.any(np.asarray(gv)[:3] != 0)
-  fr = render.rasterize(verts, faces, cam, settings)
+  fr = jit_rasterize(verts, faces, cam, settings)
   assert set(np.unique(np.asarray(fr.face_ids))) <= {-1, 0}
 
 
@@ -423,3 +460,23 @@ def test_soft_render_blending_properties(jit_render):
   assert alpha[0, 0] == 0 and np.all(np.asarray(out.rgb)[0, 0] == [1, 0, 0])
   edge = alpha[12, 1:6]
   assert np.all(np.diff(edge) >= 0) and 0 < edge[1] < 1  # soft silhouette
+
+
+def test_jit_matches_eager_soft_render_and_gradients(jit_render):
+  """Guards against compiler-only discrepancies (XLA:CPU once mis-broadcast a channel reduction)."""
+  verts, faces = _random_scene(6, num_faces=8)
+  verts, faces = jnp.asarray(verts), jnp.asarray(faces)
+  rng = np.random.default_rng(4)
+  uvs = jnp.asarray(rng.uniform(0, 1, (verts.shape[0], 2)), jnp.float32)
+  tex = jnp.asarray(rng.uniform(0, 1, (8, 8, 3)), jnp.float32)
+  cam = _camera()
+  eager = render.render_mesh(verts, faces, uvs, faces, tex, cam, SOFT)
+  jitted = jit_render(verts, faces, uvs, faces, tex, cam, SOFT)
+  np.testing.assert_allclose(np.asarray(jitted.rgb), np.asarray(eager.rgb), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(jitted.alpha), np.asarray(eager.alpha), atol=1e-5)
+  assert np.std(np.asarray(eager.rgb)[np.asarray(eager.alpha)[..., 0] > 0.99], axis=-1).mean() > 0.05
+
+  w = jnp.asarray(rng.normal(size=(H, W, 3)), jnp.float32)
+  loss = lambda t: jnp.sum(render.render_mesh(verts, faces, uvs, faces, t, cam, SOFT).rgb * w)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(tex)), np.asarray(jax.grad(loss)(tex)),
+                             atol=1e-4)

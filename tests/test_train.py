@@ -22,10 +22,10 @@ if _REPO not in sys.path:
 
 from configs import common as configs_common  # pylint: disable=g-import-not-at-top
 from configs import dam_synthetic
+from configs import regressor_synthetic
 from lipflow_jax import train
 from lipflow_jax.train import checkpointing
 from lipflow_jax.train import input_pipeline
-from lipflow_jax.train import loop
 from lipflow_jax.train import metrics_logging
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
@@ -93,7 +93,6 @@ def test_writes_metrics_tensorboard_config_and_checkpoints(full_run, tiny_config
 def test_tensorboard_has_scalars_and_images(full_run):
   workdir, _ = full_run
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  from tensorboardX.event_file_writer import EventFileWriter  # pylint: disable=unused-import,g-import-not-at-top
   import struct  # pylint: disable=g-import-not-at-top
   tb = os.path.join(workdir, 'tensorboard')
   tags = set()
@@ -127,6 +126,25 @@ def test_resume_continues_the_same_run(full_run, tiny_config, tmp_path):
     np.testing.assert_allclose(rows[step]['train/loss'], full_rows[step]['train/loss'], rtol=1e-6)
   third = train.train_and_evaluate(tiny_config, workdir)
   assert third.stopped == 'already_finished' and third.step == 30
+
+
+def test_regressor_trains_to_the_frozen_teacher(full_run, tiny_config, tmp_path):
+  teacher_dir, teacher = full_run
+  config = regressor_synthetic.get_config('tiny')
+  config.dataset.data_dir = tiny_config.dataset.data_dir
+  config.teacher_workdir = teacher_dir
+  config.progress_bar = False
+  config.num_train_steps, config.eval_every, config.checkpoint_every = 10, 0, 10
+  result = train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metrics_logging.read_metrics(str(tmp_path)) if 'train/loss' in r]
+  assert rows[-1]['train/regressor_mse'] < rows[0]['train/regressor_mse']
+  trained = train.load_trained(str(tmp_path))
+  assert trained.kind == 'regressor' and sorted(trained.model) == ['hmc', 'keypoints'] and trained.step == 10
+  assert _max_abs_diff(trained.params, result.state.params) == 0.0
+  # The teacher itself loads on one device although it was trained on eight.
+  loaded = train.load_trained(teacher_dir)
+  assert loaded.kind == 'lipflow' and loaded.model.prior == 'gaussian' and loaded.step == 30
+  assert _max_abs_diff(loaded.params, teacher.state.params) == 0.0
 
 
 class _NaNIterator:

@@ -72,7 +72,8 @@ def main(argv):
   meta = schema.load_meta(builder.data_dir)
   sources = builder.as_data_source()
   counts = {k: len(v) for k, v in sources.items()}
-  print(f"{builder.name}/{builder.builder_config.name}: {counts} examples, {dir_size(builder.data_dir) / 2 ** 20:.1f} MiB "
+  size_mib = dir_size(builder.data_dir) / 2 ** 20
+  print(f"{builder.name}/{builder.builder_config.name}: {counts} examples, {size_mib:.1f} MiB "
         f"in {builder.data_dir}; built in {build_s:.1f} s; skipped {meta.skipped}")
   if _CONTACT_SHEET.value:
     path = contact_sheet.make_contact_sheet(sources, meta, _CONTACT_SHEET.value)

@@ -202,7 +202,8 @@ class Multiface(_Builder):
     if entity_dir is not None or options is not None:
       if config is not None and not isinstance(config, str):
         raise ValueError("Multiface: pass either a MultifaceConfig or entity_dir/options, not both")
-      config = MultifaceConfig(name=config or "custom", entity_dir=None if entity_dir is None else os.fspath(entity_dir),
+      entity_dir = None if entity_dir is None else os.fspath(entity_dir)
+      config = MultifaceConfig(name=config or "custom", entity_dir=entity_dir,
                                options=options or mf.MultifaceOptions())
     self._entity_cache = None
     super().__init__(config=config, **kwargs)

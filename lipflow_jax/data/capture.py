@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ class CaptureConfig:
   texture_size: int = 64
   num_cameras: int = 40
   num_test_cameras: int = 4
-  image_size: Tuple[int, int] = (80, 80)
+  image_size: Tuple[int, int] = (64, 64)
   frontal_size: Tuple[int, int] = (128, 128)
   image_frontal_size: Tuple[int, int] = (64, 64)
   hmc_size: Tuple[int, int] = (32, 32)
@@ -107,7 +107,7 @@ def _max3x3(x):
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "SAME")
 
 
-def _visible(camera, points, normals, depth, alpha, tol):
+def visible(camera, points, normals, depth, alpha, tol):
   """Texel/vertex visibility in a camera: facing it, inside the image, passing the depth test.
 
   points, normals: [..., 3]; depth, alpha: [H, W] hard render. Returns [...] bool.
@@ -144,7 +144,8 @@ def camera_groups(image_size, frontal_size, hmc_size):
   return tuple((size, tuple(kinds)) for size, kinds in groups.items())
 
 
-def render_frame(consts, factors, head_pose, *, faces, texel_map, groups, settings_fn, depth_tol=3.0):
+def render_frame(consts, factors, head_pose, *, faces, texel_map, groups, settings_fn, depth_tol=3.0,
+                 camera_chunk=4):
   """Renders one frame from every camera (pure; jit with the keyword arguments bound).
 
   Args:
@@ -155,6 +156,7 @@ def render_frame(consts, factors, head_pose, *, faces, texel_map, groups, settin
     faces: [F, 3] int32 numpy; texel_map: ``uv_raster.TexelMap`` (static numpy).
     groups: ``camera_groups(...)``; settings_fn: size -> ``render.RasterSettings`` (hard).
     depth_tol: depth-test tolerance (mm).
+    camera_chunk: cameras rendered together (vmap) per step of a sequential loop.
   Returns:
     dict of arrays, per camera kind (see the end of the function).
   """
@@ -177,7 +179,7 @@ def render_frame(consts, factors, head_pose, *, faces, texel_map, groups, settin
                    2.0 / 255.0, 1.0)
     out = render.render_mesh(verts, faces, uvs, faces, tex, cam, settings)
     alpha = out.alpha[..., 0]
-    vis = _visible(cam, pts, nrm, out.depth, alpha, depth_tol) & has_face
+    vis = visible(cam, pts, nrm, out.depth, alpha, depth_tol) & has_face
     return dict(tex=tex * vis[..., None], mask=vis, image=out.rgb, alpha=alpha, depth=out.depth,
                 overflow=out.overflow, K=K, Rt=Rt, view=geometry.view_direction(cam))
 
@@ -185,7 +187,9 @@ def render_frame(consts, factors, head_pose, *, faces, texel_map, groups, settin
   for size, kinds in groups:
     n = [cams[k][0].shape[0] for k in kinds]
     args = [jnp.concatenate([cams[k][i] for k in kinds]) for i in range(4)]
-    out = jax.vmap(lambda *a: one(*a, settings_fn(size)))(*args)
+    settings = settings_fn(size)
+    # Chunks of cameras in sequence keep the rasteriser's intermediates small (fewer page faults on CPU).
+    out = jax.lax.map(lambda a: one(*a, settings), tuple(args), batch_size=min(camera_chunk, len(args[0])))
     offsets = np.cumsum([0] + n)
     for k, a, b in zip(kinds, offsets[:-1], offsets[1:]):
       res[k] = jax.tree_util.tree_map(lambda x: x[a:b], out)
@@ -195,11 +199,12 @@ def render_frame(consts, factors, head_pose, *, faces, texel_map, groups, settin
   fcam = geometry.Camera(K=fr["K"], Rt=fr["Rt"])
   kp3 = verts[consts["keypoint_ids"]]
   kp_clean = geometry.project(fcam, kp3)
-  kp_vis = _visible(fcam, kp3, normals[consts["keypoint_ids"]], fr["depth"], fr["alpha"], depth_tol)
+  kp_vis = visible(fcam, kp3, normals[consts["keypoint_ids"]], fr["depth"], fr["alpha"], depth_tol)
   grey = jnp.sum(hm["image"] * jnp.array([0.299, 0.587, 0.114]), -1)
   return dict(verts=verts, tex=dome["tex"], tex_mask=dome["mask"], avg_tex=avg, image=dome["image"],
               image_mask=dome["alpha"], camera_K=dome["K"], camera_Rt=dome["Rt"], view=dome["view"],
-              frontal_image=fr["image"], frontal_mask=fr["alpha"], frontal_K=fr["K"], frontal_Rt=fr["Rt"], keypoints_clean=kp_clean,
+              frontal_image=fr["image"], frontal_mask=fr["alpha"], frontal_K=fr["K"], frontal_Rt=fr["Rt"],
+              keypoints_clean=kp_clean,
               keypoints_geom_visible=kp_vis, hmc=grey, hmc_mask=hm["alpha"],
               overflow=jnp.sum(dome["overflow"]) + fr["overflow"] + jnp.sum(hm["overflow"]))
 

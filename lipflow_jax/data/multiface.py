@@ -24,6 +24,12 @@ The exporter writes textures at the synthetic texture size (e.g. 64 x 64) under 
 ``unwrapped_uv_1024`` and images at the synthetic image size; the reader takes whatever size it finds and
 resizes to the requested one. Two files are additions of ours, used when present: ``keypoint_vertex_ids.txt``
 ('name vertex_id' per line) and the split JSONs inside the entity directory.
+
+Derived signals: keypoints are the fixed keypoint vertices projected into the frontal camera (a dome camera;
+visibility from a hard render of the tracked mesh, then the detector noise model); the headset crops are
+square windows of fixed size in mm around the eyes and the mouth of the mean face, cut from chosen dome
+photos, turned grey and resized (``hmc_K``/``hmc_Rt`` are the crop cameras; ``hmc_mask`` is the tracked mesh
+rendered into them). Multiface has no foreground masks: ``image_mask`` is all ones. ``factors`` are zeros.
 """
 
 from __future__ import annotations
@@ -321,7 +327,9 @@ class MultifaceOptions:
     image_frontal_size: (h, w) of the stored low-resolution frontal photo.
     keypoint_vertex_ids: fixed keypoint vertices (None: ``keypoint_vertex_ids.txt`` in the entity directory,
       else ``num_keypoints`` vertices by farthest-point sampling of the mean face seen by the frontal camera).
-    keypoint_noise_px / keypoint_dropout: detector model, as for the synthetic capture.
+    keypoint_noise_px / keypoint_dropout: detector model, as for the synthetic capture; the noise is in pixels
+      of the frontal camera at ``image_size`` (None: 1.5 px per 128 pixels of image height, the synthetic
+      default's relative noise).
     num_factors: length of the (zero) ``factors`` vector, so that batches match the synthetic ones.
     skip_bad_frames: skip (and count) unreadable or inconsistent per-frame files instead of raising.
     frame_list / test_segment_json / camera_split_json: paths (None: inside the entity directory; the split
@@ -338,7 +346,7 @@ class MultifaceOptions:
   image_frontal_size: Tuple[int, int] = (64, 64)
   keypoint_vertex_ids: Optional[Tuple[int, ...]] = None
   num_keypoints: int = 51
-  keypoint_noise_px: float = 1.5
+  keypoint_noise_px: Optional[float] = None
   keypoint_dropout: float = 0.03
   num_factors: int = sh.NUM_FACTORS
   skip_bad_frames: bool = False
@@ -637,9 +645,9 @@ class MultifaceEntity:
     normals = geometry.vertex_normals(jnp.asarray(verts), jnp.asarray(self.mesh.faces))
     kp3 = jnp.asarray(verts[self.keypoint_ids])
     clean = np.asarray(geometry.project(fcam, kp3), np.float32)
-    geom_vis = np.asarray(capture_lib._visible(fcam, kp3, normals[self.keypoint_ids], depth[0], alpha[0], 3.0))  # pylint: disable=protected-access
-    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, o.keypoint_noise_px,
-                                              o.keypoint_dropout)
+    geom_vis = np.asarray(capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0], alpha[0], 3.0))
+    noise = 1.5 * self.image_size[0] / 128.0 if o.keypoint_noise_px is None else o.keypoint_noise_px
+    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, noise, o.keypoint_dropout)
     _, hmc_alpha = self._renderer(tuple(o.hmc_size))(jnp.asarray(verts), jnp.asarray(hmc_K), jnp.asarray(hmc_Rt))
     per_frame = {
         schema.VERTS: verts, schema.AVG_TEX: avg, schema.KEYPOINTS: kp,

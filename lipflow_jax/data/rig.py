@@ -48,7 +48,7 @@ def _plane_point(x, y):
 
 
 def make_rig(num_cameras: int, image_size, frontal_size, hmc_size, radius: float = 650.0,
-             fov_degrees: float = 27.0, max_azimuth_degrees: float = 80.0, hmc_fov_degrees: float = 75.0,
+             fov_degrees: float = 27.0, max_azimuth_degrees: float = 80.0, hmc_fov_degrees: float = 70.0,
              seed: int = 0) -> Rig:
   """Dome on a spherical cap (3 elevation rings), a frontal camera, three headset cameras."""
   dome = geometry.dome_cameras(num_cameras, radius, tuple(image_size), fov_degrees=fov_degrees,
@@ -61,9 +61,9 @@ def make_rig(num_cameras: int, image_size, frontal_size, hmc_size, radius: float
   hf = geometry.focal_for_fov(hmc_fov_degrees, min(hmc_size))
   for sx in (1.0, -1.0):  # left eye (subject's left = +x), right eye
     eye = _plane_point(sx * sh.EYE_X, sh.EYE_Y)
-    pos = eye + np.array([sx * 8.0, -26.0, 34.0])
+    pos = eye + np.array([sx * 5.0, -15.0, 33.0])  # below and in front of the eye, like a headset camera
     hmc_K.append(geometry.intrinsics(hf, tuple(hmc_size)))
-    hmc_Rt.append(geometry.look_at(pos, eye + np.array([0.0, 2.0, 0.0])))
+    hmc_Rt.append(geometry.look_at(pos, eye + np.array([0.0, 1.0, 0.0])))
   mouth = _plane_point(0.0, sh.MOUTH_Y)
   hmc_K.append(geometry.intrinsics(hf, tuple(hmc_size)))
   hmc_Rt.append(geometry.look_at(mouth + np.array([0.0, -40.0, 42.0]), mouth + np.array([0.0, -4.0, 0.0])))

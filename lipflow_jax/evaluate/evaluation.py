@@ -85,10 +85,11 @@ def _frame_metrics(bundle, z, verts_gt, K, Rt, camera_index, image, mask, settin
   geo = metrics.geometry_error(verts, fit.denormalize_verts(bundle.meta, verts_gt))
   rgb, _ = jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
   m = metrics.image_metrics(rgb, image, mask)  # each [N, C]
-  return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}
+  return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}, rgb
 
 
-def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8) -> Dict[str, np.ndarray]:
+def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8,
+                   keep_images: Sequence[int] = ()) -> Dict[str, np.ndarray]:
   """Per-frame metrics of codes on an evaluation set.
 
   Args:
@@ -97,11 +98,15 @@ def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8
     eval_set: see the module docstring.
     settings: ``render.RasterSettings`` of the dome views.
     chunk: frames rendered per call (bounds memory).
+    keep_images: frame indices whose renders are returned (for figures).
   Returns:
-    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view).
+    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view); with ``keep_images``
+    also images [len(keep_images), C, H, W, 3].
   """
+  bundle = fit.decoder_only(bundle)  # one compilation for every model with this decoder
   n = z.shape[0]
-  outs = []
+  outs, kept = [], {}
+  keep = set(int(i) for i in keep_images)
   for s in range(0, n, chunk):
     e = slice(s, min(n, s + chunk))
     pad = chunk - (e.stop - e.start)  # pad the last chunk to the chunk size: one compiled shape
@@ -110,8 +115,15 @@ def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8
                          sel(eval_set["camera_K"]), sel(eval_set["camera_Rt"]), sel(eval_set["camera_index"]),
                          sel(eval_set["image"]),
                          sel(eval_set["image_mask"]), settings)
+    out, rgb = out
     outs.append({k: np.asarray(v)[:chunk - pad] for k, v in out.items()})
-  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    for i in range(e.start, e.stop):
+      if i in keep:
+        kept[i] = np.asarray(rgb[i - e.start])
+  result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  if len(keep_images):
+    result["images"] = np.stack([kept[int(i)] for i in keep_images])
+  return result
 
 
 def summarize(method: str, input: str, per_frame: Dict[str, np.ndarray], seconds: float) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
@@ -206,9 +218,6 @@ def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, 
 
 
 # ------------------------------------------------------------------------------------------- evaluation set
-PER_VIEW_KEYS = ("camera_K", "camera_Rt", "camera_index", "image", "image_mask", "view")
-
-
 def select_frames(frame_index: np.ndarray, max_frames: Optional[int]) -> np.ndarray:
   """Up to ``max_frames`` distinct frame ids of a split, spread evenly over it (sorted)."""
   frames = np.unique(np.asarray(frame_index))
@@ -219,38 +228,20 @@ def select_frames(frame_index: np.ndarray, max_frames: Optional[int]) -> np.ndar
 
 
 def load_eval_set(source, meta, split: str = "test", frames: Optional[Sequence[int]] = None,
-                  max_frames: Optional[int] = None, view_stride: int = 1, cameras: Optional[Sequence[int]] = None):
-  """Groups the held-out examples of a split by frame, with every dome view of each frame.
+                  max_frames: Optional[int] = None, view_stride: int = 1,
+                  cameras: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+  """Held-out frames with every dome view (``lipflow_jax.data.load_frames``), frames spread over the split.
 
   Args:
-    source: random-access data source of the split (``source[i]`` = stored example of record i).
-    meta: ``DatasetMeta`` (its ``splits[split]`` gives each record's frame and camera).
-    frames: frame ids to take (default: ``select_frames(..., max_frames)``).
-    view_stride: keep every n-th camera of each frame (1 = all). cameras: explicit camera indices instead.
+    source: data source of the split; meta: ``DatasetMeta``.
+    frames: global frame ids (default: ``select_frames(split frames, max_frames)``).
+    view_stride: keep every n-th dome camera (1 = all); cameras: explicit camera names instead.
   Returns:
-    The evaluation set (see the module docstring), numpy, in batch form (``data.normalize_example``).
+    The evaluation set (see the module docstring), numpy, batch form.
   """
   from lipflow_jax import data  # pylint: disable=g-import-not-at-top
-  cols = meta.splits[split]
-  rec_frame = np.asarray(cols["frame_index"])
-  rec_cam = np.asarray(cols["camera_index"])
   if frames is None:
-    frames = select_frames(rec_frame, max_frames)
-  all_cams = np.unique(rec_cam)
+    frames = select_frames(meta.splits[split]["frame_index"], max_frames)
   if cameras is None:
-    cameras = all_cams[::max(1, int(view_stride))]
-  cameras = [int(c) for c in cameras]
-  per_frame = []
-  for f in frames:
-    recs = {int(c): i for i, (fr, c) in enumerate(zip(rec_frame, rec_cam)) if fr == f}
-    missing = [c for c in cameras if c not in recs]
-    if missing:
-      raise ValueError(f"frame {f} of split {split!r} lacks cameras {missing}")
-    examples = [data.normalize_example(dict(source[recs[c]]), meta) for c in cameras]
-    one = {k: v for k, v in examples[0].items() if k not in PER_VIEW_KEYS}
-    for k in PER_VIEW_KEYS:
-      if k in examples[0]:
-        one[k] = np.stack([e[k] for e in examples])
-    per_frame.append(one)
-  keys = [k for k in per_frame[0] if all(k in p for p in per_frame)]
-  return {k: np.stack([p[k] for p in per_frame]) for k in keys}
+    cameras = list(meta.camera_names)[::max(1, int(view_stride))]
+  return data.load_frames(source, meta, split=split, cameras=list(cameras), frames=[int(f) for f in frames])

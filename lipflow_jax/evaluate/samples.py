@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax import fit
 from lipflow_jax.evaluate import evaluation
 from lipflow_jax.evaluate import figures
 
@@ -32,8 +33,18 @@ def prior_samples(bundle, rng, num_samples: int, batch: Optional[Dict[str, Any]]
     return jax.random.normal(rng, (num_samples, bundle.latent_dim), jnp.float32)
   if batch is None:
     batch = {"view": jnp.zeros((1, 3), jnp.float32)}
+  return _sample_jit(bundle, rng, batch, name, num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "num_samples"))
+def _sample_jit(bundle, rng, batch, name, num_samples):
   z = bundle.model.apply(bundle.variables, rng, batch, name, num_samples, method="prior_sample")
   return z[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("name",))
+def _mode_jit(bundle, batch, name):
+  return bundle.model.apply(bundle.variables, batch, name, method="prior_mode")
 
 
 def render_codes(bundle, z, K, Rt, settings) -> np.ndarray:
@@ -41,7 +52,7 @@ def render_codes(bundle, z, K, Rt, settings) -> np.ndarray:
   n = z.shape[0]
   Ks = jnp.broadcast_to(jnp.asarray(K), (n, 1, 3, 3))
   Rts = jnp.broadcast_to(jnp.asarray(Rt), (n, 1, 3, 4))
-  rgb, _ = evaluation.render_batch(bundle, jnp.asarray(z), Ks, Rts, settings)
+  rgb, _ = evaluation.render_batch(fit.decoder_only(bundle), jnp.asarray(z), Ks, Rts, settings)
   return np.asarray(rgb[:, 0])
 
 
@@ -61,8 +72,7 @@ def _tempered(bundle, rng, n, t):
   if bundle.prior == "gaussian":
     return t * jax.random.normal(rng, (n, bundle.latent_dim), jnp.float32)
   eps = t * jax.random.normal(rng, (n, bundle.latent_dim), jnp.float32)
-  z, _ = bundle.model.apply(bundle.variables, eps, None, None, method="flow_forward")
-  return z
+  return jax.jit(lambda b, e: b.model.apply(b.variables, e, None, None, method="flow_forward")[0])(bundle, eps)
 
 
 def conditional_samples_figure(bundle, rng, frame: Dict[str, Any], name: str, num_samples: int, K, Rt,
@@ -73,9 +83,9 @@ def conditional_samples_figure(bundle, rng, frame: Dict[str, Any], name: str, nu
     frame: the frame's condition batch ([1, ...] arrays).
     ground_truth: optional [H, W, 3] image of the frame in this camera; target: optional image of c.
   """
-  z = prior_samples(bundle, rng, num_samples, {k: jnp.asarray(v) for k, v in frame.items()}, name)
-  mode = bundle.model.apply(bundle.variables, {k: jnp.asarray(v) for k, v in frame.items()}, name,
-                            method="prior_mode")
+  # The mode plus num_samples - 1 samples: num_samples renders (the same compiled shape as the random samples).
+  z = prior_samples(bundle, rng, max(num_samples - 1, 1), {k: jnp.asarray(v) for k, v in frame.items()}, name)
+  mode = _mode_jit(bundle, {k: jnp.asarray(v) for k, v in frame.items()}, name)
   imgs = render_codes(bundle, jnp.concatenate([mode, z]), K, Rt, settings)
   row, cols = [], []
   if target is not None:
@@ -85,5 +95,5 @@ def conditional_samples_figure(bundle, rng, frame: Dict[str, Any], name: str, nu
     row.append(ground_truth)
     cols.append("ground truth")
   row += list(imgs)
-  cols += ["mode f(mu_c)"] + [f"sample {i + 1}" for i in range(num_samples)]
+  cols += ["mode f(mu_c)"] + [f"sample {i + 1}" for i in range(len(imgs) - 1)]
   return figures.save_png(figures.grid([row], col_labels=cols, title=f"Conditional prior p(z | {name})"), path)

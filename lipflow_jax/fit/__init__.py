@@ -7,7 +7,7 @@ Three lines from a trained workdir to fitted codes::
   result = fit.fit_latents(bundle, batch, method="lipflow", input="keypoints", num_steps=200, lr=0.05)
 """
 
-from lipflow_jax.fit.bundle import (MeshMeta, ModelBundle, decode, decode_verts, denormalize_tex,
+from lipflow_jax.fit.bundle import (MeshMeta, ModelBundle, decode, decode_verts, decoder_only, denormalize_tex,
                                     denormalize_verts, encode_condition, flow_forward, flow_inverse, prior_mode,
                                     regress)
 from lipflow_jax.fit.fitting import (METHODS, FitConfig, FitResult, fit_config, fit_jit, fit_latents,

@@ -141,3 +141,27 @@ def regress(bundle: ModelBundle, obs, name: str):
 def prior_mode(bundle: ModelBundle, obs, name: str):
   """Batched prior mode: f(mu_c) (lipflow), mu_c (conditional Gaussian), f(0) (flow), 0 (gaussian); [B, Z]."""
   return bundle.model.apply(bundle.variables, obs, name, method="prior_mode")
+
+
+_DECODER_FIELDS = ("num_vertices", "z_dim", "tex_size", "dec_z_features", "dec_view_features", "dec_start_size",
+                   "dec_start_channels", "dec_channels", "dec_upsample", "dec_untied_bias", "num_cameras",
+                   "weight_norm")
+
+
+def decoder_only(bundle: ModelBundle) -> ModelBundle:
+  """The same decoder without the encoders, flows and regressors.
+
+  Models that differ only in their prior or encoder (DAM, LiP-Flow, conditional Gaussian, direct encoders)
+  then share one static module and one variables structure, so jitted decode-and-render functions compile
+  once for all of them. Bundles whose model is not a ``LipFlowModel`` are returned unchanged.
+  """
+  from lipflow_jax import models  # pylint: disable=g-import-not-at-top
+  model = bundle.model
+  params = bundle.variables.get("params", {}) if isinstance(bundle.variables, dict) else {}
+  if not isinstance(model, models.LipFlowModel) or "decoder" not in params:
+    return bundle
+  fields = {f: getattr(model, f) for f in _DECODER_FIELDS}
+  fields["dec_channels"] = tuple(fields["dec_channels"])
+  canonical = models.LipFlowModel(prior="gaussian", conditions=(), encoder_input="x", **fields)
+  return ModelBundle(model=canonical, variables={"params": {"decoder": params["decoder"]}}, meta=bundle.meta,
+                     hmc_settings=bundle.hmc_settings, prior="gaussian", latent_dim=bundle.latent_dim)

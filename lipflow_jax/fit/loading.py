@@ -10,12 +10,15 @@ from lipflow_jax.fit import bundle as bundle_lib
 # Rasterisation for fitting into the headset cameras. Hard (K = 1, sigma = 0) by default: the crops are filled
 # by the face, so the photometric gradient through the texture and the barycentrics (which move with the
 # vertices) is what matters, and it is the cheapest. sigma > 0 adds soft-silhouette gradients.
+# Small tiles with few candidates: the rasterizer's cost grows with tile pixels x candidates per tile; on the
+# default synthetic mesh (4888 faces, 32 x 32 crops) 4 x 4 tiles with 64 candidates render 10x faster than
+# 8 x 8 tiles with 256 and never overflowed.
 HMC_FIT_SIGMA = 0.0
 HMC_FIT_FACES_PER_PIXEL = 1
 
 
 def hmc_fit_settings(hmc_size, sigma: float = HMC_FIT_SIGMA, faces_per_pixel: int = HMC_FIT_FACES_PER_PIXEL,
-                     max_faces_per_tile: int = 256, tile_size: int = 8, gamma: float = 1e-3):
+                     max_faces_per_tile: int = 64, tile_size: int = 4, gamma: float = 1e-3):
   """``RasterSettings`` for HMC fitting, back faces culled (the face mesh is open); sigma = 0 is hard."""
   from lipflow_jax import render  # pylint: disable=g-import-not-at-top
   if sigma == 0.0:

@@ -1,23 +1,31 @@
 """Tile-binned, differentiable rasterization of triangle meshes (SoftRas / PyTorch3D style).
 
-Pipeline of ``rasterize`` (shapes for an H x W image, F faces, tiles of T x T pixels, cap M, K per pixel):
+Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels, cap M, K faces per pixel):
 
 1. Project the vertices with the camera (pixels, x right, y down, origin at the top-left pixel's corner).
-2. Binning, without gradient: each face's screen bounding box, grown by the blur radius, names the tiles it
-   may touch. (face, tile) pairs are generated in order of the face's minimum vertex depth, stably sorted by
-   tile, and the first M of each tile become its candidates ``[n_tiles, M]``. A tile with more than M
-   candidates keeps the M with the smallest minimum depth and is counted in ``overflow``.
-3. Selection, without gradient: within a tile, a face's three signed edge distances and its inverse depth
-   are affine in the pixel coordinates, so all (pixel, candidate) pairs of a tile are evaluated densely
-   ``[n_tiles, T*T, M]``; per pixel the K nearest faces (largest inverse depth, clamped to the face's
-   range) among those within the blur radius are kept.
-4. Evaluation, with gradient: only the K selected faces per pixel are evaluated from the projected
-   vertices: perspective-correct barycentrics, signed distance and depth. Memory is O(H * W * K).
+2. Selection, without gradient. A face is *near* a pixel centre if the centre is within ``blur_radius`` of
+   each of its three edge lines (inner side) and of its bounding box (blur 0: inside the closed triangle).
+   Within a tile / chunk these tests and the face's inverse depth are affine in the pixel coordinates.
+   - K > 1 (``bin_faces`` + ``select_faces``): (face, tile) pairs from the faces' bounding boxes, in order
+     of minimum vertex depth, sorted by tile; each tile keeps M candidates ``[n_tiles, M]`` (more: the M with
+     the smallest minimum depth, counted in ``overflow``). All (candidate, pixel) tests of all tiles run in
+     one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (nearest face) and candidate bit masks.
+   - K = 1 (``select_nearest``): each face's bounding box is covered by T x T chunks; all chunks are tested
+     at once and a scatter-max z-buffer picks the nearest face per pixel (no sort, no per-tile padding).
+3. Evaluation, with gradient: only the K selected faces per pixel are evaluated from the projected
+   vertices (one gather of 9 numbers per fragment, one scatter-add back): perspective-correct
+   barycentrics, signed distance and depth. Memory is O(K * H * W).
+
+Numerics: divisions go through ``safe_div`` / ``safe_sqrt``; empty slots evaluate a harmless dummy
+triangle, degenerate and behind-the-camera faces are never selected, and minima are pairwise (a
+min-reduction's gradient can divide by a zero tie count under XLA), so gradients are finite everywhere.
+Small reductions are written elementwise because XLA:CPU routes reductions to a slow library kernel.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +54,8 @@ class Fragments(NamedTuple):
     dists: [H, W, K] signed distance in pixels from the pixel centre to the face's boundary, positive
       inside; ``EMPTY_DIST`` (-1e6) for empty slots.
     zbuf: [H, W, K] camera depth of the fragment (at the clipped barycentrics), 0 for empty slots.
-    overflow: [] int32 number of tiles whose candidate list exceeded ``max_faces_per_tile``.
+    overflow: [] int32, 0 when no face was dropped: K > 1, the number of tiles that did not keep all their
+      candidates (``max_faces_per_tile``); K = 1, the number of pixel chunks beyond the chunk budget.
   """
 
   face_ids: jax.Array
@@ -75,6 +84,16 @@ def _cross2(a, b):
   return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
+# Small reductions (over 2 or 3 values) are written elementwise: XLA:CPU hands reductions to a library
+# kernel that materialises its (large) fused operands, which costs far more than the arithmetic.
+def _min3(a, b, c):
+  return jnp.minimum(jnp.minimum(a, b), c)
+
+
+def _max3(a, b, c):
+  return jnp.maximum(jnp.maximum(a, b), c)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Projection.
 
@@ -94,8 +113,9 @@ def _grid(settings: RasterSettings):
 def _face_validity(xy, z, settings: RasterSettings):
   """[F] bool: in front of znear, non-degenerate, finite (and front-facing if culling back faces)."""
   area2 = _cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])
-  ok = jnp.all(z > settings.znear, axis=-1) & (jnp.abs(area2) > AREA_EPS)
-  ok &= jnp.all(jnp.isfinite(xy), axis=(-1, -2)) & jnp.all(jnp.isfinite(z), axis=-1)
+  ok = (z[:, 0] > settings.znear) & (z[:, 1] > settings.znear) & (z[:, 2] > settings.znear)
+  ok &= jnp.abs(area2) > AREA_EPS  # also False for NaN
+  ok &= jnp.isfinite(area2) & jnp.isfinite(z[:, 0] + z[:, 1] + z[:, 2])
   if settings.cull_backfaces:
     ok &= area2 < 0  # counter-clockwise from outside = clockwise on screen (y down)
   return ok
@@ -109,11 +129,40 @@ def _pair_budget(num_faces, settings: RasterSettings):
   """Static number of (face, tile) pairs generated by binning."""
   nty, ntx = _grid(settings)
   n_tiles, m = nty * ntx, settings.max_faces_per_tile
-  return int(min(n_tiles * m, (8 * num_faces + 2 * n_tiles) * max(1, m // 64)))
+  per_face = math.ceil((16.0 / settings.tile_size + 1.0) ** 2)  # faces up to ~16 px across
+  return int(min(n_tiles * m, (per_face * num_faces + 2 * n_tiles) * max(1, m // 64)))
+
+
+def _face_boxes(xy, z, settings: RasterSettings):
+  """Per face: validity [F], pixel column/row ranges c0, c1 [F, 2] int32 (inclusive, clipped to the image)
+  of the pixel centres within the blur radius of its bounding box, and the order of increasing minimum
+  vertex depth [F] int32 (invalid faces last)."""
+  h, w = settings.image_size
+  r = settings.blur_radius + _BIN_MARGIN
+  valid = _face_validity(xy, z, settings)
+  lo, hi = _min3(xy[:, 0], xy[:, 1], xy[:, 2]), _max3(xy[:, 0], xy[:, 1], xy[:, 2])  # [F, 2]
+  size = jnp.array([w, h], xy.dtype)
+  c0 = jnp.ceil(jnp.clip(lo - r - 0.5, -1.0, size))
+  c1 = jnp.floor(jnp.clip(hi + r - 0.5, -1.0, size))
+  ok = (c0 <= c1) & (c1 >= 0) & (c0 <= size - 1)
+  valid &= ok[:, 0] & ok[:, 1]
+  c0 = jnp.maximum(c0, 0).astype(jnp.int32)
+  c1 = jnp.minimum(c1, size - 1).astype(jnp.int32)
+  zmin = jnp.where(valid, _min3(z[:, 0], z[:, 1], z[:, 2]), jnp.inf)
+  order = jnp.argsort(zmin).astype(jnp.int32)
+  return valid, c0, c1, order
+
+
+def _enumerate(counts, budget):
+  """Enumerates ``counts [F]`` items per entry: for j < budget, (entry s, index within entry, in range)."""
+  incl = jnp.cumsum(counts)
+  j = jnp.arange(budget, dtype=jnp.int32)
+  s = jnp.minimum(jnp.searchsorted(incl, j, side="right"), counts.shape[0] - 1).astype(jnp.int32)
+  return s, j - (incl - counts)[s], j < incl[-1], incl[-1]
 
 
 def bin_faces(xy, z, settings: RasterSettings):
-  """Candidate faces per screen tile.
+  """Candidate faces per screen tile (used when K > 1).
 
   A face is a candidate of every tile that its screen bounding box, grown by the blur radius, touches.
   (face, tile) pairs are generated face by face in order of the face's minimum vertex depth (at most
@@ -129,21 +178,11 @@ def bin_faces(xy, z, settings: RasterSettings):
     (ceil(H / T), ceil(W / T)) tile grid.
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
-  h, w = settings.image_size
   t, m = settings.tile_size, settings.max_faces_per_tile
   nty, ntx = _grid(settings)
   n_tiles = nty * ntx
   f = xy.shape[0]
-  r = settings.blur_radius + _BIN_MARGIN
-  valid = _face_validity(xy, z, settings)
-  lo, hi = jnp.min(xy, axis=1), jnp.max(xy, axis=1)  # [F, 2]
-  size = jnp.array([w, h], xy.dtype)
-  # Pixel columns / rows whose centres lie within [lo - r, hi + r].
-  c0 = jnp.ceil(jnp.clip(lo - r - 0.5, -1.0, size))
-  c1 = jnp.floor(jnp.clip(hi + r - 0.5, -1.0, size))
-  valid &= jnp.all((c0 <= c1) & (c1 >= 0) & (c0 <= size - 1), axis=-1)
-  c0 = jnp.maximum(c0, 0).astype(jnp.int32)
-  c1 = jnp.minimum(c1, size - 1).astype(jnp.int32)
+  valid, c0, c1, order = _face_boxes(xy, z, settings)
   t0, t1 = c0 // t, c1 // t  # [F, 2] tile ranges (x, y)
   tw = t1[:, 0] - t0[:, 0] + 1
   n_pairs = jnp.where(valid, tw * (t1[:, 1] - t0[:, 1] + 1), 0)
@@ -158,19 +197,12 @@ def bin_faces(xy, z, settings: RasterSettings):
   demand = jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
 
   # (face, tile) pairs in order of the face's minimum depth.
-  zmin = jnp.where(valid, jnp.min(z, axis=1), jnp.inf)
-  order = jnp.argsort(zmin).astype(jnp.int32)
-  n_sorted = n_pairs[order]
-  incl = jnp.cumsum(n_sorted)
-  excl = incl - n_sorted
   budget = _pair_budget(f, settings)
-  j = jnp.arange(budget, dtype=jnp.int32)
-  s = jnp.minimum(jnp.searchsorted(incl, j, side="right"), f - 1).astype(jnp.int32)
+  s, local, live, _ = _enumerate(n_pairs[order], budget)
   face = order[s]
-  local = j - excl[s]
   wt = jnp.maximum(tw[face], 1)
   tile = (t0[face, 1] + local // wt) * ntx + (t0[face, 0] + local % wt)
-  tile = jnp.where(j < incl[-1], tile, n_tiles)
+  tile = jnp.where(live, tile, n_tiles)
   if (n_tiles + 1) * f < 2**31:  # one packed int32 key: much faster than a stable two-operand sort
     packed = lax.sort(tile * f + s)
     tile, face = packed // f, order[packed % f]
@@ -189,21 +221,18 @@ def bin_faces(xy, z, settings: RasterSettings):
 # 3. Selection (no gradient).
 
 
-def _tile_planes(xy, z, cand, settings: RasterSettings):
-  """Per (tile, candidate) constants in tile-local pixel coordinates, each [n_tiles, M].
+def _planes(xy, z, ids, origin, settings: RasterSettings):
+  """Constants of faces ``ids [...]`` (-1 = empty) in pixel coordinates relative to ``origin [..., 2]``.
 
-  Returns (abc, zlo, zhi, box): abc[i] = (a, b, c) with value a*x + b*y + c for the signed edge distances
-  i = 0, 1, 2 (pixels, positive inside) and the inverse depth i = 3; [zlo, zhi] the face's inverse-depth
-  range; box = (xlo, xhi, ylo, yhi) the bounding box grown by the blur radius.
+  Returns (abc, zlo, zhi, box), arrays of the shape of ``ids``: abc[i] = (a, b, c) with value a*x + b*y + c
+  for the signed edge distances i = 0, 1, 2 (pixels, positive inside) and the inverse depth i = 3;
+  [zlo, zhi] the face's inverse-depth range; box = (xlo, xhi, ylo, yhi) its bounding box grown by the blur
+  radius. Empty slots get an edge that excludes every pixel.
   """
-  nty, ntx = _grid(settings)
-  t = settings.tile_size
-  valid = cand >= 0
-  c = jnp.maximum(cand, 0)
-  tiles = jnp.arange(nty * ntx, dtype=jnp.int32)
-  origin = jnp.stack([(tiles % ntx) * t, (tiles // ntx) * t], -1).astype(xy.dtype)
-  a = xy[c] - origin[:, None, None, :]  # [n, M, 3, 2] tile-local vertices
-  inv_z = 1.0 / jnp.maximum(z[c], settings.znear)  # [n, M, 3]
+  valid = ids >= 0
+  c = jnp.maximum(ids, 0)
+  a = xy[c] - origin[..., None, :]  # [..., 3, 2] relative vertices
+  inv_z = 1.0 / jnp.maximum(z[c], settings.znear)  # [..., 3]
   area2 = _cross2(a[..., 1, :] - a[..., 0, :], a[..., 2, :] - a[..., 0, :])
   sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(xy.dtype)
   inv_area2 = safe_div(1.0, area2)
@@ -213,17 +242,89 @@ def _tile_planes(xy, z, cand, settings: RasterSettings):
     e = q - p
     # E_i(x, y) = e_x (y - p_y) - e_y (x - p_x) = -e_y x + e_x y + (e_y p_x - e_x p_y)
     coefs = (-e[..., 1], e[..., 0], e[..., 1] * p[..., 0] - e[..., 0] * p[..., 1])
-    scale = sgn / jnp.maximum(jnp.sqrt(jnp.sum(e * e, -1)), 1e-12)
+    scale = sgn / jnp.maximum(jnp.sqrt(e[..., 0] * e[..., 0] + e[..., 1] * e[..., 1]), 1e-12)
     abc.append(tuple(k * scale for k in coefs))
     wi = inv_area2 * inv_z[..., i]
     w = [acc + k * wi for acc, k in zip(w, coefs)]
   abc.append(tuple(w))
-  # Empty slots: the first edge's constant far outside.
   abc[0] = (abc[0][0], abc[0][1], jnp.where(valid, abc[0][2], -1e30))
   r = settings.blur_radius
-  lo, hi = jnp.min(a, axis=-2) - r, jnp.max(a, axis=-2) + r  # [n, M, 2]
+  lo = _min3(a[..., 0, :], a[..., 1, :], a[..., 2, :]) - r
+  hi = _max3(a[..., 0, :], a[..., 1, :], a[..., 2, :]) + r
   box = (lo[..., 0], hi[..., 0], lo[..., 1], hi[..., 1])
-  return abc, jnp.min(inv_z, -1), jnp.max(inv_z, -1), box
+  iz = (inv_z[..., 0], inv_z[..., 1], inv_z[..., 2])
+  return abc, _min3(*iz), _max3(*iz), box
+
+
+def _near_and_key(abc, zlo, zhi, box, x, y, settings: RasterSettings):
+  """The selection test and key at pixels (x, y) (broadcast against the constants' shape + a last axis).
+
+  Returns (near bool, key int32 > 0: the bits of the positive inverse depth, which order like the floats).
+  """
+  e = lambda v: v[..., None]
+  r = settings.blur_radius
+
+  def ev(i):
+    a, b, c = abc[i]
+    return e(a) * x + e(b) * y + e(c)
+
+  near = (ev(0) >= -r) & (ev(1) >= -r) & (ev(2) >= -r)
+  if r > 0:
+    near &= (x >= e(box[0])) & (x <= e(box[1])) & (y >= e(box[2])) & (y <= e(box[3]))
+  inv_depth = jnp.clip(ev(3), e(zlo), e(zhi)).astype(jnp.float32)
+  return near, lax.bitcast_convert_type(jnp.maximum(inv_depth, 1e-30), jnp.int32)
+
+
+def _chunk_budget(num_faces, settings: RasterSettings):
+  """Static number of T x T pixel chunks evaluated by ``select_nearest``."""
+  nty, ntx = _grid(settings)
+  # One chunk per small face plus bounding boxes covering the image about four times over.
+  return max(1, int(math.ceil((num_faces + 4 * nty * ntx) * settings.max_faces_per_tile / 64.0)))
+
+
+def select_nearest(xy, z, settings: RasterSettings):
+  """The nearest face per pixel (K = 1), face by face: a z-buffer built with scatter-max.
+
+  Each face covers its bounding box (grown by the blur radius) with T x T pixel chunks anchored at the box's
+  corner; the chunks of all faces (at most ``_chunk_budget``; faces in order of minimum depth, the farthest
+  dropped first) are tested at once and the per-pixel maximum of the inverse depth is found with an
+  integer scatter-max; a second scatter picks, among the faces reaching it, the one first in minimum-depth
+  order. Same selection rule as ``select_faces``; much cheaper than the tile path for one face per pixel.
+
+  Returns:
+    (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped).
+  """
+  xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
+  h, w = settings.image_size
+  t = settings.tile_size
+  f = xy.shape[0]
+  valid, c0, c1, order = _face_boxes(xy, z, settings)
+  nx = (c1[:, 0] - c0[:, 0]) // t + 1
+  ny = (c1[:, 1] - c0[:, 1]) // t + 1
+  n_chunks = jnp.where(valid, nx * ny, 0)
+  budget = _chunk_budget(f, settings)
+  s, local, live, total = _enumerate(n_chunks[order], budget)
+  face = jnp.where(live, order[s], -1)
+  fc = jnp.maximum(face, 0)
+  cx, cy = local % jnp.maximum(nx[fc], 1), local // jnp.maximum(nx[fc], 1)
+  origin = jnp.stack([c0[fc, 0] + cx * t, c0[fc, 1] + cy * t], -1)  # [B, 2] chunk's first pixel
+  abc, zlo, zhi, box = _planes(xy, z, face, origin.astype(xy.dtype), settings)
+  jj, ii = _tile_pixels(settings, jnp.float32)  # [P] pixel centres within a chunk
+  dj, di = (jj - 0.5).astype(jnp.int32), (ii - 0.5).astype(jnp.int32)
+  col = origin[:, 0:1] + dj  # [B, P]
+  row = origin[:, 1:2] + di
+  near, key = _near_and_key(abc, zlo, zhi, box, jj.astype(xy.dtype), ii.astype(xy.dtype), settings)
+  near &= (col <= c1[fc, 0:1]) & (row <= c1[fc, 1:2])
+  # One masked key and pixel index per test, shared by both scatters (the barrier is a hint to evaluate the
+  # tests once rather than inside each scatter's operand fusion).
+  key, pix = lax.optimization_barrier((jnp.where(near, key, 0), jnp.where(near, row * w + col, h * w)))
+  near = key > 0
+  zbuf = jnp.zeros((h * w,), jnp.int32).at[pix].max(key, mode="drop")  # out-of-bounds pix are dropped
+  win = near & (key == zbuf[jnp.minimum(pix, h * w - 1)])
+  rank = jnp.full((h * w,), f, jnp.int32).at[jnp.where(win, pix, h * w)].min(
+      jnp.broadcast_to(s[:, None], pix.shape), mode="drop")
+  ids = jnp.where(rank < f, order[jnp.minimum(rank, f - 1)], -1).reshape(h, w)
+  return ids, jnp.maximum(total - budget, 0).astype(jnp.int32)
 
 
 def _tile_pixels(settings: RasterSettings, dtype):
@@ -239,57 +340,48 @@ def select_faces(xy, z, cand, settings: RasterSettings):
   lines (on their inner side) and of its bounding box; with blur 0, if it lies in the closed triangle.
   Slot 0 is the nearest such face by inverse depth (the face plane's, clamped to the face's vertex range;
   ties to the smaller minimum depth); the other slots take the remaining near faces in order of minimum
-  vertex depth. This is exact whenever at most K faces are near the pixel.
+  vertex depth; then all K are sorted nearest first. This is exact (the K nearest) whenever at most K faces
+  are near the pixel; with more, the nearest face is always kept.
+
+  The (candidate, tile, pixel) tests run in one fused pass over [M, n_tiles, T*T] whose reductions over
+  the candidates are an integer max (depth with the slot index in its low bits) and bit masks.
 
   Args:
     xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n_tiles, M] from ``bin_faces``.
   Returns:
-    [n_tiles, T*T, K] int32 face ids, -1 for empty slots (unsorted beyond slot 0).
+    [n_tiles, T*T, K] int32 face ids, nearest first, -1 for empty slots (last).
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
-  abc, zlo, zhi, box = _tile_planes(xy, z, cand, settings)
-  px, py = _tile_pixels(settings, xy.dtype)
   n, m = cand.shape
+  nty, ntx = _grid(settings)
+  t = settings.tile_size
+  tiles = jnp.arange(n, dtype=jnp.int32)
+  origin = jnp.stack([(tiles % ntx) * t, (tiles // ntx) * t], -1).astype(xy.dtype)  # [n, 2]
+  abc, zlo, zhi, box = _planes(xy, z, cand.T, jnp.broadcast_to(origin, (m, n, 2)), settings)  # [M, n]
+  px, py = _tile_pixels(settings, xy.dtype)
   k = settings.faces_per_pixel
-  r = settings.blur_radius
-  x, y = px[None, None, :], py[None, None, :]
-
-  def ev(i):  # [n, M, P]
-    a, b, c = abc[i]
-    return a[..., None] * x + b[..., None] * y + c[..., None]
-
-  valid = (ev(0) >= -r) & (ev(1) >= -r) & (ev(2) >= -r)
-  if r > 0:
-    valid &= ((x >= box[0][..., None]) & (x <= box[1][..., None]) & (y >= box[2][..., None])
-              & (y <= box[3][..., None]))
-  inv_depth = jnp.clip(ev(3), zlo[..., None], zhi[..., None]).astype(jnp.float32)
+  valid, keys = _near_and_key(abc, zlo, zhi, box, px, py, settings)  # [M, n, P]
   # Positive floats order like their bit patterns: pack the slot index into the low bits, so that one
   # integer max gives the nearest face (ties to the lower slot, i.e. the smaller minimum depth).
   nbits = max(1, (m - 1).bit_length())
   low = (1 << nbits) - 1
-  slot = lax.broadcasted_iota(jnp.int32, (1, m, 1), 1)
-  keys = lax.bitcast_convert_type(jnp.maximum(inv_depth, 1e-30), jnp.int32)
-  packed = jnp.where(valid, (keys & ~low) | (low - slot), 0)
-  best = jnp.max(packed, axis=1)  # [n, P]
+  slot = lax.broadcasted_iota(jnp.int32, (m, 1, 1), 0)
+  best = jnp.max(jnp.where(valid, (keys & ~low) | (low - slot), 0), axis=0)  # [n, P]
   has = best > 0
   m0 = low - (best & low)
   slots = [jnp.where(has, m0, -1)]
   if k > 1:
     # Bit masks of the near slots, 32 per word, then the first K - 1 set bits other than the nearest.
-    groups = -(-m // 32)
-    v = jnp.pad(valid, ((0, 0), (0, groups * 32 - m), (0, 0))).reshape(n, groups, 32, -1)
-    bit = jnp.left_shift(jnp.uint32(1), lax.broadcasted_iota(jnp.uint32, (1, 1, 32, 1), 2))
-    words = jnp.sum(jnp.where(v, bit, jnp.uint32(0)), axis=2, dtype=jnp.uint32)  # [n, G, P]
-    words = [words[:, g] for g in range(groups)]
-    for g in range(groups):
+    words = []
+    for g in range(-(-m // 32)):
+      bit = jnp.left_shift(jnp.uint32(1), lax.broadcasted_iota(jnp.uint32, (min(32, m - 32 * g), 1, 1), 0))
+      wg = jnp.sum(jnp.where(valid[32 * g:32 * (g + 1)], bit, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
       own = has & (m0 // 32 == g)
-      words[g] = jnp.where(own, words[g] & ~jnp.left_shift(jnp.uint32(1), (m0 % 32).astype(jnp.uint32)),
-                           words[g])
+      words.append(jnp.where(own, wg & ~jnp.left_shift(jnp.uint32(1), (m0 % 32).astype(jnp.uint32)), wg))
     for _ in range(k - 1):
       found = jnp.zeros(best.shape, bool)
       idx = jnp.full(best.shape, -1, jnp.int32)
-      for g in range(groups):
-        wg = words[g]
+      for g, wg in enumerate(words):
         lsb = wg & (~wg + jnp.uint32(1))
         pos = lax.population_count(lsb - jnp.uint32(1)).astype(jnp.int32) + 32 * g
         take = ~found & (wg != 0)
@@ -302,8 +394,8 @@ def select_faces(xy, z, cand, settings: RasterSettings):
   ids = jnp.where(sel >= 0, jnp.take_along_axis(cand[:, None, :], safe_sel, axis=-1), -1).astype(jnp.int32)
   if k > 1:
     # Sort the slots by the selection key (nearest first).
-    planes = jnp.stack([abc[3][0], abc[3][1], abc[3][2], zlo, zhi], -1)  # [n, M, 5]
-    g = planes[jnp.arange(n)[:, None, None], safe_sel]  # [n, P, K, 5]
+    planes = jnp.stack([abc[3][0], abc[3][1], abc[3][2], zlo, zhi], -1)  # [M, n, 5]
+    g = planes[safe_sel, jnp.arange(n)[:, None, None]]  # [n, P, K, 5]
     key = jnp.clip(g[..., 0] * px[:, None] + g[..., 1] * py[:, None] + g[..., 2], g[..., 3], g[..., 4])
     key = jnp.where(sel >= 0, key, -1.0)
     ids = _sort_by_key(key, ids)
@@ -336,46 +428,72 @@ def _untile(x, settings: RasterSettings):
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Differentiable evaluation of the selected faces.
+#
+# Everything below works on lists of [H, W] arrays (one per fragment slot, one per component) so that the
+# forward and backward passes are elementwise fusions plus one gather / scatter-add per slot.
 
 
-def eval_fragments(xy, z, px, py):
-  """Barycentrics, signed distance and depth of faces at pixels (all differentiable).
+@jax.custom_vjp
+def gather_columns(table, ids):
+  """``tuple(table[ids, j] for j in range(D))`` for ``table [F, D]`` and integer ``ids [...]``.
+
+  Its gradient is one scatter-add of [..., D] rows (instead of one per column).
+  """
+  g = table[ids]
+  return tuple(g[..., j] for j in range(table.shape[1]))
+
+
+def _gather_columns_fwd(table, ids):
+  return gather_columns(table, ids), (ids, table.shape[0])
+
+
+def _gather_columns_bwd(res, cts):
+  ids, f = res
+  g = jnp.stack(cts, -1)
+  d = g.shape[-1]
+  out = jnp.zeros((f, d), g.dtype).at[ids.reshape(-1)].add(g.reshape(-1, d))
+  return out, None
+
+
+gather_columns.defvjp(_gather_columns_fwd, _gather_columns_bwd)
+
+
+def eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
+  """Barycentrics, signed distance and depth of one face per pixel; all arguments are arrays of one shape.
 
   Args:
-    xy: [..., 3, 2] projected vertices; z: [..., 3] depths (> 0); px, py: [...] pixel coordinates.
+    x0 .. y2: projected vertices (pixels); z0 .. z2: camera depths (> 0); px, py: pixel coordinates.
   Returns:
-    (bary [..., 3] perspective-correct, clipped to the face; dist [...] signed, positive inside; depth [...]).
+    ((b0, b1, b2) perspective-correct barycentrics, clipped to the face first in screen space; dist: signed
+    distance to the face's boundary, positive inside; depth).
   """
-  area2 = _cross2(xy[..., 1, :] - xy[..., 0, :], xy[..., 2, :] - xy[..., 0, :])
-  sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(xy.dtype)
-  p = jnp.stack([px, py], -1)
-  lam, d, seg = [], [], []
+  r = [(px - x0, py - y0), (px - x1, py - y1), (px - x2, py - y2)]
+  cross = lambda a, b: a[0] * b[1] - a[1] * b[0]
+  e_area = [cross(r[1], r[2]), cross(r[2], r[0]), cross(r[0], r[1])]  # doubled signed sub-areas
+  area2 = e_area[0] + e_area[1] + e_area[2]
+  sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(area2.dtype)
+  verts = [(x0, y0), (x1, y1), (x2, y2)]
+  d, seg = [], []
   for i in range(3):
-    a, b = xy[..., (i + 1) % 3, :], xy[..., (i + 2) % 3, :]
-    e = b - a
-    rel = p - a
-    ei = _cross2(e, rel)  # doubled signed area of (a, b, p)
-    length = safe_sqrt(jnp.sum(e * e, -1), 1e-24)
-    di = sgn * ei / length  # distance to the edge's line, positive inside
-    along = jnp.sum(rel * e, -1) / length
+    a, b = verts[(i + 1) % 3], verts[(i + 2) % 3]
+    ex, ey = b[0] - a[0], b[1] - a[1]
+    length = safe_sqrt(ex * ex + ey * ey, 1e-24)
+    di = sgn * e_area[i] / length  # distance to the edge's line, positive inside
+    rel = r[(i + 1) % 3]
+    along = (rel[0] * ex + rel[1] * ey) / length
     beyond = jnp.maximum(jnp.maximum(-along, along - length), 0.0)
-    lam.append(safe_div(ei, area2))
     d.append(di)
     seg.append(di * di + beyond * beyond)
-  lam = jnp.stack(lam, -1)
   inside = (d[0] >= 0) & (d[1] >= 0) & (d[2] >= 0)
   # Pairwise minima: the gradient of a min-reduction divides by the number of ties, which XLA can make 0
   # when it recomputes the operands with different rounding (fused multiply-adds) -> NaN.
-  dist = jnp.where(inside, jnp.minimum(jnp.minimum(d[0], d[1]), d[2]),
-                   -safe_sqrt(jnp.minimum(jnp.minimum(seg[0], seg[1]), seg[2])))
+  dist = jnp.where(inside, _min3(*d), -safe_sqrt(_min3(*seg)))
   # Clip the screen-space barycentrics to the face, then correct for perspective.
-  lam = jnp.maximum(lam, 0.0)
-  lam = lam / jnp.maximum(jnp.sum(lam, -1, keepdims=True), 1e-12)
-  q = lam / z
-  s = jnp.sum(q, -1, keepdims=True)
-  bary = q / jnp.maximum(s, 1e-30)
-  depth = 1.0 / jnp.maximum(s[..., 0], 1e-30)
-  return bary, dist, depth
+  lam = [jnp.maximum(safe_div(e, area2), 0.0) for e in e_area]
+  norm = 1.0 / jnp.maximum(lam[0] + lam[1] + lam[2], 1e-12)
+  q = [lam[0] * norm / z0, lam[1] * norm / z1, lam[2] * norm / z2]
+  inv_s = 1.0 / jnp.maximum(q[0] + q[1] + q[2], 1e-30)
+  return (q[0] * inv_s, q[1] * inv_s, q[2] * inv_s), dist, inv_s
 
 
 def _pixel_centres(settings: RasterSettings, dtype):
@@ -384,8 +502,17 @@ def _pixel_centres(settings: RasterSettings, dtype):
   return px, py
 
 
-def _rasterize(verts, faces, camera, settings: RasterSettings, face_attrs=None):
-  """Shared core of ``rasterize`` and ``render_mesh``; also gathers ``face_attrs [F, ...]`` per fragment."""
+class Slots(NamedTuple):
+  """Fragments slot-major (internal layout): every field [S, H, W] with S <= K slots, nearest first."""
+  ids: jax.Array
+  valid: jax.Array
+  bary: tuple  # 3 arrays
+  dist: jax.Array
+  depth: jax.Array
+  attrs: tuple  # the gathered extra face columns
+
+
+def _check_mesh(verts, faces):
   verts, faces = jnp.asarray(verts), jnp.asarray(faces)
   if verts.ndim != 2 or verts.shape[-1] != 3:
     raise ValueError(f"verts must be [V, 3], got {verts.shape}")
@@ -393,26 +520,43 @@ def _rasterize(verts, faces, camera, settings: RasterSettings, face_attrs=None):
     raise ValueError(f"faces must be [F, 3], got {faces.shape}")
   if not jnp.issubdtype(faces.dtype, jnp.integer):
     raise ValueError(f"faces must be integer, got {faces.dtype}")
+  return verts, faces
+
+
+def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=None, num_slots=None):
+  """Shared core of ``rasterize`` and ``render_mesh``, slot-major.
+
+  Args:
+    face_attrs: optional [F, D] extra per-face columns gathered per fragment along with the geometry.
+    num_slots: evaluate only the first ``num_slots`` slots (default all K).
+  Returns:
+    (``Slots``, overflow).
+  """
+  verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
-  cand, overflow = bin_faces(xy, z, settings)
-  ids = _untile(select_faces(xy, z, cand, settings), settings)  # [H, W, K]
-  valid = ids >= 0
-  safe_ids = jnp.maximum(ids, 0)
-  fxy, fz = xy[safe_ids], z[safe_ids]  # [H, W, K, 3, 2], [H, W, K, 3]
-  # Empty slots evaluate a harmless dummy triangle so that no NaN reaches the gradients.
-  dummy_xy = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], xy.dtype)
-  fxy = jnp.where(valid[..., None, None], fxy, dummy_xy)
-  fz = jnp.where(valid[..., None], fz, 1.0)
+  if settings.faces_per_pixel == 1:
+    ids, overflow = select_nearest(xy, z, settings)
+    ids = ids[None]
+  else:
+    cand, overflow = bin_faces(xy, z, settings)
+    ids = jnp.moveaxis(_untile(select_faces(xy, z, cand, settings), settings), -1, 0)  # [K, H, W]
+  if num_slots is not None:
+    ids = ids[:num_slots]
+  f = xy.shape[0]
+  cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
+          z[:, 2]]
+  # Row F is a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
+  dummy = jnp.array([[0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]], xy.dtype)
+  table = jnp.concatenate([jnp.stack(cols, -1), dummy])
   px, py = _pixel_centres(settings, xy.dtype)
-  bary, dist, depth = eval_fragments(fxy, fz, px[..., None], py[..., None])
-  frags = Fragments(
-      face_ids=ids,
-      bary=jnp.where(valid[..., None], bary, 0.0),
-      dists=jnp.where(valid, dist, EMPTY_DIST),
-      zbuf=jnp.where(valid, depth, 0.0),
-      overflow=overflow)
-  attrs = None if face_attrs is None else face_attrs[safe_ids]
-  return frags, attrs
+  valid = ids >= 0
+  rows = jnp.where(valid, ids, f)
+  bary, dist, depth = eval_fragment(*gather_columns(table, rows), px, py)
+  attrs = ()
+  if face_attrs is not None:
+    a = jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])])[rows]
+    attrs = tuple(a[..., j] for j in range(a.shape[-1]))
+  return Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs), overflow
 
 
 def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragments:
@@ -424,11 +568,19 @@ def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragmen
     camera: a single ``Camera`` (vmap over a batched one).
     settings: ``RasterSettings`` (static).
   Returns:
-    ``Fragments`` with the K nearest faces (by depth) within the blur radius of each pixel centre, nearest
-    first. Faces with a vertex at depth <= ``settings.znear`` and degenerate faces are culled. Gradients
-    flow to ``verts`` (and the camera) through ``bary``, ``dists`` and ``zbuf``.
+    ``Fragments`` with up to K faces near each pixel centre (see ``select_faces``), nearest first. Faces with
+    a vertex at depth <= ``settings.znear`` and degenerate faces are culled. Gradients flow to ``verts``
+    (and the camera) through ``bary``, ``dists`` and ``zbuf``.
   """
-  return _rasterize(verts, faces, camera, settings)[0]
+  s, overflow = rasterize_slots(verts, faces, camera, settings)
+  last = lambda x: jnp.moveaxis(x, 0, -1)
+  bary = jnp.stack([jnp.where(s.valid, b, 0.0) for b in s.bary], -1)  # [K, H, W, 3]
+  return Fragments(
+      face_ids=last(s.ids),
+      bary=jnp.moveaxis(bary, 0, -2),
+      dists=last(jnp.where(s.valid, s.dist, EMPTY_DIST)),
+      zbuf=last(jnp.where(s.valid, s.depth, 0.0)),
+      overflow=overflow)
 
 
 def interpolate(fragments: Fragments, faces, attrs):
@@ -442,5 +594,6 @@ def interpolate(fragments: Fragments, faces, attrs):
     [H, W, K, D], 0 for empty slots.
   """
   corner = jnp.asarray(attrs)[jnp.asarray(faces)][jnp.maximum(fragments.face_ids, 0)]  # [H, W, K, 3, D]
-  out = jnp.einsum("hwkc,hwkcd->hwkd", fragments.bary, corner)
+  b = fragments.bary
+  out = b[..., 0:1] * corner[..., 0, :] + b[..., 1:2] * corner[..., 1, :] + b[..., 2:3] * corner[..., 2, :]
   return jnp.where(fragments.face_ids[..., None] >= 0, out, 0.0)

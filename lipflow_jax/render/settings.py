@@ -25,8 +25,10 @@ class RasterSettings:
     blur_radius: faces farther than this from a pixel centre are not considered for that pixel. ``None``
       derives it from sigma: ``sigma * log(2 / 1e-3)`` (coverage below 1e-3 is dropped); 0 when sigma = 0.
     tile_size: side of the square screen tiles used for binning.
-    max_faces_per_tile: cap on the candidate faces per tile (static shapes). A tile with more candidates
-      keeps the ones with the smallest minimum vertex depth and is counted in ``overflow``.
+    max_faces_per_tile: cap on the candidate faces per tile when K > 1 (static shapes). A tile with more
+      candidates keeps the ones with the smallest minimum vertex depth and is counted in ``overflow``. With
+      K = 1 it scales the budget of pixel chunks instead (see ``rasterize.select_nearest``). Raise it when
+      ``overflow`` is not 0; the cost of the selection grows linearly with it.
     background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
     znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
     cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ

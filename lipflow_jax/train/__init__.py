@@ -4,7 +4,8 @@ Entry point: ``python -m lipflow_jax.train --config=configs/<name>.py --workdir=
 Library: ``train_and_evaluate(config, workdir)``; ``load_trained(workdir)`` reads a finished run back.
 """
 
-from lipflow_jax.train.checkpointing import DataIteratorHandler, PreemptionWatcher, make_checkpoint_manager
+from lipflow_jax.train.checkpointing import (DataIteratorHandler, PreemptionWatcher, make_checkpoint_manager,
+                                            restore_state_for_inference)
 from lipflow_jax.train.loop import NonFiniteLossError, RunResult, Trained, build_task, load_trained
 from lipflow_jax.train.loop import train_and_evaluate
 from lipflow_jax.train.metrics_logging import MetricWriter, dump_config, read_metrics

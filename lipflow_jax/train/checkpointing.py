@@ -138,13 +138,13 @@ def restore_state_for_inference(directory: str, step: int | None = None, shardin
     step = steps[-1]
   path = directory / str(step) / STATE
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path).item_metadata
+  handler = ocp.StandardCheckpointHandler()
+  metadata = handler.metadata(path)
   is_leaf = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
                           is_leaf=is_leaf)
-  state = checkpointer.restore(path, abstract)
-  checkpointer.close()
+  state = handler.restore(path, args=ocp.args.StandardRestore(abstract))
+  handler.close()
   return state, int(step)
 
 

@@ -23,9 +23,7 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from lipflow_jax.train import checkpointing
@@ -37,9 +35,6 @@ from lipflow_jax.train import train_step as tstep
 
 MODEL_FILE = 'model.json'
 CHECKPOINT_DIR = 'checkpoints'
-
-# Host-side metrics that are counters (last value) rather than per-step averages.
-_LAST_VALUE_KEYS = ('nonfinite_total', 'nonfinite_consecutive')
 
 
 def _announce(msg: str):
@@ -78,7 +73,8 @@ def build_task(config, sizes: dict, meta=None) -> tuple[tasks_lib.Task, dict]:
   kind = config.get('task', 'lipflow')
   if kind == 'lipflow':
     model = tasks_lib.build_model(_to_plain(config.model), sizes)
-    task = tasks_lib.lipflow_task(model, loss_weights=_to_plain(config.loss), meta=meta)
+    task = tasks_lib.lipflow_task(model, loss_weights=_to_plain(config.loss), meta=meta,
+                                  render_images=config.get('render_images', True))
     description = {'task': 'lipflow', 'model': _module_fields(model)}
   elif kind == 'regressor':
     if not config.get('teacher_workdir'):
@@ -144,16 +140,15 @@ def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Tra
 # ------------------------------------------------------------------------------------ jitted functions
 @dataclasses.dataclass(frozen=True)
 class _Functions:
-  init: Any  # rng -> TrainState (replicated)
+  init: Any  # (rng, example batch) -> TrainState (replicated)
   train_step: Any  # (state, batch, frozen) -> (state, metrics)
   eval_step: Any  # (params, frozen, batch, rng) -> metrics
   images: Any  # (params, frozen, batch) -> {name: [H, W, 3]}, or None
 
 
-def _make_functions(task: tasks_lib.Task, tx, schedule, mesh, example) -> _Functions:
+def _make_functions(task: tasks_lib.Task, tx, schedule, mesh) -> _Functions:
   rep = tstep.replicated_sharding(mesh)
-  example = jax.tree.map(jnp.asarray, example)
-  init = jax.jit(lambda rng: ts.init_train_state(lambda k: task.init_params(k, example), tx, rng),
+  init = jax.jit(lambda rng, example: ts.init_train_state(lambda k: task.init_params(k, example), tx, rng),
                  out_shardings=rep)
   return _Functions(
       init=init, train_step=tstep.jit_train_step(task.loss_fn, tx, mesh, learning_rate_fn=schedule),
@@ -231,8 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               optimizer=_to_plain(opt), num_train_steps=config.num_train_steps,
                               dataset=_to_plain(ds), seed=config.seed,
                               mesh=[d.id for d in mesh.devices.flat]), sort_keys=True, default=str)
-  fns = _cached_functions(cache_key, lambda: _make_functions(task, tx, schedule, mesh, example))
-  state_shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(config.seed))
+  fns = _cached_functions(cache_key, lambda: _make_functions(task, tx, schedule, mesh))
+  state_shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(config.seed), example)
   frozen = jax.device_put(task.frozen, rep)
 
   # ---------------------------------------------------------------------------------------------- checkpoint
@@ -242,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state_shapes)
   state, start_step = checkpointing.restore(manager, abstract_state, train_iter)
   if state is None:
-    state = fns.init(jax.random.PRNGKey(config.seed))
+    state = fns.init(jax.random.PRNGKey(config.seed), example)
     start_step = 0
     _announce(f'Starting a new run in {workdir}.')
   else:
@@ -307,8 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % config.log_every == 0 or step == total_steps:
         check_nonfinite(*pending)
         pending = None
-        host = [jax.device_get(m) for m in history]
-        summary = metrics_logging.mean_metrics([{k: v for k, v in h.items()} for h in host])
+        summary = metrics_logging.mean_metrics(jax.device_get(history))
         summary['nonfinite_total'] = float(jax.device_get(state.nonfinite_total))
         summary['nonfinite_consecutive'] = float(consecutive)
         now = time.time()

@@ -16,8 +16,7 @@ CONFIG_FILE = 'config.json'
 
 
 def _to_float(x) -> float:
-  x = float(np.asarray(x))
-  return x
+  return float(np.asarray(x))
 
 
 class MetricWriter:
@@ -94,13 +93,14 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def mean_metrics(history: list[Mapping[str, Any]]) -> dict:
-  """Averages per-step host metrics over steps, ignoring non-finite values of skipped steps."""
+  """Averages per-step host metrics over steps, ignoring non-finite values of skipped steps; ``skipped`` is
+  summed (the number of skipped steps in the window)."""
   if not history:
     return {}
   out = {}
   for k in history[0]:
     vals = np.asarray([float(h[k]) for h in history], np.float64)
-    if k in ('skipped',):
+    if k == 'skipped':
       out[k] = float(vals.sum())
       continue
     fin = vals[np.isfinite(vals)]

@@ -15,8 +15,6 @@ Kinds: 'lipflow' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow pr
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -30,6 +28,7 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+  """See the module docstring; ``model`` is the Flax module (or {condition: module}) that was built."""
   model: Any
   init_params: Callable[[jax.Array, dict], PyTree]
   loss_fn: Callable[[PyTree, PyTree, dict, jax.Array], tuple]
@@ -48,18 +47,16 @@ def _meta_get(meta, *names, default=None):
 
 
 def data_sizes(example: Mapping[str, np.ndarray], meta=None) -> dict:
-  """Model sizes implied by a batch (``[B, ...]`` arrays) and the dataset metadata.
+  """Model sizes implied by a batch (``[B, ...]`` arrays) and the dataset's ``DatasetMeta``.
 
-  Returns {num_vertices, tex_size, keypoint_image_size, num_cameras} (the last two possibly None/0).
+  Returns {num_vertices, tex_size, keypoint_image_size (the frontal camera's (H, W)), num_cameras} (the last
+  two None / 0 without ``meta``).
   """
   sizes = dict(num_vertices=int(example['verts'].shape[-2]), tex_size=int(example['avg_tex'].shape[-2]))
   kp_size = _meta_get(meta, 'frontal_size')  # the keypoints' pixel frame
   sizes['keypoint_image_size'] = None if kp_size is None else tuple(int(s) for s in kp_size)
-  num_cameras = _meta_get(meta, 'num_cameras')
-  if num_cameras is None:
-    cams = _meta_get(meta, 'camera_names', 'cameras', 'dome_cameras', 'camera_ids')
-    num_cameras = 0 if cams is None else len(cams) if not hasattr(cams, 'K') else int(np.shape(cams.K)[0])
-  sizes['num_cameras'] = int(num_cameras)
+  cameras = _meta_get(meta, 'camera_names')  # the decoder's per-camera colour gain and bias
+  sizes['num_cameras'] = 0 if cameras is None else len(cameras)
   return sizes
 
 
@@ -89,9 +86,16 @@ def build_model(model_config: Mapping[str, Any], sizes: Mapping[str, Any]) -> mo
   return models.LipFlowModel(**kwargs)
 
 
-def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None) -> Task:
-  """Task of a ``LipFlowModel`` trained with ``models.model_loss``."""
+def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None,
+                 render_images: bool = True, render_max_size: int = 256) -> Task:
+  """Task of a ``LipFlowModel`` trained with ``models.model_loss``.
+
+  Image summaries (first example of the batch, z = posterior mean): the decoded texture beside the target
+  (unobserved texels black), and with ``render_images`` (needs the dataset's mesh topology in ``meta``) the
+  decoded avatar rendered into the example's camera beside its photo, at most ``render_max_size`` pixels high.
+  """
   weights = dict(loss_weights)
+  renderer = _make_renderer(meta, render_max_size) if render_images else None
 
   def init_params(rng, batch):
     k1, k2 = jax.random.split(rng)
@@ -106,11 +110,46 @@ def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float
     one = jax.tree.map(lambda x: x[:1], batch)
     out = model.apply({'params': params}, one, train=False)
     mask = one['tex_mask'][0]
-    target = tex_to_rgb(one['tex'][0], meta) * mask
     decoded = tex_to_rgb(out['tex'][0], meta)
-    return {'texture/decoded_vs_target': jnp.concatenate([decoded, target], axis=1)}
+    images = {'texture/decoded_vs_target': jnp.concatenate([decoded, tex_to_rgb(one['tex'][0], meta) * mask],
+                                                           axis=1)}
+    if renderer is not None and 'image' in one and 'camera_K' in one:
+      images['render/decoded_vs_photo'] = renderer(out['verts'][0], decoded, one['camera_K'][0],
+                                                   one['camera_Rt'][0], one['image'][0])
+    return images
 
   return Task(model=model, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn)
+
+
+def _make_renderer(meta, max_size: int):
+  """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3] render | photo,
+  or None when ``meta`` lacks the topology or the renderer is unavailable."""
+  needed = ('faces', 'uvs', 'uv_faces', 'vert_mean', 'vert_std')
+  if meta is None or any(_meta_get(meta, n) is None for n in needed):
+    return None
+  try:
+    from lipflow_jax import geometry  # pylint: disable=g-import-not-at-top
+    from lipflow_jax import render  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  faces = np.asarray(meta.faces, np.int32)
+  uvs = np.asarray(meta.uvs, np.float32)
+  uv_faces = np.asarray(meta.uv_faces, np.int32)
+  vert_mean = np.asarray(meta.vert_mean, np.float32)
+  vert_std = np.float32(meta.vert_std)
+
+  def renderer(verts, texture, K, Rt, photo):
+    h, w = photo.shape[:2]
+    scale = min(1.0, max_size / max(h, w))
+    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+    K = jnp.diag(jnp.array([size[1] / w, size[0] / h, 1.0], jnp.float32)) @ K
+    settings = render.RasterSettings.hard(size, tile_size=8, max_faces_per_tile=256, cull_backfaces=True)
+    out = render.render_mesh(verts * vert_std + vert_mean, faces, uvs, uv_faces, texture,
+                             geometry.Camera(K=K, Rt=Rt), settings)
+    photo = jax.image.resize(photo, size + photo.shape[-1:], 'linear') if size != (h, w) else photo
+    return jnp.concatenate([out.rgb, photo], axis=1)
+
+  return renderer
 
 
 # ------------------------------------------------------------------------------------ regressor
