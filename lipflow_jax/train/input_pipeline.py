@@ -48,16 +48,16 @@ def prepare(name: str, builder_config: Optional[str] = None, data_dir: Optional[
   In a multi-process job process 0 builds (on a file system all processes share) while the others wait.
   """
   builder = _builder(name, builder_config, data_dir, builder_kwargs or {})
-  built_here = False
-  if jax.process_index() == 0 and not _is_prepared(builder):
+  was_prepared = _is_prepared(builder)
+  if jax.process_index() == 0 and not was_prepared:
     logging.info('Building dataset %s/%s in %s (first use).', name, builder.builder_config.name,
                  builder.data_dir)
     print(f'Building dataset {name}/{builder.builder_config.name} in {builder.data_dir} (first use) ...',
           flush=True)
     builder.download_and_prepare(file_format=builders.FILE_FORMAT)
-    built_here = True
   distributed.sync(f'prepare:{name}')  # a no-op for one process
-  if built_here or not _is_prepared(builder):
+  # A builder made before the data existed (on every process) does not see the written files: make it again.
+  if not was_prepared:
     builder = _builder(name, builder_config, data_dir, builder_kwargs or {})
   return builder
 
