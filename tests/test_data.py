@@ -244,6 +244,56 @@ def test_shards_cover_the_data_exactly_once(tiny_capture, shards):
   assert sorted(seen) == want and len(set(seen)) == len(seen)
 
 
+def _train_records(meta):
+  expected = input_pipeline.select_records(meta, "train", cameras=meta.train_cameras)
+  cols = meta.splits["train"]
+  return list(zip(cols["frame_index"][expected].tolist(), cols["camera_index"][expected].tolist()))
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_shards_of_an_uneven_record_count_read_no_record_twice(tiny_capture, shards, drop_remainder):
+  """An epoch over a record count that no global batch divides: no record is yielded twice over the shards;
+  with drop_remainder only the last N mod G records of the epoch's order are left out."""
+  meta = tiny_capture.meta
+  records = _train_records(meta)
+  batch_size = 5
+  global_batch = batch_size * shards
+  assert len(records) % global_batch and len(records) > global_batch
+  for epochs in (1, 2):
+    seen = [[] for _ in range(epochs)]
+    for s in range(shards):
+      it = tiny_capture.iterator("train", batch_size=batch_size, seed=7, num_epochs=epochs, shard_index=s,
+                                 shard_count=shards, drop_remainder=drop_remainder, cameras=meta.train_cameras)
+      batches = [_ids(b) for b in it]
+      per_epoch = len(batches) // epochs
+      assert per_epoch * epochs == len(batches)
+      for e in range(epochs):
+        seen[e] += [x for b in batches[e * per_epoch:(e + 1) * per_epoch] for x in b]
+    for e in range(epochs):
+      assert len(set(seen[e])) == len(seen[e]), f"a record read twice in epoch {e}"
+      assert set(seen[e]) <= set(records)
+      kept = len(records) - len(records) % global_batch if drop_remainder else len(records)
+      assert len(seen[e]) == kept
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_concatenate_to_the_one_shard_batches(tiny_capture, shards):
+  """Step k: the shards' batches of B, concatenated in shard order, are the one-shard batch of n * B (same seed),
+  across epoch boundaries (the order is reshuffled every epoch, the same way for every shard count)."""
+  meta = tiny_capture.meta
+  batch_size, steps = 3, 12  # > 2 epochs of 48 training records
+  one = tiny_capture.iterator("train", batch_size=batch_size * shards, seed=5, cameras=meta.train_cameras)
+  per_shard = [tiny_capture.iterator("train", batch_size=batch_size, seed=5, shard_index=s, shard_count=shards,
+                                     cameras=meta.train_cameras) for s in range(shards)]
+  for _ in range(steps):
+    want = next(one)
+    got = [next(it) for it in per_shard]
+    assert all(len(g["frame_index"]) == batch_size for g in got)
+    for key in ("frame_index", "camera_index"):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], err_msg=key)
+
+
 def test_shuffle_is_deterministic_and_epochs_differ(tiny_capture):
   a = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=3), range(6))]
   b = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=3), range(6))]

@@ -359,48 +359,6 @@ def test_silent_process_is_declared_dead_after_the_heartbeat_timeout():
 
 
 # ----------------------------------------------------------------------------------------------- the worker
-def _rows_of_global_batches():
-  """Makes every process's train iterator yield its rows of the global batches a 1-process run reads.
-
-  ``lipflow_jax.data.input_pipeline.make_iterator`` shards the records into contiguous per-process ranges and
-  shuffles within each, so the global batch of a step depends on the process count, and 2 x 2 cannot equal 1 x 4
-  step by step. Here each process reads the one-process order (shard 0 of 1, global batch size) and keeps rows
-  [p * B / n, (p + 1) * B / n) of every global batch: the process-count-invariant order that the input pipeline
-  should provide itself (see the multi-host report). Test-only: every process reads every record.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from lipflow_jax.data import input_pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
-  from lipflow_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
-
-  class Rows:
-
-    def __init__(self, it, start, stop):
-      self._it, self._rows = it, slice(start, stop)
-
-    def __iter__(self):
-      return self
-
-    def __next__(self):
-      return {k: v[self._rows] for k, v in next(self._it).items()}
-
-    def get_state(self):
-      return self._it.get_state()
-
-    def set_state(self, state):
-      self._it.set_state(state)
-
-  def make_iterator(source, meta, *, batch_size, seed, shuffle, num_epochs, split, train_cameras_only,
-                    worker_count=0, drop_remainder=True):
-    n, p = jax.process_count(), jax.process_index()
-    it = data_pipeline.make_iterator(
-        source, meta, batch_size=batch_size * n, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        shard_index=0, shard_count=1, drop_remainder=drop_remainder, worker_count=worker_count, split=split,
-        cameras=meta.train_cameras if train_cameras_only else None)
-    return Rows(it, p * batch_size, (p + 1) * batch_size)
-
-  input_pipeline.make_iterator = make_iterator
-
-
 def _worker(mode, args):
   """Entry point of the child processes."""
   if mode == 'echo':  # launch/local.sh check: no JAX needed
@@ -410,8 +368,7 @@ def _worker(mode, args):
   if mode == 'fail_one':
     raise SystemExit(3 if os.environ[dist.ENV_PROCESS_ID] == '1' else 0)
 
-  if mode == 'train_global_order':  # the real entry point, with the input fix described in _rows_of_global_batches
-    _rows_of_global_batches()
+  if mode == 'train_global_order':  # the real entry point (its input pipeline walks one process-count-free order)
     from absl import app  # pylint: disable=g-import-not-at-top
     from lipflow_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
     app.run(train_main.main, argv=['lipflow_jax.train', *args])

@@ -3,12 +3,16 @@
     sources, meta = load_dataset(data_dir, "synthetic_capture", "default")
     it = make_iterator(sources["train"], meta, batch_size=16, seed=0, cameras=meta.train_cameras)
     batch = next(it)                     # dict of numpy arrays, see ``schema`` for keys and shapes
-    state = it.get_state()               # bytes; save with the checkpoint
+    state = it.get_state()               # a JSON-serialisable dict; save with the checkpoint
     it.set_state(state)                  # resumes with the same batches
 
-Each process reads only its shard of the records (``shard_index``/``shard_count``, default the JAX process);
-shuffling is a deterministic function of ``seed`` and the epoch. Selection of cameras / segments happens
-before sharding, from the record index in ``DatasetMeta.splits`` (no record is read to filter).
+Sharding is process-count invariant: every process walks the same global order of the records (shuffled
+by ``seed``, reshuffled every epoch), cut into global batches of ``batch_size * shard_count`` rows, and
+process ``p`` takes rows ``[p * batch_size, (p + 1) * batch_size)`` of each. The step-k batches of the
+processes, concatenated in process order, are the step-k batch of a one-process run with batch size
+``batch_size * shard_count`` (same seed), and each process reads (loads) only the records it yields.
+Selection of cameras / segments happens before this, from the record index in ``DatasetMeta.splits``
+(no record is read to filter).
 """
 
 from __future__ import annotations
@@ -110,19 +114,27 @@ def make_iterator(source, meta: schema.DatasetMeta, *, batch_size: int, seed: in
     source: a TFDS data source (``load_dataset(...)[0]['train']``) or any random-access source of stored
       examples.
     meta: the dataset's ``DatasetMeta``.
-    batch_size: per-process batch size.
-    seed: shuffling seed (32-bit, >= 0); the order is a pure function of (seed, epoch, shard).
-    shuffle: global shuffle (within this process's shard) every epoch.
+    batch_size: per-process batch size B; the global batch is G = B * shard_count rows.
+    seed: shuffling seed (32-bit, >= 0); the global order is a pure function of (seed, epoch), the same on
+      every process and for every ``shard_count``.
+    shuffle: shuffle the global order every epoch (a new permutation per epoch); False: record order.
     num_epochs: None = repeat forever.
     shard_index / shard_count: this process's shard (default ``jax.process_index()`` / ``jax.process_count()``).
-      Shards split the records in contiguous ranges whose sizes differ by at most one, so over the shards
-      every record is seen exactly once per epoch.
-    drop_remainder: drop the last incomplete batch (of an epoch when ``num_epochs`` is finite).
-    worker_count: grain worker processes (0: in this process).
+      Each epoch's global order is cut into global batches of G rows; shard p yields rows [p*B, (p+1)*B) of
+      each, so concatenating the shards' step-k batches in shard order gives the step-k batch of a one-shard
+      iterator with ``batch_size=G``. Exactly once per epoch: every record of the epoch's order that falls in
+      a kept global batch is yielded (and read) by exactly one shard, once; no record is yielded twice.
+    drop_remainder: True: the last N mod G records of each epoch's order (N records, at most G - 1; different
+      records every epoch when shuffling) are dropped, by every shard, so every step has a full global batch.
+      False: the last, incomplete global batch (N mod G rows) is kept and split the same way, so every record
+      is used each epoch; then shard p's last batch of the epoch holds its rows of it (fewer than B, or no
+      batch at all when N mod G <= p*B), and shards may yield different numbers of batches.
+    worker_count: grain worker processes (0: read with threads in this process).
     split: 'train' / 'test' (default: the source's own split); needed with ``cameras`` / ``segments``.
     cameras / segments: keep only these dome cameras / segments (names), e.g. ``meta.train_cameras``.
   Returns:
-    A ``grain.DataLoader`` iterator: ``next(it)``, ``it.get_state()``, ``it.set_state(state)``.
+    A grain ``DatasetIterator``: ``next(it)``, ``it.get_state()`` (a JSON-serialisable dict),
+    ``it.set_state(state)``.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -132,17 +144,27 @@ def make_iterator(source, meta: schema.DatasetMeta, *, batch_size: int, seed: in
   shard_count = jax.process_count() if shard_count is None else int(shard_count)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  if len(source) < shard_count:
-    raise ValueError(f"{len(source)} records cannot be split into {shard_count} shards")
-  sampler = grain.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=False),
-      shuffle=shuffle, num_epochs=num_epochs, seed=int(seed) if shuffle else None)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[Normalize(meta), grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder)],
-      worker_count=worker_count)
-  return iter(loader)
+  num_records, global_batch = len(source), batch_size * shard_count
+  # Every transformation below maps index (epoch * len + i) of its output to the same epoch of its parent, so
+  # the final repeat() walks epoch after epoch of the shuffle (reseeded per epoch) with per-epoch batching.
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed))
+  if drop_remainder:
+    ds = ds[:num_records - num_records % global_batch]  # the epoch's whole global batches
+  # Batches of B within each epoch (only its last one can be short); every shard_count-th of them, from
+  # shard_index on, are this shard's rows of the global batches: records are read only for those.
+  ds = ds.map(Normalize(meta)).batch(batch_size, drop_remainder=False)
+  ds = ds[shard_index::shard_count]
+  if len(ds) == 0 and num_epochs is None:
+    raise ValueError(f"shard {shard_index} of {shard_count} gets no batch of {batch_size} out of "
+                     f"{num_records} records")
+  if num_epochs is None or num_epochs > 1:
+    ds = ds.repeat(num_epochs)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=8))  # batches read ahead
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it_ds)
 
 
 def make_train_iterator(source, meta: schema.DatasetMeta, **kwargs):
