@@ -58,8 +58,8 @@ def get_config(arg=None):
   # ------------------------------------------------------------------------------------------ training
   steps = {'dam': 30, 'lipflow': 30, 'conditional_gaussian': 30, 'flow': 20, 'regressor': 30,
            'direct_keypoints': 20, 'direct_hmc': 20} if tiny else {
-               'dam': 900, 'lipflow': 900, 'conditional_gaussian': 700, 'flow': 300, 'regressor': 500,
-               'direct_keypoints': 400, 'direct_hmc': 400}
+               'dam': 1500, 'lipflow': 1500, 'conditional_gaussian': 600, 'flow': 200, 'regressor': 400,
+               'direct_keypoints': 300, 'direct_hmc': 300}
   overrides = dict(eval_every=0, image_every=0, log_every=10 if tiny else 50,
                    checkpoint_every=1000000, keep_checkpoints=1)
   config.models = ml_collections.ConfigDict()

@@ -139,6 +139,7 @@ def tiny_demo(tiny_capture, tmp_path_factory):
   return workdir, config, main.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_report(tiny_demo):
   workdir, config, rep = tiny_demo
   with open(os.path.join(workdir, "report.json")) as f:
@@ -163,6 +164,7 @@ def test_tiny_end_to_end_report(tiny_demo):
   assert gif.n_frames == config.eval.gif_frames
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
   workdir, config, rep = tiny_demo
   from lipflow_jax import main  # pylint: disable=g-import-not-at-top
