@@ -15,7 +15,7 @@ Kinds: 'lipflow' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow pr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +87,13 @@ def build_model(model_config: Mapping[str, Any], sizes: Mapping[str, Any]) -> mo
 
 
 def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None,
-                 render_images: bool = True, render_max_size: int = 256) -> Task:
+                 render_images: bool = True, render_max_size: int = 256,
+                 screen_settings: Optional[Mapping[str, Any]] = None) -> Task:
   """Task of a ``LipFlowModel`` trained with ``models.model_loss``.
+
+  With a 'screen' loss weight > 0 the loss adds ``weight * screen_loss`` (the decoded avatar soft-rendered into
+  each example's camera at the photo's size, masked MSE against the photo); this needs the dataset's mesh
+  topology in ``meta``. ``screen_settings`` overrides ``SCREEN_RASTER_DEFAULTS`` (``RasterSettings`` fields).
 
   Image summaries (first example of the batch, z = posterior mean): the decoded texture beside the target
   (unobserved texels black), and with ``render_images`` (needs the dataset's mesh topology in ``meta``) the
@@ -96,6 +101,20 @@ def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float
   """
   weights = dict(loss_weights)
   renderer = _make_renderer(meta, render_max_size) if render_images else None
+  screen_loss_fn = None
+  screen_w = weights.get('screen', 0.0)
+  if screen_w is not None and float(screen_w) > 0:
+    topology = mesh_topology(meta)
+    if topology is None:
+      raise ValueError("A 'screen' loss weight > 0 needs the dataset's mesh topology in meta (faces, uvs, "
+                       "uv_faces, vert_mean, vert_std) and lipflow_jax.render.")
+    raster_kwargs = dict(SCREEN_RASTER_DEFAULTS, **dict(screen_settings or {}))
+
+    def screen_loss_fn(outputs, batch):
+      settings = screen_raster_settings(batch['image'].shape[-3:-1], **raster_kwargs)
+      return screen_loss(outputs, batch, topology=topology, settings=settings, meta=meta)
+  elif screen_w is not None and float(screen_w) < 0:
+    raise ValueError(f"The 'screen' loss weight must be >= 0, got {screen_w}")
 
   def init_params(rng, batch):
     k1, k2 = jax.random.split(rng)
@@ -103,7 +122,7 @@ def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float
 
   def loss_fn(params, frozen, batch, rng):
     del frozen
-    return models.model_loss(model, params, batch, rng, weights=weights)
+    return models.model_loss(model, params, batch, rng, weights=weights, screen_loss_fn=screen_loss_fn)
 
   def images_fn(params, frozen, batch):
     del frozen
@@ -121,22 +140,92 @@ def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float
   return Task(model=model, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn)
 
 
-def _make_renderer(meta, max_size: int):
-  """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3] render | photo,
-  or None when ``meta`` lacks the topology or the renderer is unavailable."""
+class MeshTopology(NamedTuple):
+  """The dataset's mesh: faces [F, 3] int32, uvs [U, 2], uv_faces [F, 3] int32, and the vertex normalisation
+  (vert_mean [V, 3], vert_std scalar) that maps the model's normalised vertices back to world units."""
+  faces: np.ndarray
+  uvs: np.ndarray
+  uv_faces: np.ndarray
+  vert_mean: np.ndarray
+  vert_std: np.float32
+
+  def denormalize(self, verts):
+    """Normalised vertices [..., V, 3] -> world units."""
+    return verts * self.vert_std + self.vert_mean
+
+
+def mesh_topology(meta) -> Optional[MeshTopology]:
+  """``MeshTopology`` from the dataset meta, or None when it lacks a field or the renderer is unavailable."""
   needed = ('faces', 'uvs', 'uv_faces', 'vert_mean', 'vert_std')
   if meta is None or any(_meta_get(meta, n) is None for n in needed):
     return None
   try:
-    from lipflow_jax import geometry  # pylint: disable=g-import-not-at-top
-    from lipflow_jax import render  # pylint: disable=g-import-not-at-top
+    from lipflow_jax import render  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return None
-  faces = np.asarray(meta.faces, np.int32)
-  uvs = np.asarray(meta.uvs, np.float32)
-  uv_faces = np.asarray(meta.uv_faces, np.int32)
-  vert_mean = np.asarray(meta.vert_mean, np.float32)
-  vert_std = np.float32(meta.vert_std)
+  return MeshTopology(faces=np.asarray(_meta_get(meta, 'faces'), np.int32),
+                      uvs=np.asarray(_meta_get(meta, 'uvs'), np.float32),
+                      uv_faces=np.asarray(_meta_get(meta, 'uv_faces'), np.int32),
+                      vert_mean=np.asarray(_meta_get(meta, 'vert_mean'), np.float32),
+                      vert_std=np.float32(_meta_get(meta, 'vert_std')))
+
+
+# Soft rasterisation for the screen loss (pixels): K faces per pixel blended, coverage width sigma. The blur radius
+# is kept at 1 px (not derived from sigma, ~3.8 px): the K faces kept per pixel are the nearest in depth among
+# those within the radius, and with a wider one on a dense mesh (the tiny capture: 1008 faces in 32 x 32) they
+# are mostly nearby faces that do not cover the pixel (coverage ~0.02 instead of ~0.35). Check ``overflow``.
+SCREEN_RASTER_DEFAULTS = dict(faces_per_pixel=4, sigma=0.5, blur_radius=1.0, tile_size=8, max_faces_per_tile=256,
+                              cull_backfaces=True)
+
+
+def screen_raster_settings(image_size, **kwargs):
+  """Soft ``RasterSettings`` of the screen loss at ``image_size`` (H, W); kwargs override the defaults."""
+  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
+  return render.RasterSettings(image_size=tuple(int(s) for s in image_size),
+                               **dict(SCREEN_RASTER_DEFAULTS, **kwargs))
+
+
+def render_batch(verts, texture, camera_K, camera_Rt, *, topology: MeshTopology, settings):
+  """Normalised verts [B, V, 3] and [0, 1] textures [B, T, T, 3] rendered into cameras K [B, 3, 3],
+  Rt [B, 3, 4] -> ``render.Rendered`` with a leading batch axis (rgb [B, H, W, 3])."""
+  from lipflow_jax import geometry  # pylint: disable=g-import-not-at-top
+  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
+
+  def one(v, tex, K, Rt):
+    return render.render_mesh(topology.denormalize(v), topology.faces, topology.uvs, topology.uv_faces, tex,
+                              geometry.Camera(K=K, Rt=Rt), settings)
+
+  return jax.vmap(one)(verts, texture, camera_K, camera_Rt)
+
+
+def screen_loss(outputs, batch, *, topology: MeshTopology, settings, meta=None, eps: float = 1e-6):
+  """Masked MSE between the decoded avatar rendered into each example's camera and the example's photo.
+
+  Args:
+    outputs: the model's outputs; reads ``verts`` [B, V, 3] (normalised) and ``tex`` [B, T, T, 3] (normalised,
+      mapped to [0, 1] colours by ``tex_to_rgb`` with ``meta``).
+    batch: reads ``image`` [B, H, W, 3] in [0, 1], ``image_mask`` [B, H, W, 1], ``camera_K``, ``camera_Rt``.
+    topology: ``MeshTopology`` of the dataset.
+    settings: ``RasterSettings`` at the photo's size (soft, for gradients w.r.t. the vertices).
+    meta: dataset meta (texture mean/std) for ``tex_to_rgb``.
+  Returns:
+    sum(mask * (render - photo)^2) / (3 * sum(mask) + eps), a scalar.
+  """
+  rendered = render_batch(outputs['verts'], tex_to_rgb(outputs['tex'], meta), batch['camera_K'],
+                          batch['camera_Rt'], topology=topology, settings=settings)
+  image = batch['image'].astype(rendered.rgb.dtype)
+  mask = batch['image_mask'].astype(rendered.rgb.dtype)
+  return jnp.sum(mask * jnp.square(rendered.rgb - image)) / (jnp.sum(mask) * image.shape[-1] + eps)
+
+
+def _make_renderer(meta, max_size: int):
+  """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3] render | photo,
+  or None when ``meta`` lacks the topology or the renderer is unavailable."""
+  topology = mesh_topology(meta)
+  if topology is None:
+    return None
+  from lipflow_jax import geometry  # pylint: disable=g-import-not-at-top
+  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
 
   def renderer(verts, texture, K, Rt, photo):
     h, w = photo.shape[:2]
@@ -144,8 +233,8 @@ def _make_renderer(meta, max_size: int):
     size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
     K = jnp.diag(jnp.array([size[1] / w, size[0] / h, 1.0], jnp.float32)) @ K
     settings = render.RasterSettings.hard(size, tile_size=8, max_faces_per_tile=256, cull_backfaces=True)
-    out = render.render_mesh(verts * vert_std + vert_mean, faces, uvs, uv_faces, texture,
-                             geometry.Camera(K=K, Rt=Rt), settings)
+    out = render.render_mesh(topology.denormalize(verts), topology.faces, topology.uvs, topology.uv_faces,
+                             texture, geometry.Camera(K=K, Rt=Rt), settings)
     photo = jax.image.resize(photo, size + photo.shape[-1:], 'linear') if size != (h, w) else photo
     return jnp.concatenate([out.rgb, photo], axis=1)
 
