@@ -291,3 +291,23 @@ def test_fit_config_rejects_bad_arguments():
     fit.FitConfig(prior="gaussian", space="y")
   with pytest.raises(ValueError):
     fit.FitConfig(num_steps=5, warm_steps=6)
+
+
+class _ToyRegressor(nn.Module):
+  """Maps a condition batch to codes (stands in for ``models.Regressor``)."""
+
+  @nn.compact
+  def __call__(self, batch):
+    kp, valid = jax.vmap(fit.sanitize_keypoints)(batch["keypoints"], batch.get("keypoints_visible"))
+    return nn.Dense(Z)((kp * valid[..., None] / 100.0).reshape(kp.shape[0], -1))
+
+
+def test_regressor_initialisation(toy):
+  bundle, _, obs = toy
+  reg = _ToyRegressor()
+  reg_vars = reg.init(jax.random.PRNGKey(3), obs)
+  b = bundle.replace(regressors=(("keypoints", reg),), regressor_variables={"keypoints": reg_vars})
+  res = fit.fit_latents(b, obs, method="dam", init="regressor", num_steps=0)
+  np.testing.assert_allclose(res.z, reg.apply(reg_vars, obs), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError):
+    fit.fit_latents(bundle, obs, method="dam", init="regressor", num_steps=0)
