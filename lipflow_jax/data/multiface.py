@@ -616,6 +616,17 @@ class MultifaceEntity:
       Rts.append(Rt.astype(np.float32))
     return np.stack(crops), np.stack(Ks).astype(np.float32), np.stack(Rts)
 
+  def _check_photo_size(self, photo, seg, cam, fr):
+    if photo.shape[:2] != tuple(self.native_size):
+      raise MultifaceFormatError(f"{image_path(self.root, seg, cam, fr)}: photo is {photo.shape[:2]}, "
+                                 f"expected {self.native_size}")
+
+  def _photo(self, seg, cam, fr):
+    """This camera's photo of the frame, checked against the entity's native image size."""
+    photo = read_png(image_path(self.root, seg, cam, fr), "photo")
+    self._check_photo_size(photo, seg, cam, fr)
+    return photo
+
   def frame_examples(self, frame_index: int, rng: np.random.RandomState) -> Iterator[Tuple[int, dict]]:
     """Yields (camera_index, stored example) for one frame; bad files raise or are skipped and counted."""
     o = self.options
@@ -627,12 +638,11 @@ class MultifaceEntity:
       avg = _resize_texture(avg, self.texture_size)
       photos = {}
       hmc, hmc_K, hmc_Rt = self._hmc(seg, fr, pose, photos)
-      if self.frontal_camera not in photos:
-        photos[self.frontal_camera] = read_png(image_path(self.root, seg, self.frontal_camera, fr), "photo")
-      frontal_photo = photos[self.frontal_camera]
-      if frontal_photo.shape[:2] != tuple(self.native_size):
-        raise MultifaceFormatError(f"{image_path(self.root, seg, self.frontal_camera, fr)}: photo is "
-                                   f"{frontal_photo.shape[:2]}, expected {self.native_size}")
+      frontal_photo = photos.get(self.frontal_camera)
+      if frontal_photo is None:
+        frontal_photo = self._photo(seg, self.frontal_camera, fr)
+      else:
+        self._check_photo_size(frontal_photo, seg, self.frontal_camera, fr)
     except (MultifaceFormatError, OSError) as e:
       self._bad(e, f"frame {seg}/{fr} (all cameras)")
       return
@@ -663,10 +673,7 @@ class MultifaceEntity:
       try:
         tex = _resize_texture(texture_from_png(read_png(tex_path(self.root, seg, cam, fr), "texture")),
                               self.texture_size)
-        photo = read_png(image_path(self.root, seg, cam, fr), "photo")
-        if photo.shape[:2] != tuple(self.native_size):
-          raise MultifaceFormatError(f"{image_path(self.root, seg, cam, fr)}: photo is {photo.shape[:2]}, "
-                                     f"expected {self.native_size}")
+        photo = self._photo(seg, cam, fr)
       except (MultifaceFormatError, OSError) as e:
         self._bad(e, f"frame {seg}/{fr} camera {cam}")
         continue
