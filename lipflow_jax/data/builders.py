@@ -76,8 +76,9 @@ class SyntheticCaptureConfig(tfds.core.BuilderConfig):
 class SyntheticCapture(_Builder):
   """A procedural person captured in a virtual dome (no download). Configs: ``tiny`` (tests), ``default``."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "A validation split (held-out segment); default: all 18 train segments."}
   BUILDER_CONFIGS = [
       SyntheticCaptureConfig(name=name, capture=cfg,
                              description=f"{cfg.num_frames} frames x {cfg.num_cameras} cameras, "
@@ -101,11 +102,12 @@ class SyntheticCapture(_Builder):
     self._stats = stats_lib.NormStats()
     self._keys = {}
     self._overflow = 0
-    return {"train": self._generate_examples(split="train"), "test": self._generate_examples(split="test")}
+    splits = ("train", "test") + (("validation",) if self.builder_config.capture.validation_segments else ())
+    return {s: self._generate_examples(split=s) for s in splits}
 
   def _generate_examples(self, split):
     cap = self._capture
-    frames = [i for i in range(cap.num_frames) if cap.is_test_frame(i) == (split == "test")]
+    frames = [i for i in range(cap.num_frames) if cap.split_of(i) == split]
     names = cap.rig.names
     keys = self._keys.setdefault(split, [])
     # Render the next frame on a worker thread while this one is serialised (JAX releases the GIL).

@@ -44,8 +44,10 @@ class CaptureConfig:
     num_cameras: dome cameras; ``num_test_cameras`` of them are held out (novel-view evaluation).
     image_size: (H, W) of the dome images; ``frontal_size`` of the keypoint camera; ``image_frontal_size``
       of the stored low-resolution frontal image; ``hmc_size`` (h, w) of the headset crops.
-    train_segments / test_segments: segment names (themes in ``capture_script.SEGMENTS``).
-    frames_per_segment / test_frames_per_segment: frames of each train / test segment.
+    train_segments / test_segments / validation_segments: segment names (train themes in
+      ``capture_script.SEGMENTS``; held-out segments mix every factor). The validation segments form a
+      third split for choosing fitting settings (e.g. the prior weight) without looking at the test split.
+    frames_per_segment / test_frames_per_segment: frames of each train / held-out segment.
     keypoint_noise_px: std of the keypoint detector noise (pixels of the frontal camera).
     keypoint_dropout: probability that a keypoint is missed by the detector.
     hmc_noise: std of the headset sensor noise (on [0, 1] grey values).
@@ -62,8 +64,9 @@ class CaptureConfig:
   frontal_size: Tuple[int, int] = (128, 128)
   image_frontal_size: Tuple[int, int] = (64, 64)
   hmc_size: Tuple[int, int] = (32, 32)
-  train_segments: Tuple[str, ...] = tuple(capture_script.SEGMENTS)[:14]
+  train_segments: Tuple[str, ...] = tuple(capture_script.SEGMENTS)
   test_segments: Tuple[str, ...] = capture_script.TEST_SEGMENTS
+  validation_segments: Tuple[str, ...] = capture_script.VALIDATION_SEGMENTS
   frames_per_segment: int = 12
   test_frames_per_segment: int = 16
   keypoint_noise_px: float = 1.5
@@ -79,7 +82,7 @@ class CaptureConfig:
   @property
   def num_frames(self) -> int:
     return (len(self.train_segments) * self.frames_per_segment
-            + len(self.test_segments) * self.test_frames_per_segment)
+            + (len(self.test_segments) + len(self.validation_segments)) * self.test_frames_per_segment)
 
 
 CONFIGS = {
@@ -87,9 +90,11 @@ CONFIGS = {
     "tiny": CaptureConfig(grid=(22, 25), texture_size=32, num_cameras=6, num_test_cameras=2, image_size=(32, 32),
                           frontal_size=(32, 32), image_frontal_size=(16, 16), hmc_size=(32, 32),
                           train_segments=("E002_Jaw_Open", "E006_Pucker", "E009_Blink"),
-                          test_segments=("EXP_ROM_01",), frames_per_segment=4, test_frames_per_segment=4,
+                          test_segments=("EXP_ROM_01",), validation_segments=("V001_free_face",),
+                          frames_per_segment=4, test_frames_per_segment=4,
                           keypoint_noise_px=0.5, max_azimuth_degrees=50.0),
-    # CPU default: 200 frames x 40 cameras; about a minute or two to build.
+    # CPU default: 264 frames (18 train segments x 12, 2 test + 1 validation segment x 16) x 40 cameras; about
+    # two minutes to build.
     "default": CaptureConfig(),
 }
 
@@ -269,7 +274,8 @@ class Capture:
                                 seed=c.seed)
     self.script = capture_script.make_script(c.train_segments, c.test_segments, c.frames_per_segment,
                                              c.test_frames_per_segment, seed=c.seed + 1,
-                                             jitter_deg=c.pose_jitter_deg, jitter_mm=c.pose_jitter_mm)
+                                             jitter_deg=c.pose_jitter_deg, jitter_mm=c.pose_jitter_mm,
+                                             validation_segments=c.validation_segments)
     self.texel_map = uv_raster.rasterize_uv(self.head.uvs, self.head.faces, c.texture_size)
     self.test_cameras = test_camera_indices(c.num_cameras, c.num_test_cameras)
     self.train_cameras = [i for i in range(c.num_cameras) if i not in self.test_cameras]
@@ -293,6 +299,13 @@ class Capture:
 
   def is_test_frame(self, frame_index: int) -> bool:
     return self.segment_name(frame_index) in self.config.test_segments
+
+  def split_of(self, frame_index: int) -> str:
+    """'train', 'test' or 'validation'."""
+    name = self.segment_name(frame_index)
+    if name in self.config.test_segments:
+      return "test"
+    return "validation" if name in self.config.validation_segments else "train"
 
   def render(self, frame_index: int) -> Dict[str, np.ndarray]:
     """Renders frame ``frame_index`` from every camera and applies the run-time signal models.

@@ -42,6 +42,8 @@ SEGMENTS = {
     "E018_Mixed": ("all",),
 }
 TEST_SEGMENTS = ("EXP_ROM_01", "EXP_free_face")
+# Held out like the test segments (all factors at random) but used only to choose fitting settings.
+VALIDATION_SEGMENTS = ("V001_free_face",)
 TEST_SEGMENT_PREFIXES = ("EXP_ROM", "EXP_free_face")
 
 
@@ -161,14 +163,16 @@ def head_poses(rng: np.random.RandomState, n_frames: int, jitter_deg: float, jit
 
 def make_script(train_segments: Sequence[str], test_segments: Sequence[str], frames_per_segment: int,
                 test_frames_per_segment: int, seed: int, jitter_deg: float = 2.5,
-                jitter_mm: float = 4.0) -> Script:
-  """The whole capture: train segments (themes from ``SEGMENTS``) then test segments (all factors)."""
+                jitter_mm: float = 4.0, validation_segments: Sequence[str] = ()) -> Script:
+  """The whole capture: train segments (themes from ``SEGMENTS``), then test segments, then validation
+  segments (both held out: all factors, ``test_frames_per_segment`` frames each)."""
   rng = np.random.RandomState(seed)
-  segs = tuple(train_segments) + tuple(test_segments)
+  held_out = tuple(test_segments) + tuple(validation_segments)
+  segs = tuple(train_segments) + held_out
   factors, poses, seg_idx, names = [], [], [], []
   frame = 100
   for s, name in enumerate(segs):
-    n = test_frames_per_segment if name in test_segments else frames_per_segment
+    n = test_frames_per_segment if name in held_out else frames_per_segment
     theme = SEGMENTS.get(name, ("all",))
     factors.append(segment_factors(rng, theme, n))
     poses.append(head_poses(rng, n, jitter_deg, jitter_mm))

@@ -248,13 +248,16 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
 
   Args:
     capture: ``capture.Capture``; out_dir: the entity directory to create.
-    frames: frame indices to export (default all).
+    frames: frame indices to export (default: the train and test frames; Multiface's layout has no validation
+      split, so validation frames are left out unless listed).
   Returns:
     {'frames': [(segment, frame)], 'renders': {frame_index: render dict}} for checking.
   """
   os.makedirs(out_dir, exist_ok=True)
   head, rig, script = capture.head, capture.rig, capture.script
-  frames = list(range(capture.num_frames)) if frames is None else list(frames)
+  if frames is None:
+    frames = [i for i in range(capture.num_frames) if capture.split_of(i) != "validation"]
+  frames = list(frames)
   cams = {n: geometry.Camera(K=rig.K[i], Rt=rig.Rt[i]) for i, n in enumerate(rig.names)}
   geometry.write_krt(os.path.join(out_dir, "KRT"), cams)
   listed, renders = [], {}
