@@ -79,8 +79,8 @@ def get_config(arg=None):
       num_steps=40 if tiny else 200, lr=0.05, schedule='cosine', objective_options=dict(robust='huber', scale=2.0)))
   config.fit.hmc = ml_collections.ConfigDict(dict(
       num_steps=15 if tiny else 40, lr=0.05, schedule='cosine', objective_options=dict()))
-  # lambda_prior per (fit method, input): the weight of -log p(z | c) against the observation term (one value
-  # per input for every method; see the report's notes for the sweep it was chosen from).
+  # lambda_prior per (fit method, input): the weight of -log p(z | c) against the observation term. These are
+  # the values used when there is no validation split; with one, ``tune`` chooses them (below).
   config.fit.lambda_prior = ml_collections.ConfigDict(dict(
       dam=dict(keypoints=0.01, hmc=1e-5),
       lipflow=dict(keypoints=0.01, hmc=1e-5),
@@ -89,6 +89,16 @@ def get_config(arg=None):
   # z with -log p(z | c) (there the sharp learned prior holds the fit near its mode).
   config.fit.space = 'y'
   config.fit.sequence_warm_steps = 20 if tiny else 60
+
+  # ------------------------------------------------------------------------------------------ tuning
+  # lambda_prior of every fitted method and input: the grid value with the lowest geometry error on
+  # ``max_frames`` frames of the validation split (held-out segments that are not the test split).
+  config.tune = ml_collections.ConfigDict()
+  config.tune.split = 'validation'
+  config.tune.max_frames = 2 if tiny else 8
+  config.tune.lambda_grid = ml_collections.ConfigDict(dict(
+      keypoints=(1e-4, 1e-3, 1e-2, 1e-1) if not tiny else (1e-2, 1e-1),
+      hmc=(1e-5, 1e-4, 1e-3, 1e-2) if not tiny else (1e-5, 1e-3)))
 
   # ------------------------------------------------------------------------------------------ evaluation
   config.eval = ml_collections.ConfigDict()

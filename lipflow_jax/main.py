@@ -6,6 +6,7 @@ r"""The whole pipeline: data -> train every model -> fit -> evaluate -> report.
 Workdir layout:
   config.json                 the resolved demo config
   models/<name>/              one ``lipflow_jax.train`` workdir per model (DONE.json once finished)
+  tuning.json                 lambda_prior per fitted method and input, chosen on the validation split
   fits/<method>_<input>.npz   codes, timings and per-frame metrics of each evaluated method (cache)
   report.json, report.md      the results table (see ``lipflow_jax.evaluate.report``)
   figures/*.png, figures/sequence.gif
@@ -140,17 +141,69 @@ def load_bundles(workdirs: Dict[str, str], meta) -> Dict[str, fit.ModelBundle]:
 
 
 # ------------------------------------------------------------------------------------------------ fitting
-def fit_options(config, method: str, input: str) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
-  """``fit.fit_config`` overrides of a fitted report method for an input."""
+def fit_options(config, method: str, input: str, lambdas=None) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
+  """``fit.fit_config`` overrides of a fitted report method for an input; ``lambdas`` {fit method: {input:
+  lambda_prior}} (from ``tune_lambda_prior``) override ``config.fit.lambda_prior``."""
   fit_method = FIT_METHODS[method]
   opts = dict(_plain(config.fit[input]))
-  opts["lambda_prior"] = float(config.fit.lambda_prior[fit_method][input])
+  opts["lambda_prior"] = float((lambdas or _plain(config.fit.lambda_prior))[fit_method][input])
   if fit_method == "lipflow":
     opts["space"] = config.fit.get("space", "z")
   return opts
 
 
-def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str]):
+# ------------------------------------------------------------------------------------------------ tuning
+def tune_lambda_prior(config, bundles, builder, meta, workdir: str, model_keys: Dict[str, str]):
+  """lambda_prior of every fitted method and input, chosen on the validation split (never the test split).
+
+  For each value of ``config.tune.lambda_grid[input]`` the method fits ``config.tune.max_frames`` validation
+  frames; the value with the lowest mean geometry error wins (ties: the first). Without a grid or a validation
+  split the values of ``config.fit.lambda_prior`` are used as given. Cached in ``workdir/tuning.json``.
+
+  Returns:
+    (lambdas {fit method: {input: value}}, sweep rows [{method, input, lambda_prior, geometry_error, obs_loss}]).
+  """
+  lambdas = {m: dict(v) for m, v in _plain(config.fit.lambda_prior).items()}
+  tune = config.get("tune")
+  split = tune.get("split") if tune else None
+  if not tune or not tune.get("lambda_grid") or split not in meta.splits:
+    log(f"lambda_prior not tuned (no {split!r} split or no grid): using config.fit.lambda_prior")
+    return lambdas, []
+  from lipflow_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+  val = evaluate.load_eval_set(input_pipeline.open_split(builder, split), meta, split, max_frames=tune.max_frames,
+                               cameras=list(meta.camera_names)[:1])
+  jobs = [(m, i) for i in config.eval.inputs for m in config.eval.methods if m in FIT_METHODS]
+  key = fingerprint(_plain(config.fit), _plain(tune), val["frame_index"].tolist(), jobs,
+                    sorted((k, v) for k, v in model_keys.items()))
+  path = os.path.join(workdir, "tuning.json")
+  if os.path.exists(path) and _read_json(path).get("key") == key:
+    cached = _read_json(path)
+    log(f"lambda_prior: reusing the validation sweep in {path}")
+    return cached["lambdas"], cached["sweep"]
+  obs = evaluate.observations(val)
+  sweep = []
+  for n, (method, inp) in enumerate(jobs):
+    fit_method = FIT_METHODS[method]
+    best = None
+    for lam in tune.lambda_grid[inp]:
+      options = dict(fit_options(config, method, inp), lambda_prior=float(lam))
+      out = evaluate.run_method(method, inp, bundles, obs, {fit_method: options})
+      geo = float(np.mean(evaluate.geometry_errors(out.bundle, jnp.asarray(out.z), jnp.asarray(val["verts"]))))
+      obs_loss = float(np.mean(out.losses["obs"][:, -1]))
+      sweep.append({"method": method, "input": inp, "lambda_prior": float(lam), "geometry_error": geo,
+                    "obs_loss": obs_loss})
+      if best is None or geo < best[1]:
+        best = (float(lam), geo)
+    lambdas[fit_method][inp] = best[0]
+    log(f"[tune {n + 1}/{len(jobs)}] {method} / {inp}: lambda_prior {best[0]:g} (validation geometry "
+        f"{best[1]:.3f}; grid " + ", ".join(f"{r['lambda_prior']:g}: {r['geometry_error']:.3f}" for r in sweep
+                                           if r["method"] == method and r["input"] == inp) + ")")
+  _write_json(path, {"key": key, "split": split, "frames": val["frame_index"].tolist(), "lambdas": lambdas,
+                     "sweep": sweep})
+  return lambdas, sweep
+
+
+def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], lambdas=None):
   """Codes and per-frame metrics of every (method, input), cached in ``workdir/fits``."""
   obs = evaluate.observations(eval_set)
   frames_key = fingerprint(eval_set["frame_index"].tolist(), eval_set["camera_index"].tolist())
@@ -158,7 +211,7 @@ def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: D
   jobs = [(m, i) for i in config.eval.inputs for m in config.eval.methods]
   for n, (method, inp) in enumerate(jobs):
     bundle_key = evaluate.METHOD_SPECS[method][0].format(input=inp)
-    options = fit_options(config, method, inp) if method in FIT_METHODS else {}
+    options = fit_options(config, method, inp, lambdas) if method in FIT_METHODS else {}
     key = fingerprint(method, inp, options, frames_key, figure_frames(config, eval_set)[:2].tolist(), model_keys.get(bundle_key, ""),
                       model_keys.get("regressor", "") if method == "dam_regressor" else "")
     path = os.path.join(workdir, "fits", f"{method}_{inp}.npz")
@@ -261,7 +314,8 @@ def make_figures(config, bundles, eval_set, results, meta, settings, workdir: st
   return [os.path.relpath(p, workdir) for p in paths]
 
 
-def make_sequence_gif(config, bundles, source, meta, settings, workdir: str, view_camera: int) -> Optional[str]:
+def make_sequence_gif(config, bundles, source, meta, settings, workdir: str, view_camera: int,
+                      lambdas=None) -> Optional[str]:
   """Fits one held-out sequence frame by frame (warm start) from keypoints with dam_fit and lipflow_fit and
   writes target | ground truth | dam_fit | lipflow_fit as an animated GIF."""
   cols = meta.splits[config.eval.split]
@@ -273,7 +327,7 @@ def make_sequence_gif(config, bundles, source, meta, settings, workdir: str, vie
   renders = {}
   for method in ("dam_fit", "lipflow_fit"):
     bundle = bundles[FIT_METHODS[method]]
-    opts = fit_options(config, method, "keypoints")
+    opts = fit_options(config, method, "keypoints", lambdas)
     opts["warm_steps"] = min(int(config.fit.sequence_warm_steps), int(opts["num_steps"]))
     res = fit.fit_latents(bundle, obs, method=FIT_METHODS[method], input="keypoints", sequence=True, **opts)
     rgb, _ = evaluate.render_batch(fit.decoder_only(bundle), res.z, jnp.asarray(seq["camera_K"]), jnp.asarray(seq["camera_Rt"]),
@@ -319,7 +373,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   timings["load_s"] = time.time() - t0
 
   t0 = time.time()
-  results = run_methods(config, bundles, eval_set, workdir, settings, model_keys)
+  lambdas, sweep = tune_lambda_prior(config, bundles, builder, meta, workdir, model_keys)
+  timings["tune_s"] = time.time() - t0
+
+  t0 = time.time()
+  results = run_methods(config, bundles, eval_set, workdir, settings, model_keys, lambdas)
   timings["fit_eval_s"] = time.time() - t0
   rows = [evaluate.summarize(m, i, {k: results[(m, i)][k] for k in ("geometry_error", "image_mse", "psnr", "ssim")},
                              float(results[(m, i)]["seconds"])) for (m, i) in results]
@@ -329,7 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if config.eval.get("figures", True):
     figs = make_figures(config, bundles, eval_set, results, meta, settings, workdir)
     view_camera = int(eval_set["camera_index"][0, frontal_view(eval_set)])
-    figs.append(make_sequence_gif(config, bundles, source, meta, settings, workdir, view_camera))
+    figs.append(make_sequence_gif(config, bundles, source, meta, settings, workdir, view_camera, lambdas))
     log(f"figures written to {workdir}/figures in {time.time() - t0:.1f} s")
   timings["figures_s"] = time.time() - t0
   timings["total_s"] = time.time() - t_start
@@ -338,8 +396,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   report_config["timings"] = timings
   report_config["eval_frames"] = eval_set["frame_index"].tolist()
   report_config["eval_cameras"] = eval_set["camera_index"][0].tolist()
+  report_config["lambda_prior_used"] = lambdas
+  report_config["lambda_prior_sweep"] = sweep
   notes = ("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) +
            f". fit_ms_per_frame: wall time of producing the codes (jitted, compilation excluded) / frames.")
+  if sweep:
+    notes += ("\n\nlambda_prior chosen on the validation split (lowest geometry error of the fitted codes; "
+              "the test split is not used): " + "; ".join(
+                  f"{m} {i} {lambdas[FIT_METHODS[m]][i]:g}" for m, i in dict.fromkeys((r["method"], r["input"])
+                                                                                   for r in sweep)) + ".")
   report = evaluate.write_report(workdir, rows, report_config, figures=figs, notes=notes)
   log(f"report written to {workdir}/report.md in {timings['total_s']:.1f} s total")
   print(evaluate.markdown_table(report["rows"]), flush=True)

@@ -165,6 +165,27 @@ def test_tiny_end_to_end_report(tiny_demo):
 
 
 @pytest.mark.slow
+def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_capture):
+  workdir, config, rep = tiny_demo
+  with open(os.path.join(workdir, "tuning.json")) as f:
+    tuning = json.load(f)
+  assert tuning["split"] == "validation"
+  val_frames = set(np.asarray(tiny_capture.meta.splits["validation"]["frame_index"]).tolist())
+  test_frames = set(np.asarray(tiny_capture.meta.splits["test"]["frame_index"]).tolist())
+  assert set(tuning["frames"]) <= val_frames and not set(tuning["frames"]) & test_frames
+  fitted = {"dam_fit": "dam", "lipflow_fit": "lipflow", "conditional_gaussian_fit": "conditional_gaussian"}
+  for method, fit_method in fitted.items():
+    for inp in config.eval.inputs:
+      rows = [r for r in tuning["sweep"] if (r["method"], r["input"]) == (method, inp)]
+      assert [r["lambda_prior"] for r in rows] == list(config.tune.lambda_grid[inp])
+      best = min(rows, key=lambda r: r["geometry_error"])["lambda_prior"]
+      assert tuning["lambdas"][fit_method][inp] == best
+      assert rep["config"]["lambda_prior_used"][fit_method][inp] == best
+  # Different weights give different fits (the sweep is not a no-op).
+  assert len({r["geometry_error"] for r in tuning["sweep"]}) > len(fitted)
+
+
+@pytest.mark.slow
 def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
   workdir, config, rep = tiny_demo
   from lipflow_jax import main  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,6 @@
 """Tests of lipflow_jax.fit with a small randomly initialised (fixed) model that follows the model protocol."""
 
+import dataclasses
 import functools
 
 import chex
@@ -252,6 +253,19 @@ def test_jitted_vmapped_fit_equals_per_frame_fit(toy, method, space):
   # One frame at a time through the jitted function gives the same codes as the batch.
   single = fit.fit_latents(bundle, {k: v[1:2] for k, v in obs.items()}, **kw)
   np.testing.assert_allclose(batched.z[1], single.z[0], rtol=1e-4, atol=1e-5)
+
+
+def test_traced_prior_weight_equals_static_one(toy):
+  bundle, _, obs = toy
+  obs = {k: v[:2] for k, v in obs.items() if k.startswith(("keypoints", "frontal"))}
+  cfg = fit.fit_config("lipflow", "keypoints", num_steps=10, lr=0.05, lambda_prior=1.0)
+  for lam in (0.0, 0.3):
+    static = fit.fit_latents(bundle, obs, config=dataclasses.replace(cfg, lambda_prior=lam))
+    traced = fit.fit_jit(bundle, obs, None, cfg, jnp.float32(lam))
+    np.testing.assert_allclose(traced.z, static.z, rtol=1e-5, atol=1e-6)
+  # ... and the weight matters: the two fits differ.
+  assert not np.allclose(fit.fit_jit(bundle, obs, None, cfg, jnp.float32(0.0)).z,
+                         fit.fit_jit(bundle, obs, None, cfg, jnp.float32(0.3)).z, atol=1e-4)
 
 
 def test_sequence_mode_warm_starts_from_previous_frame(toy):

@@ -79,10 +79,17 @@ def render_batch(bundle, z, K, Rt, settings, camera_index=None):
   return jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
 
 
+@jax.jit
+def geometry_errors(bundle, z, verts_gt):
+  """[N] mean per-vertex distance (dataset units) of the meshes decoded from z [N, Z] to ``verts_gt`` [N, V, 3]
+  (normalised, as stored)."""
+  verts = jax.vmap(lambda a: fit.decode_verts(bundle, a))(z)
+  return metrics.geometry_error(verts, fit.denormalize_verts(bundle.meta, verts_gt))
+
+
 @functools.partial(jax.jit, static_argnames=("settings",))
 def _frame_metrics(bundle, z, verts_gt, K, Rt, camera_index, image, mask, settings):
-  verts = jax.vmap(lambda a: fit.decode_verts(bundle, a))(z)
-  geo = metrics.geometry_error(verts, fit.denormalize_verts(bundle.meta, verts_gt))
+  geo = geometry_errors(bundle, z, verts_gt)
   rgb, _ = jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
   m = metrics.image_metrics(rgb, image, mask)  # each [N, C]
   return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}, rgb
@@ -144,9 +151,23 @@ class MethodOutput:
   losses: Optional[Dict[str, np.ndarray]] = None
 
 
-def timed_call(fn: Callable, *args):
-  """Compiles ``fn`` (a jitted function) ahead of time, then times one execution. Returns (out, seconds)."""
-  compiled = fn.lower(*args).compile()
+_COMPILED: Dict[Any, Any] = {}
+
+
+def timed_call(fn: Callable, *args, cache_key=None):
+  """Compiles ``fn`` (a jitted function) ahead of time, then times one execution. Returns (out, seconds).
+
+  With a hashable ``cache_key`` that determines ``fn``, the executable is kept and reused for arguments of the
+  same structure, shapes and dtypes (``jit(...).lower().compile()`` alone compiles again every time).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  key = None if cache_key is None else (cache_key, treedef,
+                                        tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+  compiled = _COMPILED.get(key) if key is not None else None
+  if compiled is None:
+    compiled = fn.lower(*args).compile()
+    if key is not None:
+      _COMPILED[key] = compiled
   t0 = time.perf_counter()
   out = jax.block_until_ready(compiled(*args))
   return out, time.perf_counter() - t0
@@ -199,12 +220,15 @@ def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, 
       options = options[fit_method]
     else:
       options = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    options = dict(options)
+    # The prior weight is a traced argument: fits that differ only in it share one compilation.
+    lambda_prior = jnp.float32(options.pop("lambda_prior", fit.FitConfig.lambda_prior))
     cfg = fit.fit_config(fit_method, input, **options)
     z0 = None
     if cfg.init == "zeros":
       z0 = jnp.zeros((next(iter(obs.values())).shape[0], bundle.latent_dim), jnp.float32)
-    fn = jax.jit(functools.partial(fit.fit_jit, cfg=cfg))
-    res, sec = timed_call(fn, bundle, obs, z0)
+    fn = jax.jit(lambda b, o, z, lam: fit.fit_jit(b, o, z, cfg, lam))
+    res, sec = timed_call(fn, bundle, obs, z0, lambda_prior, cache_key=("fit", cfg))
     return MethodOutput(np.asarray(res.z), bundle, sec, {k: np.asarray(v) for k, v in res.losses.items()})
   if how == "regressor":
     z, sec = timed_call(_regress_jit(input), bundle, obs)

@@ -127,12 +127,14 @@ def loss_terms(v, obs, bundle, cfg: FitConfig):
   return obs_term, prior_term
 
 
-def make_loss(cfg: FitConfig):
-  """The per-frame loss ``(v [Z], obs, bundle) -> (total, (obs_term, prior_term))``."""
+def make_loss(cfg: FitConfig, lambda_prior=None):
+  """The per-frame loss ``(v [Z], obs, bundle) -> (total, (obs_term, prior_term))``; ``lambda_prior`` (a float
+  or a traced scalar) replaces ``cfg.lambda_prior`` when given."""
+  lam = cfg.lambda_prior if lambda_prior is None else lambda_prior
 
   def loss(v, obs, bundle):
     obs_term, prior_term = loss_terms(v, obs, bundle, cfg)
-    return obs_term + cfg.lambda_prior * prior_term, (obs_term, prior_term)
+    return obs_term + lam * prior_term, (obs_term, prior_term)
 
   return loss
 
@@ -144,11 +146,11 @@ def _optimizer(cfg: FitConfig, num_steps: int):
   return optax.adam(lr)
 
 
-def optimize_frame(v0, obs, bundle, cfg: FitConfig, num_steps: Optional[int] = None):
+def optimize_frame(v0, obs, bundle, cfg: FitConfig, num_steps: Optional[int] = None, lambda_prior=None):
   """Adam on one frame, as a ``lax.scan``. v0: [Z] -> (v [Z], traces dict of [num_steps])."""
   num_steps = cfg.num_steps if num_steps is None else num_steps
   opt = _optimizer(cfg, num_steps)
-  grad_fn = jax.value_and_grad(make_loss(cfg), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss(cfg, lambda_prior), has_aux=True)
 
   def step(carry, _):
     v, state = carry
@@ -218,24 +220,24 @@ def _initial(bundle, obs, cfg, z0):
   return (z_init if v0 is None else v0), z_init
 
 
-def _fit_impl(bundle, obs, z0, cfg: FitConfig):
+def _fit_impl(bundle, obs, z0, cfg: FitConfig, lambda_prior=None):
   if _needs_condition(cfg):
     obs = priors_lib.condition_stats(bundle, obs, cfg.condition)
   v0, z_init = _initial(bundle, obs, cfg, z0)
   to_z = jax.vmap(lambda v, o: to_code(bundle, cfg, v, o))
 
   if not cfg.sequence:
-    v, traces = jax.vmap(lambda a, o: optimize_frame(a, o, bundle, cfg))(v0, obs)
+    v, traces = jax.vmap(lambda a, o: optimize_frame(a, o, bundle, cfg, lambda_prior=lambda_prior))(v0, obs)
     return FitResult(z=to_z(v, obs), y=v, losses=traces, init=z_init)
 
   # Sequence mode: frame 0 from its initial value, each later frame from the previous frame's result.
   first = jax.tree_util.tree_map(lambda x: x[0], obs)
   rest = jax.tree_util.tree_map(lambda x: x[1:], obs)
-  v_first, tr_first = optimize_frame(v0[0], first, bundle, cfg)
+  v_first, tr_first = optimize_frame(v0[0], first, bundle, cfg, lambda_prior=lambda_prior)
   warm = cfg.num_steps if cfg.warm_steps is None else cfg.warm_steps
 
   def frame(v_prev, o):
-    v, tr = optimize_frame(v_prev, o, bundle, cfg, num_steps=warm)
+    v, tr = optimize_frame(v_prev, o, bundle, cfg, num_steps=warm, lambda_prior=lambda_prior)
     return v, (v, tr)
 
   _, (v_rest, tr_rest) = jax.lax.scan(frame, v_first, rest)
@@ -247,6 +249,7 @@ def _fit_impl(bundle, obs, z0, cfg: FitConfig):
   return FitResult(z=to_z(v, obs), y=v, losses=traces, init=z_init)
 
 
+# ``lambda_prior`` (a scalar array) overrides ``cfg.lambda_prior`` without a recompilation (prior-weight sweeps).
 fit_jit = jax.jit(_fit_impl, static_argnames=("cfg",))
 
 
