@@ -292,3 +292,27 @@ def test_configs_resolve(name):
   with pytest.raises(ValueError, match='unknown config option'):
     module.get_config('huge')
   assert set(configs_common.VARIANTS) == {'default', 'tiny'}
+
+
+def test_keypoint_augmentation_noise_and_dropout():
+  from lipflow_jax.train import tasks  # pylint: disable=g-import-not-at-top
+  kp = jnp.full((64, 500, 2), 40.0)
+  vis = jnp.ones((64, 500))
+  batch = {'keypoints': kp, 'keypoints_visible': vis, 'verts': jnp.ones((64, 3))}
+  out = tasks.augment_keypoints(batch, jax.random.PRNGKey(0), noise_px=2.0, dropout=0.1)
+  noise = np.asarray(out['keypoints'] - kp)
+  assert abs(noise.mean()) < 0.02 and abs(noise.std() - 2.0) < 0.02  # 64,000 samples: std error ~0.006
+  assert abs(1.0 - float(out['keypoints_visible'].mean()) - 0.1) < 0.005
+  np.testing.assert_array_equal(out['verts'], batch['verts'])
+  assert tasks.augment_keypoints({'verts': kp}, jax.random.PRNGKey(0), 2.0, 0.1).keys() == {'verts'}
+
+  # The wrapped loss sees a fresh augmentation per rng and the same one for the same rng.
+  task = tasks.Task(model=None, init_params=lambda rng, b: {},
+                    loss_fn=lambda p, f, b, rng: (jnp.sum(b['keypoints']), {}))
+  aug = tasks.with_keypoint_augmentation(task, 1.0, 0.0)
+  l1 = aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0]
+  l2 = aug.loss_fn({}, {}, batch, jax.random.PRNGKey(2))[0]
+  assert float(l1) != float(l2) and float(l1) == float(aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0])
+  assert tasks.with_keypoint_augmentation(task, 0.0, 0.0) is task
+  with pytest.raises(ValueError, match='dropout'):
+    tasks.with_keypoint_augmentation(task, 1.0, 1.5)

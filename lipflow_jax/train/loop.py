@@ -91,6 +91,10 @@ def build_task(config, sizes: dict, meta=None) -> tuple[tasks_lib.Task, dict]:
                    'teacher_step': teacher.step, 'teacher_model': _module_fields(teacher.model)}
   else:
     raise ValueError(f"config.task must be 'lipflow' or 'regressor', got {kind!r}")
+  aug = config.get('augment')
+  if aug is not None:
+    task = tasks_lib.with_keypoint_augmentation(task, float(aug.get('keypoint_noise_px', 0.0)),
+                                                float(aug.get('keypoint_dropout', 0.0)))
   return task, description
 
 

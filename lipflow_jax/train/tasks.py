@@ -36,6 +36,43 @@ class Task:
   frozen: PyTree = dataclasses.field(default_factory=dict)
 
 
+# ------------------------------------------------------------------------------------ augmentation
+def augment_keypoints(batch: Mapping[str, Any], rng, noise_px: float = 0.0, dropout: float = 0.0) -> dict:
+  """Fresh detector noise on the run-time keypoints of a training batch.
+
+  Every (frame, camera) example of a frame carries the same keypoints, so without augmentation a keypoint
+  encoder sees one noisy detection per frame and can memorise it. Adds N(0, noise_px^2) pixels to
+  ``keypoints`` [B, P, 2] and marks each keypoint invisible in ``keypoints_visible`` [B, P] with probability
+  ``dropout``; other entries are returned unchanged. A no-op for batches without keypoints.
+  """
+  if 'keypoints' not in batch or (noise_px <= 0 and dropout <= 0):
+    return dict(batch)
+  k_noise, k_drop = jax.random.split(rng)
+  out = dict(batch)
+  kp = batch['keypoints']
+  out['keypoints'] = kp + noise_px * jax.random.normal(k_noise, kp.shape, kp.dtype)
+  if dropout > 0 and 'keypoints_visible' in batch:
+    vis = batch['keypoints_visible']
+    keep = jax.random.bernoulli(k_drop, 1.0 - dropout, vis.shape)
+    out['keypoints_visible'] = jnp.where(keep, vis, jnp.zeros_like(vis))
+  return out
+
+
+def with_keypoint_augmentation(task: Task, noise_px: float, dropout: float) -> Task:
+  """The task with ``augment_keypoints`` applied to every training batch (not to image summaries)."""
+  if noise_px < 0 or not 0 <= dropout < 1:
+    raise ValueError(f'keypoint augmentation needs noise_px >= 0 and 0 <= dropout < 1, got {noise_px}, {dropout}')
+  if noise_px == 0 and dropout == 0:
+    return task
+  loss_fn = task.loss_fn
+
+  def augmented_loss_fn(params, frozen, batch, rng):
+    rng, k = jax.random.split(rng)
+    return loss_fn(params, frozen, augment_keypoints(batch, k, noise_px, dropout), rng)
+
+  return dataclasses.replace(task, loss_fn=augmented_loss_fn)
+
+
 # ------------------------------------------------------------------------------------ sizes from data
 def _meta_get(meta, *names, default=None):
   for n in names:
