@@ -201,14 +201,35 @@ class ConditionNet(nn.Module):
     return ImageNet(self.image_channels, self.features, wn, name="net")(batch["image_frontal"])
 
 
-def _net_kwargs(module):
-  return dict(features=module.features, keypoint_image_size=module.keypoint_image_size,
-              keypoint_hidden=module.keypoint_hidden, hmc_channels=module.hmc_channels,
-              hmc_features=module.hmc_features, image_channels=module.image_channels,
-              weight_norm=module.weight_norm)
+class _ConditionHead(nn.Module):
+  """Base of the modules that read one signal with a ``ConditionNet`` (named 'net') and map its features to
+  the latent space with a dense head: the ``ConditionNet`` attributes plus ``z_dim``."""
+
+  condition: str
+  z_dim: int
+  features: int = 128
+  keypoint_image_size: Optional[Tuple[int, int]] = None
+  keypoint_hidden: Sequence[int] = (256, 256)
+  hmc_channels: Sequence[int] = (16, 32, 64)
+  hmc_features: int = 64
+  image_channels: Sequence[int] = (16, 32, 64, 64)
+  weight_norm: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_condition(self.condition)
+    if self.z_dim <= 0:
+      raise ValueError(f"z_dim must be positive, got {self.z_dim}.")
+
+  def condition_net(self) -> ConditionNet:
+    """A new ``ConditionNet`` with this module's attributes (call it inside the compact ``__call__``)."""
+    return ConditionNet(self.condition, features=self.features, keypoint_image_size=self.keypoint_image_size,
+                        keypoint_hidden=self.keypoint_hidden, hmc_channels=self.hmc_channels,
+                        hmc_features=self.hmc_features, image_channels=self.image_channels,
+                        weight_norm=self.weight_norm, name="net")
 
 
-class ConditionEncoder(nn.Module):
+class ConditionEncoder(_ConditionHead):
   """Inference-time encoder E_c: c -> p(y|c) = N(mu_c, diag exp(logstd_c)^2) and the context h.
 
   h = ConditionNet(c); [mu_c, raw] = dense_2Z(h) (small init, so p(y|c) starts near N(0, I));
@@ -217,85 +238,39 @@ class ConditionEncoder(nn.Module):
   Attributes: as ``ConditionNet`` plus ``z_dim`` and ``max_logstd``.
   """
 
-  condition: str
-  z_dim: int
-  features: int = 128
-  keypoint_image_size: Optional[Tuple[int, int]] = None
-  keypoint_hidden: Sequence[int] = (256, 256)
-  hmc_channels: Sequence[int] = (16, 32, 64)
-  hmc_features: int = 64
-  image_channels: Sequence[int] = (16, 32, 64, 64)
-  weight_norm: bool = False
   max_logstd: float = 5.0
-
-  def __post_init__(self):
-    super().__post_init__()
-    check_condition(self.condition)
-    if self.z_dim <= 0:
-      raise ValueError(f"z_dim must be positive, got {self.z_dim}.")
 
   @nn.compact
   def __call__(self, batch):
     """batch dict -> (mu_c [B, Z], logstd_c [B, Z], h [B, H])."""
-    h = ConditionNet(self.condition, name="net", **_net_kwargs(self))(batch)
+    h = self.condition_net()(batch)
     out = nn.Dense(2 * self.z_dim, kernel_init=_small_init, name="head")(h)
     mu, raw = jnp.split(out, 2, axis=-1)
     return mu, layers.soft_clip(raw, self.max_logstd), h
 
 
-class Regressor(nn.Module):
+class Regressor(_ConditionHead):
   """DAM-Regressor baseline: c -> z_hat [B, Z] (ConditionNet + dense), trained by MSE to a frozen mu_x.
 
   Attributes: as ``ConditionNet`` plus ``z_dim``.
   """
 
-  condition: str
-  z_dim: int
-  features: int = 128
-  keypoint_image_size: Optional[Tuple[int, int]] = None
-  keypoint_hidden: Sequence[int] = (256, 256)
-  hmc_channels: Sequence[int] = (16, 32, 64)
-  hmc_features: int = 64
-  image_channels: Sequence[int] = (16, 32, 64, 64)
-  weight_norm: bool = False
-
-  def __post_init__(self):
-    super().__post_init__()
-    check_condition(self.condition)
-    if self.z_dim <= 0:
-      raise ValueError(f"z_dim must be positive, got {self.z_dim}.")
-
   @nn.compact
   def __call__(self, batch):
     """batch dict -> [B, Z]."""
-    h = ConditionNet(self.condition, name="net", **_net_kwargs(self))(batch)
-    return nn.Dense(self.z_dim, name="head")(h)
+    return nn.Dense(self.z_dim, name="head")(self.condition_net()(batch))
 
 
-class DirectEncoder(nn.Module):
+class DirectEncoder(_ConditionHead):
   """Direct-encoder baseline's encoder: c -> q(z|c), same output scaling as DAM (0.1 mean, 0.01 log-std).
 
   Attributes: as ``ConditionNet`` plus ``z_dim``.
   """
 
-  condition: str
-  z_dim: int
-  features: int = 128
-  keypoint_image_size: Optional[Tuple[int, int]] = None
-  keypoint_hidden: Sequence[int] = (256, 256)
-  hmc_channels: Sequence[int] = (16, 32, 64)
-  hmc_features: int = 64
-  image_channels: Sequence[int] = (16, 32, 64, 64)
-  weight_norm: bool = False
-
-  def __post_init__(self):
-    super().__post_init__()
-    check_condition(self.condition)
-
   @nn.compact
   def __call__(self, batch):
     """batch dict -> (mu [B, Z], logstd [B, Z])."""
-    h = ConditionNet(self.condition, name="net", **_net_kwargs(self))(batch)
+    h = self.condition_net()(batch)
     out = layers.dense(2 * self.z_dim, self.weight_norm, name="head")(h)
     mu, logstd = jnp.split(out, 2, axis=-1)
     return 0.1 * mu, 0.01 * logstd
