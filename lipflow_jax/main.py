@@ -203,6 +203,21 @@ def tune_lambda_prior(config, bundles, builder, meta, workdir: str, model_keys: 
   return lambdas, sweep
 
 
+def sweep_table(sweep, lambdas) -> str:
+  """Markdown: validation geometry error of each fitted method and input per lambda_prior (chosen in bold)."""
+  grid = sorted({r["lambda_prior"] for r in sweep})
+  lines = ["lambda_prior, chosen on the validation split (mean geometry error of the fitted codes; the test "
+           "split is not used):", "",
+           "| input | method | " + " | ".join(f"{g:g}" for g in grid) + " |",
+           "|---|---|" + "---:|" * len(grid)]
+  for method, inp in dict.fromkeys((r["method"], r["input"]) for r in sweep):
+    cells = {r["lambda_prior"]: r["geometry_error"] for r in sweep if (r["method"], r["input"]) == (method, inp)}
+    chosen = lambdas[FIT_METHODS[method]][inp]
+    fmt = lambda g: ("n/a" if g not in cells else f"**{cells[g]:.4f}**" if g == chosen else f"{cells[g]:.4f}")
+    lines.append(f"| {inp} | {method} | " + " | ".join(fmt(g) for g in grid) + " |")
+  return "\n".join(lines)
+
+
 def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], lambdas=None):
   """Codes and per-frame metrics of every (method, input), cached in ``workdir/fits``."""
   obs = evaluate.observations(eval_set)
@@ -401,10 +416,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   notes = ("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) +
            f". fit_ms_per_frame: wall time of producing the codes (jitted, compilation excluded) / frames.")
   if sweep:
-    notes += ("\n\nlambda_prior chosen on the validation split (lowest geometry error of the fitted codes; "
-              "the test split is not used): " + "; ".join(
-                  f"{m} {i} {lambdas[FIT_METHODS[m]][i]:g}" for m, i in dict.fromkeys((r["method"], r["input"])
-                                                                                   for r in sweep)) + ".")
+    notes += "\n\n" + sweep_table(sweep, lambdas)
   report = evaluate.write_report(workdir, rows, report_config, figures=figs, notes=notes)
   log(f"report written to {workdir}/report.md in {timings['total_s']:.1f} s total")
   print(evaluate.markdown_table(report["rows"]), flush=True)

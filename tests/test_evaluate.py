@@ -181,6 +181,8 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_captur
       best = min(rows, key=lambda r: r["geometry_error"])["lambda_prior"]
       assert tuning["lambdas"][fit_method][inp] == best
       assert rep["config"]["lambda_prior_used"][fit_method][inp] == best
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert "chosen on the validation split" in md and md.count("**") == 2 * len(fitted) * len(config.eval.inputs)
   # Different weights give different fits (the sweep is not a no-op).
   assert len({r["geometry_error"] for r in tuning["sweep"]}) > len(fitted)
 
