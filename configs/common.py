@@ -128,9 +128,7 @@ def multiface(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.context_dim = 256
   m.hmc_channels = (16, 32, 64, 128)
   m.hmc_features = 128
-  config.loss = ml_collections.ConfigDict(dict(tex=1.0, geo=1.0, kl=0.01, screen=0.0))
-  config.batch_size = 16
-  config.num_train_steps = 200_000
+  config.num_train_steps = 200_000  # loss weights and batch size 16 as in the base config
   config.optimizer.learning_rate = 3e-4
   config.optimizer.warmup_steps = 1000
   config.optimizer.decay = 'cosine'
