@@ -8,8 +8,9 @@ The mesh is ``lipflow_jax.render.demo.head_mesh`` (a UV sphere shaped like a hea
 duplicated), its texture ``demo_texture`` at ``--texture`` texels square, seen from 4 units away at 20 degrees
 azimuth so that it fills most of the image. K = 1 runs in hard mode (``RasterSettings.hard``), K > 1 in soft
 mode with the default sigma / gamma. "fwd" times ``render_mesh``; "fwd_bwd" the gradient of a scalar loss of
-rgb and alpha with respect to the vertices and the texture. Times are the median of ``--runs`` runs after a
-warm-up (compilation excluded), with ``block_until_ready``.
+rgb and alpha with respect to the vertices and the texture. Times are the median (and minimum) of ``--runs``
+runs after a warm-up (compilation excluded), with ``block_until_ready``; the 1-minute load average is
+reported with them (on a shared machine, compare runs taken back to back).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -29,14 +31,15 @@ from lipflow_jax.render import RasterSettings, render_mesh
 from lipflow_jax.render.demo import demo_texture, head_mesh
 
 
-def _median_ms(fn, *args, runs):
-  jax.block_until_ready(fn(*args))  # warm-up (compiles)
+def _times_ms(fn, *args, runs):
+  """(median, min) wall time in ms of ``runs`` calls after a warm-up call (which compiles)."""
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(runs):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
 def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None):
@@ -66,8 +69,8 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
 
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
   out = fwd(verts, texture)
-  fwd_ms = _median_ms(fwd, verts, texture, runs=runs)
-  fwd_bwd_ms = _median_ms(fwd_bwd, verts, texture, runs=runs)
+  fwd_ms, fwd_min = _times_ms(fwd, verts, texture, runs=runs)
+  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs)
   if png:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     Image.fromarray(np.clip(np.asarray(out.rgb) * 255 + 0.5, 0, 255).astype(np.uint8)).save(png)
@@ -76,10 +79,12 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
       "resolution": size, "faces": int(faces.shape[0]), "K": k, "mode": "hard" if k == 1 else "soft",
       "texture": texture_size, "tile_size": settings.tile_size,
       "max_faces_per_tile": settings.max_faces_per_tile,
-      "fwd_ms": round(fwd_ms, 2), "fwd_bwd_ms": round(fwd_bwd_ms, 2),
+      "fwd_ms": round(fwd_ms, 2), "fwd_bwd_ms": round(fwd_bwd_ms, 2), "fwd_min_ms": round(fwd_min, 2),
+      "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
       "fwd_mpix_per_s": round(mpix / (fwd_ms / 1e3), 2), "fwd_bwd_mpix_per_s": round(mpix / (fwd_bwd_ms / 1e3), 2),
       "overflow": int(out.overflow), "coverage": round(float(jnp.mean(out.alpha)), 3),
       "device": jax.devices()[0].platform,
+      "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
   }
 
 

@@ -38,7 +38,13 @@ def _seg_dist(p, a, b):
 
 
 def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
-  """Brute force: every face at every pixel centre, float64. Returns face ids, bary, dists, zbuf, keys."""
+  """Brute force: every face at every pixel centre, float64, with the documented selection rule (see
+  ``render.select_faces``).
+
+  Returns face ids, bary, dists, zbuf ([h, w, k(, 3)]) and ``ambiguous`` [h, w]: pixels whose selection can
+  flip under float32 rounding (a near-tie in depth, distance or minimum depth that decides a slot, or a face
+  whose nearness is within rounding of the blur radius or its bounding box).
+  """
   K = np.asarray(camera.K, np.float64)
   Rt = np.asarray(camera.Rt, np.float64)
   cam = np.asarray(verts, np.float64) @ Rt[:, :3].T + Rt[:, 3]
@@ -47,7 +53,7 @@ def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
   z = cam[:, 2]
   jj, ii = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
   p = np.stack([jj, ii], -1)  # [h, w, 2]
-  cand = []  # per face: (key, bary, dist, depth, mask) maps
+  cand = []  # per face: dict of maps
   for fi, f in enumerate(np.asarray(faces)):
     a, zz = xy[f], z[f]
     area2 = (a[1, 0] - a[0, 0]) * (a[2, 1] - a[0, 1]) - (a[1, 1] - a[0, 1]) * (a[2, 0] - a[0, 0])
@@ -61,42 +67,62 @@ def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
       lam.append(ei / area2)
       line.append(np.sign(area2) * ei / np.linalg.norm(e))
     lam = np.stack(lam, -1)
-    line = np.stack(line, -1)
+    line = np.min(np.stack(line, -1), -1)  # signed distance to the nearest edge line
     inside = np.all(lam >= 0, -1)
     segd = np.min(np.stack([_seg_dist(p, a[(i + 1) % 3], a[(i + 2) % 3]) for i in range(3)], -1), -1)
     dist = np.where(inside, segd, -segd)
     lo, hi = a.min(0) - blur, a.max(0) + blur
-    sel = np.min(line, -1) >= -blur  # the documented selection rule: grown edge lines and bounding box
-    sel &= np.all((p >= lo) & (p <= hi), -1)
+    near = (line >= -blur) & np.all((p >= lo) & (p <= hi), -1)
+    edge = np.min(np.abs(np.concatenate([p - lo, p - hi], -1)), -1)
+    shaky = (np.abs(line + blur) < 1e-3) | ((edge < 1e-3) & (line >= -blur - 1e-3)) if blur > 0 else 0 * line
     key = np.clip(np.sum(lam / zz, -1), np.min(1 / zz), np.max(1 / zz))
     lc = np.maximum(lam, 0)
     lc /= lc.sum(-1, keepdims=True)
     q = lc / zz
-    bary = q / q.sum(-1, keepdims=True)
-    depth = 1.0 / q.sum(-1)
-    cand.append((fi, key, bary, dist, depth, sel))
+    cand.append(dict(id=fi, zmin=zz.min(), key=key, line=line, near=near, shaky=shaky > 0, bary=q / q.sum(-1,
+                     keepdims=True), dist=dist, depth=1.0 / q.sum(-1)))
   ids = -np.ones((h, w, k), np.int64)
   bary = np.zeros((h, w, k, 3))
   dists = np.zeros((h, w, k))
   zbuf = np.zeros((h, w, k))
-  keys = np.full((h, w, k + 1), -1.0)
+  ambiguous = np.zeros((h, w), bool)
+  close = lambda x, y, tol: abs(x - y) <= tol * max(abs(x), abs(y), 1e-9)
   for y in range(h):
     for x in range(w):
-      lst = sorted([(-c[1][y, x], c) for c in cand if c[5][y, x]], key=lambda t: t[0])
-      for s, (negkey, c) in enumerate(lst[:k + 1]):
-        keys[y, x, s] = -negkey
-        if s < k:
-          ids[y, x, s] = c[0]
-          bary[y, x, s] = c[2][y, x]
-          dists[y, x, s] = c[3][y, x]
-          zbuf[y, x, s] = c[4][y, x]
-  return ids, bary, dists, zbuf, keys
+      ambiguous[y, x] = any(c["shaky"][y, x] for c in cand)
+      near = sorted([c for c in cand if c["near"][y, x]], key=lambda c: (c["zmin"], c["id"]))
+      if not near:
+        continue
+      cover = [c for c in near if c["line"][y, x] >= 0]
+      if cover:
+        score = lambda c: c["key"][y, x]
+        pool, tol = cover, 1e-4
+      else:
+        score = lambda c: c["line"][y, x]
+        pool, tol = near, 1e-4 / max(abs(score(near[0])), 1e-9)
+      pool = sorted(pool, key=lambda c: -score(c))  # stable: ties to the smaller minimum depth
+      first = pool[0]
+      if len(pool) > 1 and close(score(pool[0]), score(pool[1]), tol):
+        ambiguous[y, x] = True
+      rest = [c for c in near if c is not first]
+      if len(rest) > k - 1 >= 0 and k > 1 and close(rest[k - 2]["zmin"], rest[k - 1]["zmin"], 1e-5):
+        ambiguous[y, x] = True
+      chosen = sorted([first] + rest[:k - 1], key=lambda c: -c["key"][y, x])
+      keys = [c["key"][y, x] for c in chosen]
+      if any(close(keys[i], keys[i + 1], 1e-4) for i in range(len(keys) - 1)):
+        ambiguous[y, x] = True
+      for s, c in enumerate(chosen):
+        ids[y, x, s] = c["id"]
+        bary[y, x, s] = c["bary"][y, x]
+        dists[y, x, s] = c["dist"][y, x]
+        zbuf[y, x, s] = c["depth"][y, x]
+  return ids, bary, dists, zbuf, ambiguous
 
 
-def _unambiguous(keys, k, verts, faces, camera, h, w, margin=2e-3):
-  """Pixels whose selection cannot flip under float32 rounding: no near-tie in depth, no centre near an edge."""
-  gaps = np.abs(np.diff(keys, axis=-1)) / np.maximum(np.abs(keys[..., :-1]), 1e-9)
-  ok = np.all((gaps > 1e-4) | (keys[..., 1:] < 0), -1)
+def _unambiguous(ambiguous, verts, faces, camera, h, w, margin=2e-3):
+  """Pixels whose selection cannot flip under float32 rounding: not ``ambiguous`` (see
+  ``reference_rasterize``) and no pixel centre near any edge line (where covering is decided)."""
+  ok = ~ambiguous
   xy, _ = geometry.project_with_depth(camera, jnp.asarray(verts))
   xy = np.asarray(xy, np.float64)
   jj, ii = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
@@ -147,8 +173,8 @@ def test_hard_matches_brute_force(jit_rasterize, seed):
   verts, faces = _random_scene(seed)
   cam = _camera()
   fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, HARD)
-  ids, bary, dists, zbuf, keys = reference_rasterize(verts, faces, cam, H, W, 1, 0.0)
-  ok = _unambiguous(keys, 1, verts, faces, cam, H, W)
+  ids, bary, dists, zbuf, amb = reference_rasterize(verts, faces, cam, H, W, 1, 0.0)
+  ok = _unambiguous(amb, verts, faces, cam, H, W)
   assert ok.mean() > 0.8
   got = np.asarray(fr.face_ids)
   np.testing.assert_array_equal(got[ok], ids[ok])
@@ -160,22 +186,27 @@ def test_hard_matches_brute_force(jit_rasterize, seed):
   assert int(fr.overflow) == 0
 
 
-def test_soft_matches_brute_force(jit_rasterize):
-  verts, faces = _random_scene(2, num_faces=18)
+@pytest.mark.parametrize("num_faces,k,blur", [(18, 4, 1.5), (40, 2, 3.0), (40, 1, 2.0)])
+def test_soft_matches_brute_force(jit_rasterize, num_faces, k, blur):
+  """Binned selection (K > 1; K = 1 with a blur: the z-buffer path) equals the documented rule, also where
+  more than K faces are near a pixel."""
+  verts, faces = _random_scene(2, num_faces=num_faces, spread=1.6)
   cam = _camera()
-  k = SOFT.faces_per_pixel
-  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, SOFT)
-  ids, bary, dists, zbuf, keys = reference_rasterize(verts, faces, cam, H, W, k, SOFT.blur_radius)
-  ok = _unambiguous(keys, k, verts, faces, cam, H, W)
-  # Pixels with at most K faces near them (beyond K, faces near sharp corners may compete for slots), and
-  # no distance at the blur radius itself.
-  ok &= keys[..., k] < 0
-  ok &= np.all(np.abs(dists + SOFT.blur_radius) > 1e-3, -1)
+  settings = RasterSettings((H, W), faces_per_pixel=k, sigma=0.5, blur_radius=blur, max_faces_per_tile=64)
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, settings)
+  assert int(fr.overflow) == 0
+  ids, bary, dists, zbuf, amb = reference_rasterize(verts, faces, cam, H, W, k, blur)
+  ok = _unambiguous(amb, verts, faces, cam, H, W)
   assert ok.mean() > 0.5
   got = np.asarray(fr.face_ids)
   np.testing.assert_array_equal(got[ok], ids[ok])
   m = ok[..., None] & (ids >= 0)
-  assert m.sum() > 200 and (np.sum(ids >= 0, -1) >= 2).sum() > 20
+  assert m.sum() > 200
+  if k > 1:
+    assert (np.sum(ids >= 0, -1) >= 2).sum() > 20
+  # The rule is exercised: pixels with a covering face and pixels with near faces only.
+  covered = np.any((ids >= 0) & (dists >= 0), -1)
+  assert np.sum(ok & covered) > 50 and np.sum(ok & (ids[..., 0] >= 0) & ~covered) > 10
   np.testing.assert_allclose(np.asarray(fr.bary)[m], bary[m], atol=3e-4)
   np.testing.assert_allclose(np.asarray(fr.zbuf)[m], zbuf[m], rtol=1e-5)
   np.testing.assert_allclose(np.asarray(fr.dists)[m], dists[m], atol=3e-3)
@@ -480,3 +511,132 @@ def test_jit_matches_eager_soft_render_and_gradients(jit_render):
   loss = lambda t: jnp.sum(render.render_mesh(verts, faces, uvs, faces, t, cam, SOFT).rgb * w)
   np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(tex)), np.asarray(jax.grad(loss)(tex)),
                              atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ NaN regressions
+def _thin_fragments(n=20000, seed=0):
+  """eval_fragment inputs: thin and tiny faces, pixels on vertices, on edges and on the edges' lines."""
+  rng = np.random.default_rng(seed)
+  c = rng.uniform(0, 64, (n, 1, 2))
+  sc = 10 ** rng.uniform(-3, 1.5, (n, 1, 1))
+  v = c + sc * rng.normal(size=(n, 3, 2))
+  thin = rng.uniform(size=n) < 0.5
+  t = rng.uniform(size=(n, 1))
+  v[thin, 2] = v[thin, 0] + (v[thin, 1] - v[thin, 0]) * t[thin] + 1e-3 * rng.normal(size=(thin.sum(), 2))
+  p = c[:, 0] + 2 * sc[:, 0] * rng.normal(size=(n, 2))
+  kind = rng.integers(0, 4, n)
+  p[kind == 1] = v[kind == 1, 0]
+  p[kind == 2] = v[kind == 2, 0] + t[kind == 2] * (v[kind == 2, 1] - v[kind == 2, 0])
+  p[kind == 3] = v[kind == 3, 0] + (1 + t[kind == 3]) * (v[kind == 3, 1] - v[kind == 3, 0])
+  z = rng.uniform(1, 5, (n, 3))
+  cols = [v[:, 0, 0], v[:, 0, 1], v[:, 1, 0], v[:, 1, 1], v[:, 2, 0], v[:, 2, 1], z[:, 0], z[:, 1], z[:, 2],
+          p[:, 0], p[:, 1]]
+  # A face whose sub-areas all round to 0 at a pixel on its first vertex (found by the search above).
+  bad = [80.50482, -29.208767, 58.61828, -6.360664, 61.742393, -9.622034, 1.8885946, 4.724592, 4.6843605,
+         80.50482, -29.208767]
+  return [jnp.asarray(np.append(a, b), jnp.float32) for a, b in zip(cols, bad)]
+
+
+def test_eval_fragment_gradients_finite_on_thin_faces():
+  """A loss of the distances alone still back-propagates (zero) cotangents through the barycentrics and
+  depth; their partial derivatives must be finite even where rounding clips all barycentrics to 0 (this used
+  to give 0 * inf = NaN, eagerly or under jit depending on how XLA rounds)."""
+  args = _thin_fragments()
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(4, args[0].shape[0])), jnp.float32)
+
+  def dist_only(*a):
+    (b0, _, _), d, dep = render.eval_fragment(*a)
+    return jnp.sum(w[0] * d) + 0.0 * jnp.sum(dep) + 0.0 * jnp.sum(b0)
+
+  def everything(*a):
+    (b0, b1, _), d, dep = render.eval_fragment(*a)
+    return jnp.sum(w[0] * d + w[1] * b0 + w[2] * b1 + w[3] * dep)
+
+  for loss in (dist_only, everything):
+    for grad in (jax.grad(loss, argnums=tuple(range(9))), jax.jit(jax.grad(loss, argnums=tuple(range(9))))):
+      for g in grad(*args):
+        assert np.all(np.isfinite(np.asarray(g)))
+  (b0, b1, b2), _, dep = render.eval_fragment(*[a[-1:] for a in args])
+  np.testing.assert_allclose(float(b0[0] + b1[0] + b2[0]), 1.0, rtol=1e-6)
+  assert 1.8 < float(dep[0]) < 4.8
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0])
+def test_dense_mesh_soft_gradients_jit_equal_eager(sigma):
+  """Soft mode on a dense mesh (faces ~1 px, many within the blur radius): vertex gradients of a loss of rgb
+  and alpha are finite and the same under jit and eagerly."""
+  from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+  size = 40
+  mesh = head_mesh(3000)
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  uvs = jnp.asarray(mesh.uvs)
+  tex = jnp.asarray(demo_texture(32))
+  cam = geometry.Camera(K=geometry.intrinsics(1.6 * size, (size, size)),
+                        Rt=geometry.look_at((1.4, 0.8, 3.8), (0.0, 0.0, 0.0)))
+  s = RasterSettings((size, size), faces_per_pixel=4, sigma=sigma)
+  w = jnp.asarray(np.random.default_rng(0).uniform(size=(size, size, 3)), jnp.float32)
+
+  def loss(v):
+    out = render.render_mesh(v, faces, uvs, faces, tex, cam, s)
+    return jnp.sum(out.rgb * w) + jnp.sum(out.alpha)
+
+  gj = np.asarray(jax.jit(jax.grad(loss))(verts))
+  ge = np.asarray(jax.grad(loss)(verts))
+  assert np.all(np.isfinite(gj)) and np.all(np.isfinite(ge))
+  assert np.abs(ge).max() > 0
+  np.testing.assert_allclose(gj, ge, atol=1e-3 * np.abs(ge).max())
+
+
+def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
+  """Many faces within the blur radius of each pixel (faces ~1 px, blur ~3.8 px, K = 4): every pixel whose
+  centre a face covers (hard render) is opaque, and the coverage is about the hard one plus a soft rim."""
+  from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+  size = 48
+  mesh = head_mesh(3000)
+  verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
+  tex = jnp.asarray(demo_texture(32))
+  cam = geometry.Camera(K=geometry.intrinsics(1.6 * size, (size, size)),
+                        Rt=geometry.look_at((1.4, 0.8, 3.8), (0.0, 0.0, 0.0)))
+  hard = jit_render(verts, faces, uvs, faces, tex, cam, RasterSettings.hard((size, size), cull_backfaces=True))
+  soft = jit_render(verts, faces, uvs, faces, tex, cam, RasterSettings(
+      (size, size), faces_per_pixel=4, sigma=0.5, max_faces_per_tile=256, cull_backfaces=True))
+  assert int(soft.overflow) == 0
+  covered = np.asarray(hard.face_id) >= 0
+  alpha = np.asarray(soft.alpha[..., 0])
+  assert covered.mean() > 0.3
+  assert np.all(alpha[covered] > 1 - 1e-5), np.sort(alpha[covered])[:5]
+  np.testing.assert_array_equal(np.asarray(soft.face_id) >= 0, covered)
+  assert covered.mean() < alpha.mean() < covered.mean() + 0.1
+
+
+def test_eval_fragment_gradients_match_finite_differences():
+  """The hand-written backward of eval_fragment vs central differences (float64), pixels inside and outside
+  faces (the distance's closest feature an edge or a vertex), with cotangents on every output."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    n = 400
+    v = rng.uniform(0, 10, (n, 3, 2))
+    p = rng.uniform(-2, 12, (n, 2))
+    bary = rng.dirichlet(np.ones(3), n // 2)  # half of the pixels inside their face
+    p[:n // 2] = np.einsum("nk,nkc->nc", bary, v[:n // 2])
+    z = rng.uniform(1, 3, (n, 3))
+    args = [jnp.asarray(a) for a in (v[:, 0, 0], v[:, 0, 1], v[:, 1, 0], v[:, 1, 1], v[:, 2, 0], v[:, 2, 1],
+                                     z[:, 0], z[:, 1], z[:, 2], p[:, 0], p[:, 1])]
+    w = jnp.asarray(rng.normal(size=(5, n)))
+
+    def loss(*a):
+      (b0, b1, b2), d, dep = render.eval_fragment(*a)
+      return jnp.sum(w[0] * b0 + w[1] * b1 + w[2] * b2 + w[3] * d + w[4] * dep, axis=0)
+
+    per = jax.vmap(jax.grad(lambda *a: loss(*a), argnums=tuple(range(9))))(*[a[:, None] for a in args])
+    eps = 1e-6
+    (_, _, _), d, _ = render.eval_fragment(*args)
+    assert np.sum(np.asarray(d) > 0) > 50 and np.sum(np.asarray(d) < 0) > 50
+    f = jax.jit(lambda *a: jax.vmap(lambda *b: loss(*b))(*[x[:, None] for x in a]))
+    for j in range(9):
+      up = list(args)
+      dn = list(args)
+      up[j] = up[j] + eps
+      dn[j] = dn[j] - eps
+      fd = (f(*up) - f(*dn)) / (2 * eps)
+      np.testing.assert_allclose(np.asarray(per[j])[:, 0], np.asarray(fd), rtol=1e-5, atol=1e-6)

@@ -6,19 +6,24 @@ Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels,
 2. Selection, without gradient. A face is *near* a pixel centre if the centre is within ``blur_radius`` of
    each of its three edge lines (inner side) and of its bounding box (blur 0: inside the closed triangle).
    Within a tile / chunk these tests and the face's inverse depth are affine in the pixel coordinates.
+   Slot 0 is the nearest face *covering* the pixel centre (inside the closed triangle) or, where none
+   does, the near face with the largest signed distance (highest coverage); slots 1 .. K - 1 take the other
+   near faces in order of minimum vertex depth; the K are then sorted nearest first (see ``select_faces``).
    - K > 1 (``bin_faces`` + ``select_faces``): (face, tile) pairs from the faces' bounding boxes, in order
      of minimum vertex depth, sorted by tile; each tile keeps M candidates ``[n_tiles, M]`` (more: the M with
      the smallest minimum depth, counted in ``overflow``). All (candidate, pixel) tests of all tiles run in
-     one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (nearest face) and candidate bit masks.
+     one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (slot 0) and candidate bit masks.
    - K = 1 (``select_nearest``): each face's bounding box is covered by T x T chunks; all chunks are tested
-     at once and a scatter-max z-buffer picks the nearest face per pixel (no sort, no per-tile padding).
+     at once and a scatter-max of the same key picks slot 0 per pixel (no sort, no per-tile padding).
 3. Evaluation, with gradient: only the K selected faces per pixel are evaluated from the projected
-   vertices (one gather of 9 numbers per fragment, one scatter-add back): perspective-correct
-   barycentrics, signed distance and depth. Memory is O(K * H * W).
+   vertices (one gather of 9 numbers per fragment, one scatter-add back, a hand-written backward):
+   perspective-correct barycentrics, signed distance and depth. Memory is O(K * H * W).
 
 Numerics: divisions go through ``safe_div`` / ``safe_sqrt``; empty slots evaluate a harmless dummy
-triangle, degenerate and behind-the-camera faces are never selected, and minima are pairwise (a
-min-reduction's gradient can divide by a zero tie count under XLA), so gradients are finite everywhere.
+triangle, degenerate and behind-the-camera faces are never selected, minima are pairwise (a
+min-reduction's gradient can divide by a zero tie count under XLA), and no quantity is clamped as
+1 / max(x, eps) with a tiny eps (its derivative overflows to inf, and inf times a zero cotangent is NaN), so
+gradients are finite everywhere, eagerly and under jit.
 Small reductions are written elementwise because XLA:CPU routes reductions to a slow library kernel.
 """
 
@@ -92,6 +97,20 @@ def _min3(a, b, c):
 
 def _max3(a, b, c):
   return jnp.maximum(jnp.maximum(a, b), c)
+
+
+# Reductions over a short leading axis as halving trees of elementwise ops rather than reduce ops: XLA:CPU
+# hands such reduce ops to YNNPACK fusions that are several times slower, while the tree fuses with its
+# operand's producers, so the [N, ...] operand is never materialised (selection at 512 x 512, K = 8: the
+# [M, n_tiles, T*T] pass ~200 -> ~110 ms). XLA also fuses the tree into each consumer, recomputing it per
+# output element: use it only where the consumers are few and cheap (see ``shade._slot_sum`` otherwise).
+def reduce_leading(x, op):
+  """``op``-reduction of ``x [N, ...]`` over its leading axis (``op`` elementwise, associative)."""
+  while x.shape[0] > 1:
+    half = x.shape[0] // 2
+    y = op(x[:half], x[half:2 * half])
+    x = jnp.concatenate([y, x[2 * half:]]) if x.shape[0] % 2 else y
+  return x[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,10 +275,21 @@ def _planes(xy, z, ids, origin, settings: RasterSettings):
   return abc, _min3(*iz), _max3(*iz), box
 
 
+# Selection keys (int32, > 0 for a near face; larger = preferred): a face covering the pixel centre beats
+# every face that only comes within the blur radius; among covering faces the nearer (larger inverse depth)
+# wins, among the others the one closer to the pixel (larger signed distance). Bit layout: covering =
+# 2^30 + (float bits of the inverse depth >> 1), which orders like the inverse depth; not covering =
+# 2^20 + the signed distance quantised to 2^29 steps over [-blur_radius, 0]. The low 20 bits are free for
+# ``select_faces`` to pack a candidate index into (ties then go to the candidate with the smaller minimum depth).
+_COVER_BIT = 1 << 30
+_DIST_BASE = 1 << 20
+_DIST_STEPS = 1 << 29
+
+
 def _near_and_key(abc, zlo, zhi, box, x, y, settings: RasterSettings):
   """The selection test and key at pixels (x, y) (broadcast against the constants' shape + a last axis).
 
-  Returns (near bool, key int32 > 0: the bits of the positive inverse depth, which order like the floats).
+  Returns (near bool, key int32: the selection key above where near, undefined elsewhere).
   """
   e = lambda v: v[..., None]
   r = settings.blur_radius
@@ -268,11 +298,17 @@ def _near_and_key(abc, zlo, zhi, box, x, y, settings: RasterSettings):
     a, b, c = abc[i]
     return e(a) * x + e(b) * y + e(c)
 
-  near = (ev(0) >= -r) & (ev(1) >= -r) & (ev(2) >= -r)
+  dist = _min3(ev(0), ev(1), ev(2))  # signed distance to the nearest edge line, positive inside
+  covers = dist >= 0
+  near = covers
   if r > 0:
-    near &= (x >= e(box[0])) & (x <= e(box[1])) & (y >= e(box[2])) & (y <= e(box[3]))
+    near = (dist >= -r) & (x >= e(box[0])) & (x <= e(box[1])) & (y >= e(box[2])) & (y <= e(box[3]))
   inv_depth = jnp.clip(ev(3), e(zlo), e(zhi)).astype(jnp.float32)
-  return near, lax.bitcast_convert_type(jnp.maximum(inv_depth, 1e-30), jnp.int32)
+  key = _COVER_BIT | (lax.bitcast_convert_type(jnp.maximum(inv_depth, 1e-30), jnp.int32) >> 1)
+  if r > 0:
+    frac = jnp.clip((dist + r) * (1.0 / r), 0.0, 1.0).astype(jnp.float32)
+    key = jnp.where(covers, key, _DIST_BASE + (frac * _DIST_STEPS).astype(jnp.int32))
+  return near, key
 
 
 def _chunk_budget(num_faces, settings: RasterSettings):
@@ -283,13 +319,14 @@ def _chunk_budget(num_faces, settings: RasterSettings):
 
 
 def select_nearest(xy, z, settings: RasterSettings):
-  """The nearest face per pixel (K = 1), face by face: a z-buffer built with scatter-max.
+  """Slot 0 of ``select_faces`` per pixel (K = 1), face by face: a z-buffer built with scatter-max.
 
   Each face covers its bounding box (grown by the blur radius) with T x T pixel chunks anchored at the box's
   corner; the chunks of all faces (at most ``_chunk_budget``; faces in order of minimum depth, the farthest
-  dropped first) are tested at once and the per-pixel maximum of the inverse depth is found with an
-  integer scatter-max; a second scatter picks, among the faces reaching it, the one first in minimum-depth
-  order. Same selection rule as ``select_faces``; much cheaper than the tile path for one face per pixel.
+  dropped first) are tested at once and the per-pixel maximum of the selection key (``_near_and_key``:
+  nearest covering face, else the closest near face) is found with an integer scatter-max; a second scatter
+  picks, among the faces reaching it, the one first in minimum-depth order. Same rule as slot 0 of
+  ``select_faces``; much cheaper than the tile path for one face per pixel.
 
   Returns:
     (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped).
@@ -334,17 +371,25 @@ def _tile_pixels(settings: RasterSettings, dtype):
 
 
 def select_faces(xy, z, cand, settings: RasterSettings):
-  """Per pixel, the nearest candidate face and up to K - 1 more within the blur radius.
+  """Per pixel, up to K of the candidate faces near the pixel centre.
 
-  A face is near a pixel centre if the centre lies within ``blur_radius`` of each of the face's three edge
-  lines (on their inner side) and of its bounding box; with blur 0, if it lies in the closed triangle.
-  Slot 0 is the nearest such face by inverse depth (the face plane's, clamped to the face's vertex range;
-  ties to the smaller minimum depth); the other slots take the remaining near faces in order of minimum
-  vertex depth; then all K are sorted nearest first. This is exact (the K nearest) whenever at most K faces
-  are near the pixel; with more, the nearest face is always kept.
+  A face is *near* a pixel centre if the centre lies within ``blur_radius`` of each of the face's three edge
+  lines (on their inner side) and of its bounding box; with blur 0, if it lies in the closed triangle. It
+  *covers* the centre if the centre lies in the closed triangle. Rule:
+
+  - slot 0: if some near face covers the centre, the nearest covering face (largest inverse depth of the face
+    plane at the centre, clamped to the face's vertex range); otherwise the near face with the largest signed
+    distance min_i(edge line distance_i) (the highest coverage; quantised to blur_radius / 2^29); remaining
+    ties to the smaller minimum vertex depth;
+  - slots 1 .. K - 1: the other near faces in order of minimum vertex depth (the candidate order);
+  - then all K are sorted by inverse depth, nearest first; empty slots (-1) last.
+
+  This is exact (all near faces) whenever at most K faces are near the pixel; with more, the covering
+  face (or, for pixels no face covers, the closest one) is always kept.
 
   The (candidate, tile, pixel) tests run in one fused pass over [M, n_tiles, T*T] whose reductions over
-  the candidates are an integer max (depth with the slot index in its low bits) and bit masks.
+  the candidates are an integer max (the selection key of ``_near_and_key`` with the candidate index in its
+  low bits) and bit masks.
 
   Args:
     xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n_tiles, M] from ``bin_faces``.
@@ -361,12 +406,14 @@ def select_faces(xy, z, cand, settings: RasterSettings):
   px, py = _tile_pixels(settings, xy.dtype)
   k = settings.faces_per_pixel
   valid, keys = _near_and_key(abc, zlo, zhi, box, px, py, settings)  # [M, n, P]
-  # Positive floats order like their bit patterns: pack the slot index into the low bits, so that one
-  # integer max gives the nearest face (ties to the lower slot, i.e. the smaller minimum depth).
+  # Pack the candidate index into the key's low bits, so that one integer max gives slot 0 (ties to the
+  # lower index, i.e. the smaller minimum depth).
   nbits = max(1, (m - 1).bit_length())
+  if (1 << nbits) > _DIST_BASE:
+    raise ValueError(f"select_faces: max_faces_per_tile must be <= {_DIST_BASE}, got {m}")
   low = (1 << nbits) - 1
   slot = lax.broadcasted_iota(jnp.int32, (m, 1, 1), 0)
-  best = jnp.max(jnp.where(valid, (keys & ~low) | (low - slot), 0), axis=0)  # [n, P]
+  best = reduce_leading(jnp.where(valid, (keys & ~low) | (low - slot), 0), jnp.maximum)  # [n, P]
   has = best > 0
   m0 = low - (best & low)
   slots = [jnp.where(has, m0, -1)]
@@ -375,7 +422,7 @@ def select_faces(xy, z, cand, settings: RasterSettings):
     words = []
     for g in range(-(-m // 32)):
       bit = jnp.left_shift(jnp.uint32(1), lax.broadcasted_iota(jnp.uint32, (min(32, m - 32 * g), 1, 1), 0))
-      wg = jnp.sum(jnp.where(valid[32 * g:32 * (g + 1)], bit, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
+      wg = reduce_leading(jnp.where(valid[32 * g:32 * (g + 1)], bit, jnp.uint32(0)), jnp.bitwise_or)
       own = has & (m0 // 32 == g)
       words.append(jnp.where(own, wg & ~jnp.left_shift(jnp.uint32(1), (m0 % 32).astype(jnp.uint32)), wg))
     for _ in range(k - 1):
@@ -429,35 +476,58 @@ def _untile(x, settings: RasterSettings):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Differentiable evaluation of the selected faces.
 #
-# Everything below works on lists of [H, W] arrays (one per fragment slot, one per component) so that the
-# forward and backward passes are elementwise fusions plus one gather / scatter-add per slot.
+# Everything below works on lists of [S, H, W] arrays (one per fragment slot and component) so that the
+# forward and backward passes are elementwise fusions plus one gather / scatter-add per column. The backward
+# of ``eval_fragment`` is written by hand: JAX's autodiff of it is ~10x slower than its forward on XLA:CPU
+# (many unfused intermediates), and the chain rule simplifies a lot (see ``_eval_fragment_bwd``).
+
+
+def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
+  """Forward quantities of ``eval_fragment`` shared with its backward (a dict of arrays / lists)."""
+  v = [(x0, y0), (x1, y1), (x2, y2)]
+  r = [(px - x0, py - y0), (px - x1, py - y1), (px - x2, py - y2)]
+  cross = lambda a, b: a[0] * b[1] - a[1] * b[0]
+  e_area = [cross(r[1], r[2]), cross(r[2], r[0]), cross(r[0], r[1])]  # doubled signed sub-areas
+  # The face's own doubled area, as culling computes it (not the sum of the sub-areas, which cancels badly
+  # for thin faces and distant pixels and can even change sign).
+  area2 = cross((x1 - x0, y1 - y0), (x2 - x0, y2 - y0))
+  sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(area2.dtype)
+  edge, length, d, along, seg = [], [], [], [], []
+  for i in range(3):  # edge i runs from vertex i + 1 to vertex i + 2 (opposite vertex i)
+    a, b = v[(i + 1) % 3], v[(i + 2) % 3]
+    ex, ey = b[0] - a[0], b[1] - a[1]
+    li = safe_sqrt(ex * ex + ey * ey, 1e-24)
+    di = sgn * e_area[i] / li  # distance to the edge's line, positive inside
+    rel = r[(i + 1) % 3]
+    al = (rel[0] * ex + rel[1] * ey) / li
+    beyond = jnp.maximum(jnp.maximum(-al, al - li), 0.0)
+    edge.append((ex, ey)), length.append(li), d.append(di), along.append(al)
+    seg.append(di * di + beyond * beyond)
+  inside = (d[0] >= 0) & (d[1] >= 0) & (d[2] >= 0)
+  # Pairwise minima: the gradient of a min-reduction divides by the number of ties, which XLA can make 0
+  # when it recomputes the operands with different rounding (fused multiply-adds) -> NaN.
+  seg_min = _min3(*seg)
+  dist = jnp.where(inside, _min3(*d), -safe_sqrt(seg_min))
+  # Clip the screen-space barycentrics to the face, then correct for perspective. Rounding can clip all three
+  # to 0 (thin faces): those fragments take the centroid instead, so that the normalised weights sum to 1 and
+  # the perspective denominator is >= 1 / max(z). (Clamping the sums instead, 1 / max(s, eps), has an
+  # overflowing derivative -1 / eps^2 that turns even a zero cotangent into NaN.)
+  inv_area2 = safe_div(1.0, area2)
+  lam = [e * inv_area2 for e in e_area]  # screen-space barycentrics
+  lam_c = [jnp.maximum(l, 0.0) for l in lam]
+  total = lam_c[0] + lam_c[1] + lam_c[2]
+  ok = total > 1e-6  # mathematically >= 1
+  inv_total = 1.0 / jnp.where(ok, total, 1.0)
+  nrm = [jnp.where(ok, l * inv_total, 1.0 / 3.0) for l in lam_c]
+  z = (z0, z1, z2)
+  q = [nrm[i] / z[i] for i in range(3)]
+  depth = 1.0 / (q[0] + q[1] + q[2])
+  return dict(v=v, r=r, edge=edge, length=length, d=d, along=along, seg=seg, seg_min=seg_min, inside=inside,
+              dist=dist, inv_area2=inv_area2, lam=lam, ok=ok, inv_total=inv_total, nrm=nrm, z=z, q=q,
+              depth=depth, bary=tuple(qi * depth for qi in q))
 
 
 @jax.custom_vjp
-def gather_columns(table, ids):
-  """``tuple(table[ids, j] for j in range(D))`` for ``table [F, D]`` and integer ``ids [...]``.
-
-  Its gradient is one scatter-add of [..., D] rows (instead of one per column).
-  """
-  g = table[ids]
-  return tuple(g[..., j] for j in range(table.shape[1]))
-
-
-def _gather_columns_fwd(table, ids):
-  return gather_columns(table, ids), (ids, table.shape[0])
-
-
-def _gather_columns_bwd(res, cts):
-  ids, f = res
-  g = jnp.stack(cts, -1)
-  d = g.shape[-1]
-  out = jnp.zeros((f, d), g.dtype).at[ids.reshape(-1)].add(g.reshape(-1, d))
-  return out, None
-
-
-gather_columns.defvjp(_gather_columns_fwd, _gather_columns_bwd)
-
-
 def eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
   """Barycentrics, signed distance and depth of one face per pixel; all arguments are arrays of one shape.
 
@@ -465,35 +535,102 @@ def eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
     x0 .. y2: projected vertices (pixels); z0 .. z2: camera depths (> 0); px, py: pixel coordinates.
   Returns:
     ((b0, b1, b2) perspective-correct barycentrics, clipped to the face first in screen space; dist: signed
-    distance to the face's boundary, positive inside; depth).
+    distance to the face's boundary, positive inside; depth). Gradients flow to the vertices and depths
+    (hand-written; ties between edges go to the first), not to ``px``, ``py``.
   """
-  r = [(px - x0, py - y0), (px - x1, py - y1), (px - x2, py - y2)]
-  cross = lambda a, b: a[0] * b[1] - a[1] * b[0]
-  e_area = [cross(r[1], r[2]), cross(r[2], r[0]), cross(r[0], r[1])]  # doubled signed sub-areas
-  area2 = e_area[0] + e_area[1] + e_area[2]
-  sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(area2.dtype)
-  verts = [(x0, y0), (x1, y1), (x2, y2)]
-  d, seg = [], []
+  t = _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py)
+  return t["bary"], t["dist"], t["depth"]
+
+
+def _eval_fragment_fwd(*args):
+  return eval_fragment(*args), args
+
+
+def _first_min3(a, b, c):
+  """One-hot (bool) of the first minimum of three arrays."""
+  s0 = (a <= b) & (a <= c)
+  s1 = ~s0 & (b <= c)
+  return s0, s1, ~s0 & ~s1
+
+
+def _eval_fragment_bwd(args, cts):
+  """Chain rule in closed form. With lam_i the screen barycentrics of p (the pixel), d lam_i / d v_k =
+  -lam_k grad_p lam_i. The distance to a segment (or line) from p, at closest point c = a + t (b - a), has
+  gradient n, -(1 - t) n, -t n with respect to p, a, b (n the unit normal / direction from c to p)."""
+  (gb0, gb1, gb2), g_dist, g_depth = cts
+  x = _fragment_terms(*args)
+  z, q, nrm, lam, depth = x["z"], x["q"], x["nrm"], x["lam"], x["depth"]
+  gb = (gb0, gb1, gb2)
+  # Perspective: b_i = q_i * depth, depth = 1 / sum(q), q_i = nrm_i / z_i.
+  sb = gb0 * x["bary"][0] + gb1 * x["bary"][1] + gb2 * x["bary"][2]
+  gq = [(gb[i] - sb) * depth - g_depth * depth * depth for i in range(3)]
+  g_z = [-gq[i] * q[i] / z[i] for i in range(3)]
+  gn = [gq[i] / z[i] for i in range(3)]
+  # Clip and normalise: nrm_i = max(lam_i, 0) / total (or 1/3 where not ok).
+  sn = gn[0] * nrm[0] + gn[1] * nrm[1] + gn[2] * nrm[2]
+  g_lam = [jnp.where(x["ok"] & (lam[i] > 0), (gn[i] - sn) * x["inv_total"], 0.0) for i in range(3)]
+  # G = sum_i g_lam_i grad_p lam_i; grad_p lam_i = (-e_y, e_x) / area2 for edge i.
+  gx = sum(g_lam[i] * -x["edge"][i][1] for i in range(3)) * x["inv_area2"]
+  gy = sum(g_lam[i] * x["edge"][i][0] for i in range(3)) * x["inv_area2"]
+  g_v = [[-lam[k] * gx, -lam[k] * gy] for k in range(3)]
+  # Distance: the edge that attains it (first on ties).
+  inside = x["inside"]
+  sel_in = _first_min3(*x["d"])
+  sel_out = _first_min3(*x["seg"])
+  dist_len = safe_sqrt(x["seg_min"])
+  live = inside | (x["seg_min"] > 1e-20)  # below, safe_sqrt is flat
   for i in range(3):
-    a, b = verts[(i + 1) % 3], verts[(i + 2) % 3]
-    ex, ey = b[0] - a[0], b[1] - a[1]
-    length = safe_sqrt(ex * ex + ey * ey, 1e-24)
-    di = sgn * e_area[i] / length  # distance to the edge's line, positive inside
-    rel = r[(i + 1) % 3]
-    along = (rel[0] * ex + rel[1] * ey) / length
-    beyond = jnp.maximum(jnp.maximum(-along, along - length), 0.0)
-    d.append(di)
-    seg.append(di * di + beyond * beyond)
-  inside = (d[0] >= 0) & (d[1] >= 0) & (d[2] >= 0)
-  # Pairwise minima: the gradient of a min-reduction divides by the number of ties, which XLA can make 0
-  # when it recomputes the operands with different rounding (fused multiply-adds) -> NaN.
-  dist = jnp.where(inside, _min3(*d), -safe_sqrt(_min3(*seg)))
-  # Clip the screen-space barycentrics to the face, then correct for perspective.
-  lam = [jnp.maximum(safe_div(e, area2), 0.0) for e in e_area]
-  norm = 1.0 / jnp.maximum(lam[0] + lam[1] + lam[2], 1e-12)
-  q = [lam[0] * norm / z0, lam[1] * norm / z1, lam[2] * norm / z2]
-  inv_s = 1.0 / jnp.maximum(q[0] + q[1] + q[2], 1e-30)
-  return (q[0] * inv_s, q[1] * inv_s, q[2] * inv_s), dist, inv_s
+    ex, ey = x["edge"][i]
+    inv_l = 1.0 / x["length"][i]
+    t = x["along"][i] * inv_l
+    rel = x["r"][(i + 1) % 3]
+    tc = jnp.clip(t, 0.0, 1.0)
+    # Inside: d_i = n_in . (p - a), n_in = sgn (-e_y, e_x) / L. Outside: dist = -|p - c| (the direction
+    # from c to p, divided by the distance).
+    sgn_l = jnp.where(x["inv_area2"] < 0, -1.0, 1.0).astype(ex.dtype) * inv_l
+    inv_dl = 1.0 / dist_len
+    nx = jnp.where(inside, -ey * sgn_l, -(rel[0] - tc * ex) * inv_dl)
+    ny = jnp.where(inside, ex * sgn_l, -(rel[1] - tc * ey) * inv_dl)
+    tt = jnp.where(inside, t, tc)
+    w = jnp.where(live & jnp.where(inside, sel_in[i], sel_out[i]), g_dist, 0.0)
+    a, b = (i + 1) % 3, (i + 2) % 3
+    g_v[a][0] = g_v[a][0] - w * (1.0 - tt) * nx
+    g_v[a][1] = g_v[a][1] - w * (1.0 - tt) * ny
+    g_v[b][0] = g_v[b][0] - w * tt * nx
+    g_v[b][1] = g_v[b][1] - w * tt * ny
+  zeros = jnp.zeros_like(args[9])
+  return (g_v[0][0], g_v[0][1], g_v[1][0], g_v[1][1], g_v[2][0], g_v[2][1], g_z[0], g_z[1], g_z[2], zeros,
+          zeros)
+
+
+eval_fragment.defvjp(_eval_fragment_fwd, _eval_fragment_bwd)
+
+
+@jax.custom_vjp
+def gather_rows(table, ids):
+  """``tuple(table[j][ids] for j in range(D))`` for a column-major ``table [D, F]`` and integer ``ids``.
+
+  Column-major so that neither the gather nor its gradient (one scatter-add of D-vectors) interleaves the
+  columns (XLA:CPU's transposes to and from [..., D] cost more than the gather itself).
+  """
+  return tuple(table[j][ids] for j in range(table.shape[0]))
+
+
+def _gather_rows_fwd(table, ids):
+  return gather_rows(table, ids), (ids, table.shape[1])
+
+
+def _gather_rows_bwd(res, cts):
+  ids, f = res
+  g = jnp.stack(cts)  # [D, ...]
+  dn = lax.ScatterDimensionNumbers(update_window_dims=(0,), inserted_window_dims=(1,),
+                                   scatter_dims_to_operand_dims=(1,))
+  out = lax.scatter_add(jnp.zeros((g.shape[0], f), g.dtype), ids[..., None], g, dn,
+                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  return out, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def _pixel_centres(settings: RasterSettings, dtype):
@@ -545,17 +682,17 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   f = xy.shape[0]
   cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
           z[:, 2]]
-  # Row F is a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
-  dummy = jnp.array([[0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]], xy.dtype)
-  table = jnp.concatenate([jnp.stack(cols, -1), dummy])
+  # Column F is a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
+  dummy = jnp.array([[0.0], [0.0], [1.0], [0.0], [0.0], [1.0], [1.0], [1.0], [1.0]], xy.dtype)
+  table = jnp.concatenate([jnp.stack(cols), dummy], axis=1)  # [9, F + 1]
   px, py = _pixel_centres(settings, xy.dtype)
   valid = ids >= 0
   rows = jnp.where(valid, ids, f)
-  bary, dist, depth = eval_fragment(*gather_columns(table, rows), px, py)
+  bary, dist, depth = eval_fragment(*gather_rows(table, rows), px, py)
   attrs = ()
   if face_attrs is not None:
-    a = jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])])[rows]
-    attrs = tuple(a[..., j] for j in range(a.shape[-1]))
+    a = jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T  # [D, F + 1]
+    attrs = tuple(a[j][rows] for j in range(a.shape[0]))
   return Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs), overflow
 
 

@@ -16,14 +16,17 @@ class RasterSettings:
 
   Attributes:
     image_size: (H, W) of the output image.
-    faces_per_pixel: K, the number of nearest faces kept per pixel.
+    faces_per_pixel: K, the number of faces kept per pixel among those within ``blur_radius`` of its
+      centre: the nearest face covering the centre (or, where none covers it, the closest face), then the
+      others in order of minimum vertex depth; sorted nearest first (see ``rasterize.select_faces``).
     sigma: width of the soft coverage in pixels; coverage of a face at signed pixel distance ``d`` (positive
       inside) is ``p = 2 * sigmoid(min(d, 0) / sigma)``: exactly 1 on and inside the face, decaying outside
       it. ``sigma = 0`` gives hard (step) coverage.
     gamma: depth-blending temperature, in *relative* depth (scale free): a fragment that is a fraction ``r``
       farther than the pixel's nearest fragment has its colour weight multiplied by ``exp(-r / gamma)``.
-    blur_radius: faces farther than this from a pixel centre are not considered for that pixel. ``None``
-      derives it from sigma: ``sigma * log(2 / 1e-3)`` (coverage below 1e-3 is dropped); 0 when sigma = 0.
+    blur_radius: faces farther than this from a pixel centre (from any of its edge lines or its bounding
+      box) are not considered for that pixel. ``None`` derives it from sigma: ``sigma * log(2 / 1e-3)``
+      (coverage below 1e-3 is dropped); 0 when sigma = 0.
     tile_size: side of the square screen tiles used for binning.
     max_faces_per_tile: cap on the candidate faces per tile when K > 1 (static shapes). A tile with more
       candidates keeps the ones with the smallest minimum vertex depth and is counted in ``overflow``. With
