@@ -68,7 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Training-time augmentation of the run-time signals (``train.tasks.augment_keypoints``): fresh keypoint
   # noise (pixels) and dropout per step, so that keypoint encoders do not memorise one detection per frame.
-  config.augment = ml_collections.ConfigDict(dict(keypoint_noise_px=1.0, keypoint_dropout=0.03))
+  config.augment = ml_collections.ConfigDict(dict(keypoint_noise_px=0.5, keypoint_dropout=0.03))
 
   # Regressor baseline only (task='regressor'): one ``Regressor`` per condition on a frozen DAM teacher.
   config.teacher_workdir = ml_collections.config_dict.placeholder(str)

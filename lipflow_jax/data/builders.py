@@ -78,7 +78,8 @@ class SyntheticCapture(_Builder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
-                   "1.1.0": "A validation split (held-out segment); default: all 18 train segments."}
+                   "1.1.0": "A validation split (held-out segment); default: all 18 train segments and "
+                            "0.5 px keypoint noise."}
   BUILDER_CONFIGS = [
       SyntheticCaptureConfig(name=name, capture=cfg,
                              description=f"{cfg.num_frames} frames x {cfg.num_cameras} cameras, "
