@@ -208,9 +208,9 @@ def mesh_topology(meta) -> Optional[MeshTopology]:
 
 
 # Soft rasterisation for the screen loss (pixels): K faces per pixel blended, coverage width sigma. The blur radius
-# is kept at 1 px (not derived from sigma, ~3.8 px): the K faces kept per pixel are the nearest in depth among
-# those within the radius, and with a wider one on a dense mesh (the tiny capture: 1008 faces in 32 x 32) they
-# are mostly nearby faces that do not cover the pixel (coverage ~0.02 instead of ~0.35). Check ``overflow``.
+# is kept at 1 px (not derived from sigma, ~3.8 px): the candidates per tile, and so the cost and the risk of
+# overflow (faces dropped; check ``overflow``), grow with it, and coverage below 2 * sigmoid(-1 / sigma) = 0.24
+# at 1 px outside a silhouette is what it drops.
 SCREEN_RASTER_DEFAULTS = dict(faces_per_pixel=4, sigma=0.5, blur_radius=1.0, tile_size=8, max_faces_per_tile=256,
                               cull_backfaces=True)
 
