@@ -299,9 +299,6 @@ class Capture:
   def segment_name(self, frame_index: int) -> str:
     return self.script.segments[self.script.frame_segment[frame_index]]
 
-  def is_test_frame(self, frame_index: int) -> bool:
-    return self.segment_name(frame_index) in self.config.test_segments
-
   def split_of(self, frame_index: int) -> str:
     """'train', 'test' or 'validation'."""
     name = self.segment_name(frame_index)

@@ -279,7 +279,7 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
       write_png(tex_path(out_dir, seg, cam, name), texture_to_png(fr["tex"][c]))
       write_png(image_path(out_dir, seg, cam, name), fr["image"][c])
     write_png(tex_path(out_dir, seg, "average", name), texture_to_png(fr["avg_tex"]))
-    if not capture.is_test_frame(i):
+    if capture.split_of(i) != "test":
       tc = capture.train_cameras
       norm.add(fr["verts"], fr["avg_tex"], fr["tex"][tc], fr["tex_mask"][tc])
   with open(os.path.join(out_dir, "frame_list.txt"), "w") as f:
