@@ -522,9 +522,9 @@ def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
   z = (z0, z1, z2)
   q = [nrm[i] / z[i] for i in range(3)]
   depth = 1.0 / (q[0] + q[1] + q[2])
-  return dict(v=v, r=r, edge=edge, length=length, d=d, along=along, seg=seg, seg_min=seg_min, inside=inside,
-              dist=dist, inv_area2=inv_area2, lam=lam, ok=ok, inv_total=inv_total, nrm=nrm, z=z, q=q,
-              depth=depth, bary=tuple(qi * depth for qi in q))
+  return dict(v=v, r=r, sgn=sgn, edge=edge, length=length, d=d, along=along, seg=seg, seg_min=seg_min,
+              inside=inside, dist=dist, inv_area2=inv_area2, lam=lam, ok=ok, inv_total=inv_total, nrm=nrm, z=z,
+              q=q, depth=depth, bary=tuple(qi * depth for qi in q))
 
 
 @jax.custom_vjp
@@ -587,7 +587,7 @@ def _eval_fragment_bwd(args, cts):
     tc = jnp.clip(t, 0.0, 1.0)
     # Inside: d_i = n_in . (p - a), n_in = sgn (-e_y, e_x) / L. Outside: dist = -|p - c| (the direction
     # from c to p, divided by the distance).
-    sgn_l = jnp.where(x["inv_area2"] < 0, -1.0, 1.0).astype(ex.dtype) * inv_l
+    sgn_l = x["sgn"] * inv_l
     inv_dl = 1.0 / dist_len
     nx = jnp.where(inside, -ey * sgn_l, -(rel[0] - tc * ex) * inv_dl)
     ny = jnp.where(inside, ex * sgn_l, -(rel[1] - tc * ey) * inv_dl)
@@ -691,8 +691,7 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   bary, dist, depth = eval_fragment(*gather_rows(table, rows), px, py)
   attrs = ()
   if face_attrs is not None:
-    a = jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T  # [D, F + 1]
-    attrs = tuple(a[j][rows] for j in range(a.shape[0]))
+    attrs = gather_rows(jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T, rows)  # [D, F + 1]
   return Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs), overflow
 
 
