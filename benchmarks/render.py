@@ -42,7 +42,8 @@ def _times_ms(fn, *args, runs):
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None):
+def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None,
+             fragment_budget=None, cull_backfaces=False):
   mesh = head_mesh(num_faces)
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   uvs, uv_faces = jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces)
@@ -55,6 +56,9 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
     extra["tile_size"] = tile_size
   if max_faces_per_tile:
     extra["max_faces_per_tile"] = max_faces_per_tile
+  if fragment_budget:
+    extra["fragment_budget"] = fragment_budget
+  extra["cull_backfaces"] = cull_backfaces
   if k == 1:
     settings = RasterSettings.hard((size, size), **extra)
   else:
@@ -78,7 +82,8 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
   return {
       "resolution": size, "faces": int(faces.shape[0]), "K": k, "mode": "hard" if k == 1 else "soft",
       "texture": texture_size, "tile_size": settings.tile_size,
-      "max_faces_per_tile": settings.max_faces_per_tile,
+      "max_faces_per_tile": settings.max_faces_per_tile, "fragment_budget": settings.fragment_budget,
+      "cull_backfaces": settings.cull_backfaces,
       "fwd_ms": round(fwd_ms, 2), "fwd_bwd_ms": round(fwd_bwd_ms, 2), "fwd_min_ms": round(fwd_min, 2),
       "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
       "fwd_mpix_per_s": round(mpix / (fwd_ms / 1e3), 2), "fwd_bwd_mpix_per_s": round(mpix / (fwd_bwd_ms / 1e3), 2),
@@ -98,6 +103,9 @@ def main(argv=None):
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--tile-size", type=int, default=None)
   ap.add_argument("--max-faces-per-tile", type=int, default=None)
+  ap.add_argument("--fragment-budget", type=float, default=None,
+                  help="RasterSettings.fragment_budget (fraction of the K*H*W slots evaluated; default 1)")
+  ap.add_argument("--cull-backfaces", action="store_true", help="cull back faces (the head is closed)")
   ap.add_argument("--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)")
   ap.add_argument("--png", default=None, help="save the last case's forward image here")
   args = ap.parse_args(argv)
@@ -106,7 +114,8 @@ def main(argv=None):
   cases = [(s, f, k) for s in args.sizes for f in args.faces for k in args.k]
   for i, (size, faces, k) in enumerate(cases):
     res = run_case(size, faces, k, args.texture, args.runs, args.tile_size, args.max_faces_per_tile,
-                   png=args.png if i == len(cases) - 1 else None)
+                   png=args.png if i == len(cases) - 1 else None, fragment_budget=args.fragment_budget,
+                   cull_backfaces=args.cull_backfaces)
     print(json.dumps(res), flush=True)
 
 

@@ -162,7 +162,8 @@ def test_settings_validation_and_hashing():
               dict(image_size=(4, 4), sigma=-1.0), dict(image_size=(4, 4), gamma=0.0),
               dict(image_size=(4, 4), blur_radius=-1.0), dict(image_size=(4, 4), tile_size=0),
               dict(image_size=(4, 4), faces_per_pixel=8, max_faces_per_tile=4),
-              dict(image_size=(4, 4), background=()), dict(image_size=(4, 4), znear=0.0)]:
+              dict(image_size=(4, 4), background=()), dict(image_size=(4, 4), znear=0.0),
+              dict(image_size=(4, 4), fragment_budget=0.0), dict(image_size=(4, 4), fragment_budget=1.5)]:
     with pytest.raises(ValueError, match="RasterSettings"):
       RasterSettings(**bad)
 
@@ -309,6 +310,60 @@ def test_overflow_counter_and_nearest_kept(jit_rasterize):
   assert int(ok.overflow) == 0
   np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal],
                                 np.asarray(fr.face_ids[..., 0])[off_diagonal])
+
+
+def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
+  """A budget below the number of non-empty slots keeps them in slot-major order (slot 0 of every pixel,
+  then slot 1, ...; row-major within a slot) and counts the rest in ``overflow``."""
+  n, size, k = 12, 16, 4
+  verts, faces, cam = _quad_stack(n, size)
+  dense_settings = RasterSettings((size, size), faces_per_pixel=k, sigma=0.1, max_faces_per_tile=2 * n)
+  dense = jit_rasterize(verts, faces, cam, dense_settings)
+  budget = 0.6
+  part = jit_rasterize(verts, faces, cam, dense_settings.replace(fragment_budget=budget))
+  ids = np.moveaxis(np.asarray(dense.face_ids), -1, 0)  # [K, H, W]
+  assert np.all(ids >= 0) and int(dense.overflow) == 0  # every slot of every pixel is non-empty
+  kept = (np.arange(ids.size) < int(np.ceil(budget * ids.size))).reshape(ids.shape)
+  assert int(part.overflow) == ids.size - kept.sum()
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(part.face_ids), -1, 0), np.where(kept, ids, -1))
+  m = np.moveaxis(kept, 0, -1)
+  np.testing.assert_allclose(np.asarray(part.bary)[m], np.asarray(dense.bary)[m], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(part.dists)[m], np.asarray(dense.dists)[m], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(part.dists)[~m], render.EMPTY_DIST)
+
+
+@pytest.mark.parametrize("settings", [
+    RasterSettings.hard((40, 40), cull_backfaces=True),
+    RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, max_faces_per_tile=256, cull_backfaces=True)])
+def test_fragment_budget_equals_dense_evaluation(settings):
+  """Evaluating only the non-empty slots (compacted) gives the same render and gradients as evaluating all."""
+  from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+  mesh = head_mesh(1000)
+  verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
+  uv_faces = jnp.asarray(mesh.uv_faces)
+  tex = jnp.asarray(demo_texture(32))
+  cam = geometry.Camera(K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0)))
+  wts = jnp.asarray(np.random.default_rng(0).normal(size=(40, 40, 3)), jnp.float32)
+
+  def run(s):
+    def loss(v, t):
+      out = render.render_mesh(v, faces, uvs, uv_faces, t, cam, s)
+      return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(verts, tex)
+    return out, grads
+
+  dense, g_dense = run(settings)
+  fragments = render.rasterize(verts, faces, cam, settings)
+  nonempty = float(np.mean(np.asarray(fragments.face_ids) >= 0))
+  assert 0.1 < nonempty < 0.75  # some slots are empty: the budget compacts
+  part, g_part = run(settings.replace(fragment_budget=nonempty + 0.01))
+  assert int(dense.overflow) == 0 and int(part.overflow) == 0
+  np.testing.assert_array_equal(np.asarray(part.face_id), np.asarray(dense.face_id))
+  for a, b in zip(part[:3], dense[:3]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for a, b in zip(g_part, g_dense):
+    assert np.abs(np.asarray(b)).max() > 0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())
 
 
 # ------------------------------------------------------------------------------------------ texture

@@ -633,20 +633,58 @@ def _gather_rows_bwd(res, cts):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def _pixel_centres(settings: RasterSettings, dtype):
-  h, w = settings.image_size
-  py, px = jnp.meshgrid(jnp.arange(h, dtype=dtype) + 0.5, jnp.arange(w, dtype=dtype) + 0.5, indexing="ij")
-  return px, py
-
-
 class Slots(NamedTuple):
-  """Fragments slot-major (internal layout): every field [S, H, W] with S <= K slots, nearest first."""
-  ids: jax.Array
-  valid: jax.Array
-  bary: tuple  # 3 arrays
-  dist: jax.Array
-  depth: jax.Array
-  attrs: tuple  # the gathered extra face columns
+  """Fragments slot-major (internal layout of ``rasterize_slots``), S <= K slots per pixel, nearest first.
+
+  ``ids`` and ``valid`` are dense [S, H, W]; the evaluated quantities are flat [N] over the fragments that
+  were evaluated (``expand`` maps them to [S, H, W]): all S * H * W slots, or with a fragment budget
+  (``RasterSettings.fragment_budget`` < 1) only the non-empty ones, compacted.
+  """
+  ids: jax.Array  # [S, H, W] int32 face ids, -1 for empty slots
+  valid: jax.Array  # [S, H, W] bool: non-empty and evaluated
+  bary: tuple  # 3 x [N]
+  dist: jax.Array  # [N]
+  depth: jax.Array  # [N]
+  attrs: tuple  # D x [N], the gathered extra face columns
+  rank: jax.Array  # [S * H * W] int32 position in [N] of each slot's fragment (where valid); None when dense
+  pos: jax.Array  # [N] int32 flat slot index of each evaluated fragment (S * H * W if unused); None when dense
+
+
+@jax.custom_vjp
+def _take_compact(x, rank, valid, pos):
+  """[N] -> [S * H * W]: x[rank] where valid, 0 elsewhere. The gradient gathers back through ``pos`` (each
+  kept slot has its own fragment), rather than the scatter-add that autodiff of the gather would give."""
+  return jnp.where(valid, x[jnp.clip(rank, 0, x.shape[0] - 1)], jnp.zeros((), x.dtype))
+
+
+def _take_compact_fwd(x, rank, valid, pos):
+  return _take_compact(x, rank, valid, pos), pos
+
+
+def _take_compact_bwd(pos, g):
+  n = g.shape[0]
+  return jnp.where(pos < n, g[jnp.minimum(pos, n - 1)], 0.0), None, None, None
+
+
+_take_compact.defvjp(_take_compact_fwd, _take_compact_bwd)
+
+
+def expand(slots: Slots, x):
+  """A flat per-fragment array of ``slots`` ([N]) as [S, H, W] (0 in slots that were not evaluated)."""
+  if slots.rank is None:
+    return x
+  return _take_compact(x, slots.rank, slots.valid.reshape(-1), slots.pos).reshape(slots.ids.shape)
+
+
+def _compact(valid, budget):
+  """Compacts the non-empty slots ``valid [S * H * W]`` (in slot-major order, so that a budget drops the
+  farthest slots first). Returns (kept [S * H * W] bool, rank [S * H * W], pos [budget], dropped [])."""
+  total = valid.shape[0]
+  rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
+  kept = valid & (rank < budget)
+  pos = jnp.full((budget,), total, jnp.int32).at[jnp.where(kept, rank, budget)].set(
+      jnp.arange(total, dtype=jnp.int32), mode="drop", unique_indices=True)
+  return kept, rank, pos, jnp.maximum(rank[-1] + 1 - budget, 0).astype(jnp.int32)
 
 
 def _check_mesh(verts, faces):
@@ -667,7 +705,8 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     face_attrs: optional [F, D] extra per-face columns gathered per fragment along with the geometry.
     num_slots: evaluate only the first ``num_slots`` slots (default all K).
   Returns:
-    (``Slots``, overflow).
+    (``Slots``, overflow: ``Fragments.overflow`` plus the number of non-empty slots beyond the fragment
+    budget).
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
@@ -680,19 +719,34 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   if num_slots is not None:
     ids = ids[:num_slots]
   f = xy.shape[0]
+  h, w = settings.image_size
+  total = ids.size
+  budget = min(total, max(1, math.ceil(settings.fragment_budget * total)))
+  valid = ids >= 0
+  rank = pos = None
+  if budget < total:
+    valid, rank, pos, dropped = _compact(valid.reshape(-1), budget)
+    overflow = overflow + dropped
+    flat = pos % (h * w)  # the fragment's pixel (== h * w for unused entries: harmless, they are invalid)
+    rows = jnp.where(pos < total, ids.reshape(-1)[jnp.minimum(pos, total - 1)], -1)
+    px = (flat % w).astype(xy.dtype) + 0.5
+    py = (flat // w).astype(xy.dtype) + 0.5
+  else:
+    rows = ids
+    py, px = jnp.meshgrid(jnp.arange(h, dtype=xy.dtype) + 0.5, jnp.arange(w, dtype=xy.dtype) + 0.5, indexing="ij")
+  rows = jnp.where(rows >= 0, rows, f)
   cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
           z[:, 2]]
   # Column F is a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
   dummy = jnp.array([[0.0], [0.0], [1.0], [0.0], [0.0], [1.0], [1.0], [1.0], [1.0]], xy.dtype)
   table = jnp.concatenate([jnp.stack(cols), dummy], axis=1)  # [9, F + 1]
-  px, py = _pixel_centres(settings, xy.dtype)
-  valid = ids >= 0
-  rows = jnp.where(valid, ids, f)
   bary, dist, depth = eval_fragment(*gather_rows(table, rows), px, py)
   attrs = ()
   if face_attrs is not None:
     attrs = gather_rows(jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T, rows)  # [D, F + 1]
-  return Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs), overflow
+  slots = Slots(ids=ids, valid=valid.reshape(ids.shape), bary=bary, dist=dist, depth=depth, attrs=attrs,
+                rank=rank, pos=pos)
+  return slots, overflow
 
 
 def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragments:
@@ -710,12 +764,12 @@ def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragmen
   """
   s, overflow = rasterize_slots(verts, faces, camera, settings)
   last = lambda x: jnp.moveaxis(x, 0, -1)
-  bary = jnp.stack([jnp.where(s.valid, b, 0.0) for b in s.bary], -1)  # [K, H, W, 3]
+  bary = jnp.stack([jnp.where(s.valid, expand(s, b), 0.0) for b in s.bary], -1)  # [K, H, W, 3]
   return Fragments(
-      face_ids=last(s.ids),
+      face_ids=last(jnp.where(s.valid, s.ids, -1)),
       bary=jnp.moveaxis(bary, 0, -2),
-      dists=last(jnp.where(s.valid, s.dist, EMPTY_DIST)),
-      zbuf=last(jnp.where(s.valid, s.depth, 0.0)),
+      dists=last(jnp.where(s.valid, expand(s, s.dist), EMPTY_DIST)),
+      zbuf=last(jnp.where(s.valid, expand(s, s.depth), 0.0)),
       overflow=overflow)
 
 

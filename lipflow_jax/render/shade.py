@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lipflow_jax.geometry.camera import Camera
-from lipflow_jax.render.rasterize import rasterize_slots, reduce_leading
+from lipflow_jax.render.rasterize import expand, rasterize_slots, reduce_leading
 from lipflow_jax.render.settings import RasterSettings
 
 
@@ -234,11 +234,11 @@ def _soft_blend_bwd(sigma, gamma, background, res, cts):
 soft_blend.defvjp(_soft_blend_fwd, _soft_blend_bwd)
 
 
-def _face_id(slots):
-  """The nearest slot covering the pixel centre (dist >= 0), -1 if none."""
+def _face_id(slots, dist):
+  """The nearest slot covering the pixel centre (``dist [S, H, W]`` >= 0), -1 if none."""
   face_id = jnp.full(slots.ids.shape[1:], -1, jnp.int32)
   for i in reversed(range(slots.ids.shape[0])):
-    face_id = jnp.where(slots.valid[i] & (slots.dist[i] >= 0), slots.ids[i], face_id)
+    face_id = jnp.where(slots.valid[i] & (dist[i] >= 0), slots.ids[i], face_id)
   return face_id
 
 
@@ -272,16 +272,18 @@ def render_mesh(verts, faces, uvs, uv_faces, texture, camera: Camera, settings: 
   face_uv = uvs[uv_faces].reshape(-1, 6)  # [F, 6]: u0 v0 u1 v1 u2 v2
   slots, overflow = rasterize_slots(verts, faces, camera, settings, face_attrs=face_uv,
                                     num_slots=1 if settings.is_hard else None)
-  b, a = slots.bary, slots.attrs
-  u = b[0] * a[0] + b[1] * a[2] + b[2] * a[4]  # [S, H, W]
+  b, a = slots.bary, slots.attrs  # [N] per evaluated fragment
+  u = b[0] * a[0] + b[1] * a[2] + b[2] * a[4]
   v = b[0] * a[1] + b[1] * a[3] + b[2] * a[5]
-  colors = _sample_channels(texture.astype(u.dtype), u, v)  # C x [S, H, W]
+  colors = [expand(slots, c) for c in _sample_channels(texture.astype(u.dtype), u, v)]  # C x [S, H, W]
+  depth = expand(slots, slots.depth)
   if settings.is_hard:
     v0 = slots.valid[0]
     rgb = jnp.stack([jnp.where(v0, colors[c][0], bg[c]) for c in range(nc)], -1)
-    return Rendered(rgb=rgb, alpha=v0[..., None].astype(u.dtype), depth=jnp.where(v0, slots.depth[0], 0.0),
-                    face_id=slots.ids[0], overflow=overflow)
-  rgb, alpha, depth = soft_blend(slots.dist, slots.depth, slots.valid, jnp.stack(colors), settings.sigma,
-                                 settings.gamma, bg)
-  return Rendered(rgb=rgb, alpha=alpha[..., None], depth=depth, face_id=_face_id(slots),
+    return Rendered(rgb=rgb, alpha=v0[..., None].astype(u.dtype), depth=jnp.where(v0, depth[0], 0.0),
+                    face_id=jnp.where(v0, slots.ids[0], -1), overflow=overflow)
+  dist = expand(slots, slots.dist)
+  rgb, alpha, depth = soft_blend(dist, depth, slots.valid, jnp.stack(colors), settings.sigma, settings.gamma,
+                                 bg)
+  return Rendered(rgb=rgb, alpha=alpha[..., None], depth=depth, face_id=_face_id(slots, dist),
                   overflow=overflow)
