@@ -43,7 +43,7 @@ def _times_ms(fn, *args, runs):
 
 
 def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None,
-             fragment_budget=None, cull_backfaces=False):
+             fragment_budget=None, tile_budget=None, cull_backfaces=False):
   mesh = head_mesh(num_faces)
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   uvs, uv_faces = jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces)
@@ -58,6 +58,8 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
     extra["max_faces_per_tile"] = max_faces_per_tile
   if fragment_budget:
     extra["fragment_budget"] = fragment_budget
+  if tile_budget:
+    extra["tile_budget"] = tile_budget
   extra["cull_backfaces"] = cull_backfaces
   if k == 1:
     settings = RasterSettings.hard((size, size), **extra)
@@ -83,6 +85,7 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
       "resolution": size, "faces": int(faces.shape[0]), "K": k, "mode": "hard" if k == 1 else "soft",
       "texture": texture_size, "tile_size": settings.tile_size,
       "max_faces_per_tile": settings.max_faces_per_tile, "fragment_budget": settings.fragment_budget,
+      "tile_budget": settings.tile_budget,
       "cull_backfaces": settings.cull_backfaces,
       "fwd_ms": round(fwd_ms, 2), "fwd_bwd_ms": round(fwd_bwd_ms, 2), "fwd_min_ms": round(fwd_min, 2),
       "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
@@ -105,6 +108,8 @@ def main(argv=None):
   ap.add_argument("--max-faces-per-tile", type=int, default=None)
   ap.add_argument("--fragment-budget", type=float, default=None,
                   help="RasterSettings.fragment_budget (fraction of the K*H*W slots evaluated; default 1)")
+  ap.add_argument("--tile-budget", type=float, default=None,
+                  help="RasterSettings.tile_budget (fraction of the tiles processed when K > 1; default 1)")
   ap.add_argument("--cull-backfaces", action="store_true", help="cull back faces (the head is closed)")
   ap.add_argument("--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)")
   ap.add_argument("--png", default=None, help="save the last case's forward image here")
@@ -115,6 +120,7 @@ def main(argv=None):
   for i, (size, faces, k) in enumerate(cases):
     res = run_case(size, faces, k, args.texture, args.runs, args.tile_size, args.max_faces_per_tile,
                    png=args.png if i == len(cases) - 1 else None, fragment_budget=args.fragment_budget,
+                   tile_budget=args.tile_budget,
                    cull_backfaces=args.cull_backfaces)
     print(json.dumps(res), flush=True)
 

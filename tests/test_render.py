@@ -332,11 +332,33 @@ def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
   np.testing.assert_array_equal(np.asarray(part.dists)[~m], render.EMPTY_DIST)
 
 
-@pytest.mark.parametrize("settings", [
-    RasterSettings.hard((40, 40), cull_backfaces=True),
-    RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, max_faces_per_tile=256, cull_backfaces=True)])
-def test_fragment_budget_equals_dense_evaluation(settings):
-  """Evaluating only the non-empty slots (compacted) gives the same render and gradients as evaluating all."""
+def test_tile_budget_drops_last_tiles(jit_rasterize):
+  """A tile budget below the number of tiles holding faces keeps the first ones (row-major), renders the
+  others as background and counts them in ``overflow``."""
+  n, size = 12, 16
+  verts, faces, cam = _quad_stack(n, size)
+  settings = RasterSettings((size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=2 * n)
+  dense = jit_rasterize(verts, faces, cam, settings)
+  part = jit_rasterize(verts, faces, cam, settings.replace(tile_budget=0.5))  # 2 of the 4 tiles
+  assert int(dense.overflow) == 0 and int(part.overflow) == 2
+  np.testing.assert_array_equal(np.asarray(part.face_ids[:8]), np.asarray(dense.face_ids[:8]))
+  np.testing.assert_allclose(np.asarray(part.bary[:8]), np.asarray(dense.bary[:8]), atol=1e-6)
+  assert np.all(np.asarray(part.face_ids[8:]) == -1) and np.all(np.asarray(part.dists[8:]) == render.EMPTY_DIST)
+  img = render.render_mesh(verts, faces, verts[:, :2] * 0.0 + 0.5, faces, jnp.ones((2, 2, 3)), cam,
+                           settings.replace(tile_budget=0.5, background=(0.25, 0.5, 0.75)))
+  np.testing.assert_allclose(np.asarray(img.rgb[8:]), np.broadcast_to([0.25, 0.5, 0.75], (8, 16, 3)))
+  assert np.all(np.asarray(img.alpha[8:]) == 0) and np.all(np.asarray(img.alpha[:8]) == 1)
+
+
+@pytest.mark.parametrize("settings,budgets", [
+    (RasterSettings.hard((40, 40), cull_backfaces=True), ("fragment",)),
+    (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, max_faces_per_tile=256, cull_backfaces=True),
+     ("fragment",)),
+    (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, tile_size=4, max_faces_per_tile=128,
+                    cull_backfaces=True), ("fragment", "tile"))])
+def test_budgets_equal_dense_evaluation(settings, budgets):
+  """Evaluating only the non-empty slots (compacted), and only the tiles holding faces, gives the same render
+  and gradients as evaluating every slot of every pixel."""
   from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
   mesh = head_mesh(1000)
   verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
@@ -356,7 +378,13 @@ def test_fragment_budget_equals_dense_evaluation(settings):
   fragments = render.rasterize(verts, faces, cam, settings)
   nonempty = float(np.mean(np.asarray(fragments.face_ids) >= 0))
   assert 0.1 < nonempty < 0.75  # some slots are empty: the budget compacts
-  part, g_part = run(settings.replace(fragment_budget=nonempty + 0.01))
+  budget = {"fragment_budget": nonempty + 0.01}
+  if "tile" in budgets:
+    xy, z = render.project_faces(verts, faces, cam)
+    active = float(np.mean(np.asarray(render.bin_faces(xy, z, settings)[0][:, 0]) >= 0))
+    assert active < 0.8
+    budget["tile_budget"] = active + 0.01
+  part, g_part = run(settings.replace(**budget))
   assert int(dense.overflow) == 0 and int(part.overflow) == 0
   np.testing.assert_array_equal(np.asarray(part.face_id), np.asarray(dense.face_id))
   for a, b in zip(part[:3], dense[:3]):

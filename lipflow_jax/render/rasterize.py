@@ -370,7 +370,7 @@ def _tile_pixels(settings: RasterSettings, dtype):
   return (jj.reshape(-1) + 0.5).astype(dtype), (ii.reshape(-1) + 0.5).astype(dtype)
 
 
-def select_faces(xy, z, cand, settings: RasterSettings):
+def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
   """Per pixel, up to K of the candidate faces near the pixel centre.
 
   A face is *near* a pixel centre if the centre lies within ``blur_radius`` of each of the face's three edge
@@ -392,15 +392,17 @@ def select_faces(xy, z, cand, settings: RasterSettings):
   low bits) and bit masks.
 
   Args:
-    xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n_tiles, M] from ``bin_faces``.
+    xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n, M] from ``bin_faces`` (all tiles, or
+      the rows of ``tiles``); tiles: optional [n] int32 tile index of each row of ``cand`` (default all).
   Returns:
-    [n_tiles, T*T, K] int32 face ids, nearest first, -1 for empty slots (last).
+    [n, T*T, K] int32 face ids, nearest first, -1 for empty slots (last).
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   n, m = cand.shape
   nty, ntx = _grid(settings)
   t = settings.tile_size
-  tiles = jnp.arange(n, dtype=jnp.int32)
+  if tiles is None:
+    tiles = jnp.arange(n, dtype=jnp.int32)
   origin = jnp.stack([(tiles % ntx) * t, (tiles // ntx) * t], -1).astype(xy.dtype)  # [n, 2]
   abc, zlo, zhi, box = _planes(xy, z, cand.T, jnp.broadcast_to(origin, (m, n, 2)), settings)  # [M, n]
   px, py = _tile_pixels(settings, xy.dtype)
@@ -634,26 +636,32 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 class Slots(NamedTuple):
-  """Fragments slot-major (internal layout of ``rasterize_slots``), S <= K slots per pixel, nearest first.
+  """Fragments slot-major (internal layout of ``rasterize_slots``): S <= K slots, nearest first, over Q
+  pixel columns: the H * W pixels, or with a tile budget (``RasterSettings.tile_budget`` < 1) the pixels of
+  the tiles that hold faces (``to_image`` maps columns to the image).
 
-  ``ids`` and ``valid`` are dense [S, H, W]; the evaluated quantities are flat [N] over the fragments that
-  were evaluated (``expand`` maps them to [S, H, W]): all S * H * W slots, or with a fragment budget
+  ``ids`` and ``valid`` are dense [S, Q]; the evaluated quantities are flat [N] over the fragments that were
+  evaluated (``expand`` maps them to [S, Q]): all S * Q slots, or with a fragment budget
   (``RasterSettings.fragment_budget`` < 1) only the non-empty ones, compacted.
   """
-  ids: jax.Array  # [S, H, W] int32 face ids, -1 for empty slots
-  valid: jax.Array  # [S, H, W] bool: non-empty and evaluated
+  ids: jax.Array  # [S, Q] int32 face ids, -1 for empty slots
+  valid: jax.Array  # [S, Q] bool: non-empty and evaluated
   bary: tuple  # 3 x [N]
   dist: jax.Array  # [N]
   depth: jax.Array  # [N]
   attrs: tuple  # D x [N], the gathered extra face columns
-  rank: jax.Array  # [S * H * W] int32 position in [N] of each slot's fragment (where valid); None when dense
-  pos: jax.Array  # [N] int32 flat slot index of each evaluated fragment (S * H * W if unused); None when dense
+  rank: jax.Array  # [S * Q] int32 position in [N] of each slot's fragment (where valid); None when dense
+  pos: jax.Array  # [N] int32 flat slot index of each evaluated fragment (S * Q if unused); None when dense
+  pixel_column: jax.Array  # [H * W] int32 column of each image pixel, -1 if none; None when Q = H * W
+  column_pixel: jax.Array  # [Q] int32 image pixel of each column, H * W if none; None when Q = H * W
+  image_size: tuple  # (H, W)
 
 
 @jax.custom_vjp
 def _take_compact(x, rank, valid, pos):
-  """[N] -> [S * H * W]: x[rank] where valid, 0 elsewhere. The gradient gathers back through ``pos`` (each
-  kept slot has its own fragment), rather than the scatter-add that autodiff of the gather would give."""
+  """[N] -> [M]: x[rank] where valid, 0 elsewhere, for a ``rank [M]`` that maps the valid entries one to
+  one onto entries of x, whose inverse is ``pos [N]`` (>= M where unused). The gradient gathers back
+  through ``pos`` rather than scatter-adding (autodiff of the gather)."""
   return jnp.where(valid, x[jnp.clip(rank, 0, x.shape[0] - 1)], jnp.zeros((), x.dtype))
 
 
@@ -670,21 +678,61 @@ _take_compact.defvjp(_take_compact_fwd, _take_compact_bwd)
 
 
 def expand(slots: Slots, x):
-  """A flat per-fragment array of ``slots`` ([N]) as [S, H, W] (0 in slots that were not evaluated)."""
+  """A flat per-fragment array of ``slots`` ([N]) as [S, Q] (0 in slots that were not evaluated)."""
   if slots.rank is None:
-    return x
+    return x.reshape(slots.ids.shape)
   return _take_compact(x, slots.rank, slots.valid.reshape(-1), slots.pos).reshape(slots.ids.shape)
 
 
+def to_image(slots: Slots, x, fill=0.0):
+  """Per-column values ``x [..., Q]`` as an image [..., H, W]; pixels outside the columns get ``fill`` (a
+  number, or a sequence of one per leading entry of ``x``)."""
+  h, w = slots.image_size
+  if slots.pixel_column is None:
+    return x.reshape(x.shape[:-1] + (h, w))
+  has = slots.pixel_column >= 0
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    take = lambda v: _take_compact(v, slots.pixel_column, has, slots.column_pixel)
+  else:
+    take = lambda v: v[jnp.maximum(slots.pixel_column, 0)]
+  flat = x.reshape(-1, x.shape[-1])
+  fills = list(fill) if isinstance(fill, (tuple, list)) else [fill] * flat.shape[0]
+  out = jnp.stack([jnp.where(has, take(flat[i]), fills[i]) for i in range(flat.shape[0])])
+  return out.reshape(x.shape[:-1] + (h, w))
+
+
 def _compact(valid, budget):
-  """Compacts the non-empty slots ``valid [S * H * W]`` (in slot-major order, so that a budget drops the
-  farthest slots first). Returns (kept [S * H * W] bool, rank [S * H * W], pos [budget], dropped [])."""
+  """Compacts the entries where ``valid [T]`` (in order, so that a budget drops the last ones). Returns
+  (kept [T] bool, rank [T] position of each kept entry, pos [budget] index of each position, T if unused,
+  dropped [] int32)."""
   total = valid.shape[0]
   rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
   kept = valid & (rank < budget)
   pos = jnp.full((budget,), total, jnp.int32).at[jnp.where(kept, rank, budget)].set(
       jnp.arange(total, dtype=jnp.int32), mode="drop", unique_indices=True)
   return kept, rank, pos, jnp.maximum(rank[-1] + 1 - budget, 0).astype(jnp.int32)
+
+
+def _active_tiles(cand, settings: RasterSettings):
+  """The tiles with candidate faces, compacted to the tile budget (row-major; the last are dropped).
+  Returns (cand [A, M], tiles [A] int32 (n_tiles where unused), pixel_column [H * W], column_pixel
+  [A * T * T], dropped [] int32)."""
+  h, w = settings.image_size
+  t = settings.tile_size
+  nty, ntx = _grid(settings)
+  n_tiles = nty * ntx
+  budget = max(1, math.ceil(settings.tile_budget * n_tiles))
+  _, _, tiles, dropped = _compact(cand[:, 0] >= 0, budget)
+  used = tiles < n_tiles
+  cand = jnp.where(used[:, None], cand[jnp.minimum(tiles, n_tiles - 1)], -1)
+  local = jnp.arange(t * t, dtype=jnp.int32)  # [P] pixels of a tile, row-major (as ``_tile_pixels``)
+  row = (tiles // ntx)[:, None] * t + local // t  # [A, P]
+  col = (tiles % ntx)[:, None] * t + local % t
+  inside = used[:, None] & (row < h) & (col < w)
+  column_pixel = jnp.where(inside, row * w + col, h * w).reshape(-1)
+  pixel_column = jnp.full((h * w,), -1, jnp.int32).at[column_pixel].set(
+      jnp.arange(column_pixel.shape[0], dtype=jnp.int32), mode="drop", unique_indices=True)
+  return cand, tiles, pixel_column, column_pixel, dropped
 
 
 def _check_mesh(verts, faces):
@@ -705,35 +753,48 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     face_attrs: optional [F, D] extra per-face columns gathered per fragment along with the geometry.
     num_slots: evaluate only the first ``num_slots`` slots (default all K).
   Returns:
-    (``Slots``, overflow: ``Fragments.overflow`` plus the number of non-empty slots beyond the fragment
-    budget).
+    (``Slots``, overflow: ``Fragments.overflow`` plus the number of tiles beyond the tile budget and of
+    non-empty slots beyond the fragment budget).
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
+  h, w = settings.image_size
+  pixel_column = column_pixel = None
   if settings.faces_per_pixel == 1:
     ids, overflow = select_nearest(xy, z, settings)
-    ids = ids[None]
+    ids = ids.reshape(1, h * w)
   else:
     cand, overflow = bin_faces(xy, z, settings)
-    ids = jnp.moveaxis(_untile(select_faces(xy, z, cand, settings), settings), -1, 0)  # [K, H, W]
+    if settings.tile_budget < 1:
+      cand, tiles, pixel_column, column_pixel, dropped = _active_tiles(cand, settings)
+      overflow = overflow + dropped
+      sel = select_faces(xy, z, cand, settings, tiles)  # [A, P, K]
+      ids = jnp.where(column_pixel[:, None] < h * w, sel.reshape(-1, sel.shape[-1]), -1).T  # [K, A * P]
+    else:
+      ids = _untile(select_faces(xy, z, cand, settings), settings).reshape(h * w, -1).T  # [K, H * W]
   if num_slots is not None:
     ids = ids[:num_slots]
+  if column_pixel is None:
+    col_x = jnp.tile(jnp.arange(w, dtype=xy.dtype), h) + 0.5  # [Q] pixel centre of each column
+    col_y = jnp.repeat(jnp.arange(h, dtype=xy.dtype), w) + 0.5
+  else:
+    col_x = (column_pixel % w).astype(xy.dtype) + 0.5
+    col_y = (column_pixel // w).astype(xy.dtype) + 0.5
   f = xy.shape[0]
-  h, w = settings.image_size
   total = ids.size
-  budget = min(total, max(1, math.ceil(settings.fragment_budget * total)))
+  budget = min(total, max(1, math.ceil(settings.fragment_budget * ids.shape[0] * h * w)))
   valid = ids >= 0
   rank = pos = None
   if budget < total:
-    valid, rank, pos, dropped = _compact(valid.reshape(-1), budget)
+    kept, rank, pos, dropped = _compact(valid.reshape(-1), budget)
+    valid = kept.reshape(ids.shape)
     overflow = overflow + dropped
-    flat = pos % (h * w)  # the fragment's pixel (== h * w for unused entries: harmless, they are invalid)
+    column = pos % ids.shape[1]  # (== 0 for unused entries: harmless, they evaluate the dummy face)
     rows = jnp.where(pos < total, ids.reshape(-1)[jnp.minimum(pos, total - 1)], -1)
-    px = (flat % w).astype(xy.dtype) + 0.5
-    py = (flat // w).astype(xy.dtype) + 0.5
+    px, py = col_x[column], col_y[column]
   else:
-    rows = ids
-    py, px = jnp.meshgrid(jnp.arange(h, dtype=xy.dtype) + 0.5, jnp.arange(w, dtype=xy.dtype) + 0.5, indexing="ij")
+    rows = ids.reshape(-1)
+    px, py = jnp.tile(col_x, ids.shape[0]), jnp.tile(col_y, ids.shape[0])
   rows = jnp.where(rows >= 0, rows, f)
   cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
           z[:, 2]]
@@ -744,8 +805,8 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   attrs = ()
   if face_attrs is not None:
     attrs = gather_rows(jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T, rows)  # [D, F + 1]
-  slots = Slots(ids=ids, valid=valid.reshape(ids.shape), bary=bary, dist=dist, depth=depth, attrs=attrs,
-                rank=rank, pos=pos)
+  slots = Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs, rank=rank, pos=pos,
+                pixel_column=pixel_column, column_pixel=column_pixel, image_size=(h, w))
   return slots, overflow
 
 
@@ -763,13 +824,12 @@ def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragmen
     (and the camera) through ``bary``, ``dists`` and ``zbuf``.
   """
   s, overflow = rasterize_slots(verts, faces, camera, settings)
-  last = lambda x: jnp.moveaxis(x, 0, -1)
-  bary = jnp.stack([jnp.where(s.valid, expand(s, b), 0.0) for b in s.bary], -1)  # [K, H, W, 3]
+  image = lambda x, fill: jnp.moveaxis(to_image(s, x, fill), 0, -1)  # [K, Q] -> [H, W, K]
   return Fragments(
-      face_ids=last(jnp.where(s.valid, s.ids, -1)),
-      bary=jnp.moveaxis(bary, 0, -2),
-      dists=last(jnp.where(s.valid, expand(s, s.dist), EMPTY_DIST)),
-      zbuf=last(jnp.where(s.valid, expand(s, s.depth), 0.0)),
+      face_ids=image(jnp.where(s.valid, s.ids, -1), -1),
+      bary=jnp.stack([image(jnp.where(s.valid, expand(s, b), 0.0), 0.0) for b in s.bary], -1),
+      dists=image(jnp.where(s.valid, expand(s, s.dist), EMPTY_DIST), EMPTY_DIST),
+      zbuf=image(jnp.where(s.valid, expand(s, s.depth), 0.0), 0.0),
       overflow=overflow)
 
 

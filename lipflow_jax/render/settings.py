@@ -39,6 +39,11 @@ class RasterSettings:
       evaluation costs that much less. Non-empty slots beyond the budget are dropped, farthest slot first
       (all pixels' slot K - 1, then slot K - 2, ...; within a slot, the last rows of the image first), and
       counted in ``overflow``. 1 (the default) evaluates every slot, empty or not (no compaction).
+    tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below 1, only
+      the tiles that hold candidate faces are processed (a head filling half of the image: about half of
+      the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with faces beyond the budget
+      (the last in row-major order) are dropped, rendered as background, and counted in ``overflow``. 1
+      (the default) processes every tile. No effect when K = 1 (see ``fragment_budget``).
     background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
     znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
     cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ
@@ -53,6 +58,7 @@ class RasterSettings:
   tile_size: int = 8
   max_faces_per_tile: int = 64
   fragment_budget: float = 1.0
+  tile_budget: float = 1.0
   background: Tuple[float, ...] = (0.0, 0.0, 0.0)
   znear: float = 1e-3
   cull_backfaces: bool = False
@@ -90,6 +96,9 @@ class RasterSettings:
     if not (math.isfinite(self.fragment_budget) and 0 < self.fragment_budget <= 1):
       fail(f"fragment_budget must be a fraction in (0, 1], got {self.fragment_budget!r}")
     object.__setattr__(self, "fragment_budget", float(self.fragment_budget))
+    if not (math.isfinite(self.tile_budget) and 0 < self.tile_budget <= 1):
+      fail(f"tile_budget must be a fraction in (0, 1], got {self.tile_budget!r}")
+    object.__setattr__(self, "tile_budget", float(self.tile_budget))
     try:
       bg = tuple(float(c) for c in self.background)
     except TypeError:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lipflow_jax.geometry.camera import Camera
-from lipflow_jax.render.rasterize import expand, rasterize_slots, reduce_leading
+from lipflow_jax.render.rasterize import expand, rasterize_slots, reduce_leading, to_image
 from lipflow_jax.render.settings import RasterSettings
 
 
@@ -177,10 +177,10 @@ def soft_blend(dist, depth, valid, colors, sigma, gamma, background):
   The gradient is written by hand (autodiff of the product divides by 1 - p_k, which is 0 inside a face).
 
   Args:
-    dist, depth: [K, H, W] float; valid: [K, H, W] bool; colors: [C, K, H, W]; sigma, gamma: floats;
+    dist, depth: [K, ...] float (any pixel layout ...); valid: [K, ...] bool; colors: [C, K, ...]; sigma, gamma: floats;
     background: tuple of C floats.
   Returns:
-    (rgb [H, W, C], alpha [H, W], depth [H, W]).
+    (rgb [..., C], alpha [...], depth [...]).
   """
   return _soft_blend_fwd(dist, depth, valid, colors, sigma, gamma, background)[0]
 
@@ -193,7 +193,7 @@ def _soft_blend_fwd(dist, depth, valid, colors, sigma, gamma, background):
   w = _slot_softmax(logit)
   # Per channel: XLA:CPU's library reduction mis-broadcasts w[None] * colors over channels (jit only).
   fg = jnp.stack([_slot_sum(w * colors[c]) for c in range(colors.shape[0])])  # [C, H, W]
-  bg = jnp.asarray(background, fg.dtype)[:, None, None]
+  bg = jnp.asarray(background, fg.dtype).reshape((-1,) + (1,) * (fg.ndim - 1))
   rgb = jnp.moveaxis(alpha * fg + (1.0 - alpha) * bg, 0, -1)
   any_valid = reduce_leading(valid, jnp.logical_or)
   dep = jnp.where(any_valid, _slot_sum(w * depth), 0.0)
@@ -205,7 +205,7 @@ def _soft_blend_bwd(sigma, gamma, background, res, cts):
   g_rgb, g_alpha, g_dep = cts
   s, om, _, z0 = _soft_terms(dist, depth, valid, sigma, gamma)
   g_rgb = jnp.moveaxis(g_rgb, -1, 0)  # [C, H, W]
-  bg = jnp.asarray(background, fg.dtype)[:, None, None]
+  bg = jnp.asarray(background, fg.dtype).reshape((-1,) + (1,) * (fg.ndim - 1))
   nc = colors.shape[0]
   g_a = g_alpha
   for c in range(nc):  # channel sums unrolled: C is small
@@ -235,7 +235,7 @@ soft_blend.defvjp(_soft_blend_fwd, _soft_blend_bwd)
 
 
 def _face_id(slots, dist):
-  """The nearest slot covering the pixel centre (``dist [S, H, W]`` >= 0), -1 if none."""
+  """The nearest slot covering the pixel centre (``dist [S, Q]`` >= 0), -1 if none: [Q]."""
   face_id = jnp.full(slots.ids.shape[1:], -1, jnp.int32)
   for i in reversed(range(slots.ids.shape[0])):
     face_id = jnp.where(slots.valid[i] & (dist[i] >= 0), slots.ids[i], face_id)
@@ -275,15 +275,16 @@ def render_mesh(verts, faces, uvs, uv_faces, texture, camera: Camera, settings: 
   b, a = slots.bary, slots.attrs  # [N] per evaluated fragment
   u = b[0] * a[0] + b[1] * a[2] + b[2] * a[4]
   v = b[0] * a[1] + b[1] * a[3] + b[2] * a[5]
-  colors = [expand(slots, c) for c in _sample_channels(texture.astype(u.dtype), u, v)]  # C x [S, H, W]
+  colors = [expand(slots, c) for c in _sample_channels(texture.astype(u.dtype), u, v)]  # C x [S, Q]
   depth = expand(slots, slots.depth)
   if settings.is_hard:
     v0 = slots.valid[0]
-    rgb = jnp.stack([jnp.where(v0, colors[c][0], bg[c]) for c in range(nc)], -1)
-    return Rendered(rgb=rgb, alpha=v0[..., None].astype(u.dtype), depth=jnp.where(v0, depth[0], 0.0),
-                    face_id=jnp.where(v0, slots.ids[0], -1), overflow=overflow)
-  dist = expand(slots, slots.dist)
-  rgb, alpha, depth = soft_blend(dist, depth, slots.valid, jnp.stack(colors), settings.sigma, settings.gamma,
-                                 bg)
-  return Rendered(rgb=rgb, alpha=alpha[..., None], depth=depth, face_id=_face_id(slots, dist),
-                  overflow=overflow)
+    rgb = jnp.stack([jnp.where(v0, colors[c][0], bg[c]) for c in range(nc)])  # [C, Q]
+    alpha, depth, face_id = v0.astype(u.dtype), jnp.where(v0, depth[0], 0.0), jnp.where(v0, slots.ids[0], -1)
+  else:
+    dist = expand(slots, slots.dist)
+    rgb, alpha, depth = soft_blend(dist, depth, slots.valid, jnp.stack(colors), settings.sigma,
+                                   settings.gamma, bg)
+    rgb, face_id = jnp.moveaxis(rgb, -1, 0), _face_id(slots, dist)
+  return Rendered(rgb=jnp.moveaxis(to_image(slots, rgb, bg), 0, -1), alpha=to_image(slots, alpha)[..., None],
+                  depth=to_image(slots, depth), face_id=to_image(slots, face_id, -1), overflow=overflow)
