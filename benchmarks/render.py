@@ -2,7 +2,7 @@
 
     python benchmarks/render.py                  # 256 and 512 px, ~5k and ~15k faces, K = 1 (hard) and 8 (soft)
     python benchmarks/render.py --quick          # one small case
-    python benchmarks/render.py --sizes 512 --faces 15000 --k 8 --texture 1024 --png /tmp/bench.png
+    python benchmarks/render.py --sizes 512 --faces 15000 --k 1,8 --cull-backfaces --png /tmp/bench.png
 
 The mesh is ``lipflow_jax.render.demo.head_mesh`` (a UV sphere shaped like a head, seam vertices
 duplicated), its texture ``demo_texture`` at ``--texture`` texels square, seen from 4 units away at 20 degrees
@@ -11,6 +11,10 @@ mode with the default sigma / gamma. "fwd" times ``render_mesh``; "fwd_bwd" the 
 rgb and alpha with respect to the vertices and the texture. Times are the median (and minimum) of ``--runs``
 runs after a warm-up (compilation excluded), with ``block_until_ready``; the 1-minute load average is
 reported with them (on a shared machine, compare runs taken back to back).
+
+Each case runs with the exact default budgets ("1": every fragment slot and tile is evaluated) and with
+budgets measured on the view ("auto": ``render.occupancy`` + 0.05, what a user fitting known views would set);
+``--cull-backfaces`` culls the closed head's back faces, as this repository's own renders do.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lipflow_jax.geometry import Camera, intrinsics, look_at
-from lipflow_jax.render import RasterSettings, render_mesh
+from lipflow_jax.render import RasterSettings, occupancy, render_mesh
 from lipflow_jax.render.demo import demo_texture, head_mesh
+
+
+# Added to the measured occupancy when --budgets auto.
+AUTO_MARGIN = 0.05
 
 
 def _times_ms(fn, *args, runs):
@@ -43,7 +51,7 @@ def _times_ms(fn, *args, runs):
 
 
 def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None,
-             fragment_budget=None, tile_budget=None, cull_backfaces=False):
+             budgets="1", cull_backfaces=False):
   mesh = head_mesh(num_faces)
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   uvs, uv_faces = jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces)
@@ -56,15 +64,17 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
     extra["tile_size"] = tile_size
   if max_faces_per_tile:
     extra["max_faces_per_tile"] = max_faces_per_tile
-  if fragment_budget:
-    extra["fragment_budget"] = fragment_budget
-  if tile_budget:
-    extra["tile_budget"] = tile_budget
   extra["cull_backfaces"] = cull_backfaces
   if k == 1:
     settings = RasterSettings.hard((size, size), **extra)
   else:
     settings = RasterSettings((size, size), faces_per_pixel=k, **extra)
+  if budgets == "auto":  # what this view needs, plus a margin
+    frag, tiles = jax.jit(occupancy, static_argnums=3)(verts, faces, camera, settings)
+    settings = settings.replace(fragment_budget=min(1.0, float(frag) + AUTO_MARGIN),
+                                tile_budget=min(1.0, float(tiles) + AUTO_MARGIN))
+  elif budgets != "1":
+    raise ValueError(f"budgets must be '1' or 'auto', got {budgets!r}")
   weights = jnp.asarray(np.random.default_rng(0).uniform(size=(size, size, 3)), jnp.float32)
 
   fwd = jax.jit(lambda v, t: render_mesh(v, faces, uvs, uv_faces, t, camera, settings))
@@ -106,21 +116,19 @@ def main(argv=None):
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--tile-size", type=int, default=None)
   ap.add_argument("--max-faces-per-tile", type=int, default=None)
-  ap.add_argument("--fragment-budget", type=float, default=None,
-                  help="RasterSettings.fragment_budget (fraction of the K*H*W slots evaluated; default 1)")
-  ap.add_argument("--tile-budget", type=float, default=None,
-                  help="RasterSettings.tile_budget (fraction of the tiles processed when K > 1; default 1)")
+  ap.add_argument("--budgets", type=lambda v: v.split(","), default=["1", "auto"],
+                  help="comma separated: '1' = RasterSettings' default budgets (every slot and tile), 'auto' = "
+                       "fragment_budget and tile_budget from render.occupancy on the view, + 0.05")
   ap.add_argument("--cull-backfaces", action="store_true", help="cull back faces (the head is closed)")
   ap.add_argument("--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)")
   ap.add_argument("--png", default=None, help="save the last case's forward image here")
   args = ap.parse_args(argv)
   if args.quick:
     args.sizes, args.faces, args.k, args.texture, args.runs = [128], [5000], [1, 4], 256, 3
-  cases = [(s, f, k) for s in args.sizes for f in args.faces for k in args.k]
-  for i, (size, faces, k) in enumerate(cases):
+  cases = [(s, f, k, b) for s in args.sizes for f in args.faces for k in args.k for b in args.budgets]
+  for i, (size, faces, k, budgets) in enumerate(cases):
     res = run_case(size, faces, k, args.texture, args.runs, args.tile_size, args.max_faces_per_tile,
-                   png=args.png if i == len(cases) - 1 else None, fragment_budget=args.fragment_budget,
-                   tile_budget=args.tile_budget,
+                   png=args.png if i == len(cases) - 1 else None, budgets=budgets,
                    cull_backfaces=args.cull_backfaces)
     print(json.dumps(res), flush=True)
 

@@ -636,24 +636,24 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 class Slots(NamedTuple):
-  """Fragments slot-major (internal layout of ``rasterize_slots``): S <= K slots, nearest first, over Q
-  pixel columns: the H * W pixels, or with a tile budget (``RasterSettings.tile_budget`` < 1) the pixels of
-  the tiles that hold faces (``to_image`` maps columns to the image).
+  """Fragments slot-major (internal layout of ``rasterize_slots``): S <= K slots, nearest first, over pixel
+  columns of shape Q: the pixels (Q = (H, W)), or with a tile budget (``RasterSettings.tile_budget`` < 1) the
+  pixels of the tiles that hold faces (Q = (A * T * T,); ``to_image`` maps columns to the image).
 
-  ``ids`` and ``valid`` are dense [S, Q]; the evaluated quantities are flat [N] over the fragments that were
-  evaluated (``expand`` maps them to [S, Q]): all S * Q slots, or with a fragment budget
-  (``RasterSettings.fragment_budget`` < 1) only the non-empty ones, compacted.
+  ``ids`` and ``valid`` are dense [S, *Q]; the evaluated quantities are [S, *Q] too, or with a fragment
+  budget (``RasterSettings.fragment_budget`` < 1) flat [N] over the non-empty slots only, compacted
+  (``expand`` maps them to [S, *Q]).
   """
-  ids: jax.Array  # [S, Q] int32 face ids, -1 for empty slots
-  valid: jax.Array  # [S, Q] bool: non-empty and evaluated
-  bary: tuple  # 3 x [N]
-  dist: jax.Array  # [N]
-  depth: jax.Array  # [N]
-  attrs: tuple  # D x [N], the gathered extra face columns
+  ids: jax.Array  # [S, *Q] int32 face ids, -1 for empty slots
+  valid: jax.Array  # [S, *Q] bool: non-empty and evaluated
+  bary: tuple  # 3 x [S, *Q] or [N]
+  dist: jax.Array  # [S, *Q] or [N]
+  depth: jax.Array  # [S, *Q] or [N]
+  attrs: tuple  # D x [S, *Q] or [N], the gathered extra face columns
   rank: jax.Array  # [S * Q] int32 position in [N] of each slot's fragment (where valid); None when dense
   pos: jax.Array  # [N] int32 flat slot index of each evaluated fragment (S * Q if unused); None when dense
-  pixel_column: jax.Array  # [H * W] int32 column of each image pixel, -1 if none; None when Q = H * W
-  column_pixel: jax.Array  # [Q] int32 image pixel of each column, H * W if none; None when Q = H * W
+  pixel_column: jax.Array  # [H * W] int32 column of each image pixel, -1 if none; None when Q = (H, W)
+  column_pixel: jax.Array  # [Q] int32 image pixel of each column, H * W if none; None when Q = (H, W)
   image_size: tuple  # (H, W)
 
 
@@ -678,18 +678,18 @@ _take_compact.defvjp(_take_compact_fwd, _take_compact_bwd)
 
 
 def expand(slots: Slots, x):
-  """A flat per-fragment array of ``slots`` ([N]) as [S, Q] (0 in slots that were not evaluated)."""
+  """A per-fragment array of ``slots`` as [S, *Q] (0 in slots that were not evaluated)."""
   if slots.rank is None:
     return x.reshape(slots.ids.shape)
   return _take_compact(x, slots.rank, slots.valid.reshape(-1), slots.pos).reshape(slots.ids.shape)
 
 
 def to_image(slots: Slots, x, fill=0.0):
-  """Per-column values ``x [..., Q]`` as an image [..., H, W]; pixels outside the columns get ``fill`` (a
+  """Per-column values ``x [..., *Q]`` as an image [..., H, W]; pixels outside the columns get ``fill`` (a
   number, or a sequence of one per leading entry of ``x``)."""
   h, w = slots.image_size
   if slots.pixel_column is None:
-    return x.reshape(x.shape[:-1] + (h, w))
+    return x
   has = slots.pixel_column >= 0
   if jnp.issubdtype(x.dtype, jnp.floating):
     take = lambda v: _take_compact(v, slots.pixel_column, has, slots.column_pixel)
@@ -762,7 +762,7 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   pixel_column = column_pixel = None
   if settings.faces_per_pixel == 1:
     ids, overflow = select_nearest(xy, z, settings)
-    ids = ids.reshape(1, h * w)
+    ids = ids[None]
   else:
     cand, overflow = bin_faces(xy, z, settings)
     if settings.tile_budget < 1:
@@ -771,12 +771,12 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
       sel = select_faces(xy, z, cand, settings, tiles)  # [A, P, K]
       ids = jnp.where(column_pixel[:, None] < h * w, sel.reshape(-1, sel.shape[-1]), -1).T  # [K, A * P]
     else:
-      ids = _untile(select_faces(xy, z, cand, settings), settings).reshape(h * w, -1).T  # [K, H * W]
+      ids = jnp.moveaxis(_untile(select_faces(xy, z, cand, settings), settings), -1, 0)  # [K, H, W]
   if num_slots is not None:
     ids = ids[:num_slots]
-  if column_pixel is None:
-    col_x = jnp.tile(jnp.arange(w, dtype=xy.dtype), h) + 0.5  # [Q] pixel centre of each column
-    col_y = jnp.repeat(jnp.arange(h, dtype=xy.dtype), w) + 0.5
+  if column_pixel is None:  # the columns are the pixels, [H, W]
+    col_y, col_x = jnp.meshgrid(jnp.arange(h, dtype=xy.dtype) + 0.5, jnp.arange(w, dtype=xy.dtype) + 0.5,
+                                indexing="ij")
   else:
     col_x = (column_pixel % w).astype(xy.dtype) + 0.5
     col_y = (column_pixel // w).astype(xy.dtype) + 0.5
@@ -789,12 +789,11 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     kept, rank, pos, dropped = _compact(valid.reshape(-1), budget)
     valid = kept.reshape(ids.shape)
     overflow = overflow + dropped
-    column = pos % ids.shape[1]  # (== 0 for unused entries: harmless, they evaluate the dummy face)
+    column = pos % col_x.size  # (== 0 for unused entries: harmless, they evaluate the dummy face)
     rows = jnp.where(pos < total, ids.reshape(-1)[jnp.minimum(pos, total - 1)], -1)
-    px, py = col_x[column], col_y[column]
-  else:
-    rows = ids.reshape(-1)
-    px, py = jnp.tile(col_x, ids.shape[0]), jnp.tile(col_y, ids.shape[0])
+    px, py = col_x.reshape(-1)[column], col_y.reshape(-1)[column]
+  else:  # every slot: [S, Q] (broadcasting the pixel centres)
+    rows, px, py = ids, col_x, col_y
   rows = jnp.where(rows >= 0, rows, f)
   cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
           z[:, 2]]
@@ -808,6 +807,27 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   slots = Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs, rank=rank, pos=pos,
                 pixel_column=pixel_column, column_pixel=column_pixel, image_size=(h, w))
   return slots, overflow
+
+
+def occupancy(verts, faces, camera: Camera, settings: RasterSettings):
+  """How much of the budgets a view needs: what ``fragment_budget`` and ``tile_budget`` must cover.
+
+  Runs the selection only (no evaluation, no gradient). Measure on representative views (vmap over cameras
+  and frames, take the maximum) and add a margin, e.g.
+  ``settings.replace(fragment_budget=min(1, frag.max() + 0.05), tile_budget=min(1, tiles.max() + 0.05))``.
+
+  Returns:
+    (fragments, tiles): [] float32 fractions of the K * H * W fragment slots that are non-empty and of the
+    screen tiles that hold candidate faces (K > 1; 1 when K = 1, where tiles are not used).
+  """
+  verts, faces = _check_mesh(verts, faces)
+  xy, z = project_faces(verts, faces, camera)
+  if settings.faces_per_pixel == 1:
+    ids, _ = select_nearest(xy, z, settings)
+    return jnp.mean(ids >= 0), jnp.float32(1.0)
+  cand, _ = bin_faces(xy, z, settings)
+  ids = _untile(select_faces(xy, z, cand, settings), settings)
+  return jnp.mean(ids >= 0), jnp.mean(cand[:, 0] >= 0)
 
 
 def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragments:
