@@ -560,6 +560,10 @@ def _eval_fragment_bwd(args, cts):
   -lam_k grad_p lam_i. The distance to a segment (or line) from p, at closest point c = a + t (b - a), has
   gradient n, -(1 - t) n, -t n with respect to p, a, b (n the unit normal / direction from c to p)."""
   (gb0, gb1, gb2), g_dist, g_depth = cts
+  # Computed once (a dot's result is materialised), not inside each of the 9 outputs' fusions.
+  c = jnp.stack([gb0, gb1, gb2, g_dist, g_depth])
+  c = jnp.tensordot(jnp.eye(5, dtype=c.dtype), c, axes=(1, 0), precision=lax.Precision.HIGHEST)
+  gb0, gb1, gb2, g_dist, g_depth = (c[i] for i in range(5))
   x = _fragment_terms(*args)
   z, q, nrm, lam, depth = x["z"], x["q"], x["nrm"], x["lam"], x["depth"]
   gb = (gb0, gb1, gb2)

@@ -138,13 +138,48 @@ def soft_coverage(dists, sigma):
   return 2.0 * jax.nn.sigmoid(jnp.minimum(dists, 0.0) / sigma)
 
 
-def _soft_terms(dist, depth, valid, sigma, gamma):
-  """[K, H, W] s = sigmoid(min(d, 0) / sigma), 1 - p, logits; and the reference depth z0 [H, W]."""
-  z0 = jnp.where(valid[0], depth[0], 1.0)
+class _Layout(NamedTuple):
+  """Where the fragments of ``soft_blend`` sit. Dense (``column`` None): arrays [K, ...], slot k of each pixel
+  at index k. Compacted: flat arrays [N] with ``column [N]`` the pixel (``num_pixels`` for unused entries,
+  which are dropped) and ``first [N]`` whether the fragment is its pixel's slot 0."""
+  column: jax.Array = None
+  first: jax.Array = None
+  num_pixels: int = 0
+
+  def sum(self, x):  # per fragment -> per pixel
+    if self.column is None:
+      return _slot_sum(x)
+    return jax.ops.segment_sum(x.astype(jnp.float32) if x.dtype == jnp.bool_ else x, self.column,
+                               self.num_pixels)
+
+  def max(self, x):
+    if self.column is None:
+      return jnp.max(x, axis=0)
+    return jax.ops.segment_max(x, self.column, self.num_pixels)
+
+  def bcast(self, p):  # per pixel -> per fragment
+    if self.column is None:
+      return p[None]
+    return p[jnp.minimum(self.column, self.num_pixels - 1)]
+
+  def first_of(self, x):  # the slot-0 fragment's value per pixel (0 / False where none)
+    if self.column is None:
+      return x[0]
+    return self.sum(jnp.where(self.first, x, jnp.zeros((), x.dtype))).astype(x.dtype)
+
+  def add_to_first(self, g, v):  # g per fragment + v (per pixel) on each pixel's slot-0 fragment
+    if self.column is None:
+      return g.at[0].add(v)
+    return g + jnp.where(self.first, self.bcast(v), 0.0)
+
+
+def _soft_terms(dist, depth, valid, sigma, gamma, lay):
+  """Per fragment s = sigmoid(min(d, 0) / sigma), 1 - p, logits; and the reference depth z0 per pixel."""
+  z0 = jnp.where(lay.first_of(valid), lay.first_of(depth), 1.0)
   dn = jnp.minimum(jnp.where(valid, dist, -1.0), 0.0) / sigma
   s = jax.nn.sigmoid(dn)
   om = jnp.where(valid, 1.0 - 2.0 * s, 1.0)
-  logit = math.log(2.0) + jax.nn.log_sigmoid(dn) - (depth / z0 - 1.0) / gamma
+  logit = math.log(2.0) + jax.nn.log_sigmoid(dn) - (depth / lay.bcast(z0) - 1.0) / gamma
   return s, om, jnp.where(valid, logit, -1e30), z0
 
 
@@ -161,15 +196,8 @@ def _slot_sum(x):
   return jnp.tensordot(jnp.ones((x.shape[0],), x.dtype), x, axes=(0, 0), precision=lax.Precision.HIGHEST)
 
 
-def _slot_softmax(logit):
-  """softmax over the slots (the max is a reduce op: materialised, not recomputed per consumer)."""
-  e = jnp.exp(logit - jnp.max(logit, axis=0)[None])
-  return e / _slot_sum(e)[None]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def soft_blend(dist, depth, valid, colors, sigma, gamma, background):
-  """SoftRas-style aggregation of K fragments per pixel (slot-major arrays).
+def soft_blend(dist, depth, valid, colors, sigma, gamma, background, column=None, first=None, num_pixels=0):
+  """SoftRas-style aggregation of the fragments of each pixel.
 
   p_k = ``soft_coverage(d_k)``; alpha = 1 - prod_k (1 - p_k); foreground = sum_k w_k c_k with
   w = softmax_k(log p_k - r_k / gamma), r_k = z_k / z_0 - 1 the depth relative to slot 0 (the nearest);
@@ -177,61 +205,72 @@ def soft_blend(dist, depth, valid, colors, sigma, gamma, background):
   The gradient is written by hand (autodiff of the product divides by 1 - p_k, which is 0 inside a face).
 
   Args:
-    dist, depth: [K, ...] float (any pixel layout ...); valid: [K, ...] bool; colors: [C, K, ...]; sigma, gamma: floats;
-    background: tuple of C floats.
+    dist, depth: [K, ...] float (slot-major; any pixel shape) or, compacted, [N]; valid: bool, same shape;
+    colors: [C, K, ...] or [C, N]; sigma, gamma: floats; background: tuple of C floats.
+    column, first, num_pixels: for compacted fragments, the pixel [N] int32 of each fragment
+      (``num_pixels`` for unused entries), whether it is its pixel's slot 0 [N] bool, and the pixel count.
   Returns:
-    (rgb [..., C], alpha [...], depth [...]).
+    (rgb [..., C], alpha [...], depth [...]) per pixel ([num_pixels, C], ... when compacted).
   """
-  return _soft_blend_fwd(dist, depth, valid, colors, sigma, gamma, background)[0]
+  return _soft_blend(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels)
 
 
-def _soft_blend_fwd(dist, depth, valid, colors, sigma, gamma, background):
-  _, om, logit, _ = _soft_terms(dist, depth, valid, sigma, gamma)
-  zeros = _slot_sum((om == 0).astype(om.dtype))
-  log_nz = _slot_sum(jnp.log(jnp.where(om == 0, 1.0, jnp.abs(om))))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _soft_blend(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels):
+  return _soft_blend_fwd(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels)[0]
+
+
+def _soft_blend_fwd(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels):
+  lay = _Layout(column, first, num_pixels)
+  _, om, logit, _ = _soft_terms(dist, depth, valid, sigma, gamma, lay)
+  zeros = lay.sum((om == 0).astype(om.dtype))
+  log_nz = lay.sum(jnp.log(jnp.where(om == 0, 1.0, jnp.abs(om))))
   alpha = 1.0 - jnp.where(zeros > 0, 0.0, jnp.exp(log_nz))
-  w = _slot_softmax(logit)
+  e = jnp.exp(logit - lay.bcast(lay.max(logit)))
+  w = jnp.where(valid, e / lay.bcast(lay.sum(e)), 0.0)  # (unused compacted entries: e / 0)
   # Per channel: XLA:CPU's library reduction mis-broadcasts w[None] * colors over channels (jit only).
-  fg = jnp.stack([_slot_sum(w * colors[c]) for c in range(colors.shape[0])])  # [C, H, W]
+  fg = jnp.stack([lay.sum(w * colors[c]) for c in range(colors.shape[0])])  # [C, ...]
   bg = jnp.asarray(background, fg.dtype).reshape((-1,) + (1,) * (fg.ndim - 1))
   rgb = jnp.moveaxis(alpha * fg + (1.0 - alpha) * bg, 0, -1)
-  any_valid = reduce_leading(valid, jnp.logical_or)
-  dep = jnp.where(any_valid, _slot_sum(w * depth), 0.0)
-  return (rgb, alpha, dep), (dist, depth, valid, colors, w, alpha, fg, any_valid, zeros, log_nz)
+  any_valid = reduce_leading(valid, jnp.logical_or) if column is None else lay.sum(valid) > 0
+  dep = jnp.where(any_valid, lay.sum(w * depth), 0.0)
+  res = (dist, depth, valid, colors, column, first, w, alpha, fg, any_valid, zeros, log_nz)
+  return (rgb, alpha, dep), res
 
 
-def _soft_blend_bwd(sigma, gamma, background, res, cts):
-  dist, depth, valid, colors, w, alpha, fg, any_valid, zeros, log_nz = res
+def _soft_blend_bwd(sigma, gamma, background, num_pixels, res, cts):
+  dist, depth, valid, colors, column, first, w, alpha, fg, any_valid, zeros, log_nz = res
+  lay = _Layout(column, first, num_pixels)
   g_rgb, g_alpha, g_dep = cts
-  s, om, _, z0 = _soft_terms(dist, depth, valid, sigma, gamma)
-  g_rgb = jnp.moveaxis(g_rgb, -1, 0)  # [C, H, W]
+  s, om, _, z0 = _soft_terms(dist, depth, valid, sigma, gamma, lay)
+  g_rgb = jnp.moveaxis(g_rgb, -1, 0)  # [C, ...]
   bg = jnp.asarray(background, fg.dtype).reshape((-1,) + (1,) * (fg.ndim - 1))
   nc = colors.shape[0]
   g_a = g_alpha
   for c in range(nc):  # channel sums unrolled: C is small
     g_a = g_a + g_rgb[c] * (fg[c] - bg[c])
-  g_fg = alpha * g_rgb
-  g_colors = w[None] * g_fg[:, None]
-  g_dep = jnp.where(any_valid, g_dep, 0.0)
+  g_fg = [lay.bcast(alpha * g_rgb[c]) for c in range(nc)]  # per fragment
+  g_colors = jnp.stack([w * g_fg[c] for c in range(nc)])
+  g_dep = lay.bcast(jnp.where(any_valid, g_dep, 0.0))
   g_w = g_dep * depth
   for c in range(nc):
     g_w = g_w + g_fg[c] * colors[c]
-  g_logit = w * (g_w - _slot_sum(w * g_w))
+  g_logit = w * (g_w - lay.bcast(lay.sum(w * g_w)))
   # prod_{j != k} (1 - p_j) without dividing by a zero (1 - p_k = 0 inside a face).
-  nz = jnp.exp(log_nz)
+  nz, zeros = lay.bcast(jnp.exp(log_nz)), lay.bcast(zeros)
   others = jnp.where(om == 0, jnp.where(zeros == 1, nz, 0.0),
                      jnp.where(zeros == 0, nz / jnp.where(om == 0, 1.0, om), 0.0))
-  g_p = g_a * others
+  g_p = lay.bcast(g_a) * others
   g_dn = 2.0 * g_p * s * (1.0 - s) + g_logit * (1.0 - s)
   g_dist = jnp.where(valid & (dist < 0), g_dn / sigma, 0.0)
   gl = jnp.where(valid, g_logit, 0.0)
-  g_depth = g_dep * w - gl / (gamma * z0)
-  z0_term = _slot_sum(gl * depth) / (gamma * z0 * z0)
-  g_depth = g_depth.at[0].add(jnp.where(valid[0], z0_term, 0.0))
-  return g_dist, g_depth, None, g_colors
+  g_depth = g_dep * w - gl / (gamma * lay.bcast(z0))
+  z0_term = lay.sum(gl * depth) / (gamma * z0 * z0)
+  g_depth = lay.add_to_first(g_depth, jnp.where(lay.first_of(valid), z0_term, 0.0))
+  return g_dist, g_depth, None, g_colors, None, None
 
 
-soft_blend.defvjp(_soft_blend_fwd, _soft_blend_bwd)
+_soft_blend.defvjp(_soft_blend_fwd, _soft_blend_bwd)
 
 
 def _face_id(slots, dist):
@@ -272,19 +311,35 @@ def render_mesh(verts, faces, uvs, uv_faces, texture, camera: Camera, settings: 
   face_uv = uvs[uv_faces].reshape(-1, 6)  # [F, 6]: u0 v0 u1 v1 u2 v2
   slots, overflow = rasterize_slots(verts, faces, camera, settings, face_attrs=face_uv,
                                     num_slots=1 if settings.is_hard else None)
-  b, a = slots.bary, slots.attrs  # [N] per evaluated fragment
+  b, a = slots.bary, slots.attrs  # per evaluated fragment
   u = b[0] * a[0] + b[1] * a[2] + b[2] * a[4]
   v = b[0] * a[1] + b[1] * a[3] + b[2] * a[5]
-  colors = [expand(slots, c) for c in _sample_channels(texture.astype(u.dtype), u, v)]  # C x [S, Q]
-  depth = expand(slots, slots.depth)
+  colors = _sample_channels(texture.astype(u.dtype), u, v)
   if settings.is_hard:
+    colors, depth = [expand(slots, c) for c in colors], expand(slots, slots.depth)  # [1, *Q]
     v0 = slots.valid[0]
-    rgb = jnp.stack([jnp.where(v0, colors[c][0], bg[c]) for c in range(nc)])  # [C, Q]
+    rgb = jnp.stack([jnp.where(v0, colors[c][0], bg[c]) for c in range(nc)])  # [C, *Q]
     alpha, depth, face_id = v0.astype(u.dtype), jnp.where(v0, depth[0], 0.0), jnp.where(v0, slots.ids[0], -1)
-  else:
-    dist = expand(slots, slots.dist)
-    rgb, alpha, depth = soft_blend(dist, depth, slots.valid, jnp.stack(colors), settings.sigma,
+  elif slots.pos is None:  # every slot evaluated: blend [K, *Q]
+    dist = slots.dist
+    rgb, alpha, depth = soft_blend(dist, slots.depth, slots.valid, jnp.stack(colors), settings.sigma,
                                    settings.gamma, bg)
     rgb, face_id = jnp.moveaxis(rgb, -1, 0), _face_id(slots, dist)
+  else:  # compacted fragments: blend them in place, with per-pixel sums as segment sums
+    col_shape = slots.ids.shape[1:]
+    num_pixels, total = math.prod(col_shape), slots.ids.size
+    used = slots.pos < total
+    column = jnp.where(used, slots.pos % num_pixels, num_pixels)
+    rgb, alpha, depth = soft_blend(slots.dist, slots.depth, used, jnp.stack(colors), settings.sigma,
+                                   settings.gamma, bg, column=column, first=slots.pos < num_pixels,
+                                   num_pixels=num_pixels)
+    # The nearest slot covering the pixel centre.
+    slot = jnp.where(used & (slots.dist >= 0), slots.pos // num_pixels, slots.ids.shape[0])
+    best = jax.ops.segment_min(slot, column, num_pixels)  # [Q]; > S - 1 where none
+    ids = slots.ids.reshape(slots.ids.shape[0], num_pixels)
+    face_id = jnp.where(best < ids.shape[0], jnp.take_along_axis(ids, jnp.minimum(best, ids.shape[0] - 1)[None],
+                                                                 axis=0)[0], -1)
+    unflat = lambda x: x.reshape(x.shape[:-1] + col_shape)
+    rgb, alpha, depth, face_id = unflat(jnp.moveaxis(rgb, -1, 0)), unflat(alpha), unflat(depth), unflat(face_id)
   return Rendered(rgb=jnp.moveaxis(to_image(slots, rgb, bg), 0, -1), alpha=to_image(slots, alpha)[..., None],
                   depth=to_image(slots, depth), face_id=to_image(slots, face_id, -1), overflow=overflow)
