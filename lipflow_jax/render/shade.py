@@ -37,7 +37,8 @@ class Rendered(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 # Bilinear texture sampling with a hand-written gradient: every sample reads one 2 x 2 texel block with a
 # single gather, and the texture gradient is one scatter-add of blocks (autodiff of four corner lookups would
-# scatter four times and add four texture-sized arrays).
+# scatter four times and add four texture-sized arrays). The texture is viewed as [Th, Tw * C], so that a
+# block is 2 rows of 2 * C contiguous values (XLA:CPU scatters [2, 2 C] windows ~1.5x faster than [2, 2, C]).
 
 
 def _block_coords(th, tw, u, v):
@@ -55,7 +56,7 @@ def _block_coords(th, tw, u, v):
 
 
 def _block_dnums(ndim):
-  window = (ndim, ndim + 1, ndim + 2)
+  window = (ndim, ndim + 1)
   return (lax.GatherDimensionNumbers(offset_dims=window, collapsed_slice_dims=(), start_index_map=(0, 1)),
           lax.ScatterDimensionNumbers(update_window_dims=window, inserted_window_dims=(),
                                       scatter_dims_to_operand_dims=(0, 1)))
@@ -70,12 +71,12 @@ def _bilinear(texture, u, v):
 def _bilinear_fwd(texture, u, v):
   th, tw, nc = texture.shape
   row, col, fx, fy, inx, iny = _block_coords(th, tw, u, v)
-  idx = jnp.stack([row, col], -1)
-  t = lax.gather(texture, idx, _block_dnums(row.ndim)[0], slice_sizes=(2, 2, nc),
-                 mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [..., 2, 2, C]
+  idx = jnp.stack([row, col * nc], -1)
+  t = lax.gather(texture.reshape(th, tw * nc), idx, _block_dnums(row.ndim)[0], slice_sizes=(2, 2 * nc),
+                 mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [..., 2, 2 C]: rows, (column, channel)
   out = []
   for c in range(nc):
-    t00, t01, t10, t11 = t[..., 0, 0, c], t[..., 0, 1, c], t[..., 1, 0, c], t[..., 1, 1, c]
+    t00, t01, t10, t11 = t[..., 0, c], t[..., 0, nc + c], t[..., 1, c], t[..., 1, nc + c]
     top = t00 + (t01 - t00) * fx
     bottom = t10 + (t11 - t10) * fx
     out.append(top + (bottom - top) * fy)
@@ -84,18 +85,18 @@ def _bilinear_fwd(texture, u, v):
 
 def _bilinear_bwd(res, cts):
   (th, tw, nc), t, idx, fx, fy, inx, iny = res
-  g = jnp.stack(cts, -1)[..., None, None, :]  # [..., 1, 1, C]
-  wx = jnp.stack([1.0 - fx, fx], -1)
-  wy = jnp.stack([1.0 - fy, fy], -1)
-  upd = (wy[..., :, None, None] * wx[..., None, :, None]) * g  # [..., 2, 2, C]
-  d_tex = lax.scatter_add(jnp.zeros((th, tw, nc), g.dtype), idx, upd, _block_dnums(fx.ndim)[1],
+  g = jnp.stack(cts, -1)  # [..., C]
+  wy = jnp.stack([1.0 - fy, fy], -1)[..., :, None]  # [..., 2, 1]
+  upd = jnp.concatenate([(1.0 - fx)[..., None, None] * g[..., None, :], fx[..., None, None] * g[..., None, :]],
+                        -1) * wy  # [..., 2, 2 C]
+  d_tex = lax.scatter_add(jnp.zeros((th, tw * nc), g.dtype), idx, upd, _block_dnums(fx.ndim)[1],
                           mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
   du = dv = 0.0
   for c in range(nc):
-    t00, t01, t10, t11 = t[..., 0, 0, c], t[..., 0, 1, c], t[..., 1, 0, c], t[..., 1, 1, c]
+    t00, t01, t10, t11 = t[..., 0, c], t[..., 0, nc + c], t[..., 1, c], t[..., 1, nc + c]
     du = du + cts[c] * ((t01 - t00) * (1 - fy) + (t11 - t10) * fy)
     dv = dv + cts[c] * ((t10 - t00) * (1 - fx) + (t11 - t01) * fx)
-  return d_tex, jnp.where(inx, du * tw, 0.0), jnp.where(iny, dv * -th, 0.0)
+  return d_tex.reshape(th, tw, nc), jnp.where(inx, du * tw, 0.0), jnp.where(iny, dv * -th, 0.0)
 
 
 _bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
