@@ -395,7 +395,7 @@ def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
     xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n, M] from ``bin_faces`` (all tiles, or
       the rows of ``tiles``); tiles: optional [n] int32 tile index of each row of ``cand`` (default all).
   Returns:
-    [n, T*T, K] int32 face ids, nearest first, -1 for empty slots (last).
+    [K, n, T*T] int32 face ids (slot-major), nearest first, -1 for empty slots (last).
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   n, m = cand.shape
@@ -438,41 +438,41 @@ def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
         words[g] = jnp.where(take, wg ^ lsb, wg)
         found |= wg != 0
       slots.append(idx)
-  sel = jnp.stack(slots, -1)  # [n, P, K]
+  sel = jnp.stack(slots)  # [K, n, P]
   safe_sel = jnp.maximum(sel, 0)
-  ids = jnp.where(sel >= 0, jnp.take_along_axis(cand[:, None, :], safe_sel, axis=-1), -1).astype(jnp.int32)
+  tile = jnp.arange(n)[None, :, None]
+  ids = jnp.where(sel >= 0, cand[tile, safe_sel], -1).astype(jnp.int32)
   if k > 1:
     # Sort the slots by the selection key (nearest first).
     planes = jnp.stack([abc[3][0], abc[3][1], abc[3][2], zlo, zhi], -1)  # [M, n, 5]
-    g = planes[safe_sel, jnp.arange(n)[:, None, None]]  # [n, P, K, 5]
-    key = jnp.clip(g[..., 0] * px[:, None] + g[..., 1] * py[:, None] + g[..., 2], g[..., 3], g[..., 4])
+    g = planes[safe_sel, tile]  # [K, n, P, 5]
+    key = jnp.clip(g[..., 0] * px + g[..., 1] * py + g[..., 2], g[..., 3], g[..., 4])
     key = jnp.where(sel >= 0, key, -1.0)
     ids = _sort_by_key(key, ids)
   return ids
 
 
 def _sort_by_key(key, ids):
-  """Sorts ``ids [..., K]`` by ``key [..., K]`` in descending order (odd-even transposition network)."""
-  k = key.shape[-1]
-  key = [key[..., i] for i in range(k)]
-  ids = [ids[..., i] for i in range(k)]
+  """Sorts ``ids [K, ...]`` by ``key [K, ...]`` in descending order (odd-even transposition network)."""
+  k = key.shape[0]
+  key, ids = list(key), list(ids)
   for rnd in range(k):
     for i in range(rnd % 2, k - 1, 2):
       swap = key[i + 1] > key[i]
       key[i], key[i + 1] = jnp.where(swap, key[i + 1], key[i]), jnp.where(swap, key[i], key[i + 1])
       ids[i], ids[i + 1] = jnp.where(swap, ids[i + 1], ids[i]), jnp.where(swap, ids[i], ids[i + 1])
-  return jnp.stack(ids, -1)
+  return jnp.stack(ids)
 
 
 def _untile(x, settings: RasterSettings):
-  """[n_tiles, T*T, ...] -> [H, W, ...]."""
+  """[..., n_tiles, T*T] -> [..., H, W]."""
   h, w = settings.image_size
   t = settings.tile_size
   nty, ntx = _grid(settings)
-  rest = x.shape[2:]
-  x = x.reshape((nty, ntx, t, t) + rest)
-  x = jnp.moveaxis(x, 2, 1).reshape((nty * t, ntx * t) + rest)
-  return x[:h, :w]
+  lead = x.shape[:-2]
+  x = x.reshape(lead + (nty, ntx, t, t))
+  x = jnp.swapaxes(x, -3, -2).reshape(lead + (nty * t, ntx * t))
+  return x[..., :h, :w]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -772,10 +772,10 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     if settings.tile_budget < 1:
       cand, tiles, pixel_column, column_pixel, dropped = _active_tiles(cand, settings)
       overflow = overflow + dropped
-      sel = select_faces(xy, z, cand, settings, tiles)  # [A, P, K]
-      ids = jnp.where(column_pixel[:, None] < h * w, sel.reshape(-1, sel.shape[-1]), -1).T  # [K, A * P]
+      sel = select_faces(xy, z, cand, settings, tiles)  # [K, A, P]
+      ids = jnp.where(column_pixel < h * w, sel.reshape(sel.shape[0], -1), -1)  # [K, A * P]
     else:
-      ids = jnp.moveaxis(_untile(select_faces(xy, z, cand, settings), settings), -1, 0)  # [K, H, W]
+      ids = _untile(select_faces(xy, z, cand, settings), settings)  # [K, H, W]
   if num_slots is not None:
     ids = ids[:num_slots]
   if column_pixel is None:  # the columns are the pixels, [H, W]
@@ -818,7 +818,7 @@ def occupancy(verts, faces, camera: Camera, settings: RasterSettings):
 
   Runs the selection only (no evaluation, no gradient). Measure on representative views (vmap over cameras
   and frames, take the maximum) and add a margin, e.g.
-  ``settings.replace(fragment_budget=min(1, frag.max() + 0.05), tile_budget=min(1, tiles.max() + 0.05))``.
+  ``settings.replace(fragment_budget=min(1, 1.1 * frag.max()), tile_budget=min(1, 1.1 * tiles.max()))``.
 
   Returns:
     (fragments, tiles): [] float32 fractions of the K * H * W fragment slots that are non-empty and of the
