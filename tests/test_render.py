@@ -332,7 +332,7 @@ def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
   np.testing.assert_array_equal(np.asarray(part.dists)[~m], render.EMPTY_DIST)
 
 
-def test_tile_budget_drops_last_tiles(jit_rasterize):
+def test_tile_budget_drops_last_tiles(jit_rasterize, jit_render):
   """A tile budget below the number of tiles holding faces keeps the first ones (row-major), renders the
   others as background and counts them in ``overflow``."""
   n, size = 12, 16
@@ -344,8 +344,8 @@ def test_tile_budget_drops_last_tiles(jit_rasterize):
   np.testing.assert_array_equal(np.asarray(part.face_ids[:8]), np.asarray(dense.face_ids[:8]))
   np.testing.assert_allclose(np.asarray(part.bary[:8]), np.asarray(dense.bary[:8]), atol=1e-6)
   assert np.all(np.asarray(part.face_ids[8:]) == -1) and np.all(np.asarray(part.dists[8:]) == render.EMPTY_DIST)
-  img = render.render_mesh(verts, faces, verts[:, :2] * 0.0 + 0.5, faces, jnp.ones((2, 2, 3)), cam,
-                           settings.replace(tile_budget=0.5, background=(0.25, 0.5, 0.75)))
+  img = jit_render(verts, faces, verts[:, :2] * 0.0 + 0.5, faces, jnp.ones((2, 2, 3)), cam,
+                   settings.replace(tile_budget=0.5, background=(0.25, 0.5, 0.75)))
   np.testing.assert_allclose(np.asarray(img.rgb[8:]), np.broadcast_to([0.25, 0.5, 0.75], (8, 16, 3)))
   assert np.all(np.asarray(img.alpha[8:]) == 0) and np.all(np.asarray(img.alpha[:8]) == 1)
 
