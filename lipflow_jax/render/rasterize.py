@@ -18,6 +18,9 @@ Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels,
 3. Evaluation, with gradient: only the K selected faces per pixel are evaluated from the projected
    vertices (one gather of 9 numbers per fragment, one scatter-add back, a hand-written backward):
    perspective-correct barycentrics, signed distance and depth. Memory is O(K * H * W).
+   With budgets below 1 (``RasterSettings.tile_budget``, ``fragment_budget``), selection runs over the tiles
+   that hold faces only, and evaluation, texturing and blending over the non-empty slots only, compacted
+   (``Slots``; ``render.occupancy`` measures what a view needs).
 
 Numerics: divisions go through ``safe_div`` / ``safe_sqrt``; empty slots evaluate a harmless dummy
 triangle, degenerate and behind-the-camera faces are never selected, minima are pairwise (a

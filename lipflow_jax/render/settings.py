@@ -37,8 +37,8 @@ class RasterSettings:
       into a buffer of ``ceil(fragment_budget * K * H * W)`` fragments; usually most slots are empty (a head
       filling half of a 512 x 512 image at K = 8: ~35 % non-empty, ~18 % with back faces culled), so the
       evaluation costs that much less. Non-empty slots beyond the budget are dropped, farthest slot first
-      (all pixels' slot K - 1, then slot K - 2, ...; within a slot, the last rows of the image first), and
-      counted in ``overflow``. 1 (the default) evaluates every slot, empty or not (no compaction).
+      (all pixels' slot K - 1, then slot K - 2, ...; within a slot, the last pixels in row-major / tile
+      order first), and counted in ``overflow``. ``render.occupancy`` measures what a view needs. 1 (the default) evaluates every slot, empty or not (no compaction).
     tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below 1, only
       the tiles that hold candidate faces are processed (a head filling half of the image: about half of
       the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with faces beyond the budget
