@@ -581,13 +581,13 @@ def _eval_fragment_bwd(args, cts):
   # G = sum_i g_lam_i grad_p lam_i; grad_p lam_i = (-e_y, e_x) / area2 for edge i.
   gx = sum(g_lam[i] * -x["edge"][i][1] for i in range(3)) * x["inv_area2"]
   gy = sum(g_lam[i] * x["edge"][i][0] for i in range(3)) * x["inv_area2"]
-  g_v = [[-lam[k] * gx, -lam[k] * gy] for k in range(3)]
   # Distance: the edge that attains it (first on ties).
   inside = x["inside"]
   sel_in = _first_min3(*x["d"])
   sel_out = _first_min3(*x["seg"])
   dist_len = safe_sqrt(x["seg_min"])
   live = inside | (x["seg_min"] > 1e-20)  # below, safe_sqrt is flat
+  wnx = wny = tt_act = edge = 0.0
   for i in range(3):
     ex, ey = x["edge"][i]
     inv_l = 1.0 / x["length"][i]
@@ -600,13 +600,19 @@ def _eval_fragment_bwd(args, cts):
     inv_dl = 1.0 / dist_len
     nx = jnp.where(inside, -ey * sgn_l, -(rel[0] - tc * ex) * inv_dl)
     ny = jnp.where(inside, ex * sgn_l, -(rel[1] - tc * ey) * inv_dl)
-    tt = jnp.where(inside, t, tc)
-    w = jnp.where(live & jnp.where(inside, sel_in[i], sel_out[i]), g_dist, 0.0)
-    a, b = (i + 1) % 3, (i + 2) % 3
-    g_v[a][0] = g_v[a][0] - w * (1.0 - tt) * nx
-    g_v[a][1] = g_v[a][1] - w * (1.0 - tt) * ny
-    g_v[b][0] = g_v[b][0] - w * tt * nx
-    g_v[b][1] = g_v[b][1] - w * tt * ny
+    act = jnp.where(inside, sel_in[i], sel_out[i])
+    w = jnp.where(live & act, g_dist, 0.0)
+    wnx, wny = wnx + w * nx, wny + w * ny
+    tt_act = tt_act + jnp.where(act, jnp.where(inside, t, tc), 0.0)
+    edge = edge + jnp.where(act, float(i), 0.0)
+  # The per-fragment basis computed once (a dot's result is materialised); each output below reads only it.
+  basis = jnp.stack([gx, gy, wnx, wny, tt_act, edge])
+  basis = jnp.tensordot(jnp.eye(6, dtype=basis.dtype), basis, axes=(1, 0), precision=lax.Precision.HIGHEST)
+  gx, gy, wnx, wny, tt_act, edge = (basis[j] for j in range(6))
+  g_v = []
+  for k in range(3):  # vertex k is the start of edge k + 2 and the end of edge k + 1 (mod 3)
+    c = jnp.where(edge == (k + 2) % 3, 1.0 - tt_act, 0.0) + jnp.where(edge == (k + 1) % 3, tt_act, 0.0)
+    g_v.append([-lam[k] * gx - c * wnx, -lam[k] * gy - c * wny])
   zeros = jnp.zeros_like(args[9])
   return (g_v[0][0], g_v[0][1], g_v[1][0], g_v[1][1], g_v[2][0], g_v[2][1], g_z[0], g_z[1], g_z[2], zeros,
           zeros)
