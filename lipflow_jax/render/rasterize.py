@@ -102,6 +102,18 @@ def _max3(a, b, c):
   return jnp.maximum(jnp.maximum(a, b), c)
 
 
+def materialize(*xs):
+  """The arrays ``xs`` (one shape and dtype) computed once, through an identity dot product.
+
+  XLA:CPU has no multi-output fusion: arrays that several consumers read are fused into each of them and
+  recomputed per output element, and it removes optimization barriers. A dot's operand and result are
+  materialised, so the consumers read them from memory instead.
+  """
+  x = jnp.stack(xs)
+  x = jnp.tensordot(jnp.eye(len(xs), dtype=x.dtype), x, axes=(1, 0), precision=lax.Precision.HIGHEST)
+  return tuple(x[i] for i in range(len(xs)))
+
+
 # Reductions over a short leading axis as halving trees of elementwise ops rather than reduce ops: XLA:CPU
 # hands such reduce ops to YNNPACK fusions that are several times slower, while the tree fuses with its
 # operand's producers, so the [N, ...] operand is never materialised (selection at 512 x 512, K = 8: the
@@ -563,10 +575,7 @@ def _eval_fragment_bwd(args, cts):
   -lam_k grad_p lam_i. The distance to a segment (or line) from p, at closest point c = a + t (b - a), has
   gradient n, -(1 - t) n, -t n with respect to p, a, b (n the unit normal / direction from c to p)."""
   (gb0, gb1, gb2), g_dist, g_depth = cts
-  # Computed once (a dot's result is materialised), not inside each of the 9 outputs' fusions.
-  c = jnp.stack([gb0, gb1, gb2, g_dist, g_depth])
-  c = jnp.tensordot(jnp.eye(5, dtype=c.dtype), c, axes=(1, 0), precision=lax.Precision.HIGHEST)
-  gb0, gb1, gb2, g_dist, g_depth = (c[i] for i in range(5))
+  gb0, gb1, gb2, g_dist, g_depth = materialize(gb0, gb1, gb2, g_dist, g_depth)  # not per output
   x = _fragment_terms(*args)
   z, q, nrm, lam, depth = x["z"], x["q"], x["nrm"], x["lam"], x["depth"]
   gb = (gb0, gb1, gb2)
@@ -605,10 +614,8 @@ def _eval_fragment_bwd(args, cts):
     wnx, wny = wnx + w * nx, wny + w * ny
     tt_act = tt_act + jnp.where(act, jnp.where(inside, t, tc), 0.0)
     edge = edge + jnp.where(act, float(i), 0.0)
-  # The per-fragment basis computed once (a dot's result is materialised); each output below reads only it.
-  basis = jnp.stack([gx, gy, wnx, wny, tt_act, edge])
-  basis = jnp.tensordot(jnp.eye(6, dtype=basis.dtype), basis, axes=(1, 0), precision=lax.Precision.HIGHEST)
-  gx, gy, wnx, wny, tt_act, edge = (basis[j] for j in range(6))
+  # The per-fragment basis computed once; each output below reads only it.
+  gx, gy, wnx, wny, tt_act, edge = materialize(gx, gy, wnx, wny, tt_act, edge)
   g_v = []
   for k in range(3):  # vertex k is the start of edge k + 2 and the end of edge k + 1 (mod 3)
     c = jnp.where(edge == (k + 2) % 3, 1.0 - tt_act, 0.0) + jnp.where(edge == (k + 1) % 3, tt_act, 0.0)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lipflow_jax.geometry.camera import Camera
-from lipflow_jax.render.rasterize import expand, rasterize_slots, reduce_leading, to_image
+from lipflow_jax.render.rasterize import expand, materialize, rasterize_slots, reduce_leading, to_image
 from lipflow_jax.render.settings import RasterSettings
 
 
@@ -96,7 +96,8 @@ def _bilinear_bwd(res, cts):
     t00, t01, t10, t11 = t[..., 0, c], t[..., 0, nc + c], t[..., 1, c], t[..., 1, nc + c]
     du = du + cts[c] * ((t01 - t00) * (1 - fy) + (t11 - t10) * fy)
     dv = dv + cts[c] * ((t10 - t00) * (1 - fx) + (t11 - t01) * fx)
-  return d_tex.reshape(th, tw, nc), jnp.where(inx, du * tw, 0.0), jnp.where(iny, dv * -th, 0.0)
+  du, dv = materialize(jnp.where(inx, du * tw, 0.0), jnp.where(iny, dv * -th, 0.0))  # read by 3 + 6 grads
+  return d_tex.reshape(th, tw, nc), du, dv
 
 
 _bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
@@ -180,7 +181,10 @@ def _soft_terms(dist, depth, valid, sigma, gamma, lay):
   dn = jnp.minimum(jnp.where(valid, dist, -1.0), 0.0) / sigma
   s = jax.nn.sigmoid(dn)
   om = jnp.where(valid, 1.0 - 2.0 * s, 1.0)
-  logit = math.log(2.0) + jax.nn.log_sigmoid(dn) - (depth / lay.bcast(z0) - 1.0) / gamma
+  # log sigmoid(dn) for dn <= 0, written out: XLA:CPU emits jax.nn.log_sigmoid (logaddexp), and log1p inside
+  # larger fusions, as scalar code (this fusion: ~7 ms -> ~1 ms at 512 x 512, K = 8 with budgets).
+  log_s = dn - jnp.log(1.0 + jnp.exp(dn))
+  logit = math.log(2.0) + log_s - (depth / lay.bcast(z0) - 1.0) / gamma
   return s, om, jnp.where(valid, logit, -1e30), z0
 
 
@@ -251,7 +255,7 @@ def _soft_blend_bwd(sigma, gamma, background, num_pixels, res, cts):
   for c in range(nc):  # channel sums unrolled: C is small
     g_a = g_a + g_rgb[c] * (fg[c] - bg[c])
   g_fg = [lay.bcast(alpha * g_rgb[c]) for c in range(nc)]  # per fragment
-  g_colors = jnp.stack([w * g_fg[c] for c in range(nc)])
+  g_colors = [w * g_fg[c] for c in range(nc)]
   g_dep = lay.bcast(jnp.where(any_valid, g_dep, 0.0))
   g_w = g_dep * depth
   for c in range(nc):
@@ -268,7 +272,9 @@ def _soft_blend_bwd(sigma, gamma, background, num_pixels, res, cts):
   g_depth = g_dep * w - gl / (gamma * lay.bcast(z0))
   z0_term = lay.sum(gl * depth) / (gamma * z0 * z0)
   g_depth = lay.add_to_first(g_depth, jnp.where(lay.first_of(valid), z0_term, 0.0))
-  return g_dist, g_depth, None, g_colors, None, None
+  if column is not None:
+    g_dist, g_depth, *g_colors = materialize(g_dist, g_depth, *g_colors)  # each read by several consumers
+  return g_dist, g_depth, None, jnp.stack(g_colors), None, None
 
 
 _soft_blend.defvjp(_soft_blend_fwd, _soft_blend_bwd)
