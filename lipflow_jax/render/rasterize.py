@@ -794,14 +794,9 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
       ids = _untile(select_faces(xy, z, cand, settings), settings)  # [K, H, W]
   if num_slots is not None:
     ids = ids[:num_slots]
-  if column_pixel is None:  # the columns are the pixels, [H, W]
-    col_y, col_x = jnp.meshgrid(jnp.arange(h, dtype=xy.dtype) + 0.5, jnp.arange(w, dtype=xy.dtype) + 0.5,
-                                indexing="ij")
-  else:
-    col_x = (column_pixel % w).astype(xy.dtype) + 0.5
-    col_y = (column_pixel // w).astype(xy.dtype) + 0.5
   f = xy.shape[0]
   total = ids.size
+  num_columns = total // ids.shape[0]
   budget = min(total, max(1, math.ceil(settings.fragment_budget * ids.shape[0] * h * w)))
   valid = ids >= 0
   rank = pos = None
@@ -809,11 +804,15 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     kept, rank, pos, dropped = _compact(valid.reshape(-1), budget)
     valid = kept.reshape(ids.shape)
     overflow = overflow + dropped
-    column = pos % col_x.size  # (== 0 for unused entries: harmless, they evaluate the dummy face)
+    pixel = pos % num_columns  # (== 0 for unused entries: harmless, they evaluate the dummy face)
+    if column_pixel is not None:
+      pixel = column_pixel[pixel]
     rows = jnp.where(pos < total, ids.reshape(-1)[jnp.minimum(pos, total - 1)], -1)
-    px, py = col_x.reshape(-1)[column], col_y.reshape(-1)[column]
   else:  # every slot: [S, Q] (broadcasting the pixel centres)
-    rows, px, py = ids, col_x, col_y
+    pixel = jnp.arange(h * w, dtype=jnp.int32).reshape(h, w) if column_pixel is None else column_pixel
+    rows = ids
+  px = (pixel % w).astype(xy.dtype) + 0.5
+  py = (pixel // w).astype(xy.dtype) + 0.5
   rows = jnp.where(rows >= 0, rows, f)
   cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
           z[:, 2]]
