@@ -163,7 +163,8 @@ def test_settings_validation_and_hashing():
               dict(image_size=(4, 4), blur_radius=-1.0), dict(image_size=(4, 4), tile_size=0),
               dict(image_size=(4, 4), faces_per_pixel=8, max_faces_per_tile=4),
               dict(image_size=(4, 4), background=()), dict(image_size=(4, 4), znear=0.0),
-              dict(image_size=(4, 4), fragment_budget=0.0), dict(image_size=(4, 4), fragment_budget=1.5)]:
+              dict(image_size=(4, 4), fragment_budget=0.0), dict(image_size=(4, 4), fragment_budget=1.5),
+              dict(image_size=(4, 4), heavy_tile_budget=0.0), dict(image_size=(4, 4), heavy_tile_budget=2.0)]:
     with pytest.raises(ValueError, match="RasterSettings"):
       RasterSettings(**bad)
 
@@ -350,12 +351,71 @@ def test_tile_budget_drops_last_tiles(jit_rasterize, jit_render):
   assert np.all(np.asarray(img.alpha[8:]) == 0) and np.all(np.asarray(img.alpha[:8]) == 1)
 
 
+def test_heavy_tile_budget_second_pass(jit_rasterize):
+  """Two-pass selection: with room for every heavy tile it equals one pass over all candidates; with less,
+  the first heavy tiles (row-major) get the second pass, the others keep the first pass (among the first
+  ``light_faces_per_tile`` candidates) and are counted in ``overflow``. ``occupancy`` counts what binning
+  generates."""
+  from lipflow_jax.render.demo import head_mesh  # pylint: disable=g-import-not-at-top
+  mesh = head_mesh(1000)
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  cam = geometry.Camera(K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0)))
+  settings = RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, tile_size=4, max_faces_per_tile=128,
+                            cull_backfaces=True)
+  light = settings.light_faces_per_tile
+  assert light == 32
+  # Candidates per tile, counted from binning with room for all.
+  xy, z = render.project_faces(verts, faces, cam)
+  cand, _ = render.bin_faces(xy, z, settings.replace(max_faces_per_tile=1024))
+  counts = np.asarray(jnp.sum(cand >= 0, axis=1))  # [100] tiles, row-major over 10 x 10
+  occ = jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, settings)
+  assert int(occ.faces_per_tile) == counts.max() <= 128
+  heavy = np.flatnonzero(counts > light)
+  assert float(occ.heavy_tiles) == pytest.approx(len(heavy) / counts.size)
+  full = jit_rasterize(verts, faces, cam, settings)
+  first = jit_rasterize(verts, faces, cam, settings.replace(max_faces_per_tile=light))
+  assert int(full.overflow) == 0
+  tile_of = lambda ids: np.asarray(ids).reshape(10, 4, 10, 4, -1).swapaxes(1, 2).reshape(100, -1)
+  f_full, f_first = tile_of(full.face_ids), tile_of(first.face_ids)
+  assert np.any(f_full[heavy] != f_first[heavy])  # the first pass alone would differ
+  two = jit_rasterize(verts, faces, cam, settings.replace(heavy_tile_budget=len(heavy) / 100 + 0.005))
+  assert int(two.overflow) == 0
+  np.testing.assert_array_equal(np.asarray(two.face_ids), np.asarray(full.face_ids))
+  np.testing.assert_allclose(np.asarray(two.bary), np.asarray(full.bary), atol=1e-6)
+  kept = len(heavy) // 2
+  part = jit_rasterize(verts, faces, cam, settings.replace(heavy_tile_budget=kept / 100))
+  assert int(part.overflow) == len(heavy) - kept
+  f_part = tile_of(part.face_ids)
+  np.testing.assert_array_equal(f_part[heavy[kept:]], f_first[heavy[kept:]])
+  light_tiles = np.setdiff1d(np.arange(100), heavy[kept:])
+  np.testing.assert_array_equal(f_part[light_tiles], f_full[light_tiles])
+
+
+def test_fit_budgets_from_measured_views():
+  """``fit_budgets`` takes the maximum over the views, adds the margin, raises a low cap to a multiple of 8
+  and keeps fractions of empty views above 0."""
+  s = RasterSettings((32, 32), faces_per_pixel=4, tile_size=8, max_faces_per_tile=64)
+  occ = render.Occupancy(fragments=jnp.array([0.2, 0.3]), tiles=jnp.array([0.5, 0.4]),
+                         faces_per_tile=jnp.array([100, 117]), heavy_tiles=jnp.array([0.0, 0.1]))
+  fit = render.fit_budgets(s, occ, margin=1.1)
+  assert fit.fragment_budget == pytest.approx(0.33) and fit.tile_budget == pytest.approx(0.55)
+  assert fit.heavy_tile_budget == pytest.approx(0.11) and fit.max_faces_per_tile == 136  # ceil(128.7 / 8) * 8
+  assert fit.faces_per_pixel == 4 and fit.image_size == (32, 32)
+  empty = render.Occupancy(jnp.float32(0), jnp.float32(0), jnp.int32(0), jnp.float32(0))
+  fit = render.fit_budgets(s, empty)
+  assert fit.max_faces_per_tile == 64 and fit.tile_budget == fit.heavy_tile_budget == pytest.approx(1 / 16)
+  assert fit.fragment_budget == pytest.approx(1 / (4 * 32 * 32))
+  assert render.fit_budgets(s, occ._replace(fragments=jnp.array([0.95]))).fragment_budget == 1.0
+
+
 @pytest.mark.parametrize("settings,budgets", [
     (RasterSettings.hard((40, 40), cull_backfaces=True), ("fragment",)),
     (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, gamma=1e-2, max_faces_per_tile=256,
                     cull_backfaces=True), ("fragment",)),
     (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, gamma=1e-2, tile_size=4, max_faces_per_tile=128,
-                    cull_backfaces=True), ("fragment", "tile"))])
+                    cull_backfaces=True), ("fragment", "tile")),
+    (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, gamma=1e-2, tile_size=4, max_faces_per_tile=128,
+                    cull_backfaces=True), ("fragment", "tile", "heavy"))])
 def test_budgets_equal_dense_evaluation(settings, budgets):
   """Evaluating only the non-empty slots (compacted, blended with segment sums), and only the tiles holding
   faces, gives the same render and gradients as evaluating every slot of every pixel. (gamma 1e-2: with the
@@ -378,12 +438,16 @@ def test_budgets_equal_dense_evaluation(settings, budgets):
 
   dense, g_dense = run(settings)
   # What the view needs (too little would overflow below); some slots and tiles are empty.
-  nonempty, active = (float(x) for x in jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, settings))
+  occ = jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, settings)
+  nonempty, active, heavy = float(occ.fragments), float(occ.tiles), float(occ.heavy_tiles)
   assert 0.1 < nonempty < 0.75
   budget = {"fragment_budget": nonempty + 0.01}
   if "tile" in budgets:
     assert active < 0.8
     budget["tile_budget"] = active + 0.01
+  if "heavy" in budgets:  # a second selection pass for the tiles with more than 32 candidates
+    assert 0.1 < heavy < 0.8
+    budget["heavy_tile_budget"] = heavy + 0.01
   part, g_part = run(settings.replace(**budget))
   assert int(dense.overflow) == 0 and int(part.overflow) == 0
   np.testing.assert_array_equal(np.asarray(part.face_id), np.asarray(dense.face_id))

@@ -12,7 +12,9 @@ Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels,
    - K > 1 (``bin_faces`` + ``select_faces``): (face, tile) pairs from the faces' bounding boxes, in order
      of minimum vertex depth, sorted by tile; each tile keeps M candidates ``[n_tiles, M]`` (more: the M with
      the smallest minimum depth, counted in ``overflow``). All (candidate, pixel) tests of all tiles run in
-     one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (slot 0) and candidate bit masks.
+     one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (slot 0) and candidate bit masks. With
+     ``heavy_tile_budget`` < 1 it runs in two passes: every tile among its first M / 4 candidates, then only
+     the tiles with more (compacted) among all M.
    - K = 1 (``select_nearest``): each face's bounding box is covered by T x T chunks; all chunks are tested
      at once and a scatter-max of the same key picks slot 0 per pixel (no sort, no per-tile padding).
 3. Evaluation, with gradient: only the K selected faces per pixel are evaluated from the projected
@@ -20,7 +22,7 @@ Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels,
    perspective-correct barycentrics, signed distance and depth. Memory is O(K * H * W).
    With budgets below 1 (``RasterSettings.tile_budget``, ``fragment_budget``), selection runs over the tiles
    that hold faces only, and evaluation, texturing and blending over the non-empty slots only, compacted
-   (``Slots``; ``render.occupancy`` measures what a view needs).
+   (``Slots``; ``render.occupancy`` measures what a view needs, ``fit_budgets`` turns that into settings).
 
 Numerics: divisions go through ``safe_div`` / ``safe_sqrt``; empty slots evaluate a harmless dummy
 triangle, degenerate and behind-the-camera faces are never selected, minima are pairwise (a
@@ -195,6 +197,19 @@ def _enumerate(counts, budget):
   return s, j - (incl - counts)[s], j < incl[-1], incl[-1]
 
 
+def _tile_demand(valid, t0, t1, settings: RasterSettings):
+  """[n_tiles] int32 number of valid faces whose tile range [t0, t1] ([F, 2] (x, y)) covers each tile: a 2D
+  prefix sum of the ranges' corners."""
+  nty, ntx = _grid(settings)
+  ones = valid.astype(jnp.int32)
+  hist = jnp.zeros((nty + 1, ntx + 1), jnp.int32)
+  hist = hist.at[t0[:, 1], t0[:, 0]].add(ones)
+  hist = hist.at[t0[:, 1], t1[:, 0] + 1].add(-ones)
+  hist = hist.at[t1[:, 1] + 1, t0[:, 0]].add(-ones)
+  hist = hist.at[t1[:, 1] + 1, t1[:, 0] + 1].add(ones)
+  return jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
+
+
 def bin_faces(xy, z, settings: RasterSettings):
   """Candidate faces per screen tile (used when K > 1).
 
@@ -221,14 +236,7 @@ def bin_faces(xy, z, settings: RasterSettings):
   tw = t1[:, 0] - t0[:, 0] + 1
   n_pairs = jnp.where(valid, tw * (t1[:, 1] - t0[:, 1] + 1), 0)
 
-  # Exact per-tile demand from a 2D prefix sum of the boxes' corners.
-  ones = valid.astype(jnp.int32)
-  hist = jnp.zeros((nty + 1, ntx + 1), jnp.int32)
-  hist = hist.at[t0[:, 1], t0[:, 0]].add(ones)
-  hist = hist.at[t0[:, 1], t1[:, 0] + 1].add(-ones)
-  hist = hist.at[t1[:, 1] + 1, t0[:, 0]].add(-ones)
-  hist = hist.at[t1[:, 1] + 1, t1[:, 0] + 1].add(ones)
-  demand = jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
+  demand = _tile_demand(valid, t0, t1, settings)
 
   # (face, tile) pairs in order of the face's minimum depth.
   budget = _pair_budget(f, settings)
@@ -377,6 +385,24 @@ def select_nearest(xy, z, settings: RasterSettings):
       jnp.broadcast_to(s[:, None], pix.shape), mode="drop")
   ids = jnp.where(rank < f, order[jnp.minimum(rank, f - 1)], -1).reshape(h, w)
   return ids, jnp.maximum(total - budget, 0).astype(jnp.int32)
+
+
+def _select(xy, z, cand, settings: RasterSettings, tiles=None):
+  """``select_faces`` in one pass, or in two when ``settings.heavy_tile_budget`` < 1: all rows of ``cand``
+  among their first ``light_faces_per_tile`` candidates, then the rows with more (compacted to the heavy
+  budget) among all. Returns ([K, n, T*T] int32, dropped [] int32 heavy rows beyond the budget)."""
+  n, m = cand.shape
+  m1 = settings.light_faces_per_tile
+  if settings.heavy_tile_budget >= 1 or m1 >= m:
+    return select_faces(xy, z, cand, settings, tiles), jnp.int32(0)
+  if tiles is None:
+    tiles = jnp.arange(n, dtype=jnp.int32)
+  sel = select_faces(xy, z, cand[:, :m1], settings, tiles)
+  budget = min(n, max(1, math.ceil(settings.heavy_tile_budget * math.prod(_grid(settings)))))
+  _, _, rows, dropped = _compact(cand[:, m1] >= 0, budget)  # rows [budget]: n where unused
+  safe = jnp.minimum(rows, n - 1)
+  heavy = select_faces(xy, z, jnp.where((rows < n)[:, None], cand[safe], -1), settings, tiles[safe])
+  return sel.at[:, rows].set(heavy, mode="drop"), dropped
 
 
 def _tile_pixels(settings: RasterSettings, dtype):
@@ -788,10 +814,12 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     if settings.tile_budget < 1:
       cand, tiles, pixel_column, column_pixel, dropped = _active_tiles(cand, settings)
       overflow = overflow + dropped
-      sel = select_faces(xy, z, cand, settings, tiles)  # [K, A, P]
+      sel, dropped = _select(xy, z, cand, settings, tiles)  # [K, A, P]
       ids = jnp.where(column_pixel < h * w, sel.reshape(sel.shape[0], -1), -1)  # [K, A * P]
     else:
-      ids = _untile(select_faces(xy, z, cand, settings), settings)  # [K, H, W]
+      sel, dropped = _select(xy, z, cand, settings)
+      ids = _untile(sel, settings)  # [K, H, W]
+    overflow = overflow + dropped
   if num_slots is not None:
     ids = ids[:num_slots]
   f = xy.shape[0]
@@ -828,25 +856,60 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   return slots, overflow
 
 
-def occupancy(verts, faces, camera: Camera, settings: RasterSettings):
-  """How much of the budgets a view needs: what ``fragment_budget`` and ``tile_budget`` must cover.
+class Occupancy(NamedTuple):
+  """What a view needs of the settings' budgets and caps (``occupancy``); [] arrays, or batched under vmap."""
+  fragments: jax.Array  # float32 fraction of the K * H * W slots that are non-empty (``fragment_budget``)
+  tiles: jax.Array  # float32 fraction of the screen tiles that hold candidate faces (``tile_budget``)
+  faces_per_tile: jax.Array  # int32 candidates of the fullest tile (``max_faces_per_tile`` >= it: no overflow)
+  heavy_tiles: jax.Array  # float32 fraction of the tiles with more than light_faces_per_tile (heavy_tile_budget)
 
-  Runs the selection only (no evaluation, no gradient). Measure on representative views (vmap over cameras
-  and frames, take the maximum) and add a margin, e.g.
-  ``settings.replace(fragment_budget=min(1, 1.1 * frag.max()), tile_budget=min(1, 1.1 * tiles.max()))``.
 
-  Returns:
-    (fragments, tiles): [] float32 fractions of the K * H * W fragment slots that are non-empty and of the
-    screen tiles that hold candidate faces (K > 1; 1 when K = 1, where tiles are not used).
+def occupancy(verts, faces, camera: Camera, settings: RasterSettings) -> Occupancy:
+  """How much of the budgets and of the per-tile cap a view needs (``Occupancy``).
+
+  Runs binning and selection only (one pass with all ``max_faces_per_tile`` candidates; no evaluation, no
+  gradient). Measure representative views (vmap over cameras and frames) and turn the maxima into settings
+  with ``fit_budgets`` (README shows the recipe). With K = 1 tiles are not used: tiles = 1,
+  faces_per_tile = 0, heavy_tiles = 0.
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
   if settings.faces_per_pixel == 1:
     ids, _ = select_nearest(xy, z, settings)
-    return jnp.mean(ids >= 0), jnp.float32(1.0)
+    return Occupancy(jnp.mean(ids >= 0), jnp.float32(1.0), jnp.int32(0), jnp.float32(0.0))
   cand, _ = bin_faces(xy, z, settings)
   ids = _untile(select_faces(xy, z, cand, settings), settings)
-  return jnp.mean(ids >= 0), jnp.mean(cand[:, 0] >= 0)
+  valid, c0, c1, _ = _face_boxes(xy, z, settings)
+  t = settings.tile_size
+  demand = _tile_demand(valid, c0 // t, c1 // t, settings)
+  return Occupancy(jnp.mean(ids >= 0), jnp.mean(cand[:, 0] >= 0), jnp.max(demand).astype(jnp.int32),
+                   jnp.mean(demand > settings.light_faces_per_tile))
+
+
+def fit_budgets(settings: RasterSettings, occ: Occupancy, margin: float = 1.1) -> RasterSettings:
+  """``settings`` with the budgets (and, if too low, ``max_faces_per_tile``) that measured views need.
+
+  Args:
+    settings: the settings the views were measured with.
+    occ: ``occupancy`` of the views (any batch shape; the maximum over it is used).
+    margin: headroom factor on each measured maximum.
+  Returns:
+    settings with ``fragment_budget``, ``tile_budget`` and ``heavy_tile_budget`` = min(1, margin * max) (K = 1:
+    only the first) and ``max_faces_per_tile`` raised to margin * ``faces_per_tile`` (a multiple of 8) where it was lower. The
+    fractions were measured with the old cap: after raising it, measure again for tight budgets (the heavy
+    fraction only shrinks, the fragment fraction may grow a little).
+  """
+  grab = lambda x: float(jnp.max(jnp.asarray(x)))
+  h, w = settings.image_size
+  n_tiles = math.prod(_grid(settings))
+  frac = lambda x, n: min(1.0, max(margin * grab(x), 1.0 / n))
+  if settings.faces_per_pixel == 1:  # no tiles
+    return settings.replace(fragment_budget=frac(occ.fragments, h * w))
+  cap = settings.max_faces_per_tile
+  need = int(math.ceil(margin * grab(occ.faces_per_tile) / 8.0)) * 8
+  return settings.replace(fragment_budget=frac(occ.fragments, settings.faces_per_pixel * h * w),
+                          tile_budget=frac(occ.tiles, n_tiles), heavy_tile_budget=frac(occ.heavy_tiles, n_tiles),
+                          max_faces_per_tile=max(cap, need))
 
 
 def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragments:

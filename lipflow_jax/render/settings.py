@@ -38,12 +38,22 @@ class RasterSettings:
       filling half of a 512 x 512 image at K = 8: ~35 % non-empty, ~18 % with back faces culled), so the
       evaluation costs that much less. Non-empty slots beyond the budget are dropped, farthest slot first
       (all pixels' slot K - 1, then slot K - 2, ...; within a slot, the last pixels in row-major / tile
-      order first), and counted in ``overflow``. ``render.occupancy`` measures what a view needs. 1 (the default) evaluates every slot, empty or not (no compaction).
+      order first), and counted in ``overflow``. ``render.occupancy`` measures what a view needs. 1 (the
+      default) evaluates every slot, empty or not (no compaction).
     tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below 1, only
       the tiles that hold candidate faces are processed (a head filling half of the image: about half of
       the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with faces beyond the budget
       (the last in row-major order) are dropped, rendered as background, and counted in ``overflow``. 1
       (the default) processes every tile. No effect when K = 1 (see ``fragment_budget``).
+    heavy_tile_budget: fraction of the screen tiles that may use all ``max_faces_per_tile`` candidates when
+      K > 1. Below 1, selection runs in two passes: every tile first among its first ``light_faces_per_tile``
+      (= max(K, max_faces_per_tile // 4)) candidates, then the tiles with more candidates ("heavy", e.g. where
+      many small faces meet), compacted into ``ceil(heavy_tile_budget * n_tiles)`` tiles, again among all of
+      theirs. The result is the same as one pass when the heavy tiles fit (a head at 512 x 512 with 15k faces:
+      ~5 % of the tiles hold more than 32 candidates, a few over 100); heavy tiles beyond the budget (the last
+      in row-major order) keep their first-pass selection and are counted in ``overflow``. So a cap high
+      enough for the worst tile costs about a quarter of it elsewhere. ``render.occupancy`` measures both. 1
+      (the default) runs one pass with all candidates.
     background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
     znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
     cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ
@@ -59,6 +69,7 @@ class RasterSettings:
   max_faces_per_tile: int = 64
   fragment_budget: float = 1.0
   tile_budget: float = 1.0
+  heavy_tile_budget: float = 1.0
   background: Tuple[float, ...] = (0.0, 0.0, 0.0)
   znear: float = 1e-3
   cull_backfaces: bool = False
@@ -99,6 +110,9 @@ class RasterSettings:
     if not (math.isfinite(self.tile_budget) and 0 < self.tile_budget <= 1):
       fail(f"tile_budget must be a fraction in (0, 1], got {self.tile_budget!r}")
     object.__setattr__(self, "tile_budget", float(self.tile_budget))
+    if not (math.isfinite(self.heavy_tile_budget) and 0 < self.heavy_tile_budget <= 1):
+      fail(f"heavy_tile_budget must be a fraction in (0, 1], got {self.heavy_tile_budget!r}")
+    object.__setattr__(self, "heavy_tile_budget", float(self.heavy_tile_budget))
     try:
       bg = tuple(float(c) for c in self.background)
     except TypeError:
@@ -109,6 +123,11 @@ class RasterSettings:
     if not (math.isfinite(self.znear) and self.znear > 0):
       fail(f"znear must be finite and > 0, got {self.znear!r}")
     object.__setattr__(self, "cull_backfaces", bool(self.cull_backfaces))
+
+  @property
+  def light_faces_per_tile(self) -> int:
+    """Candidates per tile in the first selection pass when ``heavy_tile_budget`` < 1."""
+    return max(self.faces_per_pixel, self.max_faces_per_tile // 4)
 
   @property
   def is_hard(self) -> bool:
