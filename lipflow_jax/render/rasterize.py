@@ -895,9 +895,9 @@ def fit_budgets(settings: RasterSettings, occ: Occupancy, margin: float = 1.1) -
     margin: headroom factor on each measured maximum.
   Returns:
     settings with ``fragment_budget``, ``tile_budget`` and ``heavy_tile_budget`` = min(1, margin * max) (K = 1:
-    only the first) and ``max_faces_per_tile`` raised to margin * ``faces_per_tile`` (a multiple of 8) where it was lower. The
-    fractions were measured with the old cap: after raising it, measure again for tight budgets (the heavy
-    fraction only shrinks, the fragment fraction may grow a little).
+    only the first), and ``max_faces_per_tile`` raised to margin * ``faces_per_tile`` (a multiple of 8)
+    where it was lower. The fractions were measured with the old cap: after raising it, measure again for
+    tight budgets (the heavy fraction only shrinks, the fragment fraction may grow a little).
   """
   grab = lambda x: float(jnp.max(jnp.asarray(x)))
   h, w = settings.image_size
