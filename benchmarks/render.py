@@ -15,7 +15,8 @@ reported with them (on a shared machine, compare runs taken back to back).
 Each case runs with the default settings ("1": every fragment slot and tile is evaluated, 64 candidate faces
 per tile) and with settings measured on the view ("auto": ``render.occupancy`` + 10 %, ``render.fit_budgets``,
 what a user fitting known views would set: the budgets, and a per-tile cap that the fullest tile fits in, so
-that nothing overflows; the head's poles, where ~100 thin faces meet, need ~110 at 512 px).
+that nothing overflows (the head's poles, where ~100 thin faces meet, need ~110 at 512 px; at K = 1 the cap
+sizes the chunk budget of ``select_nearest``, and the view needs less than the default).
 ``--cull-backfaces`` culls the closed head's back faces, as this repository's own renders do. Check
 "overflow" in the JSON: a case with overflow > 0 dropped faces and rendered a (slightly) different image.
 """
@@ -72,7 +73,7 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
     settings = RasterSettings.hard((size, size), **extra)
   else:
     settings = RasterSettings((size, size), faces_per_pixel=k, **extra)
-  if budgets == "auto":  # what this view needs, plus a margin (twice: the first may raise the cap)
+  if budgets == "auto":  # what this view needs, plus a margin (twice: the heavy fraction depends on the cap)
     for _ in range(2):
       settings = fit_budgets(settings, jax.jit(occupancy, static_argnums=3)(verts, faces, camera, settings),
                              AUTO_MARGIN)

@@ -369,9 +369,9 @@ def test_heavy_tile_budget_second_pass(jit_rasterize):
   cand, _ = render.bin_faces(xy, z, settings.replace(max_faces_per_tile=1024))
   counts = np.asarray(jnp.sum(cand >= 0, axis=1))  # [100] tiles, row-major over 10 x 10
   occ = jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, settings)
-  assert int(occ.faces_per_tile) == counts.max() <= 128
+  assert int(occ.max_faces_per_tile) == counts.max() <= 128
   heavy = np.flatnonzero(counts > light)
-  assert float(occ.heavy_tiles) == pytest.approx(len(heavy) / counts.size)
+  assert float(occ.heavy_tile_budget) == pytest.approx(len(heavy) / counts.size)
   full = jit_rasterize(verts, faces, cam, settings)
   first = jit_rasterize(verts, faces, cam, settings.replace(max_faces_per_tile=light))
   assert int(full.overflow) == 0
@@ -392,20 +392,36 @@ def test_heavy_tile_budget_second_pass(jit_rasterize):
 
 
 def test_fit_budgets_from_measured_views():
-  """``fit_budgets`` takes the maximum over the views, adds the margin, raises a low cap to a multiple of 8
-  and keeps fractions of empty views above 0."""
+  """``fit_budgets`` takes the maximum over the views, adds the margin, rounds the cap up to a multiple of 8
+  (raising or lowering it) and keeps fractions of empty views above 0."""
   s = RasterSettings((32, 32), faces_per_pixel=4, tile_size=8, max_faces_per_tile=64)
-  occ = render.Occupancy(fragments=jnp.array([0.2, 0.3]), tiles=jnp.array([0.5, 0.4]),
-                         faces_per_tile=jnp.array([100, 117]), heavy_tiles=jnp.array([0.0, 0.1]))
+  occ = render.Occupancy(fragment_budget=jnp.array([0.2, 0.3]), tile_budget=jnp.array([0.5, 0.4]),
+                         max_faces_per_tile=jnp.array([100, 117]), heavy_tile_budget=jnp.array([0.0, 0.1]))
   fit = render.fit_budgets(s, occ, margin=1.1)
   assert fit.fragment_budget == pytest.approx(0.33) and fit.tile_budget == pytest.approx(0.55)
   assert fit.heavy_tile_budget == pytest.approx(0.11) and fit.max_faces_per_tile == 136  # ceil(128.7 / 8) * 8
   assert fit.faces_per_pixel == 4 and fit.image_size == (32, 32)
   empty = render.Occupancy(jnp.float32(0), jnp.float32(0), jnp.int32(0), jnp.float32(0))
   fit = render.fit_budgets(s, empty)
-  assert fit.max_faces_per_tile == 64 and fit.tile_budget == fit.heavy_tile_budget == pytest.approx(1 / 16)
+  assert fit.max_faces_per_tile == 4 and fit.tile_budget == fit.heavy_tile_budget == pytest.approx(1 / 16)
   assert fit.fragment_budget == pytest.approx(1 / (4 * 32 * 32))
-  assert render.fit_budgets(s, occ._replace(fragments=jnp.array([0.95]))).fragment_budget == 1.0
+  assert render.fit_budgets(s, occ._replace(fragment_budget=jnp.array([0.95]))).fragment_budget == 1.0
+
+
+def test_occupancy_hard_mode_chunk_cap(jit_rasterize):
+  """K = 1: ``occupancy`` gives the cap whose chunk budget holds every face's chunks: with it nothing
+  overflows and the image is the default's; with half of it chunks are dropped."""
+  n, size = 12, 16
+  verts, faces, cam = _quad_stack(n, size)
+  hard = RasterSettings.hard((size, size), tile_size=4, max_faces_per_tile=512)
+  occ = jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, hard)
+  need = int(occ.max_faces_per_tile)
+  assert 64 < need < 512 and float(occ.tile_budget) == 1.0
+  ref = jit_rasterize(verts, faces, cam, hard)
+  fit = jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=need))
+  assert int(ref.overflow) == int(fit.overflow) == 0
+  np.testing.assert_array_equal(np.asarray(fit.face_ids), np.asarray(ref.face_ids))
+  assert int(jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=need // 2)).overflow) > 0
 
 
 @pytest.mark.parametrize("settings,budgets", [
@@ -439,7 +455,7 @@ def test_budgets_equal_dense_evaluation(settings, budgets):
   dense, g_dense = run(settings)
   # What the view needs (too little would overflow below); some slots and tiles are empty.
   occ = jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, settings)
-  nonempty, active, heavy = float(occ.fragments), float(occ.tiles), float(occ.heavy_tiles)
+  nonempty, active, heavy = float(occ.fragment_budget), float(occ.tile_budget), float(occ.heavy_tile_budget)
   assert 0.1 < nonempty < 0.75
   budget = {"fragment_budget": nonempty + 0.01}
   if "tile" in budgets:

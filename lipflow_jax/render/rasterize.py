@@ -341,6 +341,13 @@ def _chunk_budget(num_faces, settings: RasterSettings):
   return max(1, int(math.ceil((num_faces + 4 * nty * ntx) * settings.max_faces_per_tile / 64.0)))
 
 
+def _chunk_counts(valid, c0, c1, t):
+  """Per face: the T x T chunks across its pixel box [c0, c1] ([F, 2] (x, y)) and their number (0 if not
+  valid), both [F] int32."""
+  nx = (c1[:, 0] - c0[:, 0]) // t + 1
+  return nx, jnp.where(valid, nx * ((c1[:, 1] - c0[:, 1]) // t + 1), 0)
+
+
 def select_nearest(xy, z, settings: RasterSettings):
   """Slot 0 of ``select_faces`` per pixel (K = 1), face by face: a z-buffer built with scatter-max.
 
@@ -359,9 +366,7 @@ def select_nearest(xy, z, settings: RasterSettings):
   t = settings.tile_size
   f = xy.shape[0]
   valid, c0, c1, order = _face_boxes(xy, z, settings)
-  nx = (c1[:, 0] - c0[:, 0]) // t + 1
-  ny = (c1[:, 1] - c0[:, 1]) // t + 1
-  n_chunks = jnp.where(valid, nx * ny, 0)
+  nx, n_chunks = _chunk_counts(valid, c0, c1, t)
   budget = _chunk_budget(f, settings)
   s, local, live, total = _enumerate(n_chunks[order], budget)
   face = jnp.where(live, order[s], -1)
@@ -857,59 +862,63 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
 
 
 class Occupancy(NamedTuple):
-  """What a view needs of the settings' budgets and caps (``occupancy``); [] arrays, or batched under vmap."""
-  fragments: jax.Array  # float32 fraction of the K * H * W slots that are non-empty (``fragment_budget``)
-  tiles: jax.Array  # float32 fraction of the screen tiles that hold candidate faces (``tile_budget``)
-  faces_per_tile: jax.Array  # int32 candidates of the fullest tile (``max_faces_per_tile`` >= it: no overflow)
-  heavy_tiles: jax.Array  # float32 fraction of the tiles with more than light_faces_per_tile (heavy_tile_budget)
+  """What views need of the settings (``occupancy``): per field, the smallest value of the setting of the same
+  name with which nothing overflows. [] arrays, or batched under vmap."""
+  fragment_budget: jax.Array  # float32 fraction of the K * H * W slots that are non-empty
+  tile_budget: jax.Array  # float32 fraction of the screen tiles that hold candidate faces (K > 1; else 1)
+  max_faces_per_tile: jax.Array  # int32: K > 1, the candidates of the fullest tile; K = 1, for the chunks
+  heavy_tile_budget: jax.Array  # float32 fraction of the tiles with more than light_faces_per_tile (K > 1)
 
 
 def occupancy(verts, faces, camera: Camera, settings: RasterSettings) -> Occupancy:
-  """How much of the budgets and of the per-tile cap a view needs (``Occupancy``).
+  """What a view needs of the budgets and of the per-tile cap (``Occupancy``).
 
   Runs binning and selection only (one pass with all ``max_faces_per_tile`` candidates; no evaluation, no
   gradient). Measure representative views (vmap over cameras and frames) and turn the maxima into settings
-  with ``fit_budgets`` (README shows the recipe). With K = 1 tiles are not used: tiles = 1,
-  faces_per_tile = 0, heavy_tiles = 0.
+  with ``fit_budgets`` (README shows the recipe). With K = 1 there are no tiles (tile_budget = 1,
+  heavy_tile_budget = 0) and ``max_faces_per_tile`` is what ``select_nearest``'s chunk budget needs.
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
+  valid, c0, c1, _ = _face_boxes(lax.stop_gradient(xy), lax.stop_gradient(z), settings)
+  t = settings.tile_size
   if settings.faces_per_pixel == 1:
     ids, _ = select_nearest(xy, z, settings)
-    return Occupancy(jnp.mean(ids >= 0), jnp.float32(1.0), jnp.int32(0), jnp.float32(0.0))
+    chunks = jnp.sum(_chunk_counts(valid, c0, c1, t)[1])
+    per_64 = _chunk_budget(xy.shape[0], settings.replace(max_faces_per_tile=64))  # the budget is linear in M
+    need = jnp.maximum(1, -(-64 * chunks // per_64)).astype(jnp.int32)
+    return Occupancy(jnp.mean(ids >= 0), jnp.float32(1.0), need, jnp.float32(0.0))
   cand, _ = bin_faces(xy, z, settings)
   ids = _untile(select_faces(xy, z, cand, settings), settings)
-  valid, c0, c1, _ = _face_boxes(xy, z, settings)
-  t = settings.tile_size
   demand = _tile_demand(valid, c0 // t, c1 // t, settings)
   return Occupancy(jnp.mean(ids >= 0), jnp.mean(cand[:, 0] >= 0), jnp.max(demand).astype(jnp.int32),
                    jnp.mean(demand > settings.light_faces_per_tile))
 
 
 def fit_budgets(settings: RasterSettings, occ: Occupancy, margin: float = 1.1) -> RasterSettings:
-  """``settings`` with the budgets (and, if too low, ``max_faces_per_tile``) that measured views need.
+  """``settings`` with the budgets and the per-tile cap that measured views need, plus a margin.
 
   Args:
     settings: the settings the views were measured with.
     occ: ``occupancy`` of the views (any batch shape; the maximum over it is used).
     margin: headroom factor on each measured maximum.
   Returns:
-    settings with ``fragment_budget``, ``tile_budget`` and ``heavy_tile_budget`` = min(1, margin * max) (K = 1:
-    only the first), and ``max_faces_per_tile`` raised to margin * ``faces_per_tile`` (a multiple of 8)
-    where it was lower. The fractions were measured with the old cap: after raising it, measure again for
-    tight budgets (the heavy fraction only shrinks, the fragment fraction may grow a little).
+    settings with ``fragment_budget``, ``tile_budget`` and ``heavy_tile_budget`` = min(1, margin * max), and
+    ``max_faces_per_tile`` = margin * max rounded up to a multiple of 8 (at least K). The heavy fraction
+    depends on the cap (it counts tiles with more than a quarter of it): when the cap changed, measure again
+    with the new settings and fit again.
   """
   grab = lambda x: float(jnp.max(jnp.asarray(x)))
   h, w = settings.image_size
+  k = settings.faces_per_pixel
   n_tiles = math.prod(_grid(settings))
   frac = lambda x, n: min(1.0, max(margin * grab(x), 1.0 / n))
-  if settings.faces_per_pixel == 1:  # no tiles
-    return settings.replace(fragment_budget=frac(occ.fragments, h * w))
-  cap = settings.max_faces_per_tile
-  need = int(math.ceil(margin * grab(occ.faces_per_tile) / 8.0)) * 8
-  return settings.replace(fragment_budget=frac(occ.fragments, settings.faces_per_pixel * h * w),
-                          tile_budget=frac(occ.tiles, n_tiles), heavy_tile_budget=frac(occ.heavy_tiles, n_tiles),
-                          max_faces_per_tile=max(cap, need))
+  cap = max(k, int(math.ceil(margin * grab(occ.max_faces_per_tile) / 8.0)) * 8)
+  if k == 1:  # no tiles
+    return settings.replace(fragment_budget=frac(occ.fragment_budget, h * w), max_faces_per_tile=cap)
+  return settings.replace(fragment_budget=frac(occ.fragment_budget, k * h * w),
+                          tile_budget=frac(occ.tile_budget, n_tiles),
+                          heavy_tile_budget=frac(occ.heavy_tile_budget, n_tiles), max_faces_per_tile=cap)
 
 
 def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragments:
