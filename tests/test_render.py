@@ -227,6 +227,26 @@ def test_small_tiles_and_caps_agree(jit_rasterize):
   np.testing.assert_allclose(np.asarray(a.bary), np.asarray(b.bary), atol=1e-5)
 
 
+def test_selection_unrolled_and_scan_agree():
+  """``select_faces`` takes the first set bits of its candidate masks unrolled for up to 128 candidates per
+  tile and with a scan beyond: padding the candidate lists with empty entries crosses over and changes
+  nothing. The faces are many and small, so that tiles hold more than 32 candidates (several words)."""
+  rng = np.random.default_rng(0)
+  f = 120
+  centre = rng.uniform(2, 22, (f, 1, 2))
+  xy = jnp.asarray(centre + rng.uniform(-3, 3, (f, 3, 2)), jnp.float32)
+  z = jnp.asarray(rng.uniform(2, 6, (f, 1)) + rng.uniform(0, 0.5, (f, 3)), jnp.float32)
+  s = RasterSettings((24, 24), faces_per_pixel=8, sigma=0.5, tile_size=8, max_faces_per_tile=128)
+  cand, overflow = render.bin_faces(xy, z, s)
+  assert int(overflow) == 0 and int(jnp.max(jnp.sum(cand >= 0, axis=1))) > 64
+  padded = jnp.concatenate([cand, jnp.full((cand.shape[0], 64), -1, jnp.int32)], axis=1)
+  select = jax.jit(render.select_faces, static_argnums=3)
+  a = np.asarray(select(xy, z, cand, s))
+  b = np.asarray(select(xy, z, padded, s.replace(max_faces_per_tile=192)))
+  assert np.sum(a[1:] >= 0) > 0.5 * a[1:].size  # slots 1 .. K - 1 come from the bit masks
+  np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_hard_coverage_matches_area(jit_rasterize, seed):
   rng = np.random.default_rng(10 + seed)

@@ -62,7 +62,7 @@ def main(argv=None):
   from PIL import Image
 
   from lipflow_jax.geometry import Camera, intrinsics, look_at
-  from lipflow_jax.render import RasterSettings, render_mesh
+  from lipflow_jax.render import RasterSettings, fit_budgets, occupancy, render_mesh
 
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--out", default="/tmp/render.png")
@@ -80,12 +80,15 @@ def main(argv=None):
     settings = RasterSettings((args.size, args.size), background=(1.0, 1.0, 1.0))
   else:
     settings = RasterSettings.hard((args.size, args.size), background=(1.0, 1.0, 1.0))
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  for _ in range(2):  # settings that fit this view (the default cap overflows where the sphere's faces meet)
+    settings = fit_budgets(settings, jax.jit(occupancy, static_argnums=3)(verts, faces, cam, settings))
   fn = jax.jit(render_mesh, static_argnums=6)
-  out = fn(jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces),
-           jnp.asarray(tex), cam, settings)
+  out = fn(verts, faces, jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces), jnp.asarray(tex), cam, settings)
   img = np.clip(np.asarray(out.rgb) * 255.0 + 0.5, 0, 255).astype(np.uint8)
   Image.fromarray(img).save(args.out)
-  print(f"wrote {args.out}: {len(mesh.faces)} faces, overflow {int(out.overflow)}")
+  print(f"wrote {args.out}: {len(mesh.faces)} faces, max_faces_per_tile {settings.max_faces_per_tile}, "
+        f"overflow {int(out.overflow)}")
 
 
 if __name__ == "__main__":
