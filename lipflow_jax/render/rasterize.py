@@ -492,9 +492,9 @@ def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
 
 
 # The first set bits of the candidate bit masks, two ways. Unrolled, XLA fuses the steps into one another:
-# fastest for a few words (max_faces_per_tile <= 128: 512 x 512, K = 8 ~10 ms faster than the scan), but
-# the fused expressions grow exponentially with the words (compile: 2 s at 256 candidates, 17 s at 384, minutes
-# and 15 GB at 664). The scan materialises the words between steps.
+# fastest for a few words (max_faces_per_tile <= 128: 512 x 512, K = 8 ~10 ms faster than the scan), but the
+# fused expressions grow exponentially with the words (compile: 2 s at 256 candidates, 17 s at 384, minutes
+# and 15 GB at 664; slower to run, too). The scan materialises the words between steps.
 _UNROLLED_WORDS = 4
 
 
