@@ -197,19 +197,6 @@ def _enumerate(counts, budget):
   return s, j - (incl - counts)[s], j < incl[-1], incl[-1]
 
 
-def _tile_demand(valid, t0, t1, settings: RasterSettings):
-  """[n_tiles] int32 number of valid faces whose tile range [t0, t1] ([F, 2] (x, y)) covers each tile: a 2D
-  prefix sum of the ranges' corners."""
-  nty, ntx = _grid(settings)
-  ones = valid.astype(jnp.int32)
-  hist = jnp.zeros((nty + 1, ntx + 1), jnp.int32)
-  hist = hist.at[t0[:, 1], t0[:, 0]].add(ones)
-  hist = hist.at[t0[:, 1], t1[:, 0] + 1].add(-ones)
-  hist = hist.at[t1[:, 1] + 1, t0[:, 0]].add(-ones)
-  hist = hist.at[t1[:, 1] + 1, t1[:, 0] + 1].add(ones)
-  return jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
-
-
 def bin_faces(xy, z, settings: RasterSettings):
   """Candidate faces per screen tile (used when K > 1).
 
@@ -226,6 +213,11 @@ def bin_faces(xy, z, settings: RasterSettings):
     of tiles that did not keep all their candidate faces). Tiles are numbered row-major over the
     (ceil(H / T), ceil(W / T)) tile grid.
   """
+  return _bin_faces(xy, z, settings)[:2]
+
+
+def _bin_faces(xy, z, settings: RasterSettings):
+  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond the cap)."""
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   t, m = settings.tile_size, settings.max_faces_per_tile
   nty, ntx = _grid(settings)
@@ -236,7 +228,14 @@ def bin_faces(xy, z, settings: RasterSettings):
   tw = t1[:, 0] - t0[:, 0] + 1
   n_pairs = jnp.where(valid, tw * (t1[:, 1] - t0[:, 1] + 1), 0)
 
-  demand = _tile_demand(valid, t0, t1, settings)
+  # Exact per-tile demand from a 2D prefix sum of the boxes' corners.
+  ones = valid.astype(jnp.int32)
+  hist = jnp.zeros((nty + 1, ntx + 1), jnp.int32)
+  hist = hist.at[t0[:, 1], t0[:, 0]].add(ones)
+  hist = hist.at[t0[:, 1], t1[:, 0] + 1].add(-ones)
+  hist = hist.at[t1[:, 1] + 1, t0[:, 0]].add(-ones)
+  hist = hist.at[t1[:, 1] + 1, t1[:, 0] + 1].add(ones)
+  demand = jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
 
   # (face, tile) pairs in order of the face's minimum depth.
   budget = _pair_budget(f, settings)
@@ -256,7 +255,7 @@ def bin_faces(xy, z, settings: RasterSettings):
   cand = jnp.where(idx < starts[1:, None], face[jnp.minimum(idx, budget - 1)], -1)
   kept = jnp.minimum(starts[1:] - starts[:-1], m)
   overflow = jnp.sum(kept < demand).astype(jnp.int32)
-  return cand, overflow
+  return cand, overflow, demand
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,13 +340,6 @@ def _chunk_budget(num_faces, settings: RasterSettings):
   return max(1, int(math.ceil((num_faces + 4 * nty * ntx) * settings.max_faces_per_tile / 64.0)))
 
 
-def _chunk_counts(valid, c0, c1, t):
-  """Per face: the T x T chunks across its pixel box [c0, c1] ([F, 2] (x, y)) and their number (0 if not
-  valid), both [F] int32."""
-  nx = (c1[:, 0] - c0[:, 0]) // t + 1
-  return nx, jnp.where(valid, nx * ((c1[:, 1] - c0[:, 1]) // t + 1), 0)
-
-
 def select_nearest(xy, z, settings: RasterSettings):
   """Slot 0 of ``select_faces`` per pixel (K = 1), face by face: a z-buffer built with scatter-max.
 
@@ -359,14 +351,17 @@ def select_nearest(xy, z, settings: RasterSettings):
   ``select_faces``; much cheaper than the tile path for one face per pixel.
 
   Returns:
-    (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped).
+    (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped; chunks []
+    int32 = the number of chunks of all faces, what the chunk budget must hold).
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   h, w = settings.image_size
   t = settings.tile_size
   f = xy.shape[0]
   valid, c0, c1, order = _face_boxes(xy, z, settings)
-  nx, n_chunks = _chunk_counts(valid, c0, c1, t)
+  nx = (c1[:, 0] - c0[:, 0]) // t + 1
+  ny = (c1[:, 1] - c0[:, 1]) // t + 1
+  n_chunks = jnp.where(valid, nx * ny, 0)
   budget = _chunk_budget(f, settings)
   s, local, live, total = _enumerate(n_chunks[order], budget)
   face = jnp.where(live, order[s], -1)
@@ -389,7 +384,7 @@ def select_nearest(xy, z, settings: RasterSettings):
   rank = jnp.full((h * w,), f, jnp.int32).at[jnp.where(win, pix, h * w)].min(
       jnp.broadcast_to(s[:, None], pix.shape), mode="drop")
   ids = jnp.where(rank < f, order[jnp.minimum(rank, f - 1)], -1).reshape(h, w)
-  return ids, jnp.maximum(total - budget, 0).astype(jnp.int32)
+  return ids, jnp.maximum(total - budget, 0).astype(jnp.int32), total
 
 
 def _select(xy, z, cand, settings: RasterSettings, tiles=None):
@@ -846,7 +841,7 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   h, w = settings.image_size
   pixel_column = column_pixel = None
   if settings.faces_per_pixel == 1:
-    ids, overflow = select_nearest(xy, z, settings)
+    ids, overflow, _ = select_nearest(xy, z, settings)
     ids = ids[None]
   else:
     cand, overflow = bin_faces(xy, z, settings)
@@ -914,17 +909,13 @@ def occupancy(verts, faces, camera: Camera, settings: RasterSettings) -> Occupan
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
-  valid, c0, c1, _ = _face_boxes(lax.stop_gradient(xy), lax.stop_gradient(z), settings)
-  t = settings.tile_size
   if settings.faces_per_pixel == 1:
-    ids, _ = select_nearest(xy, z, settings)
-    chunks = jnp.sum(_chunk_counts(valid, c0, c1, t)[1])
+    ids, _, chunks = select_nearest(xy, z, settings)
     per_64 = _chunk_budget(xy.shape[0], settings.replace(max_faces_per_tile=64))  # the budget is linear in M
     need = jnp.maximum(1, -(-64 * chunks // per_64)).astype(jnp.int32)
     return Occupancy(jnp.mean(ids >= 0), jnp.float32(1.0), need, jnp.float32(0.0))
-  cand, _ = bin_faces(xy, z, settings)
+  cand, _, demand = _bin_faces(xy, z, settings)
   ids = _untile(select_faces(xy, z, cand, settings), settings)
-  demand = _tile_demand(valid, c0 // t, c1 // t, settings)
   return Occupancy(jnp.mean(ids >= 0), jnp.mean(cand[:, 0] >= 0), jnp.max(demand).astype(jnp.int32),
                    jnp.mean(demand > settings.light_faces_per_tile))
 
