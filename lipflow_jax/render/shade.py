@@ -159,6 +159,11 @@ class _Layout(NamedTuple):
       return jnp.max(x, axis=0)
     return jax.ops.segment_max(x, self.column, self.num_pixels)
 
+  def any(self, x):  # bool per fragment -> per pixel
+    if self.column is None:
+      return reduce_leading(x, jnp.logical_or)
+    return self.sum(x) > 0
+
   def bcast(self, p):  # per pixel -> per fragment
     if self.column is None:
       return p[None]
@@ -237,7 +242,7 @@ def _soft_blend_fwd(dist, depth, valid, colors, column, first, sigma, gamma, bac
   fg = jnp.stack([lay.sum(w * colors[c]) for c in range(colors.shape[0])])  # [C, ...]
   bg = jnp.asarray(background, fg.dtype).reshape((-1,) + (1,) * (fg.ndim - 1))
   rgb = jnp.moveaxis(alpha * fg + (1.0 - alpha) * bg, 0, -1)
-  any_valid = reduce_leading(valid, jnp.logical_or) if column is None else lay.sum(valid) > 0
+  any_valid = lay.any(valid)
   dep = jnp.where(any_valid, lay.sum(w * depth), 0.0)
   res = (dist, depth, valid, colors, column, first, w, alpha, fg, any_valid, zeros, log_nz)
   return (rgb, alpha, dep), res
