@@ -104,15 +104,11 @@ class RasterSettings:
     if self.max_faces_per_tile < self.faces_per_pixel:
       fail(f"max_faces_per_tile ({self.max_faces_per_tile}) must be >= faces_per_pixel "
            f"({self.faces_per_pixel})")
-    if not (math.isfinite(self.fragment_budget) and 0 < self.fragment_budget <= 1):
-      fail(f"fragment_budget must be a fraction in (0, 1], got {self.fragment_budget!r}")
-    object.__setattr__(self, "fragment_budget", float(self.fragment_budget))
-    if not (math.isfinite(self.tile_budget) and 0 < self.tile_budget <= 1):
-      fail(f"tile_budget must be a fraction in (0, 1], got {self.tile_budget!r}")
-    object.__setattr__(self, "tile_budget", float(self.tile_budget))
-    if not (math.isfinite(self.heavy_tile_budget) and 0 < self.heavy_tile_budget <= 1):
-      fail(f"heavy_tile_budget must be a fraction in (0, 1], got {self.heavy_tile_budget!r}")
-    object.__setattr__(self, "heavy_tile_budget", float(self.heavy_tile_budget))
+    for name in ("fragment_budget", "tile_budget", "heavy_tile_budget"):
+      value = getattr(self, name)
+      if not (math.isfinite(value) and 0 < value <= 1):
+        fail(f"{name} must be a fraction in (0, 1], got {value!r}")
+      object.__setattr__(self, name, float(value))
     try:
       bg = tuple(float(c) for c in self.background)
     except TypeError:
