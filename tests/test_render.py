@@ -371,15 +371,20 @@ def test_tile_budget_drops_last_tiles(jit_rasterize, jit_render):
   assert np.all(np.asarray(img.alpha[8:]) == 0) and np.all(np.asarray(img.alpha[:8]) == 1)
 
 
+def _head_view_40px():
+  """The 1,000-face demo head and a 40 x 40 camera it half fills (the budget tests' scene)."""
+  from lipflow_jax.render.demo import head_mesh  # pylint: disable=g-import-not-at-top
+  cam = geometry.Camera(K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0)))
+  return head_mesh(1000), cam
+
+
 def test_heavy_tile_budget_second_pass(jit_rasterize):
   """Two-pass selection: with room for every heavy tile it equals one pass over all candidates; with less,
   the first heavy tiles (row-major) get the second pass, the others keep the first pass (among the first
   ``light_faces_per_tile`` candidates) and are counted in ``overflow``. ``occupancy`` counts what binning
   generates."""
-  from lipflow_jax.render.demo import head_mesh  # pylint: disable=g-import-not-at-top
-  mesh = head_mesh(1000)
+  mesh, cam = _head_view_40px()
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
-  cam = geometry.Camera(K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0)))
   settings = RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, tile_size=4, max_faces_per_tile=128,
                             cull_backfaces=True)
   light = settings.light_faces_per_tile
@@ -457,12 +462,11 @@ def test_budgets_equal_dense_evaluation(settings, budgets):
   faces, gives the same render and gradients as evaluating every slot of every pixel. (gamma 1e-2: with the
   default 1e-4 the blend weights amplify float32 rounding of the depths 10^4-fold, and the two paths round
   differently.)"""
-  from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
-  mesh = head_mesh(1000)
+  from lipflow_jax.render.demo import demo_texture  # pylint: disable=g-import-not-at-top
+  mesh, cam = _head_view_40px()
   verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
   uv_faces = jnp.asarray(mesh.uv_faces)
   tex = jnp.asarray(demo_texture(32))
-  cam = geometry.Camera(K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0)))
   wts = jnp.asarray(np.random.default_rng(0).normal(size=(40, 40, 3)), jnp.float32)
 
   def run(s):
