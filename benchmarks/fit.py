@@ -15,15 +15,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax import data
 from lipflow_jax import fit
 from lipflow_jax import geometry
 from lipflow_jax import models
@@ -44,7 +42,7 @@ def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64)
            "view": jnp.array([[0.0, 0.0, 1.0]]), "keypoints": jnp.zeros((1, p, 2)),
            "keypoints_visible": jnp.ones((1, p)), "hmc": jnp.zeros((1, 3, 32, 32, 1))}
   variables = model.init({"params": jax.random.PRNGKey(seed), "sample": jax.random.PRNGKey(seed + 1)}, dummy)
-  meta = fit.MeshMeta(faces=jnp.asarray(head.faces), uvs=jnp.asarray(head.uvs), uv_faces=jnp.asarray(head.faces),
+  meta = data.MeshMeta(faces=jnp.asarray(head.faces), uvs=jnp.asarray(head.uvs), uv_faces=jnp.asarray(head.faces),
                       keypoint_vertex_ids=jnp.asarray(head.keypoint_vertex_ids), vert_mean=jnp.asarray(verts0),
                       vert_std=jnp.float32(5.0), tex_mean=jnp.full((tex_size, tex_size, 3), 128.0),
                       tex_std=jnp.float32(40.0))
@@ -98,7 +96,7 @@ def main():
   bundle, obs_all = make_problem(max_batch)
   results = []
   for inp, configs in grid.items():
-    for method in ("dam", "lipflow"):
+    for method in ("dam_fit", "lipflow_fit"):
       for batch, steps in configs:
         obs = jax.tree_util.tree_map(lambda x, n=batch: x[:n], obs_all)
         cfg = fit.fit_config(method, inp, num_steps=steps, lr=0.05, lambda_prior=0.01)

@@ -18,21 +18,23 @@ import platform
 import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax import config_base
+from lipflow_jax.data import input_pipeline
+from lipflow_jax.data import schema
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
 from lipflow_jax.train import train_step as tstep
 
 
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
 def _config(name: str):
-  import importlib  # pylint: disable=g-import-not-at-top
-  return importlib.import_module(f'configs.{name}').get_config()
+  return config_base.load_config(os.path.join(_CONFIGS, f'{name}.py'))
 
 
 # Shapes of the default synthetic capture (read from its metadata) and of one Multiface entity.
@@ -66,10 +68,9 @@ def random_batch(batch_size: int, sizes: dict, *, num_keypoints: int = 68, hmc_s
 def _default_sizes(config) -> dict:
   """Sizes of the config's dataset, read from its metadata when built, else the synthetic default."""
   try:
-    from lipflow_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
     ds = config.dataset
     builder = input_pipeline.prepare(ds.name, ds.get('builder_config'), ds.get('data_dir'))
-    meta = input_pipeline.load_meta(builder)
+    meta = schema.load_meta(builder)
     source = input_pipeline.open_split(builder, ds.get('train_split', 'train'))
     example = input_pipeline.example_batch(source, meta)
     return tasks_lib.data_sizes(example, meta), example

@@ -2,11 +2,11 @@
 batch 16, Adam 3e-4, gradient-norm clip 10. Point ``--config.dataset.builder_kwargs.entity_dir`` at the entity
 directory. ``:tiny`` is a smoke run of the same code path at small size."""
 
-from configs import common
+from lipflow_jax import config_base
 
 
 def get_config(arg=None):
-  config = common.get_base_config()
-  common.multiface(config)
+  config = config_base.get_base_config()
+  config_base.multiface(config)
   config.model.prior = 'gaussian'
-  return common.apply_variant(config, arg)
+  return config_base.apply_variant(config, arg)

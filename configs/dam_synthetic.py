@@ -1,9 +1,9 @@
 """DAM (Gaussian prior, KL to N(0, I)) on the synthetic capture."""
 
-from configs import common
+from lipflow_jax import config_base
 
 
 def get_config(arg=None):
-  config = common.get_base_config()
+  config = config_base.get_base_config()
   config.model.prior = 'gaussian'
-  return common.apply_variant(config, arg)
+  return config_base.apply_variant(config, arg)

@@ -8,31 +8,27 @@ demo's training length, so that the resolved demo config (dumped to the workdir 
 says exactly what was trained.
 """
 
+import os
+
 import ml_collections
 
-from configs import common
-from configs import conditional_gaussian_synthetic
-from configs import dam_synthetic
-from configs import direct_synthetic
-from configs import flow_synthetic
-from configs import lipflow_synthetic
-from configs import regressor_synthetic
+from lipflow_jax import config_base
 
-# Sub-workdir name -> (config module, extra config-string options).
+# Sub-workdir name -> (config file beside this one, extra config-string options).
 MODELS = {
-    'dam': (dam_synthetic, ''),
-    'lipflow': (lipflow_synthetic, ''),
-    'conditional_gaussian': (conditional_gaussian_synthetic, ''),
-    'flow': (flow_synthetic, ''),
-    'regressor': (regressor_synthetic, ''),
-    'direct_keypoints': (direct_synthetic, 'keypoints'),
-    'direct_hmc': (direct_synthetic, 'hmc'),
+    'dam': ('dam_synthetic.py', ''),
+    'lipflow': ('lipflow_synthetic.py', ''),
+    'conditional_gaussian': ('conditional_gaussian_synthetic.py', ''),
+    'flow': ('flow_synthetic.py', ''),
+    'regressor': ('regressor_synthetic.py', ''),
+    'direct_keypoints': ('direct_synthetic.py', 'keypoints'),
+    'direct_hmc': ('direct_synthetic.py', 'hmc'),
 }
 
 
-def _model_config(module, options, variant, steps, common_overrides):
+def _model_config(filename, options, variant, steps, common_overrides):
   arg = ','.join(t for t in (variant if variant != 'default' else '', options) if t) or None
-  config = module.get_config(arg)
+  config = config_base.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)).get_config(arg)
   config.num_train_steps = steps
   config.progress_bar = True
   for k, v in common_overrides.items():
@@ -42,8 +38,8 @@ def _model_config(module, options, variant, steps, common_overrides):
 
 def get_config(arg=None):
   variant = arg or 'default'
-  if variant not in common.VARIANTS:
-    raise ValueError(f'unknown demo variant {variant!r}; expected one of {common.VARIANTS}')
+  if variant not in config_base.VARIANTS:
+    raise ValueError(f'unknown demo variant {variant!r}; expected one of {config_base.VARIANTS}')
   tiny = variant == 'tiny'
   config = ml_collections.ConfigDict()
   config.variant = variant
@@ -79,12 +75,12 @@ def get_config(arg=None):
       num_steps=40 if tiny else 200, lr=0.05, schedule='cosine', objective_options=dict(robust='huber', scale=2.0)))
   config.fit.hmc = ml_collections.ConfigDict(dict(
       num_steps=15 if tiny else 40, lr=0.05, schedule='cosine', objective_options=dict()))
-  # lambda_prior per (fit method, input): the weight of -log p(z | c) against the observation term. These are
+  # lambda_prior per (fitted method, input): the weight of -log p(z | c) against the observation term. These are
   # the values used when there is no validation split; with one, ``tune`` chooses them (below).
   config.fit.lambda_prior = ml_collections.ConfigDict(dict(
-      dam=dict(keypoints=0.01, hmc=1e-5),
-      lipflow=dict(keypoints=0.01, hmc=1e-5),
-      conditional_gaussian=dict(keypoints=0.01, hmc=1e-5)))
+      dam_fit=dict(keypoints=0.01, hmc=1e-5),
+      lipflow_fit=dict(keypoints=0.01, hmc=1e-5),
+      conditional_gaussian_fit=dict(keypoints=0.01, hmc=1e-5)))
   # LiP-Flow optimises the flow's base variable y (z = f(y | h), prior N(mu_c, sigma_c) on y); 'z' optimises
   # z with -log p(z | c) (there the sharp learned prior holds the fit near its mode).
   config.fit.space = 'y'

@@ -1,9 +1,9 @@
 """Unconditional flow prior (base N(0, I)), to compare random samples with DAM's."""
 
-from configs import common
+from lipflow_jax import config_base
 
 
 def get_config(arg=None):
-  config = common.get_base_config()
+  config = config_base.get_base_config()
   config.model.prior = 'flow'
-  return common.apply_variant(config, arg)
+  return config_base.apply_variant(config, arg)

@@ -1,10 +1,10 @@
 """LiP-Flow: conditional flow priors for keypoints and HMC crops (one model, shared decoder)."""
 
-from configs import common
+from lipflow_jax import config_base
 
 
 def get_config(arg=None):
-  config = common.get_base_config()
+  config = config_base.get_base_config()
   config.model.prior = 'lipflow'
   config.model.conditions = ('keypoints', 'hmc')
-  return common.apply_variant(config, arg)
+  return config_base.apply_variant(config, arg)

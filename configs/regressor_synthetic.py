@@ -4,11 +4,11 @@ variant: tiny with tiny)."""
 
 import ml_collections
 
-from configs import common
+from lipflow_jax import config_base
 
 
 def get_config(arg=None):
-  config = common.get_base_config()
+  config = config_base.get_base_config()
   config.task = 'regressor'
   config.teacher_workdir = ml_collections.config_dict.placeholder(str)
   # ``lipflow_jax.models.Regressor`` attributes (its z_dim is the teacher's); None = from the data.
@@ -22,8 +22,8 @@ def get_config(arg=None):
   config.regressor.weight_norm = False
   config.loss = ml_collections.ConfigDict()  # unused: the loss is the regression MSE
   config.image_every = 0
-  config = common.apply_variant(config, arg)
-  if 'tiny' in common.parse_arg(arg):
+  config = config_base.apply_variant(config, arg)
+  if 'tiny' in config_base.parse_arg(arg):
     config.regressor.features = 32
     config.regressor.keypoint_hidden = (32,)
     config.regressor.hmc_channels = (8, 16)

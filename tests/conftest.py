@@ -11,6 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from lipflow_jax.data import testing  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_capture(tmp_path_factory):
@@ -23,6 +25,5 @@ def tiny_capture(tmp_path_factory):
   cameras 32 x 32 (2 held out), P = 51 keypoints in a 32 x 32 frontal camera, HMC 3 x 32 x 32, 14 factors;
   72 train / 24 test records. Set LIPFLOW_TEST_DATA_DIR to keep the built data between sessions.
   """
-  from lipflow_jax.data import testing  # pylint: disable=g-import-not-at-top
   root = os.environ.get("LIPFLOW_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tiny_capture"))
   return testing.build_tiny_capture(root)

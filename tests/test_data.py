@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from lipflow_jax import geometry
 from lipflow_jax import render
 from lipflow_jax.data import capture
 from lipflow_jax.data import capture_script
+from lipflow_jax.data import contact_sheet
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.data import schema
 from lipflow_jax.data import synthetic_head as sh
@@ -332,8 +334,6 @@ def test_camera_filter_and_eval_frames(tiny_capture):
 
 
 def test_contact_sheet(tiny_capture, tmp_path):
-  from lipflow_jax.data import contact_sheet  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   path = contact_sheet.make_contact_sheet(tiny_capture.sources, tiny_capture.meta, tmp_path / "sheet.png")
   with Image.open(path) as im:
     assert im.size[0] > 500 and im.size[1] > 500

@@ -7,7 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
+from configs import demo
+
+from lipflow_jax import experiment
 from lipflow_jax.evaluate import metrics
 from lipflow_jax.evaluate import report as report_lib
 
@@ -131,12 +135,10 @@ def test_report_schema_and_markdown(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_demo(tiny_capture, tmp_path_factory):
   """The whole pipeline (configs/demo.py:tiny) on the session's tiny capture."""
-  from lipflow_jax import main  # pylint: disable=g-import-not-at-top  (puts the repo root on sys.path)
-  from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
   config.dataset.data_dir = tiny_capture.data_dir
   workdir = str(tmp_path_factory.mktemp("demo_tiny"))
-  return workdir, config, main.run(config, workdir)
+  return workdir, config, experiment.run(config, workdir)
 
 
 @pytest.mark.slow
@@ -160,7 +162,6 @@ def test_tiny_end_to_end_report(tiny_demo):
   for name in ("targets.png", "fits_keypoints.png", "fits_hmc.png", "samples_random.png",
                "samples_conditional_keypoints.png", "sequence.gif"):
     assert os.path.getsize(os.path.join(workdir, "figures", name)) > 0, name
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   gif = Image.open(os.path.join(workdir, "figures", "sequence.gif"))
   assert gif.n_frames == config.eval.gif_frames
 
@@ -174,14 +175,14 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_captur
   val_frames = set(np.asarray(tiny_capture.meta.splits["validation"]["frame_index"]).tolist())
   test_frames = set(np.asarray(tiny_capture.meta.splits["test"]["frame_index"]).tolist())
   assert set(tuning["frames"]) <= val_frames and not set(tuning["frames"]) & test_frames
-  fitted = {"dam_fit": "dam", "lipflow_fit": "lipflow", "conditional_gaussian_fit": "conditional_gaussian"}
-  for method, fit_method in fitted.items():
+  fitted = ("dam_fit", "lipflow_fit", "conditional_gaussian_fit")
+  for method in fitted:
     for inp in config.eval.inputs:
       rows = [r for r in tuning["sweep"] if (r["method"], r["input"]) == (method, inp)]
       assert [r["lambda_prior"] for r in rows] == list(config.tune.lambda_grid[inp])
       best = min(rows, key=lambda r: r["geometry_error"])["lambda_prior"]
-      assert tuning["lambdas"][fit_method][inp] == best
-      assert rep["config"]["lambda_prior_used"][fit_method][inp] == best
+      assert tuning["lambdas"][method][inp] == best
+      assert rep["config"]["lambda_prior_used"][method][inp] == best
   md = open(os.path.join(workdir, "report.md")).read()
   assert "chosen on the validation split" in md and md.count("**") == 2 * len(fitted) * len(config.eval.inputs)
   # Different weights give different fits (the sweep is not a no-op).
@@ -191,11 +192,10 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_captur
 @pytest.mark.slow
 def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
   workdir, config, rep = tiny_demo
-  from lipflow_jax import main  # pylint: disable=g-import-not-at-top
   stamps = {p: os.path.getmtime(os.path.join(workdir, "fits", p)) for p in os.listdir(os.path.join(workdir, "fits"))}
   # Trainings and fits are reused; only the report is rewritten (figures off to keep it short).
   config = config.copy_and_resolve_references()
   config.eval.figures = False
-  rep2 = main.run(config, workdir)
+  rep2 = experiment.run(config, workdir)
   assert [r["geometry_error"] for r in rep2["rows"]] == [r["geometry_error"] for r in rep["rows"]]
   assert stamps == {p: os.path.getmtime(os.path.join(workdir, "fits", p)) for p in stamps}

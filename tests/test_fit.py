@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lipflow_jax import data
 from lipflow_jax import fit
 from lipflow_jax import geometry
 
@@ -98,7 +99,7 @@ def toy():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, Z)), jnp.zeros((1, 3)), dummy)
   rng = np.random.RandomState(0)
   vert_mean, faces, uvs = _grid_mesh()
-  meta = fit.MeshMeta(faces=jnp.asarray(faces), uvs=jnp.asarray(uvs), uv_faces=jnp.asarray(faces),
+  meta = data.MeshMeta(faces=jnp.asarray(faces), uvs=jnp.asarray(uvs), uv_faces=jnp.asarray(faces),
                       keypoint_vertex_ids=jnp.arange(P, dtype=jnp.int32), vert_mean=jnp.asarray(vert_mean),
                       vert_std=jnp.float32(1.0), tex_mean=jnp.full((T, T, 3), 128.0), tex_std=jnp.float32(40.0))
   bundle = fit.ModelBundle(model=model, variables=variables, meta=meta, prior="lipflow", latent_dim=Z,
@@ -150,7 +151,7 @@ def test_hmc_objective_zero_at_truth_positive_away(toy):
 
 def test_fit_hmc_reduces_loss_and_error(toy):
   bundle, z_true, obs = toy
-  res = fit.fit_latents(bundle, obs, method="dam", input="hmc", num_steps=60, lr=0.05, lambda_prior=1e-4)
+  res = fit.fit_latents(bundle, obs, method="dam_fit", input="hmc", num_steps=60, lr=0.05, lambda_prior=1e-4)
   tr = np.asarray(res.losses["obs"])
   assert np.all(tr[:, -1] < 0.2 * tr[:, 0]), tr[:, [0, -1]]
 
@@ -233,13 +234,13 @@ def test_nan_keypoints_do_not_produce_nan_codes(toy):
   kp[1, :] = np.nan  # a frame with no keypoint at all
   kp[2, 3, 0] = -np.inf
   obs_nan = dict(obs, keypoints=jnp.asarray(kp))
-  for method in ("dam", "lipflow", "conditional_gaussian"):
+  for method in ("dam_fit", "lipflow", "conditional_gaussian"):
     res = fit.fit_latents(bundle, obs_nan, method=method, num_steps=30, lr=0.05, lambda_prior=0.1)
     assert np.all(np.isfinite(res.z)), method
     assert np.all(np.isfinite(res.losses["total"])), method
 
 
-@pytest.mark.parametrize("method,space", [("dam", "z"), ("lipflow", "z"), ("lipflow", "y")])
+@pytest.mark.parametrize("method,space", [("dam_fit", "z"), ("lipflow", "z"), ("lipflow", "y")])
 def test_jitted_vmapped_fit_equals_per_frame_fit(toy, method, space):
   bundle, _, obs = toy
   obs = {k: v[:2] for k, v in obs.items() if k.startswith(("keypoints", "frontal"))}
@@ -270,7 +271,7 @@ def test_traced_prior_weight_equals_static_one(toy):
 
 def test_sequence_mode_warm_starts_from_previous_frame(toy):
   bundle, _, obs = toy
-  kw = dict(method="dam", num_steps=20, lr=0.05, lambda_prior=0.1)
+  kw = dict(method="dam_fit", num_steps=20, lr=0.05, lambda_prior=0.1)
   seq = fit.fit_latents(bundle, obs, sequence=True, warm_steps=10, **kw)
   z_prev = None
   for i in range(3):
@@ -321,7 +322,7 @@ def test_regressor_initialisation(toy):
   reg = _ToyRegressor()
   reg_vars = reg.init(jax.random.PRNGKey(3), obs)
   b = bundle.replace(regressors=(("keypoints", reg),), regressor_variables={"keypoints": reg_vars})
-  res = fit.fit_latents(b, obs, method="dam", init="regressor", num_steps=0)
+  res = fit.fit_latents(b, obs, method="dam_fit", init="regressor", num_steps=0)
   np.testing.assert_allclose(res.z, reg.apply(reg_vars, obs), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError):
-    fit.fit_latents(bundle, obs, method="dam", init="regressor", num_steps=0)
+    fit.fit_latents(bundle, obs, method="dam_fit", init="regressor", num_steps=0)

@@ -1,19 +1,14 @@
-"""Tests of the screen loss (``lipflow_jax.train.tasks.screen_loss``): the decoded avatar soft-rendered into the
+"""Tests of the screen loss (``lipflow_jax.models.screen_loss``): the decoded avatar soft-rendered into the
 example's camera, masked MSE against the photo, wired into ``lipflow_task`` by a 'screen' loss weight > 0."""
-
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
-from configs import dam_synthetic  # pylint: disable=g-import-not-at-top
+from configs import dam_synthetic
+from lipflow_jax import data
+from lipflow_jax import models
 from lipflow_jax.train import tasks as tasks_lib
 
 
@@ -21,10 +16,10 @@ from lipflow_jax.train import tasks as tasks_lib
 def setup(tiny_capture):
   meta = tiny_capture.meta
   batch = jax.tree.map(jnp.asarray, tiny_capture.batch(batch_size=4))
-  topology = tasks_lib.mesh_topology(meta)
-  assert topology is not None
-  settings = tasks_lib.screen_raster_settings(batch['image'].shape[-3:-1])
-  return meta, batch, topology, settings
+  mesh = tasks_lib.mesh_meta(meta)
+  assert mesh is not None
+  settings = models.screen_raster_settings(batch['image'].shape[-3:-1])
+  return meta, batch, mesh, settings
 
 
 def test_settings_are_soft_at_the_photo_size(setup):
@@ -34,16 +29,15 @@ def test_settings_are_soft_at_the_photo_size(setup):
 
 
 def test_screen_loss_is_zero_on_its_own_render_and_positive_when_perturbed(setup):
-  meta, batch, topology, settings = setup
+  meta, batch, mesh, settings = setup
   tex = batch['avg_tex']  # a normalised [B, T, T, 3] texture, stands in for the decoded one
-  rendered = jax.jit(lambda v, t: tasks_lib.render_batch(v, tasks_lib.tex_to_rgb(t, meta), batch['camera_K'],
-                                                         batch['camera_Rt'], topology=topology,
-                                                         settings=settings))(batch['verts'], tex)
+  rendered = jax.jit(lambda v, t: models.render_batch(mesh, v, data.denormalize_tex(t, mesh), batch['camera_K'],
+                                                      batch['camera_Rt'], settings))(batch['verts'], tex)
   assert int(np.max(np.asarray(rendered.overflow))) == 0
   # The soft coverage matches the photo's (hard) mask up to the blurred silhouette.
   assert abs(float(jnp.mean(rendered.alpha)) - float(jnp.mean(batch['image_mask']))) < 0.08
   target = dict(batch, image=rendered.rgb, image_mask=(rendered.alpha > 0.5).astype(jnp.float32))
-  loss = jax.jit(lambda o, b: tasks_lib.screen_loss(o, b, topology=topology, settings=settings, meta=meta))
+  loss = jax.jit(lambda o, b: models.screen_loss(o, b, mesh=mesh, settings=settings))
   same = float(loss({'verts': batch['verts'], 'tex': tex}, target))
   assert same < 1e-10, same
   offset = 0.1 * 255.0 / float(meta.tex_std)  # +0.1 in [0, 1] colour (less where it clips at 1)

@@ -6,26 +6,24 @@ The runs share one config (``configs/dam_synthetic.py:tiny``), so the loop's in-
 the step once for all of them.
 """
 
+import importlib
 import json
 import os
 import signal
-import sys
+import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
-from configs import common as configs_common  # pylint: disable=g-import-not-at-top
 from configs import dam_synthetic
 from configs import regressor_synthetic
+from lipflow_jax import config_base
 from lipflow_jax import train
+from lipflow_jax.data import input_pipeline
 from lipflow_jax.train import checkpointing
-from lipflow_jax.train import input_pipeline
 from lipflow_jax.train import metrics_logging
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
@@ -92,8 +90,6 @@ def test_writes_metrics_tensorboard_config_and_checkpoints(full_run, tiny_config
 
 def test_tensorboard_has_scalars_and_images(full_run):
   workdir, _ = full_run
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  import struct  # pylint: disable=g-import-not-at-top
   tb = os.path.join(workdir, 'tensorboard')
   tags = set()
   for name in os.listdir(tb):
@@ -193,7 +189,7 @@ def step_setup(tiny_config, tiny_capture):
   batch = tiny_capture.batch(batch_size=8)
   sizes = tasks_lib.data_sizes(batch, tiny_capture.meta)
   model = tasks_lib.build_model(tiny_config.model.to_dict(), sizes)
-  task = tasks_lib.lipflow_task(model, loss_weights=tiny_config.loss.to_dict())
+  task = tasks_lib.avatar_task(model, loss_weights=tiny_config.loss.to_dict())
   tx = ts.make_optimizer(ts.make_learning_rate_schedule(1e-3, 100, 2), clip_norm=10.0)
   params = jax.device_get(jax.jit(task.init_params)(jax.random.PRNGKey(0),
                                                     jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)))
@@ -279,27 +275,25 @@ def test_learning_rate_schedule_warms_up_and_decays():
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_configs_resolve(name):
-  import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'configs.{name}')
   for arg in (None, 'tiny'):
     config = module.get_config(arg)
     assert config.batch_size > 0 and config.num_train_steps > 0
-    if config.task == 'lipflow':
+    if config.task == 'avatar':
       size = 32 if arg == 'tiny' else (1024 if 'multiface' in name else 64)
       model = tasks_lib.build_model(config.model.to_dict(), dict(num_vertices=100, tex_size=size,
                                                                   keypoint_image_size=(64, 64), num_cameras=4))
       assert model.tex_size == size
   with pytest.raises(ValueError, match='unknown config option'):
     module.get_config('huge')
-  assert set(configs_common.VARIANTS) == {'default', 'tiny'}
+  assert set(config_base.VARIANTS) == {'default', 'tiny'}
 
 
 def test_keypoint_augmentation_noise_and_dropout():
-  from lipflow_jax.train import tasks  # pylint: disable=g-import-not-at-top
   kp = jnp.full((64, 500, 2), 40.0)
   vis = jnp.ones((64, 500))
   batch = {'keypoints': kp, 'keypoints_visible': vis, 'verts': jnp.ones((64, 3))}
-  out = tasks.augment_keypoints(batch, jax.random.PRNGKey(0), noise_px=2.0, dropout=0.1)
+  out = tasks_lib.augment_keypoints(batch, jax.random.PRNGKey(0), noise_px=2.0, dropout=0.1)
   noise = np.asarray(out['keypoints'] - kp)
   assert abs(noise.mean()) < 0.02 and abs(noise.std() - 2.0) < 0.02  # 64,000 samples: std error ~0.006
   assert abs(1.0 - float(out['keypoints_visible'].mean()) - 0.1) < 0.005

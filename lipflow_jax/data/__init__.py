@@ -13,8 +13,8 @@ TFDS-dependent names (the builders, the pipeline) are imported on first use.
 
 import importlib
 
-from lipflow_jax.data.schema import (HMC_VIEWS, DatasetMeta, denormalize_tex, denormalize_verts, load_meta,
-                                     normalize_example, normalize_tex, normalize_verts, save_meta)
+from lipflow_jax.data.schema import (HMC_VIEWS, DatasetMeta, MeshMeta, denormalize_tex, denormalize_verts,
+                                     load_meta, normalize_example, normalize_tex, normalize_verts, save_meta)
 
 _LAZY = {
     "SyntheticCapture": "lipflow_jax.data.builders",
@@ -44,5 +44,5 @@ def __getattr__(name):
   raise AttributeError(f"module 'lipflow_jax.data' has no attribute {name!r}")
 
 
-__all__ = ["HMC_VIEWS", "DatasetMeta", "denormalize_tex", "denormalize_verts", "load_meta", "normalize_example",
+__all__ = ["HMC_VIEWS", "DatasetMeta", "MeshMeta", "denormalize_tex", "denormalize_verts", "load_meta", "normalize_example",
            "normalize_tex", "normalize_verts", "save_meta"] + sorted(_LAZY)

@@ -38,6 +38,7 @@ import json
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
+import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
@@ -283,8 +284,8 @@ def normalize_verts(verts, meta: DatasetMeta):
   return (np.asarray(verts, np.float32) - meta.vert_mean) / np.float32(meta.vert_std)
 
 
-def denormalize_verts(verts, meta: DatasetMeta):
-  """[..., V, 3] normalised -> dataset units (numpy or jax arrays)."""
+def denormalize_verts(verts, meta):
+  """[..., V, 3] normalised -> dataset units (numpy or jax arrays; ``meta``: ``DatasetMeta`` or ``MeshMeta``)."""
   return verts * meta.vert_std + meta.vert_mean
 
 
@@ -294,10 +295,44 @@ def normalize_tex(tex, mask, meta: DatasetMeta):
   return np.where(np.asarray(mask) > 0, t, 0.0).astype(np.float32)
 
 
-def denormalize_tex(tex, meta: DatasetMeta):
-  """[..., T, T, 3] normalised -> colours in [0, 1] (clipped; numpy or jax arrays)."""
+def denormalize_tex(tex, meta):
+  """[..., T, T, 3] normalised -> colours in [0, 1] (clipped; numpy or jax arrays; ``meta``: ``DatasetMeta`` or
+  ``MeshMeta``)."""
   x = (tex * meta.tex_std + meta.tex_mean) / 255.0
   return np.clip(x, 0.0, 1.0) if isinstance(x, np.ndarray) else jnp.clip(x, 0.0, 1.0)
+
+
+@flax.struct.dataclass
+class MeshMeta:
+  """The dataset's mesh constants as a pytree of jax arrays: what train, fit and evaluate need to turn the
+  model's normalised output into a textured mesh (``denormalize_verts`` / ``denormalize_tex`` accept it like a
+  ``DatasetMeta``). Passed into jitted functions as an argument, not baked in as constants.
+
+  Attributes:
+    faces: [F, 3] int32 vertex indices.
+    uvs: [U, 2] float32 texture coordinates (UV (0, 0) = bottom-left).
+    uv_faces: [F, 3] int32 UV indices.
+    keypoint_vertex_ids: [P] int32 vertices whose projections are the 2D keypoints.
+    vert_mean: [V, 3] float32; vert_std: scalar or broadcastable float32 (verts = n * std + mean).
+    tex_mean: [T, T, 3] float32 in 0..255; tex_std: scalar or broadcastable (tex = n * std + mean).
+  """
+  faces: Any
+  uvs: Any
+  uv_faces: Any
+  keypoint_vertex_ids: Any
+  vert_mean: Any
+  vert_std: Any
+  tex_mean: Any
+  tex_std: Any
+
+  @classmethod
+  def from_dataset_meta(cls, meta: DatasetMeta) -> "MeshMeta":
+    """The mesh constants of a ``DatasetMeta`` (or any object with those fields)."""
+    f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))
+    i32 = lambda x: jnp.asarray(np.asarray(x, np.int32))
+    return cls(faces=i32(meta.faces), uvs=f32(meta.uvs), uv_faces=i32(meta.uv_faces),
+               keypoint_vertex_ids=i32(meta.keypoint_vertex_ids), vert_mean=f32(meta.vert_mean),
+               vert_std=f32(meta.vert_std), tex_mean=f32(meta.tex_mean), tex_std=f32(meta.tex_std))
 
 
 def texture_mask(tex) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Evaluation: metrics (geometry error, masked MSE, PSNR, SSIM), method runners, figures and the report."""
 
-from lipflow_jax.evaluate.evaluation import (METHOD_SPECS, MethodOutput, evaluate_codes, geometry_errors,
-                                             load_eval_set, observations, render_batch, render_views, run_method,
+from lipflow_jax.evaluate.evaluation import (MethodOutput, evaluate_codes, geometry_errors,
+                                             load_eval_set, observations, render_frames, run_method,
                                              select_frames, summarize, take, timed_call)
 from lipflow_jax.evaluate.figures import draw_keypoints, grid, save_gif, save_png, to_uint8
 from lipflow_jax.evaluate.metrics import (gaussian_window, geometry_error, image_metrics, masked_mse, mse_to_psnr,

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax import data
 from lipflow_jax import fit
-from lipflow_jax import geometry
 from lipflow_jax.evaluate import metrics
 from lipflow_jax.evaluate import report as report_lib
 
@@ -43,40 +43,20 @@ def take(eval_set: Dict[str, Any], index) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-def render_views(bundle, z, K, Rt, settings, camera_index=None):
-  """Decodes one code for each view (its view direction and colour response) and renders it there.
+def render_frames(bundle, z, K, Rt, settings, camera_index=None):
+  """Each frame's code rendered into its views (``fit.render_views`` over frames).
 
   Args:
-    bundle: ``fit.ModelBundle``.
-    z: [Z]; K: [C, 3, 3]; Rt: [C, 3, 4] (head coordinates -> camera).
-    settings: ``render.RasterSettings`` (static).
-    camera_index: optional [C] int32 dome camera indices (the decoder's per-camera colour gain/bias).
+    bundle: ``fit.ModelBundle``; z: [N, Z]; K: [N, C, 3, 3]; Rt: [N, C, 3, 4]; settings: ``RasterSettings``;
+    camera_index: optional [N, C] dome camera indices.
   Returns:
-    (rgb [C, H, W, 3] in [0, 1], alpha [C, H, W, 1]).
+    (rgb [N, C, H, W, 3] in [0, 1], alpha [N, C, H, W, 1]).
   """
-  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
-
-  meta = bundle.meta
-
-  def one(k, rt, ci):
-    camera = geometry.Camera(K=k, Rt=rt)
-    tex, verts = fit.decode(bundle, z, geometry.view_direction(camera), ci)
-    out = render.render_mesh(fit.denormalize_verts(meta, verts), meta.faces, meta.uvs, meta.uv_faces,
-                             fit.denormalize_tex(meta, tex), camera, settings)
-    return out.rgb, out.alpha
-
   if camera_index is None:
-    return jax.vmap(lambda k, rt: one(k, rt, None))(K, Rt)
-  return jax.vmap(one)(K, Rt, camera_index)
-
-
-@functools.partial(jax.jit, static_argnames=("settings",))
-def render_batch(bundle, z, K, Rt, settings, camera_index=None):
-  """[N, Z] codes, [N, C, 3, 3], [N, C, 3, 4] (, [N, C] camera indices) -> (rgb [N, C, H, W, 3],
-  alpha [N, C, H, W, 1])."""
-  if camera_index is None:
-    return jax.vmap(lambda a, k, r: render_views(bundle, a, k, r, settings))(z, K, Rt)
-  return jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
+    out = jax.vmap(lambda a, k, r: fit.render_views(bundle, a, k, r, settings))(z, K, Rt)
+  else:
+    out = jax.vmap(lambda a, k, r, c: fit.render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
+  return out.rgb, out.alpha
 
 
 @jax.jit
@@ -84,13 +64,13 @@ def geometry_errors(bundle, z, verts_gt):
   """[N] mean per-vertex distance (dataset units) of the meshes decoded from z [N, Z] to ``verts_gt`` [N, V, 3]
   (normalised, as stored)."""
   verts = jax.vmap(lambda a: fit.decode_verts(bundle, a))(z)
-  return metrics.geometry_error(verts, fit.denormalize_verts(bundle.meta, verts_gt))
+  return metrics.geometry_error(verts, data.denormalize_verts(verts_gt, bundle.meta))
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
 def _frame_metrics(bundle, z, verts_gt, K, Rt, camera_index, image, mask, settings):
   geo = geometry_errors(bundle, z, verts_gt)
-  rgb, _ = jax.vmap(lambda a, k, r, c: render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
+  rgb, _ = render_frames(bundle, z, K, Rt, settings, camera_index)
   m = metrics.image_metrics(rgb, image, mask)  # each [N, C]
   return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}, rgb
 
@@ -186,58 +166,38 @@ def _mode_jit(name):
   return jax.jit(lambda bundle, obs: fit.prior_mode(bundle, obs, name))
 
 
-# Report method -> (bundle key in `bundles`, how codes are made).
-METHOD_SPECS = {
-    "dam_fit": ("dam", "fit:dam"),
-    "dam_regressor": ("dam", "regressor"),
-    "direct_encoder": ("direct_{input}", "direct"),
-    "lipflow_prior_mode": ("lipflow", "prior_mode"),
-    "lipflow_fit": ("lipflow", "fit:lipflow"),
-    "conditional_gaussian_fit": ("conditional_gaussian", "fit:conditional_gaussian"),
-}
-
-
 def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, np.ndarray],  # pylint: disable=redefined-builtin
                fit_options: Optional[Dict[str, Any]] = None) -> MethodOutput:
-  """Codes of a report method for an input on a batch of observations.
+  """Codes of a method of ``fit.METHODS`` for an input on a batch of observations.
 
   Args:
-    method: a key of ``METHOD_SPECS``.
+    method: a key of ``fit.METHODS``.
     input: 'keypoints' or 'hmc'.
-    bundles: {'dam', 'lipflow', 'conditional_gaussian', 'direct_keypoints', 'direct_hmc'} -> ModelBundle
-      (the 'dam' bundle carries the regressors).
+    bundles: {model name of the method table ('dam', 'lipflow', 'conditional_gaussian', 'direct_keypoints',
+      'direct_hmc')} -> ModelBundle (the 'dam' bundle carries the regressors).
     obs: fitting inputs [N, ...].
-    fit_options: ``fit.fit_config`` overrides for the fitted methods (num_steps, lr, lambda_prior, ...), or a
-      dict {method name: overrides} keyed by 'dam' / 'lipflow' / 'conditional_gaussian'.
+    fit_options: ``fit.fit_config`` overrides for a fitted method (num_steps, lr, lambda_prior, ...).
   """
-  key, how = METHOD_SPECS[method]
-  bundle = bundles[key.format(input=input)]
+  spec = fit.METHODS[method]
+  bundle = bundles[spec.model_for(input)]
   obs = {k: jnp.asarray(v) for k, v in obs.items()}
-  if how.startswith("fit:"):
-    fit_method = how[4:]
+  if spec.fitted:
     options = dict(fit_options or {})
-    if fit_method in options and isinstance(options[fit_method], dict):
-      options = options[fit_method]
-    else:
-      options = {k: v for k, v in options.items() if not isinstance(v, dict)}
-    options = dict(options)
     # The prior weight is a traced argument: fits that differ only in it share one compilation.
     lambda_prior = jnp.float32(options.pop("lambda_prior", fit.FitConfig.lambda_prior))
-    cfg = fit.fit_config(fit_method, input, **options)
+    cfg = fit.fit_config(method, input, **options)
     z0 = None
     if cfg.init == "zeros":
       z0 = jnp.zeros((next(iter(obs.values())).shape[0], bundle.latent_dim), jnp.float32)
     fn = jax.jit(lambda b, o, z, lam: fit.fit_jit(b, o, z, cfg, lam))
     res, sec = timed_call(fn, bundle, obs, z0, lambda_prior, cache_key=("fit", cfg))
     return MethodOutput(np.asarray(res.z), bundle, sec, {k: np.asarray(v) for k, v in res.losses.items()})
-  if how == "regressor":
+  if spec.codes == "regressor":
     z, sec = timed_call(_regress_jit(input), bundle, obs)
-  elif how == "direct":
+  elif spec.codes == "direct":
     z, sec = timed_call(_encode_direct, bundle, obs)
-  elif how == "prior_mode":
+  else:  # prior_mode
     z, sec = timed_call(_mode_jit(input), bundle, obs)
-  else:
-    raise ValueError(f"unknown method {method!r}")
   return MethodOutput(np.asarray(z), bundle, sec)
 
 
@@ -263,7 +223,6 @@ def load_eval_set(source, meta, split: str = "test", frames: Optional[Sequence[i
   Returns:
     The evaluation set (see the module docstring), numpy, batch form.
   """
-  from lipflow_jax import data  # pylint: disable=g-import-not-at-top
   if frames is None:
     frames = select_frames(meta.splits[split]["frame_index"], max_frames)
   if cameras is None:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax.models.losses import mask_like, masked_mse
+
 
 def geometry_error(verts, verts_gt):
   """Mean per-vertex Euclidean distance.
@@ -23,32 +25,6 @@ def geometry_error(verts, verts_gt):
   return jnp.mean(jnp.linalg.norm(verts - verts_gt, axis=-1), axis=-1)
 
 
-def _mask_like(mask, image):
-  mask = jnp.asarray(mask, image.dtype)
-  if mask.ndim == image.ndim - 1:
-    mask = mask[..., None]
-  return jnp.broadcast_to(mask, image.shape[:-1] + (1,))
-
-
-def masked_mse(pred, target, mask=None, eps: float = 1e-8):
-  """Mean squared error over the masked pixels of each image.
-
-  Args:
-    pred, target: [..., H, W, C] float images.
-    mask: [..., H, W, 1] or [..., H, W] weights (None = all pixels).
-    eps: guards the division for an empty mask (the result is then 0).
-  Returns:
-    [...] sum(mask * (pred - target)^2) / (C * sum(mask)).
-  """
-  sq = jnp.square(pred - target)
-  if mask is None:
-    return jnp.mean(sq, axis=(-3, -2, -1))
-  m = _mask_like(mask, pred)
-  num = jnp.sum(sq * m, axis=(-3, -2, -1))
-  den = jnp.sum(m, axis=(-3, -2, -1)) * pred.shape[-1]
-  return num / jnp.maximum(den, eps)
-
-
 def mse_to_psnr(mse, max_value: float = 1.0, min_mse: float = 1e-10):
   """PSNR in dB from an MSE: 10 log10(max^2 / mse); the MSE is clamped at ``min_mse`` (100 dB for max 1)."""
   return 10.0 * jnp.log10(max_value ** 2 / jnp.maximum(mse, min_mse))
@@ -56,7 +32,7 @@ def mse_to_psnr(mse, max_value: float = 1.0, min_mse: float = 1e-10):
 
 def psnr(pred, target, mask=None, max_value: float = 1.0):
   """[...] PSNR (dB) of each image, from its (masked) MSE."""
-  return mse_to_psnr(masked_mse(pred, target, mask), max_value)
+  return mse_to_psnr(masked_mse(pred, target, mask, per_image=True), max_value)
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5):
@@ -126,7 +102,7 @@ def ssim(a, b, mask=None, max_value: float = 1.0, window_size: int = 11, sigma: 
     [...] mean SSIM.
   """
   if mask is not None:
-    m = _mask_like(mask, a)
+    m = mask_like(mask, a)
     a, b = a * m, b * m
   s = ssim_map(a, b, max_value, window_size, sigma)
   if mask is None:
@@ -142,5 +118,5 @@ def ssim(a, b, mask=None, max_value: float = 1.0, window_size: int = 11, sigma: 
 @jax.jit
 def image_metrics(pred, target, mask):
   """Per-image {'mse', 'psnr', 'ssim'} of [..., H, W, C] images against targets, masked."""
-  mse = masked_mse(pred, target, mask)
+  mse = masked_mse(pred, target, mask, per_image=True)
   return {"mse": mse, "psnr": mse_to_psnr(mse), "ssim": ssim(pred, target, mask)}

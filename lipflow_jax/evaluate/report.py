@@ -7,10 +7,11 @@ import math
 import os
 from typing import Any, Dict, Mapping, Sequence
 
+from lipflow_jax.fit import methods as methods_lib
+
 ROW_KEYS = ("method", "input", "geometry_error", "image_mse", "psnr", "ssim", "fit_ms_per_frame", "frames")
-METHODS = ("dam_fit", "dam_regressor", "direct_encoder", "lipflow_prior_mode", "lipflow_fit",
-           "conditional_gaussian_fit")
-INPUTS = ("keypoints", "hmc")
+METHODS = tuple(methods_lib.METHODS)  # the table's order
+INPUTS = methods_lib.INPUTS
 
 
 def make_row(method: str, input: str, geometry_error: float, image_mse: float, psnr: float, ssim: float,  # pylint: disable=redefined-builtin

@@ -52,7 +52,7 @@ def render_codes(bundle, z, K, Rt, settings) -> np.ndarray:
   n = z.shape[0]
   Ks = jnp.broadcast_to(jnp.asarray(K), (n, 1, 3, 3))
   Rts = jnp.broadcast_to(jnp.asarray(Rt), (n, 1, 3, 4))
-  rgb, _ = evaluation.render_batch(fit.decoder_only(bundle), jnp.asarray(z), Ks, Rts, settings)
+  rgb, _ = evaluation.render_frames(fit.decoder_only(bundle), jnp.asarray(z), Ks, Rts, settings)
   return np.asarray(rgb[:, 0])
 
 

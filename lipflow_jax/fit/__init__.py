@@ -7,12 +7,12 @@ Three lines from a trained workdir to fitted codes::
   result = fit.fit_latents(bundle, batch, method="lipflow", input="keypoints", num_steps=200, lr=0.05)
 """
 
-from lipflow_jax.fit.bundle import (MeshMeta, ModelBundle, decode, decode_verts, decoder_only, denormalize_tex,
-                                    denormalize_verts, encode_condition, flow_forward, flow_inverse, prior_mode,
-                                    regress)
-from lipflow_jax.fit.fitting import (METHODS, FitConfig, FitResult, fit_config, fit_jit, fit_latents,
+from lipflow_jax.fit.bundle import (ModelBundle, decode, decode_verts, decoder_only, encode_condition,
+                                    flow_forward, flow_inverse, prior_mode, regress, render_views)
+from lipflow_jax.fit.fitting import (FitConfig, FitResult, fit_config, fit_jit, fit_latents,
                                      fit_unjitted, initial_values, loss_terms, make_loss, optimize_frame,
                                      to_code)
+from lipflow_jax.fit.methods import FITTED, INPUTS, METHODS, Method
 from lipflow_jax.fit.objectives import (OBJECTIVES, ROBUST_COSTS, geman_mcclure_cost, hmc_objective,
                                         huber_cost, keypoint_objective, l2_cost, project_keypoints, render_hmc,
                                         sanitize_keypoints, to_grey)

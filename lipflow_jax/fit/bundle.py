@@ -17,36 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@flax.struct.dataclass
-class MeshMeta:
-  """Mesh topology and normalisation constants (a pytree of arrays).
-
-  Attributes:
-    faces: [F, 3] int32 vertex indices.
-    uvs: [U, 2] float32 texture coordinates (UV (0, 0) = bottom-left).
-    uv_faces: [F, 3] int32 UV indices.
-    keypoint_vertex_ids: [P] int32 vertices whose projections are the 2D keypoints.
-    vert_mean: [V, 3] float32; vert_std: scalar or broadcastable float32 (verts = n * std + mean).
-    tex_mean: [T, T, 3] float32 in 0..255; tex_std: scalar or broadcastable (tex = n * std + mean).
-  """
-  faces: Any
-  uvs: Any
-  uv_faces: Any
-  keypoint_vertex_ids: Any
-  vert_mean: Any
-  vert_std: Any
-  tex_mean: Any
-  tex_std: Any
-
-  @classmethod
-  def from_dataset_meta(cls, meta) -> "MeshMeta":
-    """Builds the fitting constants from ``lipflow_jax.data.DatasetMeta`` (or any object with those fields)."""
-    f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))
-    i32 = lambda x: jnp.asarray(np.asarray(x, np.int32))
-    return cls(faces=i32(meta.faces), uvs=f32(meta.uvs), uv_faces=i32(meta.uv_faces),
-               keypoint_vertex_ids=i32(meta.keypoint_vertex_ids), vert_mean=f32(meta.vert_mean),
-               vert_std=f32(meta.vert_std), tex_mean=f32(meta.tex_mean), tex_std=f32(meta.tex_std))
+from lipflow_jax import geometry
+from lipflow_jax import models
+from lipflow_jax.data import schema
 
 
 @flax.struct.dataclass
@@ -56,7 +29,7 @@ class ModelBundle:
   Attributes:
     model: the Flax module (static), e.g. ``lipflow_jax.models.LipFlowModel``.
     variables: its variables (``{'params': ...}``).
-    meta: ``MeshMeta``.
+    meta: ``lipflow_jax.data.MeshMeta``.
     hmc_settings: ``lipflow_jax.render.RasterSettings`` for rendering into the HMC cameras (static; None if
       HMC fitting is not used).
     regressors: optional static tuple of (condition name, module) pairs, each module mapping a condition
@@ -67,7 +40,7 @@ class ModelBundle:
   """
   model: Any = flax.struct.field(pytree_node=False)
   variables: Any
-  meta: MeshMeta
+  meta: schema.MeshMeta
   hmc_settings: Any = flax.struct.field(pytree_node=False, default=None)
   regressors: Tuple[Tuple[str, Any], ...] = flax.struct.field(pytree_node=False, default=())
   regressor_variables: Any = None
@@ -90,22 +63,34 @@ def decode(bundle: ModelBundle, z, view, camera_index=None):
   return tex[0], verts[0]
 
 
-def denormalize_verts(meta: MeshMeta, verts):
-  """[..., V, 3] normalised -> dataset units."""
-  return verts * meta.vert_std + meta.vert_mean
-
-
-def denormalize_tex(meta: MeshMeta, tex):
-  """[..., T, T, 3] normalised -> [0, 1] colours (clipped)."""
-  return jnp.clip((tex * meta.tex_std + meta.tex_mean) / 255.0, 0.0, 1.0)
-
-
 def decode_verts(bundle: ModelBundle, z, view=None):
   """[Z] -> [V, 3] de-normalised vertices (the texture branch is dead code under jit and is removed)."""
   if view is None:
     view = jnp.array([0.0, 0.0, 1.0], z.dtype)
   _, verts = decode(bundle, z, view)
-  return denormalize_verts(bundle.meta, verts)
+  return schema.denormalize_verts(verts, bundle.meta)
+
+
+def render_views(bundle: ModelBundle, z, K, Rt, settings, camera_index=None):
+  """Decodes one code for each view (its view direction and colour response) and renders it there.
+
+  Args:
+    bundle: ``ModelBundle``.
+    z: [Z]; K: [C, 3, 3]; Rt: [C, 3, 4] (head coordinates -> camera).
+    settings: ``render.RasterSettings`` (static).
+    camera_index: optional [C] int32 dome camera indices (the decoder's per-camera colour gain/bias).
+  Returns:
+    ``render.Rendered`` with a leading view axis (rgb [C, H, W, 3] in [0, 1], alpha [C, H, W, 1], ...).
+  """
+
+  def one(k, rt, ci):
+    camera = geometry.Camera(K=k, Rt=rt)
+    tex, verts = decode(bundle, z, geometry.view_direction(camera), ci)
+    return models.render_avatar(bundle.meta, verts, schema.denormalize_tex(tex, bundle.meta), camera, settings)
+
+  if camera_index is None:
+    return jax.vmap(lambda k, rt: one(k, rt, None))(K, Rt)
+  return jax.vmap(one)(K, Rt, camera_index)
 
 
 def encode_condition(bundle: ModelBundle, obs, name: str):
@@ -155,7 +140,6 @@ def decoder_only(bundle: ModelBundle) -> ModelBundle:
   then share one static module and one variables structure, so jitted decode-and-render functions compile
   once for all of them. Bundles whose model is not a ``LipFlowModel`` are returned unchanged.
   """
-  from lipflow_jax import models  # pylint: disable=g-import-not-at-top
   model = bundle.model
   params = bundle.variables.get("params", {}) if isinstance(bundle.variables, dict) else {}
   if not isinstance(model, models.LipFlowModel) or "decoder" not in params:

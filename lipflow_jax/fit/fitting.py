@@ -17,21 +17,11 @@ import numpy as np
 import optax
 
 from lipflow_jax.fit import bundle as bundle_lib
+from lipflow_jax.fit import methods as methods_lib
 from lipflow_jax.fit import objectives as objectives_lib
 from lipflow_jax.fit import priors as priors_lib
 
 ObjectiveSpec = Tuple[Union[str, Callable], float, Tuple[Tuple[str, Any], ...]]
-
-# Fitting method -> (prior, initialisation) defaults. The prior must match the bundle's model.
-METHODS = {
-    "none": ("none", "zeros"),
-    "dam": ("gaussian", "zeros"),
-    "gaussian": ("gaussian", "zeros"),
-    "lipflow": ("lipflow", "prior_mode"),
-    "conditional_gaussian": ("conditional_gaussian", "prior_mode"),
-    "flow": ("flow", "zeros"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
@@ -146,6 +136,16 @@ def _optimizer(cfg: FitConfig, num_steps: int):
   return optax.adam(lr)
 
 
+def adam_step(grad_fn, opt, v, state, obs, bundle):
+  """One optimiser step on one frame's variable v [Z]: -> (v, state, {'total', 'obs', 'prior'} at the step's
+  start). ``grad_fn`` is ``value_and_grad(make_loss(...), has_aux=True)``; non-finite gradient entries are
+  zeroed, so they never enter the code."""
+  (total, (o, p)), g = grad_fn(v, obs, bundle)
+  g = jnp.where(jnp.isfinite(g), g, 0.0)
+  updates, state = opt.update(g, state, v)
+  return optax.apply_updates(v, updates), state, {"total": total, "obs": o, "prior": p}
+
+
 def optimize_frame(v0, obs, bundle, cfg: FitConfig, num_steps: Optional[int] = None, lambda_prior=None):
   """Adam on one frame, as a ``lax.scan``. v0: [Z] -> (v [Z], traces dict of [num_steps])."""
   num_steps = cfg.num_steps if num_steps is None else num_steps
@@ -153,11 +153,8 @@ def optimize_frame(v0, obs, bundle, cfg: FitConfig, num_steps: Optional[int] = N
   grad_fn = jax.value_and_grad(make_loss(cfg, lambda_prior), has_aux=True)
 
   def step(carry, _):
-    v, state = carry
-    (total, (o, p)), g = grad_fn(v, obs, bundle)
-    g = jnp.where(jnp.isfinite(g), g, 0.0)  # a non-finite gradient entry never enters the code
-    updates, state = opt.update(g, state, v)
-    return (optax.apply_updates(v, updates), state), {"total": total, "obs": o, "prior": p}
+    v, state, terms = adam_step(grad_fn, opt, *carry, obs, bundle)
+    return (v, state), terms
 
   (v, _), traces = jax.lax.scan(step, (v0, opt.init(v0)), None, length=num_steps)
   return v, traces
@@ -257,17 +254,22 @@ def fit_config(method: str = "lipflow", input: str = "keypoints", **overrides) -
   """A ``FitConfig`` for a named method and input.
 
   Args:
-    method: 'dam' / 'gaussian' (N(0, I) prior, init zeros), 'lipflow' (learned prior, init f(mu_c)),
-      'conditional_gaussian', 'flow', or 'none'.
+    method: a fitted method of ``methods.METHODS`` ('dam_fit', 'lipflow_fit', 'conditional_gaussian_fit'),
+      or a prior of ``priors.PRIORS`` ('gaussian', 'lipflow', 'conditional_gaussian', 'flow', 'none'),
+      initialised at the prior's mode for conditional priors and at zeros otherwise.
     input: 'keypoints' or 'hmc' (the objective and the condition).
     **overrides: any ``FitConfig`` field, plus ``objective_options`` (a dict of options for the input's
       objective, e.g. ``{'robust': 'huber', 'scale': 2.0}``).
   """
-  if method not in METHODS:
-    raise ValueError(f"fit: unknown method {method!r}; one of {sorted(METHODS)}")
+  if method in methods_lib.FITTED:
+    prior, init = methods_lib.METHODS[method].prior, methods_lib.METHODS[method].init
+  elif method in priors_lib.PRIORS:
+    prior, init = method, ("prior_mode" if method in priors_lib.CONDITIONAL else "zeros")
+  else:
+    raise ValueError(f"fit: unknown method {method!r}; one of {sorted(methods_lib.FITTED)} or a prior of "
+                     f"{sorted(priors_lib.PRIORS)}")
   if input not in objectives_lib.OBJECTIVES:
     raise ValueError(f"fit: unknown input {input!r}; one of {sorted(objectives_lib.OBJECTIVES)}")
-  prior, init = METHODS[method]
   options = tuple(sorted(dict(overrides.pop("objective_options", None) or {}).items()))
   kwargs = dict(objectives=((input, 1.0, options),), prior=prior, condition=input, init=init)
   kwargs.update(overrides)
@@ -314,13 +316,9 @@ def fit_unjitted(bundle, observations, cfg: FitConfig, z0=None) -> FitResult:
     state = opt.init(v)
     tr = {"total": [], "obs": [], "prior": []}
     for _ in range(steps):
-      (total, (ob, pr)), g = grad_fn(v, o, bundle)
-      g = jnp.where(jnp.isfinite(g), g, 0.0)
-      updates, state = opt.update(g, state, v)
-      v = optax.apply_updates(v, updates)
-      tr["total"].append(total)
-      tr["obs"].append(ob)
-      tr["prior"].append(pr)
+      v, state, terms = adam_step(grad_fn, opt, v, state, o, bundle)
+      for k, x in terms.items():
+        tr[k].append(x)
     v_prev = v
     vs.append(v)
     zs.append(to_code(bundle, cfg, v, o))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+from lipflow_jax import render
+from lipflow_jax import train
+from lipflow_jax.data import input_pipeline
+from lipflow_jax.data import schema
 from lipflow_jax.fit import bundle as bundle_lib
 
 # Rasterisation for fitting into the headset cameras. Hard (K = 1, sigma = 0) by default: the crops are filled
@@ -24,7 +28,6 @@ def hmc_fit_settings(hmc_size, sigma: float = HMC_FIT_SIGMA, faces_per_pixel: in
                      max_faces_per_tile: Optional[int] = None, tile_size: int = 4, gamma: float = 1e-3):
   """``RasterSettings`` for HMC fitting, back faces culled (the face mesh is open); sigma = 0 is hard.
   ``max_faces_per_tile`` defaults to 64 (hard) or 1024 (soft)."""
-  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
   if max_faces_per_tile is None:
     max_faces_per_tile = 64 if sigma == 0.0 else 1024
   if sigma == 0.0:
@@ -37,12 +40,10 @@ def hmc_fit_settings(hmc_size, sigma: float = HMC_FIT_SIGMA, faces_per_pixel: in
 
 def dataset_meta_from_config(config: Mapping[str, Any]):
   """The ``DatasetMeta`` of the dataset a run's ``config.json`` names (builds it if missing)."""
-  from lipflow_jax import data  # pylint: disable=g-import-not-at-top
-  from lipflow_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
   ds = dict(config.get("dataset", {}))
   builder = input_pipeline.prepare(ds.get("name", "synthetic_capture"), ds.get("builder_config"),
                                    ds.get("data_dir"), ds.get("builder_kwargs") or None)
-  return data.load_meta(builder)
+  return schema.load_meta(builder)
 
 
 def hmc_size_of(meta) -> Optional[Sequence[int]]:
@@ -55,7 +56,7 @@ def hmc_size_of(meta) -> Optional[Sequence[int]]:
 
 def bundle_from_trained(trained, meta, hmc_settings=None, regressors=None) -> bundle_lib.ModelBundle:
   """A bundle from ``lipflow_jax.train.Trained`` objects (a LipFlowModel run and optionally a regressor run)."""
-  if trained.kind != "lipflow":
+  if trained.kind != "avatar":
     raise ValueError(f"load_fitter: expected a LipFlowModel run, got a {trained.kind!r} run")
   if hmc_settings is None and hmc_size_of(meta) is not None:
     hmc_settings = hmc_fit_settings(hmc_size_of(meta))
@@ -67,7 +68,7 @@ def bundle_from_trained(trained, meta, hmc_settings=None, regressors=None) -> bu
     reg_vars = {c: {"params": p} for c, p in regressors.params.items()}
   model = trained.model
   return bundle_lib.ModelBundle(model=model, variables={"params": trained.params},
-                                meta=bundle_lib.MeshMeta.from_dataset_meta(meta), hmc_settings=hmc_settings,
+                                meta=schema.MeshMeta.from_dataset_meta(meta), hmc_settings=hmc_settings,
                                 regressors=reg_modules, regressor_variables=reg_vars, prior=model.prior,
                                 latent_dim=int(model.z_dim))
 
@@ -85,7 +86,6 @@ def load_fitter(workdir: str, regressor_workdir: Optional[str] = None, meta=None
   Returns:
     ``ModelBundle``.
   """
-  from lipflow_jax import train  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"load_fitter: no workdir {workdir}")
   trained = train.load_trained(workdir, step)

@@ -19,14 +19,10 @@ import jax.numpy as jnp
 
 from lipflow_jax import geometry
 from lipflow_jax.fit import bundle as bundle_lib
+from lipflow_jax.numerics import safe_sqrt
 
 
 # ----------------------------------------------------------------------------------------------- robust costs
-def safe_sqrt(x, eps: float = 1e-12):
-  """sqrt with a finite gradient at 0."""
-  return jnp.sqrt(jnp.maximum(x, eps))
-
-
 def l2_cost(d2, scale: float = 1.0):
   """Squared error: d2 / scale^2."""
   return d2 / scale ** 2
@@ -36,7 +32,7 @@ def huber_cost(d2, scale: float = 1.0):
   """Huber on the distance d = sqrt(d2), in units of ``scale``: d^2 for d <= 1, 2 d - 1 beyond (C1)."""
   u2 = d2 / scale ** 2
   far = u2 > 1.0
-  u = safe_sqrt(jnp.where(far, u2, 1.0))  # sqrt only where it is used: no NaN gradient at 0
+  u = safe_sqrt(jnp.where(far, u2, 1.0), 1e-12)  # sqrt only where it is used: no NaN gradient at 0
   return jnp.where(far, 2.0 * u - 1.0, u2)
 
 
@@ -105,28 +101,17 @@ def to_grey(rgb):
 
 
 def render_hmc(bundle, z, hmc_K, hmc_Rt):
-  """Renders the decoded avatar into the HMC cameras.
+  """Renders the decoded avatar into the HMC cameras with ``bundle.hmc_settings``.
 
   Args:
     z: [Z]; hmc_K: [C, 3, 3]; hmc_Rt: [C, 3, 4] (head coordinates -> each HMC camera).
   Returns:
     (grey [C, h, w, 1] in [0, 1], alpha [C, h, w, 1]).
   """
-  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
-
-  settings = bundle.hmc_settings
-  if settings is None:
+  if bundle.hmc_settings is None:
     raise ValueError("HMC fitting needs bundle.hmc_settings (a render.RasterSettings)")
-  meta = bundle.meta
-
-  def one(K, Rt):
-    camera = geometry.Camera(K=K, Rt=Rt)
-    tex, verts = bundle_lib.decode(bundle, z, geometry.view_direction(camera))
-    out = render.render_mesh(bundle_lib.denormalize_verts(meta, verts), meta.faces, meta.uvs, meta.uv_faces,
-                             bundle_lib.denormalize_tex(meta, tex), camera, settings)
-    return to_grey(out.rgb), out.alpha
-
-  return jax.vmap(one)(hmc_K, hmc_Rt)
+  out = bundle_lib.render_views(bundle, z, hmc_K, hmc_Rt, bundle.hmc_settings)
+  return to_grey(out.rgb), out.alpha
 
 
 def hmc_objective(z, obs, bundle, mask_key: str = "hmc_mask"):

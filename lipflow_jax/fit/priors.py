@@ -20,17 +20,14 @@ For optimisation in the flow's base space (z = f(y)) the prior is on y: ``base_g
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from lipflow_jax.fit import bundle as bundle_lib
-
-_HALF_LOG_2PI = 0.5 * float(np.log(2.0 * np.pi))
+from lipflow_jax.models import layers
 
 
 def gaussian_nll(x, mu=0.0, logstd=0.0):
-  """-log N(x; mu, exp(logstd)^2), summed over the last axis."""
-  u = (x - mu) * jnp.exp(-logstd)
-  return jnp.sum(0.5 * u * u + logstd + _HALF_LOG_2PI, axis=-1)
+  """-log N(x; mu, exp(logstd)^2), summed over the last axis (``models.gaussian_log_prob``, negated)."""
+  return -layers.gaussian_log_prob(x, mu, logstd)
 
 
 def no_prior(z, obs, bundle):

@@ -4,9 +4,11 @@ Public names:
   LipFlowModel (priors 'gaussian' | 'conditional_gaussian' | 'lipflow' | 'flow'; direct-encoder baseline
   via encoder_input), Regressor, TexVertEncoder, ConditionEncoder, ConditionNet, DirectEncoder,
   KeypointNet, HMCNet, ImageNet, Decoder, LatentFlow, and the losses (masked_mse, mse, gaussian_kl,
-  gaussian_log_prob, latent_term, model_loss, regressor_loss, DEFAULT_LOSS_WEIGHTS).
+  gaussian_log_prob, latent_term, model_loss, regressor_loss, screen_loss, DEFAULT_LOSS_WEIGHTS), and the
+  decoded avatar's rendering (render_avatar, render_batch).
 """
 
+from lipflow_jax.models.avatar import render_avatar, render_batch
 from lipflow_jax.models.decoder import Decoder
 from lipflow_jax.models.encoders import CONDITION_KEYS
 from lipflow_jax.models.encoders import CONDITIONS
@@ -25,10 +27,14 @@ from lipflow_jax.models.losses import gaussian_kl
 from lipflow_jax.models.losses import gaussian_log_prob
 from lipflow_jax.models.losses import latent_nll
 from lipflow_jax.models.losses import latent_term
+from lipflow_jax.models.losses import SCREEN_RASTER_DEFAULTS
+from lipflow_jax.models.losses import mask_like
 from lipflow_jax.models.losses import masked_mse
 from lipflow_jax.models.losses import model_loss
 from lipflow_jax.models.losses import mse
 from lipflow_jax.models.losses import regressor_loss
+from lipflow_jax.models.losses import screen_loss
+from lipflow_jax.models.losses import screen_raster_settings
 from lipflow_jax.models.model import CONDITIONAL_PRIORS
 from lipflow_jax.models.model import PRIORS
 from lipflow_jax.models.model import UNCONDITIONAL

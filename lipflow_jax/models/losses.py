@@ -16,6 +16,9 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from lipflow_jax import render
+from lipflow_jax.data import schema
+from lipflow_jax.models import avatar
 from lipflow_jax.models import layers
 
 gaussian_kl = layers.gaussian_kl
@@ -24,18 +27,64 @@ gaussian_log_prob = layers.gaussian_log_prob
 DEFAULT_LOSS_WEIGHTS = {"tex": 1.0, "geo": 1.0, "kl": 0.01, "screen": 0.0}
 
 
-def masked_mse(pred, target, mask):
-  """Masked mean squared error.
+def mask_like(mask, image):
+  """A [..., H, W, 1] or [..., H, W] mask as [..., H, W, 1] in ``image``'s dtype (broadcast over channels)."""
+  mask = jnp.asarray(mask, image.dtype)
+  if mask.ndim == image.ndim - 1:
+    mask = mask[..., None]
+  return jnp.broadcast_to(mask, image.shape[:-1] + (1,))
+
+
+def masked_mse(pred, target, mask=None, *, per_image: bool = False, eps: float = 1e-8):
+  """Mean squared error over the masked pixels (the texture loss, the screen loss and the image metric).
 
   Args:
-    pred, target: [B, H, W, C] float32.
-    mask: [B, H, W, 1] (or [B, H, W, C]) in {0, 1}.
+    pred, target: [..., H, W, C] float.
+    mask: [..., H, W, 1] or [..., H, W] weights in {0, 1} or soft (None = all pixels).
+    per_image: one value per image ([...]) instead of one over the whole batch (a scalar).
+    eps: guards the division for an empty mask (the result is then 0).
   Returns:
-    sum(mask * (pred - target)^2) / (number of masked texel-channels), 0 if nothing is masked in.
+    sum(mask * (pred - target)^2) / (C * sum(mask)), over each image or over everything.
   """
-  mask = jnp.broadcast_to(mask, pred.shape).astype(pred.dtype)
-  sq = mask * jnp.square(pred - target)
-  return jnp.sum(sq) / jnp.maximum(jnp.sum(mask), 1.0)
+  axis = (-3, -2, -1) if per_image else None
+  sq = jnp.square(pred - target)
+  if mask is None:
+    return jnp.mean(sq, axis=axis)
+  m = mask_like(mask, pred)
+  num = jnp.sum(sq * m, axis=axis)
+  den = jnp.sum(m, axis=axis) * pred.shape[-1]
+  return num / jnp.maximum(den, eps)
+
+
+# Soft rasterisation for the screen loss (pixels): K faces per pixel blended, coverage width sigma. The blur
+# radius is kept at 1 px (not derived from sigma, ~3.8 px): the candidates per tile, and so the cost and the risk
+# of overflow (faces dropped; check ``overflow``), grow with it, and coverage below 2 * sigmoid(-1 / sigma) =
+# 0.24 at 1 px outside a silhouette is what it drops.
+SCREEN_RASTER_DEFAULTS = dict(faces_per_pixel=4, sigma=0.5, blur_radius=1.0, tile_size=8, max_faces_per_tile=256,
+                              cull_backfaces=True)
+
+
+def screen_raster_settings(image_size, **kwargs) -> render.RasterSettings:
+  """Soft ``RasterSettings`` of the screen loss at ``image_size`` (H, W); kwargs override the defaults."""
+  return render.RasterSettings(image_size=tuple(int(s) for s in image_size),
+                               **dict(SCREEN_RASTER_DEFAULTS, **kwargs))
+
+
+def screen_loss(outputs, batch, *, mesh: schema.MeshMeta, settings):
+  """Masked MSE between the decoded avatar rendered into each example's camera and the example's photo.
+
+  Args:
+    outputs: the model's outputs; reads ``verts`` [B, V, 3] and ``tex`` [B, T, T, 3] (both normalised).
+    batch: reads ``image`` [B, H, W, 3] in [0, 1], ``image_mask`` [B, H, W, 1], ``camera_K``, ``camera_Rt``.
+    mesh: the dataset's ``MeshMeta``.
+    settings: ``RasterSettings`` at the photo's size (soft, for gradients w.r.t. the vertices).
+  Returns:
+    ``masked_mse`` of the render against the photo over the whole batch, a scalar.
+  """
+  rendered = avatar.render_batch(mesh, outputs["verts"], schema.denormalize_tex(outputs["tex"], mesh),
+                                 batch["camera_K"], batch["camera_Rt"], settings)
+  dtype = rendered.rgb.dtype
+  return masked_mse(rendered.rgb, batch["image"].astype(dtype), batch["image_mask"].astype(dtype))
 
 
 def mse(pred, target):

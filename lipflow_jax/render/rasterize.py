@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lipflow_jax.geometry.camera import Camera, project_with_depth
+from lipflow_jax.numerics import safe_div, safe_sqrt
 from lipflow_jax.render.settings import RasterSettings
 
 # Faces whose projected doubled area is below this (pixels^2) are culled as degenerate.
@@ -77,17 +78,6 @@ class Fragments(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------------
 # Numerically safe helpers.
-
-
-def safe_div(x, y, eps=1e-12):
-  """x / y with |y| clamped to >= eps (sign kept; y = 0 counts as positive). Finite values and gradients."""
-  y = jnp.where(jnp.abs(y) < eps, jnp.where(y < 0, -eps, eps), y)
-  return x / y
-
-
-def safe_sqrt(x, eps=1e-20):
-  """sqrt(max(x, eps)): finite gradient at 0."""
-  return jnp.sqrt(jnp.maximum(x, eps))
 
 
 def _cross2(a, b):

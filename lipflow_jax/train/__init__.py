@@ -4,12 +4,12 @@ Entry point: ``python -m lipflow_jax.train --config=configs/<name>.py --workdir=
 Library: ``train_and_evaluate(config, workdir)``; ``load_trained(workdir)`` reads a finished run back.
 """
 
-from lipflow_jax.train.checkpointing import (DataIteratorHandler, PreemptionWatcher, make_checkpoint_manager,
-                                            restore_state_for_inference)
-from lipflow_jax.train.loop import NonFiniteLossError, RunResult, Trained, build_task, load_trained
+from lipflow_jax.train.checkpointing import (DataIteratorHandler, PreemptionWatcher, Trained, load_trained,
+                                            make_checkpoint_manager, restore_state_for_inference)
+from lipflow_jax.train.loop import NonFiniteLossError, RunResult, build_task
 from lipflow_jax.train.loop import train_and_evaluate
 from lipflow_jax.train.metrics_logging import MetricWriter, dump_config, read_metrics
-from lipflow_jax.train.tasks import Task, build_model, data_sizes, lipflow_task, regressor_task
+from lipflow_jax.train.tasks import Task, build_model, data_sizes, avatar_task, regressor_task
 from lipflow_jax.train.train_state import (TrainState, create_train_state, init_train_state,
                                            make_learning_rate_schedule, make_optimizer)
 from lipflow_jax.train.train_step import (batch_sharding, global_batch, jit_eval_step, jit_train_step, make_mesh,

@@ -5,19 +5,14 @@ Config fields can be overridden on the command line (``--config.num_train_steps=
 that already finished exits at once. SIGTERM (preemption) checkpoints at the next step and exits.
 """
 
-import os
-import sys
-
-# `from configs import common` in the config files: the repository root (this file's grandparent's parent)
-# must be importable however the module is started.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+import jax
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from lipflow_jax import distributed
+from lipflow_jax.train import loop
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
@@ -29,11 +24,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  # Multi-process start-up must precede any use of JAX devices.
-  from lipflow_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize()
-  from lipflow_jax.train import loop  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  distributed.initialize()  # multi-process start-up precedes any use of JAX devices
   logging.info('JAX process %d / %d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   result = loop.train_and_evaluate(FLAGS.config, _WORKDIR.value)

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from lipflow_jax import models
+from lipflow_jax.train.metrics_logging import CONFIG_FILE
 
 STATE = 'state'
 DATA_ITER = 'data_iter'
@@ -186,3 +190,43 @@ class PreemptionWatcher:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+# ------------------------------------------------------------------------------------ a trained run read back
+MODEL_FILE = 'model.json'  # in a run's workdir: what ``load_trained`` needs to rebuild the model
+CHECKPOINT_DIR = 'checkpoints'  # in a run's workdir
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained run read back from its workdir.
+
+  kind: 'avatar' or 'regressor'; model: a ``LipFlowModel`` or {condition: ``Regressor``}; params: its 'params'
+  collection (or {condition: params}); step: the checkpoint's step; config: the run's ``config.json``.
+  """
+  kind: str
+  model: Any
+  params: Any
+  step: int
+  config: dict
+
+
+def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Trained:
+  """Rebuilds the model of a workdir from ``model.json`` and restores its parameters (latest or ``step``).
+
+  Works on any device topology (a run trained on 8 devices loads on 1): parameters are placed with ``sharding``
+  (default: device 0).
+  """
+  with open(os.path.join(workdir, MODEL_FILE)) as f:
+    desc = json.load(f)
+  config = {}
+  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      config = json.load(f)
+  fix = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+  if desc['task'] == 'avatar':
+    model = models.LipFlowModel(**fix(desc['model']))
+  else:
+    model = {c: models.Regressor(**fix(d)) for c, d in desc['regressors'].items()}
+  state, step = restore_state_for_inference(os.path.join(workdir, CHECKPOINT_DIR), step, sharding)
+  return Trained(kind=desc['task'], model=model, params=state['params'], step=int(step), config=config)

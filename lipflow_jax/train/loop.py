@@ -24,17 +24,19 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+from tqdm import auto as tqdm
 from absl import logging
 
+from lipflow_jax.data import input_pipeline
+from lipflow_jax.data import schema
 from lipflow_jax.train import checkpointing
-from lipflow_jax.train import input_pipeline
 from lipflow_jax.train import metrics_logging
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
 from lipflow_jax.train import train_step as tstep
 
-MODEL_FILE = 'model.json'
-CHECKPOINT_DIR = 'checkpoints'
+MODEL_FILE = checkpointing.MODEL_FILE
+CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
 
 
 def _announce(msg: str):
@@ -70,17 +72,17 @@ def _to_plain(x):
 # ------------------------------------------------------------------------------------ building the task
 def build_task(config, sizes: dict, meta=None) -> tuple[tasks_lib.Task, dict]:
   """The ``Task`` of ``config.task`` and its ``model.json`` description (plain values only)."""
-  kind = config.get('task', 'lipflow')
-  if kind == 'lipflow':
+  kind = config.get('task', 'avatar')
+  if kind == 'avatar':
     model = tasks_lib.build_model(_to_plain(config.model), sizes)
-    task = tasks_lib.lipflow_task(model, loss_weights=_to_plain(config.loss), meta=meta,
+    task = tasks_lib.avatar_task(model, loss_weights=_to_plain(config.loss), meta=meta,
                                   render_images=config.get('render_images', True))
-    description = {'task': 'lipflow', 'model': _module_fields(model)}
+    description = {'task': 'avatar', 'model': _module_fields(model)}
   elif kind == 'regressor':
     if not config.get('teacher_workdir'):
       raise ValueError('config.teacher_workdir must name the workdir of a trained DAM for task=regressor')
-    teacher = load_trained(config.teacher_workdir)
-    if teacher.kind != 'lipflow':
+    teacher = checkpointing.load_trained(config.teacher_workdir)
+    if teacher.kind != 'avatar':
       raise ValueError(f'teacher_workdir {config.teacher_workdir} holds a {teacher.kind!r} run, not a model')
     conditions = tuple(config.regressor.conditions)
     reg_config = {k: v for k, v in _to_plain(config.regressor).items() if k != 'conditions'}
@@ -90,7 +92,7 @@ def build_task(config, sizes: dict, meta=None) -> tuple[tasks_lib.Task, dict]:
                    'teacher_workdir': os.path.abspath(config.teacher_workdir),
                    'teacher_step': teacher.step, 'teacher_model': _module_fields(teacher.model)}
   else:
-    raise ValueError(f"config.task must be 'lipflow' or 'regressor', got {kind!r}")
+    raise ValueError(f"config.task must be 'avatar' or 'regressor', got {kind!r}")
   aug = config.get('augment')
   if aug is not None:
     task = tasks_lib.with_keypoint_augmentation(task, float(aug.get('keypoint_noise_px', 0.0)),
@@ -101,44 +103,6 @@ def build_task(config, sizes: dict, meta=None) -> tuple[tasks_lib.Task, dict]:
 def _module_fields(module) -> dict:
   names = [f.name for f in dataclasses.fields(module) if f.name not in ('parent', 'name')]
   return _to_plain({n: getattr(module, n) for n in names})
-
-
-# ------------------------------------------------------------------------------------ loading a trained run
-@dataclasses.dataclass
-class Trained:
-  """A trained run read back from its workdir.
-
-  kind: 'lipflow' or 'regressor'; model: a ``LipFlowModel`` or {condition: ``Regressor``}; params: its 'params'
-  collection (or {condition: params}); step: the checkpoint's step; config: the run's ``config.json``.
-  """
-  kind: str
-  model: Any
-  params: Any
-  step: int
-  config: dict
-
-
-def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Trained:
-  """Rebuilds the model of a workdir from ``model.json`` and restores its parameters (latest or ``step``).
-
-  Works on any device topology (a run trained on 8 devices loads on 1): parameters are placed with ``sharding``
-  (default: device 0).
-  """
-  from lipflow_jax import models  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, MODEL_FILE)) as f:
-    desc = json.load(f)
-  config = {}
-  if os.path.exists(os.path.join(workdir, metrics_logging.CONFIG_FILE)):
-    with open(os.path.join(workdir, metrics_logging.CONFIG_FILE)) as f:
-      config = json.load(f)
-  fix = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-  if desc['task'] == 'lipflow':
-    model = models.LipFlowModel(**fix(desc['model']))
-  else:
-    model = {c: models.Regressor(**fix(d)) for c, d in desc['regressors'].items()}
-  state, step = checkpointing.restore_state_for_inference(os.path.join(workdir, CHECKPOINT_DIR), step, sharding)
-  params = state['params']
-  return Trained(kind=desc['task'], model=model, params=params, step=int(step), config=config)
 
 
 # ------------------------------------------------------------------------------------ jitted functions
@@ -207,12 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ds = config.dataset
   builder = input_pipeline.prepare(ds.name, ds.get('builder_config'), ds.get('data_dir'),
                                    _to_plain(ds.get('builder_kwargs')) or None)
-  meta = input_pipeline.load_meta(builder)
+  meta = schema.load_meta(builder)
   train_split = ds.get('train_split', 'train')
   train_source = input_pipeline.open_split(builder, train_split)
   train_iter = input_pipeline.make_iterator(train_source, meta, batch_size=local_batch_size, seed=config.seed,
                                             shuffle=True, num_epochs=None, split=train_split,
-                                            train_cameras_only=True, worker_count=ds.get('worker_count', 0))
+                                            cameras=meta.train_cameras, worker_count=ds.get('worker_count', 0))
   example = input_pipeline.example_batch(train_source, meta, batch_size=1)
 
   # ---------------------------------------------------------------------------------------------- model and state
@@ -360,7 +324,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _progress_bar(total: int, initial: int, config):
   if jax.process_index() != 0 or not config.get('progress_bar', True):
     return None
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, initial=initial, desc='train', unit='step', dynamic_ncols=True)
 
 
@@ -378,7 +341,7 @@ def _evaluate(config, builder, meta, mesh, eval_step, params, frozen, local_batc
   # process shard holds.
   num_batches = min(int(config.get('eval_batches', 4)), len(source) // config.batch_size)
   it = input_pipeline.make_iterator(source, meta, batch_size=local_batch_size, seed=config.seed, shuffle=False,
-                                    num_epochs=1, split=split, train_cameras_only=False)
+                                    num_epochs=1, split=split)
   rng = jax.random.PRNGKey(config.seed + 1)
   out = []
   for _, local in zip(range(num_batches), it):

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import tensorboardX
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
@@ -31,8 +32,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     if not self.enabled:

@@ -8,20 +8,23 @@ A ``Task`` is everything the train loop needs to know about a model:
   frozen: a pytree of fixed arrays the loss reads (the DAM teacher of the regressor), passed to the jitted
     step as an argument rather than baked into it as constants.
 
-Kinds: 'lipflow' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow prior, direct encoder) and
+Kinds: 'avatar' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow prior, direct encoder) and
 'regressor' (one ``Regressor`` per condition, trained to the frozen DAM posterior mean of a teacher workdir).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax import geometry
 from lipflow_jax import models
+from lipflow_jax import render
+from lipflow_jax.data import schema
 
 PyTree = Any
 
@@ -97,16 +100,17 @@ def data_sizes(example: Mapping[str, np.ndarray], meta=None) -> dict:
   return sizes
 
 
-def tex_to_rgb(tex, meta=None):
-  """Normalised texture [..., T, T, 3] -> [0, 1] colours, with the dataset's mean/std when known."""
-  tex_mean = _meta_get(meta, 'tex_mean')
-  tex_std = _meta_get(meta, 'tex_std')
-  if tex_mean is None or tex_std is None:
+def _to_rgb(tex, mesh: Optional[schema.MeshMeta]):
+  """Normalised texture [..., T, T, 3] -> [0, 1] colours for image summaries (a fixed map without the
+  dataset's statistics)."""
+  if mesh is None:
     return jnp.clip(0.5 + 0.25 * tex, 0.0, 1.0)
-  tex_mean = jnp.asarray(np.asarray(tex_mean, np.float32))
-  if tex_mean.shape[-3:-1] != tex.shape[-3:-1]:
-    tex_mean = jax.image.resize(tex_mean, tex.shape[-3:-1] + tex_mean.shape[-1:], 'linear')
-  return jnp.clip((tex * jnp.asarray(np.asarray(tex_std, np.float32)) + tex_mean) / 255.0, 0.0, 1.0)
+  return schema.denormalize_tex(tex, mesh)
+
+
+def mesh_meta(meta) -> Optional[schema.MeshMeta]:
+  """The dataset's ``MeshMeta``, or None without a dataset meta."""
+  return None if meta is None else schema.MeshMeta.from_dataset_meta(meta)
 
 
 # ------------------------------------------------------------------------------------ LipFlowModel
@@ -123,33 +127,33 @@ def build_model(model_config: Mapping[str, Any], sizes: Mapping[str, Any]) -> mo
   return models.LipFlowModel(**kwargs)
 
 
-def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None,
+def avatar_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None,
                  render_images: bool = True, render_max_size: int = 256,
                  screen_settings: Optional[Mapping[str, Any]] = None) -> Task:
   """Task of a ``LipFlowModel`` trained with ``models.model_loss``.
 
   With a 'screen' loss weight > 0 the loss adds ``weight * screen_loss`` (the decoded avatar soft-rendered into
   each example's camera at the photo's size, masked MSE against the photo); this needs the dataset's mesh
-  topology in ``meta``. ``screen_settings`` overrides ``SCREEN_RASTER_DEFAULTS`` (``RasterSettings`` fields).
+  topology in ``meta``. ``screen_settings`` overrides ``models.SCREEN_RASTER_DEFAULTS`` (``RasterSettings`` fields).
 
   Image summaries (first example of the batch, z = posterior mean): the decoded texture beside the target
   (unobserved texels black), and with ``render_images`` (needs the dataset's mesh topology in ``meta``) the
   decoded avatar rendered into the example's camera beside its photo, at most ``render_max_size`` pixels high.
   """
   weights = dict(loss_weights)
-  renderer = _make_renderer(meta, render_max_size) if render_images else None
+  mesh = mesh_meta(meta)
+  renderer = _make_renderer(mesh, render_max_size) if render_images and mesh is not None else None
   screen_loss_fn = None
   screen_w = weights.get('screen', 0.0)
   if screen_w is not None and float(screen_w) > 0:
-    topology = mesh_topology(meta)
-    if topology is None:
+    if mesh is None:
       raise ValueError("A 'screen' loss weight > 0 needs the dataset's mesh topology in meta (faces, uvs, "
-                       "uv_faces, vert_mean, vert_std) and lipflow_jax.render.")
-    raster_kwargs = dict(SCREEN_RASTER_DEFAULTS, **dict(screen_settings or {}))
+                       "uv_faces, vert_mean, vert_std).")
+    raster_kwargs = dict(screen_settings or {})
 
     def screen_loss_fn(outputs, batch):
-      settings = screen_raster_settings(batch['image'].shape[-3:-1], **raster_kwargs)
-      return screen_loss(outputs, batch, topology=topology, settings=settings, meta=meta)
+      settings = models.screen_raster_settings(batch['image'].shape[-3:-1], **raster_kwargs)
+      return models.screen_loss(outputs, batch, mesh=mesh, settings=settings)
   elif screen_w is not None and float(screen_w) < 0:
     raise ValueError(f"The 'screen' loss weight must be >= 0, got {screen_w}")
 
@@ -166,8 +170,8 @@ def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float
     one = jax.tree.map(lambda x: x[:1], batch)
     out = model.apply({'params': params}, one, train=False)
     mask = one['tex_mask'][0]
-    decoded = tex_to_rgb(out['tex'][0], meta)
-    images = {'texture/decoded_vs_target': jnp.concatenate([decoded, tex_to_rgb(one['tex'][0], meta) * mask],
+    decoded = _to_rgb(out['tex'][0], mesh)
+    images = {'texture/decoded_vs_target': jnp.concatenate([decoded, _to_rgb(one['tex'][0], mesh) * mask],
                                                            axis=1)}
     if renderer is not None and 'image' in one and 'camera_K' in one:
       images['render/decoded_vs_photo'] = renderer(out['verts'][0], decoded, one['camera_K'][0],
@@ -177,92 +181,9 @@ def lipflow_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float
   return Task(model=model, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn)
 
 
-class MeshTopology(NamedTuple):
-  """The dataset's mesh: faces [F, 3] int32, uvs [U, 2], uv_faces [F, 3] int32, and the vertex normalisation
-  (vert_mean [V, 3], vert_std scalar) that maps the model's normalised vertices back to world units."""
-  faces: np.ndarray
-  uvs: np.ndarray
-  uv_faces: np.ndarray
-  vert_mean: np.ndarray
-  vert_std: np.float32
-
-  def denormalize(self, verts):
-    """Normalised vertices [..., V, 3] -> world units."""
-    return verts * self.vert_std + self.vert_mean
-
-
-def mesh_topology(meta) -> Optional[MeshTopology]:
-  """``MeshTopology`` from the dataset meta, or None when it lacks a field or the renderer is unavailable."""
-  needed = ('faces', 'uvs', 'uv_faces', 'vert_mean', 'vert_std')
-  if meta is None or any(_meta_get(meta, n) is None for n in needed):
-    return None
-  try:
-    from lipflow_jax import render  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return None
-  return MeshTopology(faces=np.asarray(_meta_get(meta, 'faces'), np.int32),
-                      uvs=np.asarray(_meta_get(meta, 'uvs'), np.float32),
-                      uv_faces=np.asarray(_meta_get(meta, 'uv_faces'), np.int32),
-                      vert_mean=np.asarray(_meta_get(meta, 'vert_mean'), np.float32),
-                      vert_std=np.float32(_meta_get(meta, 'vert_std')))
-
-
-# Soft rasterisation for the screen loss (pixels): K faces per pixel blended, coverage width sigma. The blur radius
-# is kept at 1 px (not derived from sigma, ~3.8 px): the candidates per tile, and so the cost and the risk of
-# overflow (faces dropped; check ``overflow``), grow with it, and coverage below 2 * sigmoid(-1 / sigma) = 0.24
-# at 1 px outside a silhouette is what it drops.
-SCREEN_RASTER_DEFAULTS = dict(faces_per_pixel=4, sigma=0.5, blur_radius=1.0, tile_size=8, max_faces_per_tile=256,
-                              cull_backfaces=True)
-
-
-def screen_raster_settings(image_size, **kwargs):
-  """Soft ``RasterSettings`` of the screen loss at ``image_size`` (H, W); kwargs override the defaults."""
-  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
-  return render.RasterSettings(image_size=tuple(int(s) for s in image_size),
-                               **dict(SCREEN_RASTER_DEFAULTS, **kwargs))
-
-
-def render_batch(verts, texture, camera_K, camera_Rt, *, topology: MeshTopology, settings):
-  """Normalised verts [B, V, 3] and [0, 1] textures [B, T, T, 3] rendered into cameras K [B, 3, 3],
-  Rt [B, 3, 4] -> ``render.Rendered`` with a leading batch axis (rgb [B, H, W, 3])."""
-  from lipflow_jax import geometry  # pylint: disable=g-import-not-at-top
-  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
-
-  def one(v, tex, K, Rt):
-    return render.render_mesh(topology.denormalize(v), topology.faces, topology.uvs, topology.uv_faces, tex,
-                              geometry.Camera(K=K, Rt=Rt), settings)
-
-  return jax.vmap(one)(verts, texture, camera_K, camera_Rt)
-
-
-def screen_loss(outputs, batch, *, topology: MeshTopology, settings, meta=None, eps: float = 1e-6):
-  """Masked MSE between the decoded avatar rendered into each example's camera and the example's photo.
-
-  Args:
-    outputs: the model's outputs; reads ``verts`` [B, V, 3] (normalised) and ``tex`` [B, T, T, 3] (normalised,
-      mapped to [0, 1] colours by ``tex_to_rgb`` with ``meta``).
-    batch: reads ``image`` [B, H, W, 3] in [0, 1], ``image_mask`` [B, H, W, 1], ``camera_K``, ``camera_Rt``.
-    topology: ``MeshTopology`` of the dataset.
-    settings: ``RasterSettings`` at the photo's size (soft, for gradients w.r.t. the vertices).
-    meta: dataset meta (texture mean/std) for ``tex_to_rgb``.
-  Returns:
-    sum(mask * (render - photo)^2) / (3 * sum(mask) + eps), a scalar.
-  """
-  rendered = render_batch(outputs['verts'], tex_to_rgb(outputs['tex'], meta), batch['camera_K'],
-                          batch['camera_Rt'], topology=topology, settings=settings)
-  image = batch['image'].astype(rendered.rgb.dtype)
-  mask = batch['image_mask'].astype(rendered.rgb.dtype)
-  return jnp.sum(mask * jnp.square(rendered.rgb - image)) / (jnp.sum(mask) * image.shape[-1] + eps)
-
-
-def _make_renderer(meta, max_size: int):
+def _make_renderer(mesh: schema.MeshMeta, max_size: int):
   """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3] render | photo,
-  or None when ``meta`` lacks the topology or the renderer is unavailable."""
-  topology = mesh_topology(meta)
-  if topology is None:
-    return None
-  from lipflow_jax import geometry  # pylint: disable=g-import-not-at-top
-  from lipflow_jax import render  # pylint: disable=g-import-not-at-top
+  at most ``max_size`` pixels high."""
 
   def renderer(verts, texture, K, Rt, photo):
     h, w = photo.shape[:2]
@@ -270,8 +191,7 @@ def _make_renderer(meta, max_size: int):
     size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
     K = jnp.diag(jnp.array([size[1] / w, size[0] / h, 1.0], jnp.float32)) @ K
     settings = render.RasterSettings.hard(size, tile_size=8, max_faces_per_tile=256, cull_backfaces=True)
-    out = render.render_mesh(topology.denormalize(verts), topology.faces, topology.uvs, topology.uv_faces,
-                             texture, geometry.Camera(K=K, Rt=Rt), settings)
+    out = models.render_avatar(mesh, verts, texture, geometry.Camera(K=K, Rt=Rt), settings)
     photo = jax.image.resize(photo, size + photo.shape[-1:], 'linear') if size != (h, w) else photo
     return jnp.concatenate([out.rgb, photo], axis=1)
 
@@ -283,6 +203,7 @@ def regressor_task(conditions: Sequence[str], regressor_config: Mapping[str, Any
                    sizes: Mapping[str, Any], meta=None) -> Task:
   """One ``Regressor`` per condition (params {condition: ...}), each trained by MSE to the frozen posterior mean
   of ``teacher`` (a DAM ``LipFlowModel``) on the batch's rich data; the loss is the mean over conditions."""
+  mesh = mesh_meta(meta)
   rc = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(regressor_config).items()}
   if rc.get('keypoint_image_size') is None:
     rc['keypoint_image_size'] = sizes.get('keypoint_image_size')
@@ -315,10 +236,10 @@ def regressor_task(conditions: Sequence[str], regressor_config: Mapping[str, Any
       z = regressors[c].apply({'params': params[c]}, one)
       tex, _ = teacher.apply({'params': frozen['teacher']}, z, one['view'], one.get('camera_index'),
                              method=models.LipFlowModel.decode)
-      row.append(tex_to_rgb(tex[0], meta))
+      row.append(_to_rgb(tex[0], mesh))
     tex, _ = teacher.apply({'params': frozen['teacher']}, mu, one['view'], one.get('camera_index'),
                            method=models.LipFlowModel.decode)
-    row.append(tex_to_rgb(tex[0], meta))
+    row.append(_to_rgb(tex[0], mesh))
     return {'texture/regressed_' + '_'.join(conditions) + '_vs_teacher': jnp.concatenate(row, axis=1)}
 
   return Task(model=regressors, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn,

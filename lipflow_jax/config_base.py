@@ -1,17 +1,21 @@
-"""Defaults shared by every experiment config; each config file changes only what differs.
+"""Defaults shared by every experiment config in ``configs/``; each config file changes only what differs.
 
 Usage in a config file::
 
-  from configs import common
+  from lipflow_jax import config_base
 
   def get_config(arg=None):
-    config = common.get_base_config()
+    config = config_base.get_base_config()
     config.model.prior = 'lipflow'
-    return common.apply_variant(config, arg)
+    return config_base.apply_variant(config, arg)
 
 Config strings: ``--config=configs/<name>.py`` (the CPU default) or ``--config=configs/<name>.py:tiny`` (a
 seconds-long smoke run on the tiny synthetic capture).
 """
+
+import importlib.util
+import os
+import sys
 
 import ml_collections
 
@@ -22,7 +26,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The DAM on the default synthetic capture, sized to train in a few minutes on a 2-core CPU."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.task = 'lipflow'  # 'lipflow' (LipFlowModel: all priors, direct encoder) | 'regressor'
+  config.task = 'avatar'  # 'avatar' (LipFlowModel: the DAM with any prior, or the direct encoder) | 'regressor'
 
   # Data (TFDS builder, generated on first use).
   config.dataset = ml_collections.ConfigDict()
@@ -187,3 +191,24 @@ def apply_variant(config: ml_collections.ConfigDict, arg=None, options=()) -> ml
     config.eval_batches = 1
     config.checkpoint_every = 10
   return config
+
+
+def load_module(path: str):
+  """Imports a config file by its path (e.g. ``configs/dam_synthetic.py``), as ``config_flags`` does."""
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  name = 'lipflow_config_' + os.path.splitext(os.path.basename(path))[0]
+  if name in sys.modules and getattr(sys.modules[name], '__file__', None) == path:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sys.modules[name] = module
+  return module
+
+
+def load_config(config_string: str) -> ml_collections.ConfigDict:
+  """``path/to/config.py[:arg]`` -> ``get_config(arg)`` of that file (the ``--config`` flag's syntax)."""
+  path, _, arg = config_string.partition(':')
+  return load_module(path).get_config(arg or None)
