@@ -10,6 +10,8 @@ from lipflow_jax.data import builders
 from lipflow_jax.data import capture
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.data import multiface as mf
+from lipflow_jax.data import multiface_export
+from lipflow_jax.data import multiface_format as fmt
 from lipflow_jax.data import schema
 from lipflow_jax.geometry import KRTFormatError
 
@@ -18,7 +20,7 @@ from lipflow_jax.geometry import KRTFormatError
 def entity(tiny_capture, tmp_path_factory):
   """The tiny synthetic capture exported as a Multiface entity directory."""
   root = str(tmp_path_factory.mktemp("entity") / "m--synthetic--GHS")
-  mf.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
+  multiface_export.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
   return root
 
 
@@ -45,7 +47,7 @@ def test_layout_files(entity, tiny_capture):
   with open(os.path.join(entity, "frame_list.txt")) as f:
     text = f.read()
   assert not text.endswith("\n") and text.split("\n")[0] == f"{seg} {frame}" and len(frame) == 6
-  assert mf.read_test_segments(os.path.join(entity, "test_segment.json")) == ("EXP_ROM",)
+  assert fmt.read_test_segments(os.path.join(entity, "test_segment.json")) == ("EXP_ROM",)
 
 
 def test_roundtrip_same_meshes_cameras_textures(roundtrip, tiny_capture):
@@ -102,7 +104,7 @@ def _copy(entity, tmp_path, frames=3):
   """A copy of the entity with a short frame list (2 training frames and 1 test frame)."""
   root = str(tmp_path / "entity")
   shutil.copytree(entity, root)
-  lines = mf.read_frame_list(os.path.join(root, "frame_list.txt"))
+  lines = fmt.read_frame_list(os.path.join(root, "frame_list.txt"))
   train = [l for l in lines if not l[0].startswith("EXP")][:frames - 1]
   test = [l for l in lines if l[0].startswith("EXP")][:1]
   with open(os.path.join(root, "frame_list.txt"), "w") as f:
@@ -118,24 +120,24 @@ def _build(root, tmp_path, skip=False):
 
 
 def _break_missing_png(root, seg, frame, cam):
-  path = mf.image_path(root, seg, cam, frame)
+  path = fmt.image_path(root, seg, cam, frame)
   os.remove(path)
-  return path, mf.MultifaceMissingFileError, "photo not found"
+  return path, fmt.MultifaceMissingFileError, "photo not found"
 
 
 def _break_unreadable_png(root, seg, frame, cam):
-  path = mf.tex_path(root, seg, cam, frame)
+  path = fmt.tex_path(root, seg, cam, frame)
   with open(path, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n this is not a png")
-  return path, mf.MultifaceFormatError, "unreadable texture PNG"
+  return path, fmt.MultifaceFormatError, "unreadable texture PNG"
 
 
 def _break_bin(root, seg, frame, cam):
   del cam
-  path = mf.mesh_path(root, seg, frame)
+  path = fmt.mesh_path(root, seg, frame)
   v = np.fromfile(path, "<f4")
   v[:-3].tofile(path)  # one vertex short
-  return path, mf.MultifaceFormatError, r"has \d+ vertices, expected \d+"
+  return path, fmt.MultifaceFormatError, r"has \d+ vertices, expected \d+"
 
 
 @pytest.mark.parametrize("breaker,examples_lost", [(_break_missing_png, 1), (_break_unreadable_png, 1),
@@ -172,7 +174,7 @@ def test_empty_frame_list(entity, tmp_path):
   path = os.path.join(root, "frame_list.txt")
   with open(path, "w") as f:
     f.write("\n")
-  with pytest.raises(mf.MultifaceFormatError, match="empty frame list") as info:
+  with pytest.raises(fmt.MultifaceFormatError, match="empty frame list") as info:
     _build(root, tmp_path, skip=True)
   assert path in str(info.value)
 
@@ -181,15 +183,15 @@ def test_readers_name_the_file(tmp_path):
   p = str(tmp_path / "frame_list.txt")
   with open(p, "w") as f:
     f.write("E001 000102\nE001\n")
-  with pytest.raises(mf.MultifaceFormatError, match=r"frame_list.txt:2: expected 'segment frame'"):
-    mf.read_frame_list(p)
-  with pytest.raises(mf.MultifaceMissingFileError, match="mesh not found: .*nope.bin"):
-    mf.read_mesh_bin(str(tmp_path / "nope.bin"), 10)
+  with pytest.raises(fmt.MultifaceFormatError, match=r"frame_list.txt:2: expected 'segment frame'"):
+    fmt.read_frame_list(p)
+  with pytest.raises(fmt.MultifaceMissingFileError, match="mesh not found: .*nope.bin"):
+    fmt.read_mesh_bin(str(tmp_path / "nope.bin"), 10)
   q = str(tmp_path / "t.txt")
   np.savetxt(q, np.eye(3))
-  with pytest.raises(mf.MultifaceFormatError, match="t.txt: head pose must be a finite 3x4"):
-    mf.read_transform(q)
+  with pytest.raises(fmt.MultifaceFormatError, match="t.txt: head pose must be a finite 3x4"):
+    fmt.read_transform(q)
   with open(q, "w") as f:
     f.write("1.0 2.0\n")
-  with pytest.raises(mf.MultifaceFormatError, match="exactly one number"):
-    mf.read_scalar(q, "texture variance")
+  with pytest.raises(fmt.MultifaceFormatError, match="exactly one number"):
+    fmt.read_scalar(q, "texture variance")

@@ -40,13 +40,13 @@ def dir_size(path) -> int:
 def main(argv):
   del argv
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from lipflow_jax.data import builders, contact_sheet, multiface, schema  # pylint: disable=g-import-not-at-top
+  from lipflow_jax.data import builders, contact_sheet, multiface, multiface_export, schema  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   if _EXPORT.value:
     from lipflow_jax.data import capture  # pylint: disable=g-import-not-at-top
     cap = capture.Capture(capture.CONFIGS[_CONFIG.value])
-    multiface.export_multiface(cap, _EXPORT.value, progress=True)
+    multiface_export.export_multiface(cap, _EXPORT.value, progress=True)
     print(f"exported {cap.num_frames} frames to {_EXPORT.value} in {time.time() - t0:.1f} s "
           f"({dir_size(_EXPORT.value) / 2 ** 20:.1f} MiB)")
     return
