@@ -17,11 +17,16 @@ from lipflow_jax.geometry import KRTFormatError
 
 
 @pytest.fixture(scope="module")
-def entity(tiny_capture, tmp_path_factory):
-  """The tiny synthetic capture exported as a Multiface entity directory."""
+def exported(tiny_capture, tmp_path_factory):
+  """The tiny synthetic capture exported as a Multiface entity directory: (root, exporter's result)."""
   root = str(tmp_path_factory.mktemp("entity") / "m--synthetic--GHS")
-  multiface_export.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
-  return root
+  result = multiface_export.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
+  return root, result
+
+
+@pytest.fixture(scope="module")
+def entity(exported):
+  return exported[0]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,18 @@ def test_layout_files(entity, tiny_capture):
     text = f.read()
   assert not text.endswith("\n") and text.split("\n")[0] == f"{seg} {frame}" and len(frame) == 6
   assert fmt.read_test_segments(os.path.join(entity, "test_segment.json")) == ("EXP_ROM",)
+
+
+def test_export_counts_what_it_wrote(exported, tiny_capture):
+  root, result = exported
+  listed = fmt.read_frame_list(os.path.join(root, "frame_list.txt"))
+  validation = set(tiny_capture.meta.extra["capture_config"]["validation_segments"])
+  left = [f for f in tiny_capture.meta.frames if f[0] in validation]
+  assert result["frames"] == listed and left
+  assert result["left_out"] == {"validation": left}
+  assert len(listed) + len(left) == len(tiny_capture.meta.frames)
+  text = multiface_export.describe_export(result)
+  assert text.startswith(f"{len(listed)} frames ({len(left)} validation frames left out"), text
 
 
 def test_roundtrip_same_meshes_cameras_textures(roundtrip, tiny_capture):

@@ -46,9 +46,9 @@ def main(argv):
   if _EXPORT.value:
     from lipflow_jax.data import capture  # pylint: disable=g-import-not-at-top
     cap = capture.Capture(capture.CONFIGS[_CONFIG.value])
-    multiface_export.export_multiface(cap, _EXPORT.value, progress=True)
-    print(f"exported {cap.num_frames} frames to {_EXPORT.value} in {time.time() - t0:.1f} s "
-          f"({dir_size(_EXPORT.value) / 2 ** 20:.1f} MiB)")
+    result = multiface_export.export_multiface(cap, _EXPORT.value, progress=True)
+    print(f"exported {multiface_export.describe_export(result)} to {_EXPORT.value} "
+          f"in {time.time() - t0:.1f} s ({dir_size(_EXPORT.value) / 2 ** 20:.1f} MiB)")
     return
   if not _DATA_DIR.value:
     raise app.UsageError("--data_dir is required")

@@ -36,13 +36,17 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
     frames: frame indices to export (default: the train and test frames; Multiface's layout has no validation
       split, so validation frames are left out unless listed).
   Returns:
-    {'frames': [(segment, frame)], 'renders': {frame_index: render dict}} for checking.
+    {'frames': [(segment, frame)] written (the lines of ``frame_list.txt``), 'left_out': {split: [(segment,
+    frame)]} of the capture's frames not written, 'renders': {frame_index: render dict}} for checking.
   """
   os.makedirs(out_dir, exist_ok=True)
   head, rig, script = capture.head, capture.rig, capture.script
   if frames is None:
     frames = [i for i in range(capture.num_frames) if capture.split_of(i) != "validation"]
   frames = list(frames)
+  left_out = {}
+  for i in sorted(set(range(capture.num_frames)) - set(frames)):
+    left_out.setdefault(capture.split_of(i), []).append((capture.segment_name(i), script.frame_names[i]))
   cams = {n: geometry.Camera(K=rig.K[i], Rt=rig.Rt[i]) for i, n in enumerate(rig.names)}
   geometry.write_krt(os.path.join(out_dir, "KRT"), cams)
   listed, renders = [], {}
@@ -83,7 +87,17 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
                         "visual": [rig.names[i] for i in capture.test_cameras[:2]]}}, f, indent=1)
   with open(os.path.join(out_dir, fmt.KEYPOINT_IDS_TXT), "w") as f:
     f.write("".join(f"{n} {k}\n" for n, k in zip(head.keypoint_names, head.keypoint_vertex_ids)))
-  return {"frames": listed, "renders": renders}
+  return {"frames": listed, "left_out": left_out, "renders": renders}
+
+
+def describe_export(result: Dict[str, object]) -> str:
+  """What ``export_multiface`` wrote, e.g. '16 frames (4 validation frames left out: ...)'."""
+  text = f"{len(result['frames'])} frames"
+  left_out = [f"{len(v)} {split}" for split, v in result["left_out"].items()]
+  if left_out:
+    why = "; the Multiface layout has no validation split" if "validation" in result["left_out"] else ""
+    text += f" ({', '.join(left_out)} frames left out{why})"
+  return text
 
 
 def capture_script_prefixes(capture: capture_lib.Capture) -> Tuple[str, ...]:
