@@ -1,4 +1,4 @@
-"""Tests of the Multiface layout: synthetic -> Multiface directory -> multiface builder, and bad input."""
+"""Tests of the Multiface layout: synthetic -> entity directory -> multiface builder; bad input."""
 
 import os
 import shutil
@@ -18,7 +18,7 @@ from lipflow_jax.geometry import KRTFormatError
 
 @pytest.fixture(scope="module")
 def exported(tiny_capture, tmp_path_factory):
-  """The tiny synthetic capture exported as a Multiface entity directory: (root, exporter's result)."""
+  """The tiny synthetic capture exported as a Multiface entity: (directory, exporter's result)."""
   root = str(tmp_path_factory.mktemp("entity") / "m--synthetic--GHS")
   result = multiface_export.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
   return root, result
@@ -36,18 +36,21 @@ def roundtrip(entity, tmp_path_factory):
   b.download_and_prepare(file_format=builders.FILE_FORMAT)
   # Reopened from disk alone (no entity directory, no builder code), as training does.
   sources, meta = input_pipeline.load_dataset(root, "multiface", "roundtrip")
-  assert {k: len(v) for k, v in sources.items()} == {k: len(v) for k, v in b.as_data_source().items()}
+  built = b.as_data_source()
+  assert {k: len(v) for k, v in sources.items()} == {k: len(v) for k, v in built.items()}
   return sources, meta
 
 
 def test_layout_files(entity, tiny_capture):
   meta = tiny_capture.meta
   seg, frame = meta.frames[0]
-  for rel in ("KRT", "frame_list.txt", "tex_mean.png", "tex_var.txt", "vert_mean.bin", "vert_var.txt",
-              f"tracked_mesh/{seg}/{frame}.bin", f"tracked_mesh/{seg}/{frame}.obj",
-              f"tracked_mesh/{seg}/{frame}_transform.txt", f"unwrapped_uv_1024/{seg}/average/{frame}.png",
+  for rel in ("KRT", "frame_list.txt", "tex_mean.png", "tex_var.txt", "vert_mean.bin",
+              "vert_var.txt", f"tracked_mesh/{seg}/{frame}.bin", f"tracked_mesh/{seg}/{frame}.obj",
+              f"tracked_mesh/{seg}/{frame}_transform.txt",
+              f"unwrapped_uv_1024/{seg}/average/{frame}.png",
               f"unwrapped_uv_1024/{seg}/{meta.camera_names[0]}/{frame}.png",
-              f"images/{seg}/{meta.camera_names[0]}/{frame}.png", "test_segment.json", "camera-split-config.json"):
+              f"images/{seg}/{meta.camera_names[0]}/{frame}.png", "test_segment.json",
+              "camera-split-config.json"):
     assert os.path.exists(os.path.join(entity, rel)), rel
   with open(os.path.join(entity, "frame_list.txt")) as f:
     text = f.read()
@@ -104,7 +107,8 @@ def test_roundtrip_same_meshes_cameras_textures(roundtrip, tiny_capture):
 def test_multiface_keypoints_and_hmc(roundtrip):
   src, meta = roundtrip
   ex = src["train"][3]
-  assert meta.frontal_camera in meta.camera_names and tuple(meta.frontal_size) == tuple(meta.image_size)
+  assert meta.frontal_camera in meta.camera_names
+  assert tuple(meta.frontal_size) == tuple(meta.image_size)
   vis = ex["keypoints_visible"] > 0
   assert vis.mean() > 0.7
   h, w = meta.frontal_size
@@ -116,7 +120,7 @@ def test_multiface_keypoints_and_hmc(roundtrip):
   assert batch["verts"].dtype == np.float32 and np.abs(batch["verts"]).max() < 50
 
 
-# ---------------------------------------------------------------------------------------------- bad input
+# ------------------------------------------------------------------------------------- bad input
 def _copy(entity, tmp_path, frames=3):
   """A copy of the entity with a short frame list (2 training frames and 1 test frame)."""
   root = str(tmp_path / "entity")
@@ -157,8 +161,8 @@ def _break_bin(root, seg, frame, cam):
   return path, fmt.MultifaceFormatError, r"has \d+ vertices, expected \d+"
 
 
-@pytest.mark.parametrize("breaker,examples_lost", [(_break_missing_png, 1), (_break_unreadable_png, 1),
-                                                   (_break_bin, 6)])
+@pytest.mark.parametrize("breaker,examples_lost",
+                         [(_break_missing_png, 1), (_break_unreadable_png, 1), (_break_bin, 6)])
 def test_bad_frame_files_raise_or_are_skipped(entity, tmp_path, breaker, examples_lost):
   root, (seg, frame) = _copy(entity, tmp_path)
   path, err, pattern = breaker(root, seg, frame, "400001")

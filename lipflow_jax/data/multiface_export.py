@@ -1,9 +1,10 @@
 """Writes a synthetic capture as a Multiface entity directory (the layout of ``multiface_format``).
 
-The exporter writes textures at the synthetic texture size (e.g. 64 x 64) under the directory name
-``unwrapped_uv_1024`` and images at the synthetic image size; the reader (``multiface.MultifaceEntity``)
-takes whatever size it finds and resizes to the requested one. Besides the published files it writes
-``keypoint_vertex_ids.txt`` and the split JSONs inside the entity directory.
+The exporter writes textures at the synthetic texture size (e.g. 64 x 64) under the directory
+name ``unwrapped_uv_1024`` and images at the synthetic image size; the reader
+(``multiface.MultifaceEntity``) takes whatever size it finds and resizes to the requested one.
+Besides the published files it writes ``keypoint_vertex_ids.txt`` and the split JSONs inside the
+entity directory.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
                      progress: bool = False) -> Dict[str, object]:
   """Writes a synthetic capture as a Multiface entity directory (all files of the layout).
 
-  Statistics files (tex_mean.png, tex_var.txt, vert_mean.bin, vert_var.txt) hold the training frames'
-  ``stats.NormStats`` (tex_mean rounded to uint8 by the PNG). Also writes ``test_segment.json`` (the test
-  prefixes), ``camera-split-config.json`` (train: training cameras, test: held-out cameras) and
-  ``keypoint_vertex_ids.txt``.
+  Statistics files (tex_mean.png, tex_var.txt, vert_mean.bin, vert_var.txt) hold the training
+  frames' ``stats.NormStats`` (tex_mean rounded to uint8 by the PNG). Also writes
+  ``test_segment.json`` (the test prefixes), ``camera-split-config.json`` (train: training cameras,
+  test: held-out cameras) and ``keypoint_vertex_ids.txt``.
 
   Args:
     capture: ``capture.Capture``; out_dir: the entity directory to create.
-    frames: frame indices to export (default: the train and test frames; Multiface's layout has no validation
-      split, so validation frames are left out unless listed).
+    frames: frame indices to export (default: the train and test frames; Multiface's layout has no
+      validation split, so validation frames are left out unless listed).
+    progress: show a progress bar.
   Returns:
-    {'frames': [(segment, frame)] written (the lines of ``frame_list.txt``), 'left_out': {split: [(segment,
-    frame)]} of the capture's frames not written, 'renders': {frame_index: render dict}} for checking.
+    {'frames': [(segment, frame)] written, i.e. the lines of ``frame_list.txt``,
+     'left_out': {split: [(segment, frame)]}, the capture's frames not written,
+     'renders': {frame_index: render dict}} for checking.
   """
   os.makedirs(out_dir, exist_ok=True)
   head, rig, script = capture.head, capture.rig, capture.script
@@ -46,7 +49,8 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
   frames = list(frames)
   left_out = {}
   for i in sorted(set(range(capture.num_frames)) - set(frames)):
-    left_out.setdefault(capture.split_of(i), []).append((capture.segment_name(i), script.frame_names[i]))
+    left_out.setdefault(capture.split_of(i), []).append(
+        (capture.segment_name(i), script.frame_names[i]))
   cams = {n: geometry.Camera(K=rig.K[i], Rt=rig.Rt[i]) for i, n in enumerate(rig.names)}
   geometry.write_krt(os.path.join(out_dir, "KRT"), cams)
   listed, renders = [], {}
@@ -76,7 +80,8 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
   vm.astype("<f4").tofile(os.path.join(out_dir, "vert_mean.bin"))
   with open(os.path.join(out_dir, "vert_var.txt"), "w") as f:
     f.write(f"{vs * vs:.9g}\n")
-  fmt.write_png(os.path.join(out_dir, "tex_mean.png"), fmt.texture_to_png(np.clip(np.round(tm), 0, 255)))
+  fmt.write_png(os.path.join(out_dir, "tex_mean.png"),
+                fmt.texture_to_png(np.clip(np.round(tm), 0, 255)))
   with open(os.path.join(out_dir, "tex_var.txt"), "w") as f:
     f.write(f"{ts * ts:.9g}\n")
   with open(os.path.join(out_dir, fmt.TEST_SEGMENT_JSON), "w") as f:
@@ -93,10 +98,11 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
 def describe_export(result: Dict[str, object]) -> str:
   """What ``export_multiface`` wrote, e.g. '16 frames (4 validation frames left out: ...)'."""
   text = f"{len(result['frames'])} frames"
-  left_out = [f"{len(v)} {split}" for split, v in result["left_out"].items()]
+  left_out = result["left_out"]
   if left_out:
-    why = "; the Multiface layout has no validation split" if "validation" in result["left_out"] else ""
-    text += f" ({', '.join(left_out)} frames left out{why})"
+    why = "; the Multiface layout has no validation split" if "validation" in left_out else ""
+    counts = ", ".join(f"{len(v)} {split}" for split, v in left_out.items())
+    text += f" ({counts} frames left out{why})"
   return text
 
 

@@ -2,30 +2,33 @@
 
 Layout of one entity (``m--20180227--0000--6795937--GHS``), as published::
 
-  KRT                                        cameras: name, K (3 lines), distortion, [R|t] (3 lines), blank
-  frame_list.txt                             'segment frame' per line (frame: 6 digits)
-  tex_mean.png, tex_var.txt                  mean texture (RGB), texture variance (one number)
-  vert_mean.bin, vert_var.txt                mean mesh (raw float32 [V*3]), vertex variance (one number)
-  tracked_mesh/<seg>/<frame>.bin             raw float32 [V, 3], head coordinates
-  tracked_mesh/<seg>/<frame>.obj             same topology with vt and f v/vt (read once)
-  tracked_mesh/<seg>/<frame>_transform.txt   3x4 head pose, head -> world
-  unwrapped_uv_1024/<seg>/<cam>/<frame>.png  this camera's unwrapped texture (black = unobserved)
-  unwrapped_uv_1024/<seg>/average/<frame>.png
-  images/<seg>/<cam>/<frame>.png             photos
-  test_segment.json                          {"segment": [prefixes]} (in the Multiface repo; optional here)
-  camera-split-config*.json                  {"full": {"train": [...], "test": [...], "visual": [...]}}
+  KRT                               cameras: name, K (3 lines), distortion, [R|t] (3 lines), blank
+  frame_list.txt                    'segment frame' per line (frame: 6 digits)
+  tex_mean.png, tex_var.txt         mean texture (RGB), texture variance (one number)
+  vert_mean.bin, vert_var.txt       mean mesh (raw float32 [V*3]), vertex variance (one number)
+  tracked_mesh/<seg>/
+    <frame>.bin                     raw float32 [V, 3], head coordinates
+    <frame>.obj                     same topology with vt and f v/vt (read once)
+    <frame>_transform.txt           3x4 head pose, head -> world
+  unwrapped_uv_1024/<seg>/
+    <cam>/<frame>.png               this camera's unwrapped texture (black = unobserved)
+    average/<frame>.png             the average over cameras
+  images/<seg>/<cam>/<frame>.png    photos
+  test_segment.json                 {"segment": [prefixes]} (in the Multiface repo; optional here)
+  camera-split-config*.json         {"full": {"train": [...], "test": [...], "visual": [...]}}
 
-Texture orientation: a texture PNG is an ordinary image whose top row is v = 1 (OBJ: UV (0, 0) is the
-bottom-left). Multiface's reference loader flips the rows after loading because its renderer wants row 0 at
-v = 0; ``lipflow_jax.render.sample_texture`` wants row 0 at v = 1, i.e. the file's own orientation, so
-``texture_from_png`` keeps the rows as they are (and ``texture_to_png`` writes them unchanged).
+Texture orientation: a texture PNG is an ordinary image whose top row is v = 1 (OBJ: UV (0, 0) is
+the bottom-left). Multiface's reference loader flips the rows after loading because its renderer
+wants row 0 at v = 0; ``lipflow_jax.render.sample_texture`` wants row 0 at v = 1, i.e. the file's
+own orientation, so ``texture_from_png`` keeps the rows as they are (and ``texture_to_png`` writes
+them unchanged).
 
-Two files are additions of ours, used when present: ``keypoint_vertex_ids.txt`` ('name vertex_id' per line)
-and the split JSONs inside the entity directory.
+Two files are additions of ours, used when present: ``keypoint_vertex_ids.txt`` ('name vertex_id'
+per line) and the split JSONs inside the entity directory.
 
-Every reader raises ``MultifaceFormatError`` (``MultifaceMissingFileError`` for a missing file) naming the
-file. The entity reader is ``lipflow_jax.data.multiface``; the exporter of synthetic captures
-``lipflow_jax.data.multiface_export``.
+Every reader raises ``MultifaceFormatError`` (``MultifaceMissingFileError`` for a missing file)
+naming the file. The entity reader is ``lipflow_jax.data.multiface``; the exporter of synthetic
+captures ``lipflow_jax.data.multiface_export``.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _need(path, what):
     raise MultifaceMissingFileError(f"{what} not found: {path}")
 
 
-# ----------------------------------------------------------------------------------------------- readers
+# --------------------------------------------------------------------------------------- readers
 def read_frame_list(path) -> List[Tuple[str, str]]:
   """[(segment, frame)] from ``frame_list.txt`` (no final newline needed)."""
   _need(path, "frame list")
@@ -68,7 +71,8 @@ def read_frame_list(path) -> List[Tuple[str, str]]:
       if not parts:
         continue
       if len(parts) != 2 or not parts[1].isdigit():
-        raise MultifaceFormatError(f"{path}:{lineno}: expected 'segment frame' (frame = digits), got {line.strip()!r}")
+        raise MultifaceFormatError(f"{path}:{lineno}: expected 'segment frame' (frame = digits), "
+                                   f"got {line.strip()!r}")
       frames.append((parts[0], parts[1]))
   if not frames:
     raise MultifaceFormatError(f"{path}: empty frame list (no 'segment frame' lines)")
@@ -86,7 +90,8 @@ def read_scalar(path, what) -> float:
   with open(path) as f:
     text = f.read().split()
   if len(text) != 1:
-    raise MultifaceFormatError(f"{path}: {what} must hold exactly one number, found {len(text)} tokens")
+    raise MultifaceFormatError(f"{path}: {what} must hold exactly one number, "
+                               f"found {len(text)} tokens")
   try:
     x = float(text[0])
   except ValueError as e:
@@ -101,17 +106,19 @@ def read_mesh_bin(path, num_verts: Optional[int] = None) -> np.ndarray:
   _need(path, "mesh")
   size = os.path.getsize(path)
   if size % 12:
-    raise MultifaceFormatError(f"{path}: {size} bytes is not a whole number of float32 xyz vertices (12 bytes each)")
+    raise MultifaceFormatError(f"{path}: {size} bytes is not a whole number of float32 xyz "
+                               f"vertices (12 bytes each)")
   v = np.fromfile(path, dtype="<f4").reshape(-1, 3)
   if num_verts is not None and v.shape[0] != num_verts:
-    raise MultifaceFormatError(f"{path}: has {v.shape[0]} vertices, expected {num_verts} (the topology's count)")
+    raise MultifaceFormatError(f"{path}: has {v.shape[0]} vertices, expected {num_verts} "
+                               f"(the topology's count)")
   if not np.all(np.isfinite(v)):
     raise MultifaceFormatError(f"{path}: non-finite vertex coordinates")
   return v.astype(np.float32)
 
 
 def read_transform(path) -> np.ndarray:
-  """[3, 4] head-to-world pose from ``<frame>_transform.txt`` (3x4, or 4x4 with last row 0 0 0 1)."""
+  """[3, 4] head-to-world pose from ``<frame>_transform.txt`` (3x4, or 4x4 ending 0 0 0 1)."""
   _need(path, "head pose")
   try:
     m = np.loadtxt(path, dtype=np.float64, ndmin=2)
@@ -120,7 +127,8 @@ def read_transform(path) -> np.ndarray:
   if m.shape == (4, 4):
     m = m[:3]
   if m.shape != (3, 4) or not np.all(np.isfinite(m)):
-    raise MultifaceFormatError(f"{path}: head pose must be a finite 3x4 matrix, got shape {m.shape}")
+    raise MultifaceFormatError(f"{path}: head pose must be a finite 3x4 matrix, "
+                               f"got shape {m.shape}")
   return m.astype(np.float32)
 
 
@@ -149,7 +157,7 @@ def png_size(path, what="image") -> Tuple[int, int]:
 
 
 def texture_from_png(a):
-  """Texture array (row 0 = v = 1, ``render.sample_texture``'s convention) from a PNG array: unchanged."""
+  """A PNG array as a texture (row 0 is v = 1, as ``render.sample_texture`` wants): unchanged."""
   return a
 
 
@@ -186,7 +194,8 @@ def read_camera_split(path) -> Dict[str, List[str]]:
       d = json.load(f)["full"]
     out = {k: [str(c) for c in d.get(k, [])] for k in ("train", "test", "visual")}
   except (ValueError, KeyError, TypeError) as e:
-    raise MultifaceFormatError(f"{path}: expected {{\"full\": {{\"train\": [...], \"test\": [...]}}}}: {e}") from e
+    raise MultifaceFormatError(
+        f"{path}: expected {{\"full\": {{\"train\": [...], \"test\": [...]}}}}: {e}") from e
   return out
 
 
@@ -199,13 +208,14 @@ def read_keypoint_ids(path) -> Tuple[Tuple[str, ...], np.ndarray]:
       if not parts:
         continue
       if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-        raise MultifaceFormatError(f"{path}:{lineno}: expected 'name vertex_id', got {line.strip()!r}")
+        raise MultifaceFormatError(
+            f"{path}:{lineno}: expected 'name vertex_id', got {line.strip()!r}")
       names.append(parts[0])
       ids.append(int(parts[1]))
   return tuple(names), np.asarray(ids, np.int32)
 
 
-# ------------------------------------------------------------------------------------------------ paths
+# ----------------------------------------------------------------------------------------- paths
 def mesh_path(root, seg, frame, ext=".bin"):
   suffix = {"transform": "_transform.txt"}.get(ext, ext)
   return os.path.join(root, "tracked_mesh", seg, f"{frame}{suffix}")
