@@ -1,13 +1,14 @@
-"""Multiface entity directories as examples in the dataset schema (the ``multiface`` builder's reader).
+"""Multiface entity directories as examples in the dataset schema (the ``multiface`` builder's).
 
 The file layout and its readers are in ``multiface_format``; the reader takes textures and photos at
 whatever size it finds and resizes them to the requested one.
 
-Derived signals: keypoints are the fixed keypoint vertices projected into the frontal camera (a dome camera;
-visibility from a hard render of the tracked mesh, then the detector noise model); the headset crops are
-square windows of fixed size in mm around the eyes and the mouth of the mean face, cut from chosen dome
-photos, turned grey and resized (``hmc_K``/``hmc_Rt`` are the crop cameras; ``hmc_mask`` is the tracked mesh
-rendered into them). Multiface has no foreground masks: ``image_mask`` is all ones. ``factors`` are zeros.
+Derived signals: keypoints are the fixed keypoint vertices projected into the frontal camera (a dome
+camera; visibility from a hard render of the tracked mesh, then the detector noise model); the
+headset crops are square windows of fixed size in mm around the eyes and the mouth of the mean
+face, cut from chosen dome photos, turned grey and resized (``hmc_K``/``hmc_Rt`` are the crop
+cameras; ``hmc_mask`` is the tracked mesh rendered into them). Multiface has no foreground masks:
+``image_mask`` is all ones. ``factors`` are zeros.
 """
 
 from __future__ import annotations
@@ -34,24 +35,31 @@ from lipflow_jax.data import synthetic_head as sh
 
 @dataclasses.dataclass(frozen=True)
 class MultifaceOptions:
-  """How to turn an entity directory into examples (plain values; the ``multiface`` builder's config).
+  """How to turn an entity directory into examples (the ``multiface`` builder's config).
+
+  Plain values.
 
   Attributes:
     texture_size: resize unwrapped textures to T x T (None: keep the file's size).
     image_size: resize photos to (H, W) (None: keep); K is scaled to match.
-    frontal_camera: keypoint camera (a dome camera name; None: the one facing the mean face most directly).
-    hmc_cameras: dome cameras to cut the (left eye, right eye, mouth) crops from (None: the frontal camera).
-    hmc_size: (h, w) of the crops; hmc_crop_mm: side of each square crop window in mm at the region's depth.
+    frontal_camera: keypoint camera (a dome camera name; None: the one facing the mean face most
+      directly).
+    hmc_cameras: dome cameras to cut the (left eye, right eye, mouth) crops from (None: the frontal
+      camera).
+    hmc_size: (h, w) of the crops; hmc_crop_mm: side of each square crop window in mm at the
+      region's depth.
     image_frontal_size: (h, w) of the stored low-resolution frontal photo.
-    keypoint_vertex_ids: fixed keypoint vertices (None: ``keypoint_vertex_ids.txt`` in the entity directory,
-      else ``num_keypoints`` vertices by farthest-point sampling of the mean face seen by the frontal camera).
-    keypoint_noise_px / keypoint_dropout: detector model, as for the synthetic capture; the noise is in pixels
-      of the frontal camera at ``image_size`` (None: 1.5 px per 128 pixels of image height, the synthetic
-      default's relative noise).
+    keypoint_vertex_ids: fixed keypoint vertices (None: ``keypoint_vertex_ids.txt`` in the entity
+      directory, else ``num_keypoints`` vertices by farthest-point sampling of the mean face seen by
+      the frontal camera).
+    keypoint_noise_px / keypoint_dropout: detector model, as for the synthetic capture; the noise is
+      in pixels of the frontal camera at ``image_size`` (None: 1.5 px per 128 pixels of image
+      height, the synthetic default's relative noise).
     num_factors: length of the (zero) ``factors`` vector, so that batches match the synthetic ones.
     skip_bad_frames: skip (and count) unreadable or inconsistent per-frame files instead of raising.
-    frame_list / test_segment_json / camera_split_json: paths (None: inside the entity directory; the split
-      files are optional: default test prefixes EXP_ROM, EXP_free_face and every camera for training).
+    frame_list / test_segment_json / camera_split_json: paths (None: inside the entity directory;
+      the split files are optional: default test prefixes EXP_ROM, EXP_free_face and every camera
+      for training).
     cameras: use only these dome cameras (None: all in KRT).
     seed: keypoint noise.
   """
@@ -113,7 +121,10 @@ def _farthest_points(points, count, start):
 
 @functools.lru_cache(maxsize=8)
 def _hard_render_fn(size):
-  """Jitted, vmapped over cameras: (verts, faces, K [N,3,3], Rt [N,3,4]) -> (depth, alpha) [N, H, W]."""
+  """Jitted, vmapped over cameras.
+
+  (verts, faces, K [N, 3, 3], Rt [N, 3, 4]) -> (depth, alpha) [N, H, W].
+  """
   settings = capture_lib.raster_settings(size)
 
   def one(verts, faces, K, Rt):
@@ -127,9 +138,10 @@ def _hard_render_fn(size):
 class MultifaceEntity:
   """One entity directory, validated and ready to produce examples in the dataset schema.
 
-  Global files (KRT, frame list, statistics, topology, splits) are read in the constructor and always raise
-  on error; per-frame files raise ``MultifaceFormatError`` naming the file, or, with
-  ``options.skip_bad_frames``, are skipped and counted (``self.skipped``, ``self.skipped_reasons``).
+  Global files (KRT, frame list, statistics, topology, splits) are read in the constructor and
+  always raise on error; per-frame files raise ``MultifaceFormatError`` naming the file, or, with
+  ``options.skip_bad_frames``, are skipped and counted (``self.skipped``,
+  ``self.skipped_reasons``).
   """
 
   def __init__(self, entity_dir, options: MultifaceOptions = MultifaceOptions()):
@@ -142,7 +154,8 @@ class MultifaceEntity:
     if o.cameras is not None:
       unknown = [c for c in o.cameras if c not in cams]
       if unknown:
-        raise fmt.MultifaceFormatError(f"{os.path.join(self.root, 'KRT')}: cameras {unknown} not in the file")
+        raise fmt.MultifaceFormatError(
+            f"{os.path.join(self.root, 'KRT')}: cameras {unknown} not in the file")
       names = list(o.cameras)
     self.camera_names = names
     self.world_K = np.stack([np.asarray(cams[n].K, np.float32) for n in names])
@@ -159,24 +172,30 @@ class MultifaceEntity:
       except (OSError, ValueError) as e:
         if not o.skip_bad_frames:
           raise
-        logging.warning("multiface: no topology from %s: %s", fmt.mesh_path(self.root, seg, fr, ".obj"), e)
+        logging.warning("multiface: no topology from %s: %s",
+                        fmt.mesh_path(self.root, seg, fr, ".obj"), e)
     if mesh is None:
       raise fmt.MultifaceFormatError(f"{self.root}: no readable tracked_mesh/<segment>/<frame>.obj")
     self.mesh = mesh
     self.num_verts = len(mesh.verts)
     self.vert_mean = fmt.read_mesh_bin(os.path.join(self.root, "vert_mean.bin"), self.num_verts)
-    self.vert_std = float(np.sqrt(fmt.read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance")))
-    tex_mean = fmt.texture_from_png(fmt.read_png(os.path.join(self.root, "tex_mean.png"), "mean texture"))
+    self.vert_std = float(np.sqrt(
+        fmt.read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance")))
+    tex_mean = fmt.texture_from_png(
+        fmt.read_png(os.path.join(self.root, "tex_mean.png"), "mean texture"))
     self.texture_size = o.texture_size or tex_mean.shape[0]
     if tex_mean.shape[0] != tex_mean.shape[1]:
-      raise fmt.MultifaceFormatError(f"{os.path.join(self.root, 'tex_mean.png')}: texture must be square, "
+      raise fmt.MultifaceFormatError(f"{os.path.join(self.root, 'tex_mean.png')}: texture must be "
+                                     f"square, "
                                  f"got {tex_mean.shape[:2]}")
     self.tex_mean = _resize(tex_mean, (self.texture_size,) * 2).astype(np.float32) \
         if tex_mean.shape[0] != self.texture_size else tex_mean.astype(np.float32)
-    self.tex_std = float(np.sqrt(fmt.read_scalar(os.path.join(self.root, "tex_var.txt"), "texture variance")))
+    self.tex_std = float(np.sqrt(
+        fmt.read_scalar(os.path.join(self.root, "tex_var.txt"), "texture variance")))
     # Splits.
     tj = o.test_segment_json or os.path.join(self.root, fmt.TEST_SEGMENT_JSON)
-    prefixes = fmt.read_test_segments(tj) if (o.test_segment_json or os.path.exists(tj)) else fmt.DEFAULT_TEST_PREFIXES
+    prefixes = (fmt.read_test_segments(tj) if (o.test_segment_json or os.path.exists(tj))
+                else fmt.DEFAULT_TEST_PREFIXES)
     self.test_prefixes = prefixes
     self.test_segments = [s for s in self.segments if s.startswith(tuple(prefixes))]
     self.train_segments = [s for s in self.segments if s not in self.test_segments]
@@ -201,7 +220,8 @@ class MultifaceEntity:
     self.pose0 = self._first_pose()
     self.frontal_camera = o.frontal_camera or self._most_frontal_camera()
     if self.frontal_camera not in names:
-      raise fmt.MultifaceFormatError(f"frontal camera {self.frontal_camera!r} is not among the cameras {names}")
+      raise fmt.MultifaceFormatError(
+          f"frontal camera {self.frontal_camera!r} is not among the cameras {names}")
     self.frontal_index = names.index(self.frontal_camera)
     self.hmc_cameras = tuple(o.hmc_cameras or (self.frontal_camera,) * 3)
     for c in self.hmc_cameras:
@@ -211,7 +231,7 @@ class MultifaceEntity:
     self.hmc_Rt_world = np.stack([np.asarray(cams[c].Rt, np.float32) for c in self.hmc_cameras])
     self._keypoints()
 
-  # ------------------------------------------------------------------------------------------- set-up
+  # -------------------------------------------------------------------------------------- set-up
   def _native_image_size(self):
     for seg, fr in self.frames:
       for cam in self.camera_names:
@@ -222,7 +242,8 @@ class MultifaceEntity:
           except fmt.MultifaceFormatError:
             if not self.options.skip_bad_frames:
               raise
-    raise fmt.MultifaceMissingFileError(f"no photos found under {os.path.join(self.root, 'images')}")
+    raise fmt.MultifaceMissingFileError(
+        f"no photos found under {os.path.join(self.root, 'images')}")
 
   def _first_pose(self):
     for seg, fr in self.frames:
@@ -234,10 +255,12 @@ class MultifaceEntity:
     raise fmt.MultifaceFormatError(f"{self.root}: no readable head pose")
 
   def _head_camera(self, K, Rt, pose):
-    return geometry.Camera(K=jnp.asarray(K), Rt=geometry.compose_rigid(jnp.asarray(Rt), jnp.asarray(pose)))
+    return geometry.Camera(K=jnp.asarray(K),
+                           Rt=geometry.compose_rigid(jnp.asarray(Rt), jnp.asarray(pose)))
 
   def _mean_normals(self):
-    return np.asarray(geometry.vertex_normals(jnp.asarray(self.vert_mean), jnp.asarray(self.mesh.faces)))
+    return np.asarray(geometry.vertex_normals(jnp.asarray(self.vert_mean),
+                                              jnp.asarray(self.mesh.faces)))
 
   def _most_frontal_camera(self):
     n = self._mean_normals()
@@ -260,7 +283,8 @@ class MultifaceEntity:
     elif os.path.exists(path):
       names, ids = fmt.read_keypoint_ids(path)
     else:
-      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0)
+      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index],
+                              self.pose0)
       n = self._mean_normals()
       towards = np.asarray(geometry.camera_center(cam))[None] - self.vert_mean
       facing = np.sum(n * towards, -1) / np.linalg.norm(towards, axis=-1) > 0.3
@@ -271,33 +295,38 @@ class MultifaceEntity:
       names = tuple(f"kp_{i}" for i in range(len(ids)))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= self.num_verts:
       raise fmt.MultifaceFormatError(f"keypoint vertex ids must lie in [0, {self.num_verts}), got "
-                                 f"[{ids.min() if ids.size else None}, {ids.max() if ids.size else None}]")
+                                 f"[{ids.min() if ids.size else None}, "
+                                 f"{ids.max() if ids.size else None}]")
     self.keypoint_ids, self.keypoint_names = ids, tuple(names)
-    # HMC regions: keypoint groups when named like the synthetic head, else fixed fractions of the frontal
-    # view of the mean face (a heuristic: pass named keypoints for real data).
+    # HMC regions: keypoint groups when named like the synthetic head, else fixed fractions of the
+    # frontal view of the mean face (a heuristic: pass named keypoints for real data).
     groups = sh.keypoint_groups(self.keypoint_names)
     if all(g in groups for g in ("eye_l", "eye_r", "mouth")):
-      self.hmc_centres = np.stack([self.vert_mean[ids[groups[g]]].mean(0) for g in ("eye_l", "eye_r", "mouth")])
+      self.hmc_centres = np.stack([self.vert_mean[ids[groups[g]]].mean(0)
+                                   for g in ("eye_l", "eye_r", "mouth")])
     else:
-      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0)
-      pix, depth = (np.asarray(a) for a in geometry.project_with_depth(cam, jnp.asarray(self.vert_mean)))
+      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index],
+                              self.pose0)
+      pix, depth = (np.asarray(a)
+                    for a in geometry.project_with_depth(cam, jnp.asarray(self.vert_mean)))
       lo, hi = pix.min(0), pix.max(0)
       centres = []
-      for fx, fy in ((0.65, 0.38), (0.35, 0.38), (0.5, 0.72)):  # the subject's left eye is on the image right
+      # The subject's left eye is on the image right.
+      for fx, fy in ((0.65, 0.38), (0.35, 0.38), (0.5, 0.72)):
         target = lo + (hi - lo) * np.array([fx, fy])
         near = np.linalg.norm(pix - target, axis=-1)
         score = near + 1e-3 * (depth - depth.min())
         centres.append(self.vert_mean[int(np.argmin(score))])
       self.hmc_centres = np.stack(centres)
 
-  # ------------------------------------------------------------------------------------------- rendering
+  # ----------------------------------------------------------------------------------- rendering
   def _renderer(self, size):
     """Hard render (depth [N,H,W], alpha [N,H,W]) of the tracked mesh into N cameras."""
     fn = _hard_render_fn(tuple(size))
     faces = jnp.asarray(self.mesh.faces)
     return lambda verts, K, Rt: fn(verts, faces, K, Rt)
 
-  # -------------------------------------------------------------------------------------------- frames
+  # -------------------------------------------------------------------------------------- frames
   def _bad(self, err, what):
     if not self.options.skip_bad_frames:
       raise err
@@ -329,14 +358,16 @@ class MultifaceEntity:
       rgb = np.asarray(im, np.float32)
       grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
       crops.append(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None])
-      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]], np.float32)
+      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]],
+                   np.float32)
       Ks.append(S @ K)
       Rts.append(Rt.astype(np.float32))
     return np.stack(crops), np.stack(Ks).astype(np.float32), np.stack(Rts)
 
   def _check_photo_size(self, photo, seg, cam, fr):
     if photo.shape[:2] != tuple(self.native_size):
-      raise fmt.MultifaceFormatError(f"{fmt.image_path(self.root, seg, cam, fr)}: photo is {photo.shape[:2]}, "
+      raise fmt.MultifaceFormatError(f"{fmt.image_path(self.root, seg, cam, fr)}: "
+                                     f"photo is {photo.shape[:2]}, "
                                  f"expected {self.native_size}")
 
   def _photo(self, seg, cam, fr):
@@ -345,14 +376,19 @@ class MultifaceEntity:
     self._check_photo_size(photo, seg, cam, fr)
     return photo
 
-  def frame_examples(self, frame_index: int, rng: np.random.RandomState) -> Iterator[Tuple[int, dict]]:
-    """Yields (camera_index, stored example) for one frame; bad files raise or are skipped and counted."""
+  def frame_examples(self, frame_index: int,
+                     rng: np.random.RandomState) -> Iterator[Tuple[int, dict]]:
+    """Yields (camera_index, stored example) for one frame.
+
+    Bad files raise or are skipped and counted.
+    """
     o = self.options
     seg, fr = self.frames[frame_index]
     try:
       verts = fmt.read_mesh_bin(fmt.mesh_path(self.root, seg, fr), self.num_verts)
       pose = fmt.read_transform(fmt.mesh_path(self.root, seg, fr, "transform"))
-      avg = fmt.texture_from_png(fmt.read_png(fmt.tex_path(self.root, seg, "average", fr), "average texture"))
+      avg = fmt.texture_from_png(
+          fmt.read_png(fmt.tex_path(self.root, seg, "average", fr), "average texture"))
       avg = _resize_texture(avg, self.texture_size)
       photos = {}
       hmc, hmc_K, hmc_Rt = self._hmc(seg, fr, pose, photos)
@@ -366,17 +402,21 @@ class MultifaceEntity:
       return
     # Keypoints in the frontal camera (image_size pixels); visibility from a hard render.
     fK = self.K[self.frontal_index]
-    fRt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[self.frontal_index]), jnp.asarray(pose)))
+    fRt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[self.frontal_index]),
+                                            jnp.asarray(pose)))
     depth, alpha = self._renderer(tuple(self.image_size))(jnp.asarray(verts), jnp.asarray(fK[None]),
                                                           jnp.asarray(fRt[None]))
     fcam = geometry.Camera(K=jnp.asarray(fK), Rt=jnp.asarray(fRt))
     normals = geometry.vertex_normals(jnp.asarray(verts), jnp.asarray(self.mesh.faces))
     kp3 = jnp.asarray(verts[self.keypoint_ids])
     clean = np.asarray(geometry.project(fcam, kp3), np.float32)
-    geom_vis = np.asarray(capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0], alpha[0], 3.0))
+    geom_vis = np.asarray(capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0],
+                                              alpha[0], 3.0))
     noise = 1.5 * self.image_size[0] / 128.0 if o.keypoint_noise_px is None else o.keypoint_noise_px
-    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, noise, o.keypoint_dropout)
-    _, hmc_alpha = self._renderer(tuple(o.hmc_size))(jnp.asarray(verts), jnp.asarray(hmc_K), jnp.asarray(hmc_Rt))
+    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, noise,
+                                              o.keypoint_dropout)
+    _, hmc_alpha = self._renderer(tuple(o.hmc_size))(jnp.asarray(verts), jnp.asarray(hmc_K),
+                                                     jnp.asarray(hmc_Rt))
     per_frame = {
         schema.VERTS: verts, schema.AVG_TEX: avg, schema.KEYPOINTS: kp,
         schema.KEYPOINTS_VISIBLE: kp_vis.astype(np.uint8), schema.KEYPOINTS_CLEAN: clean,
@@ -384,25 +424,30 @@ class MultifaceEntity:
         schema.IMAGE_FRONTAL: _resize(frontal_photo, o.image_frontal_size),
         schema.HMC: hmc, schema.HMC_MASK: (np.asarray(hmc_alpha) > 0.5).astype(np.uint8)[..., None],
         schema.HMC_K: hmc_K, schema.HMC_RT: hmc_Rt, schema.HEAD_POSE: pose,
-        schema.FACTORS: np.zeros(o.num_factors, np.float32), schema.FRAME_INDEX: np.int32(frame_index),
-        schema.SEGMENT_INDEX: np.int32(self.segments.index(seg)), schema.SEGMENT: seg, schema.FRAME: fr,
+        schema.FACTORS: np.zeros(o.num_factors, np.float32),
+        schema.FRAME_INDEX: np.int32(frame_index),
+        schema.SEGMENT_INDEX: np.int32(self.segments.index(seg)), schema.SEGMENT: seg,
+        schema.FRAME: fr,
     }
     for c, cam in enumerate(self.camera_names):
       try:
-        tex = _resize_texture(fmt.texture_from_png(fmt.read_png(fmt.tex_path(self.root, seg, cam, fr), "texture")),
-                              self.texture_size)
+        png = fmt.read_png(fmt.tex_path(self.root, seg, cam, fr), "texture")
+        tex = _resize_texture(fmt.texture_from_png(png), self.texture_size)
         photo = self._photo(seg, cam, fr)
       except (fmt.MultifaceFormatError, OSError) as e:
         self._bad(e, f"frame {seg}/{fr} camera {cam}")
         continue
-      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[c]), jnp.asarray(pose)), np.float32)
+      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[c]), jnp.asarray(pose)),
+                      np.float32)
       cam_h = geometry.Camera(K=jnp.asarray(self.K[c]), Rt=jnp.asarray(Rt))
       ex = dict(per_frame)
       ex.update({
           schema.TEX: tex, schema.TEX_MASK: schema.texture_mask(tex),
-          schema.VIEW: np.asarray(geometry.view_direction(cam_h), np.float32), schema.CAMERA_K: self.K[c],
-          schema.CAMERA_RT: Rt, schema.CAMERA_INDEX: np.int32(c), schema.IMAGE: _resize(photo, self.image_size),
-          schema.IMAGE_MASK: np.ones(tuple(self.image_size) + (1,), np.uint8), schema.CAMERA_ID: cam,
+          schema.VIEW: np.asarray(geometry.view_direction(cam_h), np.float32),
+          schema.CAMERA_K: self.K[c], schema.CAMERA_RT: Rt, schema.CAMERA_INDEX: np.int32(c),
+          schema.IMAGE: _resize(photo, self.image_size),
+          schema.IMAGE_MASK: np.ones(tuple(self.image_size) + (1,), np.uint8),
+          schema.CAMERA_ID: cam,
       })
       yield c, ex
 
@@ -411,14 +456,16 @@ class MultifaceEntity:
     h, w = self.options.hmc_size
     Ks, Rts = [], []
     for v in range(3):
-      K, Rt = self.hmc_K_native[v], np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]),
-                                                                        jnp.asarray(self.pose0)))
+      K = self.hmc_K_native[v]
+      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]),
+                                             jnp.asarray(self.pose0)))
       pix, z = geometry.project_with_depth(geometry.Camera(K=jnp.asarray(K), Rt=jnp.asarray(Rt)),
                                            jnp.asarray(self.hmc_centres[v:v + 1]))
       cx, cy = (float(a) for a in np.asarray(pix)[0])
       side = float(K[0, 0]) * self.options.hmc_crop_mm[v] / max(float(np.asarray(z)[0]), 1e-6)
       x0, y0 = cx - side / 2, cy - side / 2
-      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]], np.float32)
+      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]],
+                   np.float32)
       Ks.append(S @ K)
       Rts.append(Rt)
     return np.stack(Ks).astype(np.float32), np.stack(Rts).astype(np.float32)
