@@ -1,4 +1,4 @@
-"""Tests of the Multiface layout: synthetic -> Multiface directory -> multiface builder, and bad input."""
+"""Tests of the Multiface layout: synthetic -> entity directory -> multiface builder; bad input."""
 
 import os
 import shutil
@@ -10,16 +10,23 @@ from lipflow_jax.data import builders
 from lipflow_jax.data import capture
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.data import multiface as mf
+from lipflow_jax.data import multiface_export
+from lipflow_jax.data import multiface_format as fmt
 from lipflow_jax.data import schema
 from lipflow_jax.geometry import KRTFormatError
 
 
 @pytest.fixture(scope="module")
-def entity(tiny_capture, tmp_path_factory):
-  """The tiny synthetic capture exported as a Multiface entity directory."""
+def exported(tiny_capture, tmp_path_factory):
+  """The tiny synthetic capture exported as a Multiface entity: (directory, exporter's result)."""
   root = str(tmp_path_factory.mktemp("entity") / "m--synthetic--GHS")
-  mf.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
-  return root
+  result = multiface_export.export_multiface(capture.get_capture(capture.CONFIGS["tiny"]), root)
+  return root, result
+
+
+@pytest.fixture(scope="module")
+def entity(exported):
+  return exported[0]
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +36,38 @@ def roundtrip(entity, tmp_path_factory):
   b.download_and_prepare(file_format=builders.FILE_FORMAT)
   # Reopened from disk alone (no entity directory, no builder code), as training does.
   sources, meta = input_pipeline.load_dataset(root, "multiface", "roundtrip")
-  assert {k: len(v) for k, v in sources.items()} == {k: len(v) for k, v in b.as_data_source().items()}
+  built = b.as_data_source()
+  assert {k: len(v) for k, v in sources.items()} == {k: len(v) for k, v in built.items()}
   return sources, meta
 
 
 def test_layout_files(entity, tiny_capture):
   meta = tiny_capture.meta
   seg, frame = meta.frames[0]
-  for rel in ("KRT", "frame_list.txt", "tex_mean.png", "tex_var.txt", "vert_mean.bin", "vert_var.txt",
-              f"tracked_mesh/{seg}/{frame}.bin", f"tracked_mesh/{seg}/{frame}.obj",
-              f"tracked_mesh/{seg}/{frame}_transform.txt", f"unwrapped_uv_1024/{seg}/average/{frame}.png",
+  for rel in ("KRT", "frame_list.txt", "tex_mean.png", "tex_var.txt", "vert_mean.bin",
+              "vert_var.txt", f"tracked_mesh/{seg}/{frame}.bin", f"tracked_mesh/{seg}/{frame}.obj",
+              f"tracked_mesh/{seg}/{frame}_transform.txt",
+              f"unwrapped_uv_1024/{seg}/average/{frame}.png",
               f"unwrapped_uv_1024/{seg}/{meta.camera_names[0]}/{frame}.png",
-              f"images/{seg}/{meta.camera_names[0]}/{frame}.png", "test_segment.json", "camera-split-config.json"):
+              f"images/{seg}/{meta.camera_names[0]}/{frame}.png", "test_segment.json",
+              "camera-split-config.json"):
     assert os.path.exists(os.path.join(entity, rel)), rel
   with open(os.path.join(entity, "frame_list.txt")) as f:
     text = f.read()
   assert not text.endswith("\n") and text.split("\n")[0] == f"{seg} {frame}" and len(frame) == 6
-  assert mf.read_test_segments(os.path.join(entity, "test_segment.json")) == ("EXP_ROM",)
+  assert fmt.read_test_segments(os.path.join(entity, "test_segment.json")) == ("EXP_ROM",)
+
+
+def test_export_counts_what_it_wrote(exported, tiny_capture):
+  root, result = exported
+  listed = fmt.read_frame_list(os.path.join(root, "frame_list.txt"))
+  validation = set(tiny_capture.meta.extra["capture_config"]["validation_segments"])
+  left = [f for f in tiny_capture.meta.frames if f[0] in validation]
+  assert result["frames"] == listed and left
+  assert result["left_out"] == {"validation": left}
+  assert len(listed) + len(left) == len(tiny_capture.meta.frames)
+  text = multiface_export.describe_export(result)
+  assert text.startswith(f"{len(listed)} frames ({len(left)} validation frames left out"), text
 
 
 def test_roundtrip_same_meshes_cameras_textures(roundtrip, tiny_capture):
@@ -85,7 +107,8 @@ def test_roundtrip_same_meshes_cameras_textures(roundtrip, tiny_capture):
 def test_multiface_keypoints_and_hmc(roundtrip):
   src, meta = roundtrip
   ex = src["train"][3]
-  assert meta.frontal_camera in meta.camera_names and tuple(meta.frontal_size) == tuple(meta.image_size)
+  assert meta.frontal_camera in meta.camera_names
+  assert tuple(meta.frontal_size) == tuple(meta.image_size)
   vis = ex["keypoints_visible"] > 0
   assert vis.mean() > 0.7
   h, w = meta.frontal_size
@@ -97,12 +120,12 @@ def test_multiface_keypoints_and_hmc(roundtrip):
   assert batch["verts"].dtype == np.float32 and np.abs(batch["verts"]).max() < 50
 
 
-# ---------------------------------------------------------------------------------------------- bad input
+# ------------------------------------------------------------------------------------- bad input
 def _copy(entity, tmp_path, frames=3):
   """A copy of the entity with a short frame list (2 training frames and 1 test frame)."""
   root = str(tmp_path / "entity")
   shutil.copytree(entity, root)
-  lines = mf.read_frame_list(os.path.join(root, "frame_list.txt"))
+  lines = fmt.read_frame_list(os.path.join(root, "frame_list.txt"))
   train = [l for l in lines if not l[0].startswith("EXP")][:frames - 1]
   test = [l for l in lines if l[0].startswith("EXP")][:1]
   with open(os.path.join(root, "frame_list.txt"), "w") as f:
@@ -118,28 +141,28 @@ def _build(root, tmp_path, skip=False):
 
 
 def _break_missing_png(root, seg, frame, cam):
-  path = mf.image_path(root, seg, cam, frame)
+  path = fmt.image_path(root, seg, cam, frame)
   os.remove(path)
-  return path, mf.MultifaceMissingFileError, "photo not found"
+  return path, fmt.MultifaceMissingFileError, "photo not found"
 
 
 def _break_unreadable_png(root, seg, frame, cam):
-  path = mf.tex_path(root, seg, cam, frame)
+  path = fmt.tex_path(root, seg, cam, frame)
   with open(path, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n this is not a png")
-  return path, mf.MultifaceFormatError, "unreadable texture PNG"
+  return path, fmt.MultifaceFormatError, "unreadable texture PNG"
 
 
 def _break_bin(root, seg, frame, cam):
   del cam
-  path = mf.mesh_path(root, seg, frame)
+  path = fmt.mesh_path(root, seg, frame)
   v = np.fromfile(path, "<f4")
   v[:-3].tofile(path)  # one vertex short
-  return path, mf.MultifaceFormatError, r"has \d+ vertices, expected \d+"
+  return path, fmt.MultifaceFormatError, r"has \d+ vertices, expected \d+"
 
 
-@pytest.mark.parametrize("breaker,examples_lost", [(_break_missing_png, 1), (_break_unreadable_png, 1),
-                                                   (_break_bin, 6)])
+@pytest.mark.parametrize("breaker,examples_lost",
+                         [(_break_missing_png, 1), (_break_unreadable_png, 1), (_break_bin, 6)])
 def test_bad_frame_files_raise_or_are_skipped(entity, tmp_path, breaker, examples_lost):
   root, (seg, frame) = _copy(entity, tmp_path)
   path, err, pattern = breaker(root, seg, frame, "400001")
@@ -172,7 +195,7 @@ def test_empty_frame_list(entity, tmp_path):
   path = os.path.join(root, "frame_list.txt")
   with open(path, "w") as f:
     f.write("\n")
-  with pytest.raises(mf.MultifaceFormatError, match="empty frame list") as info:
+  with pytest.raises(fmt.MultifaceFormatError, match="empty frame list") as info:
     _build(root, tmp_path, skip=True)
   assert path in str(info.value)
 
@@ -181,15 +204,15 @@ def test_readers_name_the_file(tmp_path):
   p = str(tmp_path / "frame_list.txt")
   with open(p, "w") as f:
     f.write("E001 000102\nE001\n")
-  with pytest.raises(mf.MultifaceFormatError, match=r"frame_list.txt:2: expected 'segment frame'"):
-    mf.read_frame_list(p)
-  with pytest.raises(mf.MultifaceMissingFileError, match="mesh not found: .*nope.bin"):
-    mf.read_mesh_bin(str(tmp_path / "nope.bin"), 10)
+  with pytest.raises(fmt.MultifaceFormatError, match=r"frame_list.txt:2: expected 'segment frame'"):
+    fmt.read_frame_list(p)
+  with pytest.raises(fmt.MultifaceMissingFileError, match="mesh not found: .*nope.bin"):
+    fmt.read_mesh_bin(str(tmp_path / "nope.bin"), 10)
   q = str(tmp_path / "t.txt")
   np.savetxt(q, np.eye(3))
-  with pytest.raises(mf.MultifaceFormatError, match="t.txt: head pose must be a finite 3x4"):
-    mf.read_transform(q)
+  with pytest.raises(fmt.MultifaceFormatError, match="t.txt: head pose must be a finite 3x4"):
+    fmt.read_transform(q)
   with open(q, "w") as f:
     f.write("1.0 2.0\n")
-  with pytest.raises(mf.MultifaceFormatError, match="exactly one number"):
-    mf.read_scalar(q, "texture variance")
+  with pytest.raises(fmt.MultifaceFormatError, match="exactly one number"):
+    fmt.read_scalar(q, "texture variance")

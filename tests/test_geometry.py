@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -174,3 +175,26 @@ def test_vertex_normals_of_sphere_are_radial():
   fn = np.asarray(geometry.face_normals(jnp.asarray(verts), jnp.asarray(faces)))
   centres = verts[faces].mean(1)
   assert np.all(np.sum(fn * centres, -1) > 0)
+
+
+def test_camera_positional_equals_keyword_under_jit_and_vmap():
+  k = geometry.intrinsics(50.0, (32, 32))
+  rt = geometry.look_at((0.3, 0.2, 4.0), (0.0, 0.0, 0.0))
+  pos, kw = Camera(k, rt), Camera(K=k, Rt=rt)
+  assert jax.tree_util.tree_structure(pos) == jax.tree_util.tree_structure(kw)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, pos, kw)
+  np.testing.assert_array_equal(pos.K, k)
+  np.testing.assert_array_equal(pos.Rt, rt)
+  assert [np.asarray(x).shape for x in jax.tree_util.tree_leaves(pos)] == [(3, 3), (3, 4)]
+  pts = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+  project = jax.jit(lambda K, Rt: geometry.project(Camera(K, Rt), pts))
+  np.testing.assert_allclose(project(k, rt), geometry.project(kw, pts), rtol=1e-6)
+  # A camera returned from jit and a batch of cameras built positionally inside vmap.
+  cam = jax.jit(lambda K, Rt: Camera(K, Rt))(k, rt)
+  assert isinstance(cam, Camera)
+  np.testing.assert_array_equal(cam.Rt, rt)
+  batch = Camera(jnp.stack([k, 2.0 * k]), jnp.stack([rt, rt]))
+  pix = jax.vmap(lambda c: geometry.project(c, pts))(batch)
+  np.testing.assert_allclose(pix[0], geometry.project(kw, pts), rtol=1e-6)
+  built = jax.vmap(Camera)(batch.K, batch.Rt)
+  np.testing.assert_array_equal(built.K, batch.K)

@@ -32,8 +32,8 @@ _LAZY = {
     "get_capture": "lipflow_jax.data.capture",
     "MultifaceOptions": "lipflow_jax.data.multiface",
     "MultifaceEntity": "lipflow_jax.data.multiface",
-    "MultifaceFormatError": "lipflow_jax.data.multiface",
-    "export_multiface": "lipflow_jax.data.multiface",
+    "MultifaceFormatError": "lipflow_jax.data.multiface_format",
+    "export_multiface": "lipflow_jax.data.multiface_export",
     "make_contact_sheet": "lipflow_jax.data.contact_sheet",
 }
 

@@ -2,22 +2,34 @@ r"""Builds a dataset and (optionally) writes a contact sheet.
 
   python -m lipflow_jax.data.build --dataset=synthetic_capture --config=default --data_dir=DIR \
       --contact_sheet=DIR/contact_sheet.png
-  python -m lipflow_jax.data.build --dataset=multiface --entity_dir=ENTITY --config=mine --data_dir=DIR \
-      --texture_size=256 --image_size=256,167 [--skip_bad_frames]
-  python -m lipflow_jax.data.build --export_multiface=OUT --config=tiny     # synthetic -> Multiface layout
+  python -m lipflow_jax.data.build --dataset=multiface --entity_dir=ENTITY --config=mine \
+      --data_dir=DIR --texture_size=256 --image_size=256,167 [--skip_bad_frames]
+  # The synthetic capture written in the Multiface layout:
+  python -m lipflow_jax.data.build --export_multiface=OUT --config=tiny
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
+import tensorflow_datasets as tfds
 
-_DATASET = flags.DEFINE_enum("dataset", "synthetic_capture", ["synthetic_capture", "multiface"], "Builder.")
-_CONFIG = flags.DEFINE_string("config", "default", "Builder config name (synthetic: tiny | default).")
+from lipflow_jax.data import builders
+from lipflow_jax.data import capture
+from lipflow_jax.data import contact_sheet
+from lipflow_jax.data import multiface
+from lipflow_jax.data import multiface_export
+from lipflow_jax.data import schema
+
+_DATASET = flags.DEFINE_enum("dataset", "synthetic_capture", ["synthetic_capture", "multiface"],
+                             "Builder.")
+_CONFIG = flags.DEFINE_string("config", "default",
+                              "Builder config name (synthetic: tiny | default).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _CONTACT_SHEET = flags.DEFINE_string("contact_sheet", None, "Write a contact sheet PNG here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset exists.")
@@ -25,8 +37,10 @@ _ENTITY_DIR = flags.DEFINE_string("entity_dir", None, "Multiface: the entity dir
 _TEXTURE_SIZE = flags.DEFINE_integer("texture_size", None, "Multiface: resize textures to T x T.")
 _IMAGE_SIZE = flags.DEFINE_string("image_size", None, "Multiface: resize photos to H,W.")
 _FRONTAL_CAMERA = flags.DEFINE_string("frontal_camera", None, "Multiface: keypoint camera name.")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad_frames", False, "Multiface: skip and count bad per-frame files.")
-_EXPORT = flags.DEFINE_string("export_multiface", None, "Write the synthetic capture as a Multiface entity here.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_frames", False,
+                              "Multiface: skip and count bad per-frame files.")
+_EXPORT = flags.DEFINE_string("export_multiface", None,
+                              "Write the synthetic capture as a Multiface entity here.")
 
 
 def dir_size(path) -> int:
@@ -39,16 +53,12 @@ def dir_size(path) -> int:
 
 def main(argv):
   del argv
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from lipflow_jax.data import builders, contact_sheet, multiface, schema  # pylint: disable=g-import-not-at-top
-
   t0 = time.time()
   if _EXPORT.value:
-    from lipflow_jax.data import capture  # pylint: disable=g-import-not-at-top
     cap = capture.Capture(capture.CONFIGS[_CONFIG.value])
-    multiface.export_multiface(cap, _EXPORT.value, progress=True)
-    print(f"exported {cap.num_frames} frames to {_EXPORT.value} in {time.time() - t0:.1f} s "
-          f"({dir_size(_EXPORT.value) / 2 ** 20:.1f} MiB)")
+    result = multiface_export.export_multiface(cap, _EXPORT.value, progress=True)
+    print(f"exported {multiface_export.describe_export(result)} to {_EXPORT.value} "
+          f"in {time.time() - t0:.1f} s ({dir_size(_EXPORT.value) / 2 ** 20:.1f} MiB)")
     return
   if not _DATA_DIR.value:
     raise app.UsageError("--data_dir is required")
@@ -60,11 +70,11 @@ def main(argv):
   else:
     size = tuple(int(s) for s in _IMAGE_SIZE.value.split(",")) if _IMAGE_SIZE.value else None
     opts = multiface.MultifaceOptions(texture_size=_TEXTURE_SIZE.value, image_size=size,
-                                      frontal_camera=_FRONTAL_CAMERA.value, skip_bad_frames=_SKIP_BAD.value)
-    builder = builders.Multiface(data_dir=_DATA_DIR.value, entity_dir=_ENTITY_DIR.value, options=opts,
-                                 config=_CONFIG.value)
+                                      frontal_camera=_FRONTAL_CAMERA.value,
+                                      skip_bad_frames=_SKIP_BAD.value)
+    builder = builders.Multiface(data_dir=_DATA_DIR.value, entity_dir=_ENTITY_DIR.value,
+                                 options=opts, config=_CONFIG.value)
   if _OVERWRITE.value and os.path.isdir(builder.data_dir):
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(builder.data_dir)
   builder.download_and_prepare(file_format=builders.FILE_FORMAT,
                                download_config=tfds.download.DownloadConfig(download_mode=mode))

@@ -30,6 +30,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from lipflow_jax.data import capture as capture_lib
 from lipflow_jax.data import multiface as mf
+from lipflow_jax.data import multiface_format as fmt
 from lipflow_jax.data import schema
 from lipflow_jax.data import stats as stats_lib
 from lipflow_jax.data import synthetic_head as sh
@@ -233,7 +234,7 @@ class Multiface(_Builder):
     elif os.path.exists(os.path.join(os.fspath(self.data_path), "features.json")):
       features = tfds.features.FeatureConnector.from_config(os.fspath(self.data_path))
     else:
-      raise mf.MultifaceMissingFileError(
+      raise fmt.MultifaceMissingFileError(
           f"Multiface entity directory not found: {d} (pass entity_dir=... or build the dataset first)")
     return tfds.core.DatasetInfo(builder=self, description=Multiface.__doc__, features=features,
                                  disable_shuffling=True, homepage="https://github.com/facebookresearch/multiface")
@@ -263,7 +264,7 @@ class Multiface(_Builder):
         n += 1
         yield key, ex
     if n == 0:
-      raise mf.MultifaceFormatError(f"{e.root}: every example of split {split!r} was skipped as bad input "
+      raise fmt.MultifaceFormatError(f"{e.root}: every example of split {split!r} was skipped as bad input "
                                     f"({e.skipped} skipped)")
 
   def _download_and_prepare(self, dl_manager, download_config=None):  # pylint: disable=arguments-differ

@@ -1,35 +1,14 @@
-"""Multiface entity directories: strict readers, an exporter for synthetic captures, and an example reader.
+"""Multiface entity directories as examples in the dataset schema (the ``multiface`` builder's).
 
-Layout of one entity (``m--20180227--0000--6795937--GHS``), as published::
+The file layout and its readers are in ``multiface_format``; the reader takes textures and photos at
+whatever size it finds and resizes them to the requested one.
 
-  KRT                                        cameras: name, K (3 lines), distortion, [R|t] (3 lines), blank
-  frame_list.txt                             'segment frame' per line (frame: 6 digits)
-  tex_mean.png, tex_var.txt                  mean texture (RGB), texture variance (one number)
-  vert_mean.bin, vert_var.txt                mean mesh (raw float32 [V*3]), vertex variance (one number)
-  tracked_mesh/<seg>/<frame>.bin             raw float32 [V, 3], head coordinates
-  tracked_mesh/<seg>/<frame>.obj             same topology with vt and f v/vt (read once)
-  tracked_mesh/<seg>/<frame>_transform.txt   3x4 head pose, head -> world
-  unwrapped_uv_1024/<seg>/<cam>/<frame>.png  this camera's unwrapped texture (black = unobserved)
-  unwrapped_uv_1024/<seg>/average/<frame>.png
-  images/<seg>/<cam>/<frame>.png             photos
-  test_segment.json                          {"segment": [prefixes]} (in the Multiface repo; optional here)
-  camera-split-config*.json                  {"full": {"train": [...], "test": [...], "visual": [...]}}
-
-Texture orientation: a texture PNG is an ordinary image whose top row is v = 1 (OBJ: UV (0, 0) is the
-bottom-left). Multiface's reference loader flips the rows after loading because its renderer wants row 0 at
-v = 0; ``lipflow_jax.render.sample_texture`` wants row 0 at v = 1, i.e. the file's own orientation, so
-``texture_from_png`` keeps the rows as they are (and ``texture_to_png`` writes them unchanged).
-
-The exporter writes textures at the synthetic texture size (e.g. 64 x 64) under the directory name
-``unwrapped_uv_1024`` and images at the synthetic image size; the reader takes whatever size it finds and
-resizes to the requested one. Two files are additions of ours, used when present: ``keypoint_vertex_ids.txt``
-('name vertex_id' per line) and the split JSONs inside the entity directory.
-
-Derived signals: keypoints are the fixed keypoint vertices projected into the frontal camera (a dome camera;
-visibility from a hard render of the tracked mesh, then the detector noise model); the headset crops are
-square windows of fixed size in mm around the eyes and the mouth of the mean face, cut from chosen dome
-photos, turned grey and resized (``hmc_K``/``hmc_Rt`` are the crop cameras; ``hmc_mask`` is the tracked mesh
-rendered into them). Multiface has no foreground masks: ``image_mask`` is all ones. ``factors`` are zeros.
+Derived signals: keypoints are the fixed keypoint vertices projected into the frontal camera (a dome
+camera; visibility from a hard render of the tracked mesh, then the detector noise model); the
+headset crops are square windows of fixed size in mm around the eyes and the mouth of the mean
+face, cut from chosen dome photos, turned grey and resized (``hmc_K``/``hmc_Rt`` are the crop
+cameras; ``hmc_mask`` is the tracked mesh rendered into them). Multiface has no foreground masks:
+``image_mask`` is all ones. ``factors`` are zeros.
 """
 
 from __future__ import annotations
@@ -37,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import json
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,293 +28,38 @@ from PIL import Image
 from lipflow_jax import geometry
 from lipflow_jax import render
 from lipflow_jax.data import capture as capture_lib
+from lipflow_jax.data import multiface_format as fmt
 from lipflow_jax.data import schema
-from lipflow_jax.data import stats as stats_lib
 from lipflow_jax.data import synthetic_head as sh
 
-UV_DIR = "unwrapped_uv_1024"
-TEST_SEGMENT_JSON = "test_segment.json"
-CAMERA_SPLIT_JSON = "camera-split-config.json"
-KEYPOINT_IDS_TXT = "keypoint_vertex_ids.txt"
-DEFAULT_TEST_PREFIXES = ("EXP_ROM", "EXP_free_face")
 
-
-class MultifaceFormatError(ValueError):
-  """A file of a Multiface entity directory that cannot be used; the message names the file."""
-
-
-class MultifaceMissingFileError(MultifaceFormatError, FileNotFoundError):
-  """A file that the layout requires is missing."""
-
-
-def _need(path, what):
-  if not os.path.exists(path):
-    raise MultifaceMissingFileError(f"{what} not found: {path}")
-
-
-# ----------------------------------------------------------------------------------------------- readers
-def read_frame_list(path) -> List[Tuple[str, str]]:
-  """[(segment, frame)] from ``frame_list.txt`` (no final newline needed)."""
-  _need(path, "frame list")
-  frames = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      parts = line.split()
-      if not parts:
-        continue
-      if len(parts) != 2 or not parts[1].isdigit():
-        raise MultifaceFormatError(f"{path}:{lineno}: expected 'segment frame' (frame = digits), got {line.strip()!r}")
-      frames.append((parts[0], parts[1]))
-  if not frames:
-    raise MultifaceFormatError(f"{path}: empty frame list (no 'segment frame' lines)")
-  seen = set()
-  for fr in frames:
-    if fr in seen:
-      raise MultifaceFormatError(f"{path}: frame {fr[0]} {fr[1]} listed twice")
-    seen.add(fr)
-  return frames
-
-
-def read_scalar(path, what) -> float:
-  """One finite number from a text file (``tex_var.txt``, ``vert_var.txt``)."""
-  _need(path, what)
-  with open(path) as f:
-    text = f.read().split()
-  if len(text) != 1:
-    raise MultifaceFormatError(f"{path}: {what} must hold exactly one number, found {len(text)} tokens")
-  try:
-    x = float(text[0])
-  except ValueError as e:
-    raise MultifaceFormatError(f"{path}: {what} is not a number: {text[0]!r}") from e
-  if not np.isfinite(x) or x <= 0:
-    raise MultifaceFormatError(f"{path}: {what} must be a positive finite number, got {x}")
-  return x
-
-
-def read_mesh_bin(path, num_verts: Optional[int] = None) -> np.ndarray:
-  """Raw little-endian float32 vertices [V, 3]; checks the count against ``num_verts``."""
-  _need(path, "mesh")
-  size = os.path.getsize(path)
-  if size % 12:
-    raise MultifaceFormatError(f"{path}: {size} bytes is not a whole number of float32 xyz vertices (12 bytes each)")
-  v = np.fromfile(path, dtype="<f4").reshape(-1, 3)
-  if num_verts is not None and v.shape[0] != num_verts:
-    raise MultifaceFormatError(f"{path}: has {v.shape[0]} vertices, expected {num_verts} (the topology's count)")
-  if not np.all(np.isfinite(v)):
-    raise MultifaceFormatError(f"{path}: non-finite vertex coordinates")
-  return v.astype(np.float32)
-
-
-def read_transform(path) -> np.ndarray:
-  """[3, 4] head-to-world pose from ``<frame>_transform.txt`` (3x4, or 4x4 with last row 0 0 0 1)."""
-  _need(path, "head pose")
-  try:
-    m = np.loadtxt(path, dtype=np.float64, ndmin=2)
-  except ValueError as e:
-    raise MultifaceFormatError(f"{path}: cannot parse the head pose: {e}") from e
-  if m.shape == (4, 4):
-    m = m[:3]
-  if m.shape != (3, 4) or not np.all(np.isfinite(m)):
-    raise MultifaceFormatError(f"{path}: head pose must be a finite 3x4 matrix, got shape {m.shape}")
-  return m.astype(np.float32)
-
-
-def read_png(path, what="image", channels: int = 3) -> np.ndarray:
-  """[H, W, channels] uint8 from a PNG (RGB or grey)."""
-  _need(path, what)
-  try:
-    with Image.open(path) as im:
-      im.load()
-      im = im.convert("RGB" if channels == 3 else "L")
-      a = np.asarray(im, np.uint8)
-  except (OSError, SyntaxError, ValueError) as e:
-    raise MultifaceFormatError(f"{path}: unreadable {what} PNG ({e})") from e
-  return a.reshape(a.shape[0], a.shape[1], channels)
-
-
-def png_size(path, what="image") -> Tuple[int, int]:
-  """(H, W) of a PNG without decoding it."""
-  _need(path, what)
-  try:
-    with Image.open(path) as im:
-      w, h = im.size
-  except (OSError, SyntaxError, ValueError) as e:
-    raise MultifaceFormatError(f"{path}: unreadable {what} PNG ({e})") from e
-  return h, w
-
-
-def texture_from_png(a):
-  """Texture array (row 0 = v = 1, ``render.sample_texture``'s convention) from a PNG array: unchanged."""
-  return a
-
-
-def texture_to_png(a):
-  """PNG array from a texture array: unchanged (see the module docstring)."""
-  return a
-
-
-def write_png(path, a):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  a = np.asarray(a, np.uint8)
-  Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
-
-
-def read_test_segments(path) -> Tuple[str, ...]:
-  """Test segment prefixes from ``{"segment": [...]}``."""
-  _need(path, "test-segment JSON")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-    seg = d["segment"]
-    if not isinstance(seg, list) or not all(isinstance(s, str) for s in seg):
-      raise TypeError("'segment' must be a list of strings")
-  except (ValueError, KeyError, TypeError) as e:
-    raise MultifaceFormatError(f"{path}: expected {{\"segment\": [prefixes]}}: {e}") from e
-  return tuple(seg)
-
-
-def read_camera_split(path) -> Dict[str, List[str]]:
-  """{'train': [...], 'test': [...], 'visual': [...]} from ``{"full": {...}}``."""
-  _need(path, "camera-split JSON")
-  try:
-    with open(path) as f:
-      d = json.load(f)["full"]
-    out = {k: [str(c) for c in d.get(k, [])] for k in ("train", "test", "visual")}
-  except (ValueError, KeyError, TypeError) as e:
-    raise MultifaceFormatError(f"{path}: expected {{\"full\": {{\"train\": [...], \"test\": [...]}}}}: {e}") from e
-  return out
-
-
-def read_keypoint_ids(path) -> Tuple[Tuple[str, ...], np.ndarray]:
-  """(names, [P] int32) from 'name vertex_id' lines."""
-  names, ids = [], []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      parts = line.split()
-      if not parts:
-        continue
-      if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-        raise MultifaceFormatError(f"{path}:{lineno}: expected 'name vertex_id', got {line.strip()!r}")
-      names.append(parts[0])
-      ids.append(int(parts[1]))
-  return tuple(names), np.asarray(ids, np.int32)
-
-
-# ------------------------------------------------------------------------------------------------ paths
-def mesh_path(root, seg, frame, ext=".bin"):
-  suffix = {"transform": "_transform.txt"}.get(ext, ext)
-  return os.path.join(root, "tracked_mesh", seg, f"{frame}{suffix}")
-
-
-def tex_path(root, seg, cam, frame):
-  return os.path.join(root, UV_DIR, seg, cam, f"{frame}.png")
-
-
-def image_path(root, seg, cam, frame):
-  return os.path.join(root, "images", seg, cam, f"{frame}.png")
-
-
-# --------------------------------------------------------------------------------------------- exporter
-def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Sequence[int]] = None,
-                     progress: bool = False) -> Dict[str, object]:
-  """Writes a synthetic capture as a Multiface entity directory (all files of the layout).
-
-  Statistics files (tex_mean.png, tex_var.txt, vert_mean.bin, vert_var.txt) hold the training frames'
-  ``stats.NormStats`` (tex_mean rounded to uint8 by the PNG). Also writes ``test_segment.json`` (the test
-  prefixes), ``camera-split-config.json`` (train: training cameras, test: held-out cameras) and
-  ``keypoint_vertex_ids.txt``.
-
-  Args:
-    capture: ``capture.Capture``; out_dir: the entity directory to create.
-    frames: frame indices to export (default: the train and test frames; Multiface's layout has no validation
-      split, so validation frames are left out unless listed).
-  Returns:
-    {'frames': [(segment, frame)], 'renders': {frame_index: render dict}} for checking.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  head, rig, script = capture.head, capture.rig, capture.script
-  if frames is None:
-    frames = [i for i in range(capture.num_frames) if capture.split_of(i) != "validation"]
-  frames = list(frames)
-  cams = {n: geometry.Camera(K=rig.K[i], Rt=rig.Rt[i]) for i, n in enumerate(rig.names)}
-  geometry.write_krt(os.path.join(out_dir, "KRT"), cams)
-  listed, renders = [], {}
-  norm = stats_lib.NormStats()
-  it = frames
-  if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm.tqdm(frames, desc="export multiface")
-  for i in it:
-    seg, name = capture.segment_name(i), script.frame_names[i]
-    fr = capture.render(i)
-    renders[i] = fr
-    listed.append((seg, name))
-    os.makedirs(os.path.join(out_dir, "tracked_mesh", seg), exist_ok=True)
-    fr["verts"].astype("<f4").tofile(mesh_path(out_dir, seg, name))
-    geometry.write_obj(mesh_path(out_dir, seg, name, ".obj"), sh.head_mesh(head, fr["verts"]))
-    np.savetxt(mesh_path(out_dir, seg, name, "transform"), fr["head_pose"], fmt="%.9g")
-    for c, cam in enumerate(rig.names):
-      write_png(tex_path(out_dir, seg, cam, name), texture_to_png(fr["tex"][c]))
-      write_png(image_path(out_dir, seg, cam, name), fr["image"][c])
-    write_png(tex_path(out_dir, seg, "average", name), texture_to_png(fr["avg_tex"]))
-    if capture.split_of(i) != "test":
-      tc = capture.train_cameras
-      norm.add(fr["verts"], fr["avg_tex"], fr["tex"][tc], fr["tex_mask"][tc])
-  with open(os.path.join(out_dir, "frame_list.txt"), "w") as f:
-    f.write("\n".join(f"{s} {n}" for s, n in listed))  # no final newline, as published
-  vm, vs, tm, ts = norm.result()
-  vm.astype("<f4").tofile(os.path.join(out_dir, "vert_mean.bin"))
-  with open(os.path.join(out_dir, "vert_var.txt"), "w") as f:
-    f.write(f"{vs * vs:.9g}\n")
-  write_png(os.path.join(out_dir, "tex_mean.png"), texture_to_png(np.clip(np.round(tm), 0, 255)))
-  with open(os.path.join(out_dir, "tex_var.txt"), "w") as f:
-    f.write(f"{ts * ts:.9g}\n")
-  with open(os.path.join(out_dir, TEST_SEGMENT_JSON), "w") as f:
-    json.dump({"segment": list(capture_script_prefixes(capture))}, f)
-  with open(os.path.join(out_dir, CAMERA_SPLIT_JSON), "w") as f:
-    json.dump({"full": {"train": [rig.names[i] for i in capture.train_cameras],
-                        "test": [rig.names[i] for i in capture.test_cameras],
-                        "visual": [rig.names[i] for i in capture.test_cameras[:2]]}}, f, indent=1)
-  with open(os.path.join(out_dir, KEYPOINT_IDS_TXT), "w") as f:
-    f.write("".join(f"{n} {k}\n" for n, k in zip(head.keypoint_names, head.keypoint_vertex_ids)))
-  return {"frames": listed, "renders": renders}
-
-
-def capture_script_prefixes(capture: capture_lib.Capture) -> Tuple[str, ...]:
-  """Test-segment prefixes that select exactly the capture's test segments."""
-  out = []
-  for s in capture.config.test_segments:
-    p = next((p for p in DEFAULT_TEST_PREFIXES if s.startswith(p)), s)
-    if p not in out:
-      out.append(p)
-  for p in out:
-    for s in capture.config.train_segments:
-      if s.startswith(p):
-        raise ValueError(f"test prefix {p!r} also matches the training segment {s!r}")
-  return tuple(out)
-
-
-# ------------------------------------------------------------------------------------------------ reader
 @dataclasses.dataclass(frozen=True)
 class MultifaceOptions:
-  """How to turn an entity directory into examples (plain values; the ``multiface`` builder's config).
+  """How to turn an entity directory into examples (the ``multiface`` builder's config).
+
+  Plain values.
 
   Attributes:
     texture_size: resize unwrapped textures to T x T (None: keep the file's size).
     image_size: resize photos to (H, W) (None: keep); K is scaled to match.
-    frontal_camera: keypoint camera (a dome camera name; None: the one facing the mean face most directly).
-    hmc_cameras: dome cameras to cut the (left eye, right eye, mouth) crops from (None: the frontal camera).
-    hmc_size: (h, w) of the crops; hmc_crop_mm: side of each square crop window in mm at the region's depth.
+    frontal_camera: keypoint camera (a dome camera name; None: the one facing the mean face most
+      directly).
+    hmc_cameras: dome cameras to cut the (left eye, right eye, mouth) crops from (None: the frontal
+      camera).
+    hmc_size: (h, w) of the crops; hmc_crop_mm: side of each square crop window in mm at the
+      region's depth.
     image_frontal_size: (h, w) of the stored low-resolution frontal photo.
-    keypoint_vertex_ids: fixed keypoint vertices (None: ``keypoint_vertex_ids.txt`` in the entity directory,
-      else ``num_keypoints`` vertices by farthest-point sampling of the mean face seen by the frontal camera).
-    keypoint_noise_px / keypoint_dropout: detector model, as for the synthetic capture; the noise is in pixels
-      of the frontal camera at ``image_size`` (None: 1.5 px per 128 pixels of image height, the synthetic
-      default's relative noise).
+    keypoint_vertex_ids: fixed keypoint vertices (None: ``keypoint_vertex_ids.txt`` in the entity
+      directory, else ``num_keypoints`` vertices by farthest-point sampling of the mean face seen by
+      the frontal camera).
+    keypoint_noise_px / keypoint_dropout: detector model, as for the synthetic capture; the noise is
+      in pixels of the frontal camera at ``image_size`` (None: 1.5 px per 128 pixels of image
+      height, the synthetic default's relative noise).
     num_factors: length of the (zero) ``factors`` vector, so that batches match the synthetic ones.
     skip_bad_frames: skip (and count) unreadable or inconsistent per-frame files instead of raising.
-    frame_list / test_segment_json / camera_split_json: paths (None: inside the entity directory; the split
-      files are optional: default test prefixes EXP_ROM, EXP_free_face and every camera for training).
+    frame_list / test_segment_json / camera_split_json: paths (None: inside the entity directory;
+      the split files are optional: default test prefixes EXP_ROM, EXP_free_face and every camera
+      for training).
     cameras: use only these dome cameras (None: all in KRT).
     seed: keypoint noise.
   """
@@ -398,7 +121,10 @@ def _farthest_points(points, count, start):
 
 @functools.lru_cache(maxsize=8)
 def _hard_render_fn(size):
-  """Jitted, vmapped over cameras: (verts, faces, K [N,3,3], Rt [N,3,4]) -> (depth, alpha) [N, H, W]."""
+  """Jitted, vmapped over cameras.
+
+  (verts, faces, K [N, 3, 3], Rt [N, 3, 4]) -> (depth, alpha) [N, H, W].
+  """
   settings = capture_lib.raster_settings(size)
 
   def one(verts, faces, K, Rt):
@@ -412,56 +138,64 @@ def _hard_render_fn(size):
 class MultifaceEntity:
   """One entity directory, validated and ready to produce examples in the dataset schema.
 
-  Global files (KRT, frame list, statistics, topology, splits) are read in the constructor and always raise
-  on error; per-frame files raise ``MultifaceFormatError`` naming the file, or, with
-  ``options.skip_bad_frames``, are skipped and counted (``self.skipped``, ``self.skipped_reasons``).
+  Global files (KRT, frame list, statistics, topology, splits) are read in the constructor and
+  always raise on error; per-frame files raise ``MultifaceFormatError`` naming the file, or, with
+  ``options.skip_bad_frames``, are skipped and counted (``self.skipped``,
+  ``self.skipped_reasons``).
   """
 
   def __init__(self, entity_dir, options: MultifaceOptions = MultifaceOptions()):
     self.root = os.fspath(entity_dir)
     self.options = o = options
     if not os.path.isdir(self.root):
-      raise MultifaceMissingFileError(f"Multiface entity directory not found: {self.root}")
+      raise fmt.MultifaceMissingFileError(f"Multiface entity directory not found: {self.root}")
     cams, _ = geometry.read_krt(os.path.join(self.root, "KRT"))
     names = list(cams)
     if o.cameras is not None:
       unknown = [c for c in o.cameras if c not in cams]
       if unknown:
-        raise MultifaceFormatError(f"{os.path.join(self.root, 'KRT')}: cameras {unknown} not in the file")
+        raise fmt.MultifaceFormatError(
+            f"{os.path.join(self.root, 'KRT')}: cameras {unknown} not in the file")
       names = list(o.cameras)
     self.camera_names = names
     self.world_K = np.stack([np.asarray(cams[n].K, np.float32) for n in names])
     self.world_Rt = np.stack([np.asarray(cams[n].Rt, np.float32) for n in names])
-    self.frames = read_frame_list(o.frame_list or os.path.join(self.root, "frame_list.txt"))
+    self.frames = fmt.read_frame_list(o.frame_list or os.path.join(self.root, "frame_list.txt"))
     self.segments = list(dict.fromkeys(s for s, _ in self.frames))
     self.skipped, self.skipped_reasons = 0, []
     # Topology from the first readable frame's OBJ.
     mesh = None
     for seg, fr in self.frames:
       try:
-        mesh = geometry.read_obj(mesh_path(self.root, seg, fr, ".obj"))
+        mesh = geometry.read_obj(fmt.mesh_path(self.root, seg, fr, ".obj"))
         break
       except (OSError, ValueError) as e:
         if not o.skip_bad_frames:
           raise
-        logging.warning("multiface: no topology from %s: %s", mesh_path(self.root, seg, fr, ".obj"), e)
+        logging.warning("multiface: no topology from %s: %s",
+                        fmt.mesh_path(self.root, seg, fr, ".obj"), e)
     if mesh is None:
-      raise MultifaceFormatError(f"{self.root}: no readable tracked_mesh/<segment>/<frame>.obj")
+      raise fmt.MultifaceFormatError(f"{self.root}: no readable tracked_mesh/<segment>/<frame>.obj")
     self.mesh = mesh
     self.num_verts = len(mesh.verts)
-    self.vert_mean = read_mesh_bin(os.path.join(self.root, "vert_mean.bin"), self.num_verts)
-    self.vert_std = float(np.sqrt(read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance")))
-    tex_mean = texture_from_png(read_png(os.path.join(self.root, "tex_mean.png"), "mean texture"))
+    self.vert_mean = fmt.read_mesh_bin(os.path.join(self.root, "vert_mean.bin"), self.num_verts)
+    self.vert_std = float(np.sqrt(
+        fmt.read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance")))
+    tex_mean = fmt.texture_from_png(
+        fmt.read_png(os.path.join(self.root, "tex_mean.png"), "mean texture"))
     self.texture_size = o.texture_size or tex_mean.shape[0]
     if tex_mean.shape[0] != tex_mean.shape[1]:
-      raise MultifaceFormatError(f"{os.path.join(self.root, 'tex_mean.png')}: texture must be square, "
+      raise fmt.MultifaceFormatError(f"{os.path.join(self.root, 'tex_mean.png')}: texture must be "
+                                     f"square, "
                                  f"got {tex_mean.shape[:2]}")
     self.tex_mean = _resize(tex_mean, (self.texture_size,) * 2).astype(np.float32) \
         if tex_mean.shape[0] != self.texture_size else tex_mean.astype(np.float32)
-    self.tex_std = float(np.sqrt(read_scalar(os.path.join(self.root, "tex_var.txt"), "texture variance")))
+    self.tex_std = float(np.sqrt(
+        fmt.read_scalar(os.path.join(self.root, "tex_var.txt"), "texture variance")))
     # Splits.
-    tj = o.test_segment_json or os.path.join(self.root, TEST_SEGMENT_JSON)
-    prefixes = read_test_segments(tj) if (o.test_segment_json or os.path.exists(tj)) else DEFAULT_TEST_PREFIXES
+    tj = o.test_segment_json or os.path.join(self.root, fmt.TEST_SEGMENT_JSON)
+    prefixes = (fmt.read_test_segments(tj) if (o.test_segment_json or os.path.exists(tj))
+                else fmt.DEFAULT_TEST_PREFIXES)
     self.test_prefixes = prefixes
     self.test_segments = [s for s in self.segments if s.startswith(tuple(prefixes))]
     self.train_segments = [s for s in self.segments if s not in self.test_segments]
@@ -470,10 +204,10 @@ class MultifaceEntity:
       found = sorted(glob.glob(os.path.join(self.root, "camera-split-config*.json")))
       cj = found[0] if found else None
     if cj is not None:
-      split = read_camera_split(cj)
+      split = fmt.read_camera_split(cj)
       unknown = [c for c in split["train"] + split["test"] if c not in cams]
       if unknown:
-        raise MultifaceFormatError(f"{cj}: cameras {unknown} are not in KRT")
+        raise fmt.MultifaceFormatError(f"{cj}: cameras {unknown} are not in KRT")
       self.train_cameras = [c for c in split["train"] if c in names]
       self.test_cameras = [c for c in split["test"] if c in names and c not in self.train_cameras]
     else:
@@ -486,43 +220,47 @@ class MultifaceEntity:
     self.pose0 = self._first_pose()
     self.frontal_camera = o.frontal_camera or self._most_frontal_camera()
     if self.frontal_camera not in names:
-      raise MultifaceFormatError(f"frontal camera {self.frontal_camera!r} is not among the cameras {names}")
+      raise fmt.MultifaceFormatError(
+          f"frontal camera {self.frontal_camera!r} is not among the cameras {names}")
     self.frontal_index = names.index(self.frontal_camera)
     self.hmc_cameras = tuple(o.hmc_cameras or (self.frontal_camera,) * 3)
     for c in self.hmc_cameras:
       if c not in cams:
-        raise MultifaceFormatError(f"HMC camera {c!r} is not in KRT")
+        raise fmt.MultifaceFormatError(f"HMC camera {c!r} is not in KRT")
     self.hmc_K_native = np.stack([np.asarray(cams[c].K, np.float32) for c in self.hmc_cameras])
     self.hmc_Rt_world = np.stack([np.asarray(cams[c].Rt, np.float32) for c in self.hmc_cameras])
     self._keypoints()
 
-  # ------------------------------------------------------------------------------------------- set-up
+  # -------------------------------------------------------------------------------------- set-up
   def _native_image_size(self):
     for seg, fr in self.frames:
       for cam in self.camera_names:
-        p = image_path(self.root, seg, cam, fr)
+        p = fmt.image_path(self.root, seg, cam, fr)
         if os.path.exists(p):
           try:
-            return png_size(p)
-          except MultifaceFormatError:
+            return fmt.png_size(p)
+          except fmt.MultifaceFormatError:
             if not self.options.skip_bad_frames:
               raise
-    raise MultifaceMissingFileError(f"no photos found under {os.path.join(self.root, 'images')}")
+    raise fmt.MultifaceMissingFileError(
+        f"no photos found under {os.path.join(self.root, 'images')}")
 
   def _first_pose(self):
     for seg, fr in self.frames:
       try:
-        return read_transform(mesh_path(self.root, seg, fr, "transform"))
-      except MultifaceFormatError:
+        return fmt.read_transform(fmt.mesh_path(self.root, seg, fr, "transform"))
+      except fmt.MultifaceFormatError:
         if not self.options.skip_bad_frames:
           raise
-    raise MultifaceFormatError(f"{self.root}: no readable head pose")
+    raise fmt.MultifaceFormatError(f"{self.root}: no readable head pose")
 
   def _head_camera(self, K, Rt, pose):
-    return geometry.Camera(K=jnp.asarray(K), Rt=geometry.compose_rigid(jnp.asarray(Rt), jnp.asarray(pose)))
+    return geometry.Camera(K=jnp.asarray(K),
+                           Rt=geometry.compose_rigid(jnp.asarray(Rt), jnp.asarray(pose)))
 
   def _mean_normals(self):
-    return np.asarray(geometry.vertex_normals(jnp.asarray(self.vert_mean), jnp.asarray(self.mesh.faces)))
+    return np.asarray(geometry.vertex_normals(jnp.asarray(self.vert_mean),
+                                              jnp.asarray(self.mesh.faces)))
 
   def _most_frontal_camera(self):
     n = self._mean_normals()
@@ -538,14 +276,15 @@ class MultifaceEntity:
 
   def _keypoints(self):
     o = self.options
-    path = os.path.join(self.root, KEYPOINT_IDS_TXT)
+    path = os.path.join(self.root, fmt.KEYPOINT_IDS_TXT)
     if o.keypoint_vertex_ids is not None:
       ids = np.asarray(o.keypoint_vertex_ids, np.int32)
       names = tuple(f"kp_{i}" for i in range(len(ids)))
     elif os.path.exists(path):
-      names, ids = read_keypoint_ids(path)
+      names, ids = fmt.read_keypoint_ids(path)
     else:
-      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0)
+      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index],
+                              self.pose0)
       n = self._mean_normals()
       towards = np.asarray(geometry.camera_center(cam))[None] - self.vert_mean
       facing = np.sum(n * towards, -1) / np.linalg.norm(towards, axis=-1) > 0.3
@@ -555,34 +294,39 @@ class MultifaceEntity:
       ids = cand[_farthest_points(pts, min(o.num_keypoints, len(cand)), start)].astype(np.int32)
       names = tuple(f"kp_{i}" for i in range(len(ids)))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= self.num_verts:
-      raise MultifaceFormatError(f"keypoint vertex ids must lie in [0, {self.num_verts}), got "
-                                 f"[{ids.min() if ids.size else None}, {ids.max() if ids.size else None}]")
+      raise fmt.MultifaceFormatError(f"keypoint vertex ids must lie in [0, {self.num_verts}), got "
+                                 f"[{ids.min() if ids.size else None}, "
+                                 f"{ids.max() if ids.size else None}]")
     self.keypoint_ids, self.keypoint_names = ids, tuple(names)
-    # HMC regions: keypoint groups when named like the synthetic head, else fixed fractions of the frontal
-    # view of the mean face (a heuristic: pass named keypoints for real data).
+    # HMC regions: keypoint groups when named like the synthetic head, else fixed fractions of the
+    # frontal view of the mean face (a heuristic: pass named keypoints for real data).
     groups = sh.keypoint_groups(self.keypoint_names)
     if all(g in groups for g in ("eye_l", "eye_r", "mouth")):
-      self.hmc_centres = np.stack([self.vert_mean[ids[groups[g]]].mean(0) for g in ("eye_l", "eye_r", "mouth")])
+      self.hmc_centres = np.stack([self.vert_mean[ids[groups[g]]].mean(0)
+                                   for g in ("eye_l", "eye_r", "mouth")])
     else:
-      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0)
-      pix, depth = (np.asarray(a) for a in geometry.project_with_depth(cam, jnp.asarray(self.vert_mean)))
+      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index],
+                              self.pose0)
+      pix, depth = (np.asarray(a)
+                    for a in geometry.project_with_depth(cam, jnp.asarray(self.vert_mean)))
       lo, hi = pix.min(0), pix.max(0)
       centres = []
-      for fx, fy in ((0.65, 0.38), (0.35, 0.38), (0.5, 0.72)):  # the subject's left eye is on the image right
+      # The subject's left eye is on the image right.
+      for fx, fy in ((0.65, 0.38), (0.35, 0.38), (0.5, 0.72)):
         target = lo + (hi - lo) * np.array([fx, fy])
         near = np.linalg.norm(pix - target, axis=-1)
         score = near + 1e-3 * (depth - depth.min())
         centres.append(self.vert_mean[int(np.argmin(score))])
       self.hmc_centres = np.stack(centres)
 
-  # ------------------------------------------------------------------------------------------- rendering
+  # ----------------------------------------------------------------------------------- rendering
   def _renderer(self, size):
     """Hard render (depth [N,H,W], alpha [N,H,W]) of the tracked mesh into N cameras."""
     fn = _hard_render_fn(tuple(size))
     faces = jnp.asarray(self.mesh.faces)
     return lambda verts, K, Rt: fn(verts, faces, K, Rt)
 
-  # -------------------------------------------------------------------------------------------- frames
+  # -------------------------------------------------------------------------------------- frames
   def _bad(self, err, what):
     if not self.options.skip_bad_frames:
       raise err
@@ -599,7 +343,7 @@ class MultifaceEntity:
     for v in range(3):
       cam_name = self.hmc_cameras[v]
       if cam_name not in photos:
-        photos[cam_name] = read_png(image_path(self.root, seg, cam_name, fr), "photo")
+        photos[cam_name] = fmt.read_png(fmt.image_path(self.root, seg, cam_name, fr), "photo")
       img = photos[cam_name]
       K = self.hmc_K_native[v]
       Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]), jnp.asarray(pose)))
@@ -614,30 +358,37 @@ class MultifaceEntity:
       rgb = np.asarray(im, np.float32)
       grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
       crops.append(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None])
-      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]], np.float32)
+      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]],
+                   np.float32)
       Ks.append(S @ K)
       Rts.append(Rt.astype(np.float32))
     return np.stack(crops), np.stack(Ks).astype(np.float32), np.stack(Rts)
 
   def _check_photo_size(self, photo, seg, cam, fr):
     if photo.shape[:2] != tuple(self.native_size):
-      raise MultifaceFormatError(f"{image_path(self.root, seg, cam, fr)}: photo is {photo.shape[:2]}, "
+      raise fmt.MultifaceFormatError(f"{fmt.image_path(self.root, seg, cam, fr)}: "
+                                     f"photo is {photo.shape[:2]}, "
                                  f"expected {self.native_size}")
 
   def _photo(self, seg, cam, fr):
     """This camera's photo of the frame, checked against the entity's native image size."""
-    photo = read_png(image_path(self.root, seg, cam, fr), "photo")
+    photo = fmt.read_png(fmt.image_path(self.root, seg, cam, fr), "photo")
     self._check_photo_size(photo, seg, cam, fr)
     return photo
 
-  def frame_examples(self, frame_index: int, rng: np.random.RandomState) -> Iterator[Tuple[int, dict]]:
-    """Yields (camera_index, stored example) for one frame; bad files raise or are skipped and counted."""
+  def frame_examples(self, frame_index: int,
+                     rng: np.random.RandomState) -> Iterator[Tuple[int, dict]]:
+    """Yields (camera_index, stored example) for one frame.
+
+    Bad files raise or are skipped and counted.
+    """
     o = self.options
     seg, fr = self.frames[frame_index]
     try:
-      verts = read_mesh_bin(mesh_path(self.root, seg, fr), self.num_verts)
-      pose = read_transform(mesh_path(self.root, seg, fr, "transform"))
-      avg = texture_from_png(read_png(tex_path(self.root, seg, "average", fr), "average texture"))
+      verts = fmt.read_mesh_bin(fmt.mesh_path(self.root, seg, fr), self.num_verts)
+      pose = fmt.read_transform(fmt.mesh_path(self.root, seg, fr, "transform"))
+      avg = fmt.texture_from_png(
+          fmt.read_png(fmt.tex_path(self.root, seg, "average", fr), "average texture"))
       avg = _resize_texture(avg, self.texture_size)
       photos = {}
       hmc, hmc_K, hmc_Rt = self._hmc(seg, fr, pose, photos)
@@ -646,22 +397,26 @@ class MultifaceEntity:
         frontal_photo = self._photo(seg, self.frontal_camera, fr)
       else:
         self._check_photo_size(frontal_photo, seg, self.frontal_camera, fr)
-    except (MultifaceFormatError, OSError) as e:
+    except (fmt.MultifaceFormatError, OSError) as e:
       self._bad(e, f"frame {seg}/{fr} (all cameras)")
       return
     # Keypoints in the frontal camera (image_size pixels); visibility from a hard render.
     fK = self.K[self.frontal_index]
-    fRt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[self.frontal_index]), jnp.asarray(pose)))
+    fRt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[self.frontal_index]),
+                                            jnp.asarray(pose)))
     depth, alpha = self._renderer(tuple(self.image_size))(jnp.asarray(verts), jnp.asarray(fK[None]),
                                                           jnp.asarray(fRt[None]))
     fcam = geometry.Camera(K=jnp.asarray(fK), Rt=jnp.asarray(fRt))
     normals = geometry.vertex_normals(jnp.asarray(verts), jnp.asarray(self.mesh.faces))
     kp3 = jnp.asarray(verts[self.keypoint_ids])
     clean = np.asarray(geometry.project(fcam, kp3), np.float32)
-    geom_vis = np.asarray(capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0], alpha[0], 3.0))
+    geom_vis = np.asarray(capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0],
+                                              alpha[0], 3.0))
     noise = 1.5 * self.image_size[0] / 128.0 if o.keypoint_noise_px is None else o.keypoint_noise_px
-    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, noise, o.keypoint_dropout)
-    _, hmc_alpha = self._renderer(tuple(o.hmc_size))(jnp.asarray(verts), jnp.asarray(hmc_K), jnp.asarray(hmc_Rt))
+    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, noise,
+                                              o.keypoint_dropout)
+    _, hmc_alpha = self._renderer(tuple(o.hmc_size))(jnp.asarray(verts), jnp.asarray(hmc_K),
+                                                     jnp.asarray(hmc_Rt))
     per_frame = {
         schema.VERTS: verts, schema.AVG_TEX: avg, schema.KEYPOINTS: kp,
         schema.KEYPOINTS_VISIBLE: kp_vis.astype(np.uint8), schema.KEYPOINTS_CLEAN: clean,
@@ -669,25 +424,30 @@ class MultifaceEntity:
         schema.IMAGE_FRONTAL: _resize(frontal_photo, o.image_frontal_size),
         schema.HMC: hmc, schema.HMC_MASK: (np.asarray(hmc_alpha) > 0.5).astype(np.uint8)[..., None],
         schema.HMC_K: hmc_K, schema.HMC_RT: hmc_Rt, schema.HEAD_POSE: pose,
-        schema.FACTORS: np.zeros(o.num_factors, np.float32), schema.FRAME_INDEX: np.int32(frame_index),
-        schema.SEGMENT_INDEX: np.int32(self.segments.index(seg)), schema.SEGMENT: seg, schema.FRAME: fr,
+        schema.FACTORS: np.zeros(o.num_factors, np.float32),
+        schema.FRAME_INDEX: np.int32(frame_index),
+        schema.SEGMENT_INDEX: np.int32(self.segments.index(seg)), schema.SEGMENT: seg,
+        schema.FRAME: fr,
     }
     for c, cam in enumerate(self.camera_names):
       try:
-        tex = _resize_texture(texture_from_png(read_png(tex_path(self.root, seg, cam, fr), "texture")),
-                              self.texture_size)
+        png = fmt.read_png(fmt.tex_path(self.root, seg, cam, fr), "texture")
+        tex = _resize_texture(fmt.texture_from_png(png), self.texture_size)
         photo = self._photo(seg, cam, fr)
-      except (MultifaceFormatError, OSError) as e:
+      except (fmt.MultifaceFormatError, OSError) as e:
         self._bad(e, f"frame {seg}/{fr} camera {cam}")
         continue
-      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[c]), jnp.asarray(pose)), np.float32)
+      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[c]), jnp.asarray(pose)),
+                      np.float32)
       cam_h = geometry.Camera(K=jnp.asarray(self.K[c]), Rt=jnp.asarray(Rt))
       ex = dict(per_frame)
       ex.update({
           schema.TEX: tex, schema.TEX_MASK: schema.texture_mask(tex),
-          schema.VIEW: np.asarray(geometry.view_direction(cam_h), np.float32), schema.CAMERA_K: self.K[c],
-          schema.CAMERA_RT: Rt, schema.CAMERA_INDEX: np.int32(c), schema.IMAGE: _resize(photo, self.image_size),
-          schema.IMAGE_MASK: np.ones(tuple(self.image_size) + (1,), np.uint8), schema.CAMERA_ID: cam,
+          schema.VIEW: np.asarray(geometry.view_direction(cam_h), np.float32),
+          schema.CAMERA_K: self.K[c], schema.CAMERA_RT: Rt, schema.CAMERA_INDEX: np.int32(c),
+          schema.IMAGE: _resize(photo, self.image_size),
+          schema.IMAGE_MASK: np.ones(tuple(self.image_size) + (1,), np.uint8),
+          schema.CAMERA_ID: cam,
       })
       yield c, ex
 
@@ -696,14 +456,16 @@ class MultifaceEntity:
     h, w = self.options.hmc_size
     Ks, Rts = [], []
     for v in range(3):
-      K, Rt = self.hmc_K_native[v], np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]),
-                                                                        jnp.asarray(self.pose0)))
+      K = self.hmc_K_native[v]
+      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]),
+                                             jnp.asarray(self.pose0)))
       pix, z = geometry.project_with_depth(geometry.Camera(K=jnp.asarray(K), Rt=jnp.asarray(Rt)),
                                            jnp.asarray(self.hmc_centres[v:v + 1]))
       cx, cy = (float(a) for a in np.asarray(pix)[0])
       side = float(K[0, 0]) * self.options.hmc_crop_mm[v] / max(float(np.asarray(z)[0]), 1e-6)
       x0, y0 = cx - side / 2, cy - side / 2
-      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]], np.float32)
+      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]],
+                   np.float32)
       Ks.append(S @ K)
       Rts.append(Rt)
     return np.stack(Ks).astype(np.float32), np.stack(Rts).astype(np.float32)

@@ -19,9 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@chex.dataclass(frozen=True)
+@chex.dataclass(frozen=True, mappable_dataclass=False)
 class Camera:
-  """A pinhole camera: ``K [3, 3]`` intrinsics (pixels) and ``Rt [3, 4]`` world-to-camera extrinsics."""
+  """A pinhole camera: ``K [3, 3]`` intrinsics (pixels) and ``Rt [3, 4]`` world-to-camera extrinsics.
+
+  ``Camera(K, Rt)`` or ``Camera(K=K, Rt=Rt)``. A JAX pytree (leaves ``K``, ``Rt``), so it passes through
+  ``jax.jit`` and ``jax.vmap``. Not a mapping (chex's default would make it one and refuse positional
+  arguments).
+  """
 
   K: chex.Array
   Rt: chex.Array
