@@ -9,7 +9,6 @@ import pytest
 from absl.testing import parameterized
 
 from lipflow_jax import models as M
-from lipflow_jax.models import layers
 
 B, T, V, P, Z = 3, 16, 200, 20, 8
 KP_IMAGE = (64, 48)  # (H, W) of the frontal image.

@@ -298,15 +298,15 @@ def test_keypoint_augmentation_noise_and_dropout():
   assert abs(noise.mean()) < 0.02 and abs(noise.std() - 2.0) < 0.02  # 64,000 samples: std error ~0.006
   assert abs(1.0 - float(out['keypoints_visible'].mean()) - 0.1) < 0.005
   np.testing.assert_array_equal(out['verts'], batch['verts'])
-  assert tasks.augment_keypoints({'verts': kp}, jax.random.PRNGKey(0), 2.0, 0.1).keys() == {'verts'}
+  assert tasks_lib.augment_keypoints({'verts': kp}, jax.random.PRNGKey(0), 2.0, 0.1).keys() == {'verts'}
 
   # The wrapped loss sees a fresh augmentation per rng and the same one for the same rng.
-  task = tasks.Task(model=None, init_params=lambda rng, b: {},
+  task = tasks_lib.Task(model=None, init_params=lambda rng, b: {},
                     loss_fn=lambda p, f, b, rng: (jnp.sum(b['keypoints']), {}))
-  aug = tasks.with_keypoint_augmentation(task, 1.0, 0.0)
+  aug = tasks_lib.with_keypoint_augmentation(task, 1.0, 0.0)
   l1 = aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0]
   l2 = aug.loss_fn({}, {}, batch, jax.random.PRNGKey(2))[0]
   assert float(l1) != float(l2) and float(l1) == float(aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0])
-  assert tasks.with_keypoint_augmentation(task, 0.0, 0.0) is task
+  assert tasks_lib.with_keypoint_augmentation(task, 0.0, 0.0) is task
   with pytest.raises(ValueError, match='dropout'):
-    tasks.with_keypoint_augmentation(task, 1.0, 1.5)
+    tasks_lib.with_keypoint_augmentation(task, 1.0, 1.5)

@@ -4,7 +4,7 @@ LiP-Flow prior given one frame's inference-time signal."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp

@@ -10,12 +10,11 @@ prior uses can stand in (the tests use a small random decoder).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lipflow_jax import geometry
 from lipflow_jax import models

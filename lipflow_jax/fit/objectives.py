@@ -14,7 +14,6 @@ Every objective is exactly 0 when the decoded avatar reproduces the observation.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from lipflow_jax import geometry
