@@ -25,6 +25,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from lipflow_jax import distributed
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
 from lipflow_jax.train import train_step as tstep
@@ -111,7 +112,7 @@ def bench_case(name: str, batch_size: int, steps: int, warmup: int = 2) -> dict:
   tx = ts.make_optimizer(schedule, clip_norm=config.optimizer.clip_norm)
   mesh = tstep.make_mesh()
   rep = tstep.replicated_sharding(mesh)
-  batch = tstep.global_batch(batch_np, mesh)
+  batch = distributed.shard_batch(batch_np, mesh)
   one = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch_np)
   state = jax.jit(lambda k: ts.init_train_state(lambda r: task.init_params(r, one), tx, k),
                   out_shardings=rep)(jax.random.PRNGKey(0))

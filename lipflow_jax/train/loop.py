@@ -26,6 +26,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from lipflow_jax import distributed
 from lipflow_jax.train import checkpointing
 from lipflow_jax.train import input_pipeline
 from lipflow_jax.train import metrics_logging
@@ -293,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         local = next(train_iter)
-        batch = tstep.global_batch(local, mesh)
+        batch = distributed.shard_batch(local, mesh)
         state, metrics = train_step(state, batch, frozen)
       if pending is not None:
         check_nonfinite(*pending)
@@ -382,5 +383,5 @@ def _evaluate(config, builder, meta, mesh, eval_step, params, frozen, local_batc
   rng = jax.random.PRNGKey(config.seed + 1)
   out = []
   for _, local in zip(range(num_batches), it):
-    out.append(jax.device_get(eval_step(params, frozen, tstep.global_batch(local, mesh), rng)))
+    out.append(jax.device_get(eval_step(params, frozen, distributed.shard_batch(local, mesh), rng)))
   return metrics_logging.mean_metrics(out)

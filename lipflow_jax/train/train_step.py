@@ -46,14 +46,8 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over ``'data'``."""
+  """Leading (batch) axis split over ``'data'`` (how ``distributed.shard_batch`` places a batch)."""
   return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles this process's numpy batch ({key: [B_local, ...]}) into global arrays sharded over ``'data'``."""
-  sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
 # --------------------------------------------------------------------------------------------------- steps
