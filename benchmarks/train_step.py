@@ -110,7 +110,7 @@ def bench_case(name: str, batch_size: int, steps: int, warmup: int = 2) -> dict:
   task = tasks_lib.lipflow_task(model, loss_weights=config.loss.to_dict())
   schedule = ts.make_learning_rate_schedule(config.optimizer.learning_rate, 1000, 10)
   tx = ts.make_optimizer(schedule, clip_norm=config.optimizer.clip_norm)
-  mesh = tstep.make_mesh()
+  mesh = distributed.make_mesh()
   rep = tstep.replicated_sharding(mesh)
   batch = distributed.shard_batch(batch_np, mesh)
   one = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch_np)

@@ -392,8 +392,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       if 'must be called before' in str(e):
         raise RuntimeError(f'A multi-process ({spec.kind}) job was detected, but JAX was already '
                            'used in this process; call lipflow_jax.distributed.initialize() before '
-                           'anything touches JAX devices (jax.devices(), computations, device_put).'
-                           ) from e
+                           'anything touches JAX devices (jax.devices(), computations, '
+                           'device_put).') from e
       raise
     if fail_fast:
       _install_fail_fast_excepthook()
@@ -468,7 +468,7 @@ def sync(name: str, timeout_s: float | None = None):
 
 # -------------------------------------------------------------------------------- mesh, batches
 def make_mesh(axis_names: Sequence[str] = (DATA_AXIS,), axis_shapes: Sequence[int] | None = None, *,
-              axis_types: Sequence[AxisType] | None = None) -> Mesh:
+              axis_types: Sequence[AxisType] | None = None, num_devices: int | None = None) -> Mesh:
   """A mesh over all devices of all processes (``jax.make_mesh``; each process's are contiguous).
 
   Args:
@@ -477,8 +477,19 @@ def make_mesh(axis_names: Sequence[str] = (DATA_AXIS,), axis_shapes: Sequence[in
       axis.
     axis_types: default ``AxisType.Auto`` on every axis (sharding propagated by the compiler, as
       with pjit).
+    num_devices: instead, a 1-D mesh over the first ``num_devices`` devices of a one-process job
+      (``config.num_devices``, tests).
   """
   axis_names = tuple(axis_names)
+  if num_devices is not None:
+    if jax.process_count() > 1:
+      raise ValueError('num_devices is for one-process runs; multi-process runs use every device')
+    if len(axis_names) != 1 or axis_shapes is not None or axis_types is not None:
+      raise ValueError('num_devices makes a 1-D mesh: give one axis name and no shapes or types')
+    devices = np.asarray(jax.devices()[:num_devices])
+    if devices.size != num_devices:
+      raise ValueError(f'asked for {num_devices} devices, only {jax.device_count()} exist')
+    return Mesh(devices, axis_names)
   n = jax.device_count()
   if axis_shapes is None:
     if len(axis_names) != 1:

@@ -214,7 +214,7 @@ def _nan(batch):
 @pytest.fixture(scope='module')
 def one_device_step(step_setup):
   task, tx, _, _ = step_setup
-  mesh = tstep.make_mesh(1)
+  mesh = distributed.make_mesh(num_devices=1)
   return mesh, tstep.jit_train_step(task.loss_fn, tx, mesh)
 
 
@@ -232,7 +232,7 @@ def test_sharded_step_equals_one_device_step(step_setup, one_device_step):
   batches = [batch, _nan(batch), batch]
   mesh1, step1 = one_device_step
   state1, metrics1 = _run_steps(_fresh_state(step_setup, mesh1), step1, mesh1, batches)
-  mesh8 = tstep.make_mesh(8)
+  mesh8 = distributed.make_mesh(num_devices=8)
   step8 = tstep.jit_train_step(task.loss_fn, tx, mesh8)
   state8, metrics8 = _run_steps(_fresh_state(step_setup, mesh8), step8, mesh8, batches)
   assert [float(m['skipped']) for m in metrics8] == [0.0, 1.0, 0.0]

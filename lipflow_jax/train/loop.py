@@ -196,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_start = time.time()
 
   # ---------------------------------------------------------------------------------------------- mesh
-  mesh = tstep.make_mesh(config.get('num_devices'))
+  mesh = distributed.make_mesh(num_devices=config.get('num_devices'))
   num_devices = mesh.devices.size
   if config.batch_size % num_devices:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the {num_devices} devices')
