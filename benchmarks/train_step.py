@@ -25,6 +25,7 @@ import numpy as np
 from lipflow_jax import config_base
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.data import schema
+from lipflow_jax import distributed
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
 from lipflow_jax.train import train_step as tstep
@@ -110,9 +111,9 @@ def bench_case(name: str, batch_size: int, steps: int, warmup: int = 2) -> dict:
   task = tasks_lib.lipflow_task(model, loss_weights=config.loss.to_dict())
   schedule = ts.make_learning_rate_schedule(config.optimizer.learning_rate, 1000, 10)
   tx = ts.make_optimizer(schedule, clip_norm=config.optimizer.clip_norm)
-  mesh = tstep.make_mesh()
+  mesh = distributed.make_mesh()
   rep = tstep.replicated_sharding(mesh)
-  batch = tstep.global_batch(batch_np, mesh)
+  batch = distributed.shard_batch(batch_np, mesh)
   one = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch_np)
   state = jax.jit(lambda k: ts.init_train_state(lambda r: task.init_params(r, one), tx, k),
                   out_shardings=rep)(jax.random.PRNGKey(0))

@@ -1,57 +1,61 @@
-"""Multi-process JAX: start-up, the device mesh, per-process batches, barriers and a local launcher.
+"""Multi-process JAX: cluster detection, start-up, the device mesh and the batches on it.
 
-Call ``initialize()`` first thing in an entry point, before anything touches JAX devices. It decides from its
-arguments and the environment whether the job is multi-process and, if so, calls ``jax.distributed.initialize``;
-for a single process it does nothing. Where JAX already detects a cluster (SLURM under ``srun``, Open MPI's
-``mpirun``, Cloud TPU pods) it is left to JAX. The order of detection (first match wins):
+Call ``initialize()`` first thing in an entry point, before anything touches JAX devices. It decides
+from its arguments and the environment whether the job is multi-process and, if so, calls
+``jax.distributed.initialize``; for a single process it does nothing. Where JAX already detects a
+cluster (SLURM under ``srun``, Open MPI's ``mpirun``, Cloud TPU pods) it is left to JAX. The order
+of detection (first match wins):
 
   1. ``LIPFLOW_DISTRIBUTED=off``: one process, whatever the environment says.
   2. explicit: the arguments, else ``LIPFLOW_COORDINATOR_ADDRESS`` / ``LIPFLOW_NUM_PROCESSES`` /
-     ``LIPFLOW_PROCESS_ID`` (``launch/local.sh``, ``launch/k8s``); all three are needed unless a cluster below
-     supplies the rest.
+     ``LIPFLOW_PROCESS_ID`` (``launch/local.sh``, ``launch/k8s``); all three are needed unless a
+     cluster below supplies the rest.
   3. Open MPI (``OMPI_COMM_WORLD_SIZE > 1``).
-  4. SLURM (``SLURM_JOB_ID`` and more than one task in the step; the processes must be started by ``srun``).
+  4. SLURM (``SLURM_JOB_ID`` and more than one task in the step; the processes must be started by
+     ``srun``).
   5. Cloud TPU pod (``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` naming several hosts, or
-     ``MEGASCALE_NUM_SLICES > 1``), or ``LIPFLOW_DISTRIBUTED=jax`` (always let JAX detect; use it on TPU VMs,
-     where the host list comes from the metadata server).
-  6. Kubernetes indexed Job / JobSet (``JOB_COMPLETION_INDEX``): process id from the index, the count from
-     ``LIPFLOW_NUM_PROCESSES``, the coordinator from ``LIPFLOW_COORDINATOR_ADDRESS`` or else pod 0 behind the
-     headless service (``LIPFLOW_K8S_SERVICE``, or the JobSet's name).
+     ``MEGASCALE_NUM_SLICES > 1``), or ``LIPFLOW_DISTRIBUTED=jax`` (always let JAX detect; use it on
+     TPU VMs, where the host list comes from the metadata server).
+  6. Kubernetes indexed Job / JobSet (``JOB_COMPLETION_INDEX``): process id from the index, the
+     count from ``LIPFLOW_NUM_PROCESSES``, the coordinator from ``LIPFLOW_COORDINATOR_ADDRESS`` or
+     else pod 0 behind the headless service (``LIPFLOW_K8S_SERVICE``, or the JobSet's name).
 
-Failure bound. When a process dies, every other process stops with an error within ``heartbeat_timeout``
-seconds (plus about a second), even when blocked inside a collective: the coordination service declares a silent
-process dead and aborts the others (SIGABRT, "Terminating process because the JAX distributed service detected
-fatal errors. This most likely indicates that another task died"). Usually it is faster: a process that exits or
-is killed closes its connections, so a collective waiting on it fails at once (a Python error, then
-``fail_fast``), and if process 0 (the coordinator) dies the others abort at once. An uncaught Python exception
-exits its process immediately (``fail_fast``), instead of waiting up to ``shutdown_timeout`` in JAX's shutdown
-barrier while the others wait in a collective. Measured on CPU (gloo): a frozen process (SIGSTOP, like a lost
-node) stopped the other after 6 s with ``heartbeat_timeout=5`` and 10.5 s with 10. A process that hangs while
-alive is not detected (its heartbeats continue).
+Failure bound. When a process dies, every other process stops with an error within
+``heartbeat_timeout`` seconds (plus about a second), even when blocked inside a collective: the
+coordination service declares a silent process dead and aborts the others (SIGABRT, "Terminating
+process because the JAX distributed service detected fatal errors. This most likely indicates that
+another task died"). Usually it is faster: a process that exits or is killed closes its connections,
+so a collective waiting on it fails at once (a Python error, then ``fail_fast``), and if process 0
+(the coordinator) dies the others abort at once. An uncaught Python exception exits its process
+immediately (``fail_fast``), instead of waiting up to ``shutdown_timeout`` in JAX's shutdown barrier
+while the others wait in a collective. Measured on CPU (gloo): a frozen process (SIGSTOP, like a
+lost node) stopped the other after 6 s with ``heartbeat_timeout=5`` and 10.5 s with 10. A process
+that hangs while alive is not detected (its heartbeats continue).
 
-Process 0 writes logs, metrics and figures (``is_main_process``, ``main_process_only``); checkpoints are saved by
-all processes (orbax coordinates multi-process saves itself).
+Process 0 writes logs, metrics and figures (``is_main_process``, ``main_process_only``); checkpoints
+are saved by all processes (orbax coordinates multi-process saves itself).
+
+The mesh is ``make_mesh`` (default: 1-D, ``('data',)``, over every device of every process), and
+``shard_batch`` turns each process's numpy rows into one global batch on it. To start N processes on
+this machine: ``lipflow_jax.launch_local`` (``launch/local.sh``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
 import logging
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 logger = logging.getLogger(__name__)
@@ -77,14 +81,14 @@ DATA_AXIS = 'data'
 _LOOPBACK_HOSTS = ('localhost', '127.0.0.1', '::1', '[::1]')
 
 
-# ------------------------------------------------------------------------------------------ detection
+# -------------------------------------------------------------------------------- detection
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
   """What ``initialize`` decided.
 
   Attributes:
-    kind: 'single', 'explicit', 'ompi', 'slurm', 'tpu', 'jax', 'k8s', or 'external' (``jax.distributed`` was
-      started by someone else).
+    kind: 'single', 'explicit', 'ompi', 'slurm', 'tpu', 'jax', 'k8s', or 'external'
+      (``jax.distributed`` was started by someone else).
     coordinator_address: 'host:port' of process 0's coordinator, or None (left to JAX's detection).
     num_processes: total processes, or None (left to JAX's detection).
     process_id: this process, or None (left to JAX's detection).
@@ -117,13 +121,16 @@ def _missing_error(given: dict, missing: Sequence[str]) -> ValueError:
            'process_id': ENV_PROCESS_ID}
   got = ', '.join(f'{k}={v!r}' for k, v in given.items() if v is not None)
   need = ', '.join(f'{k} (or ${names[k]})' for k in missing)
-  return ValueError(f'Incomplete multi-process settings: got {got}, but {need} missing, and no cluster '
-                    f'(SLURM, Open MPI, TPU pod, Kubernetes) was detected to supply the rest. Give all three, or '
-                    f'none for a single process.')
+  return ValueError(f'Incomplete multi-process settings: got {got}, but {need} missing, and no '
+                    'cluster (SLURM, Open MPI, TPU pod, Kubernetes) was detected to supply the '
+                    'rest. Give all three, or none for a single process.')
 
 
 def _k8s_coordinator(environ: Mapping[str, str]) -> str | None:
-  """Pod 0 behind the headless service: '<job>-0.<service>:<port>' (JobSet: '<jobset>-<rjob>-0-0.<svc>')."""
+  """Pod 0 behind the headless service: '<job>-0.<service>:<port>'.
+
+  For a JobSet: '<jobset>-<replicated job>-0-0.<service>:<port>'.
+  """
   hostname = environ.get('HOSTNAME', '')
   jobset = environ.get('JOBSET_NAME')
   service = environ.get(ENV_K8S_SERVICE) or jobset
@@ -135,18 +142,22 @@ def _k8s_coordinator(environ: Mapping[str, str]) -> str | None:
     host0, n = re.subn(r'-\d+$', '-0', hostname)
   if n != 1:
     return None
-  port = environ.get(ENV_COORDINATOR_PORT) or environ.get('JAX_COORDINATOR_PORT') or DEFAULT_K8S_PORT
+  port = (environ.get(ENV_COORDINATOR_PORT) or environ.get('JAX_COORDINATOR_PORT')
+          or DEFAULT_K8S_PORT)
   return f'{host0}.{service}:{port}'
 
 
 def detect_cluster(coordinator_address: str | None = None, num_processes: int | None = None,
                    process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
                    environ: Mapping[str, str] | None = None) -> ClusterSpec:
-  """Decides how to start from the arguments and ``environ`` (default ``os.environ``); pure, starts nothing.
+  """Decides how to start from the arguments and ``environ`` (default ``os.environ``).
+
+  Pure: it starts nothing.
 
   Raises:
-    ValueError: settings given only in part with no cluster to supply the rest, a multi-task SLURM job whose
-      process was not started by ``srun``, a Kubernetes job without a process count, or malformed values.
+    ValueError: settings given only in part with no cluster to supply the rest, a multi-task SLURM
+      job whose process was not started by ``srun``, a Kubernetes job without a process count, or
+      malformed values.
   """
   env = os.environ if environ is None else environ
   ids = None if local_device_ids is None else tuple(int(i) for i in np.atleast_1d(local_device_ids))
@@ -159,7 +170,8 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
   coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
   num_processes = num_processes if num_processes is not None else _int_env(env, ENV_NUM_PROCESSES)
   process_id = process_id if process_id is not None else _int_env(env, ENV_PROCESS_ID)
-  given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  given = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+               process_id=process_id)
   missing = [k for k, v in given.items() if v is None]
   if num_processes is not None and num_processes < 1:
     raise ValueError(f'num_processes must be >= 1, got {num_processes}')
@@ -184,7 +196,8 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
     local_rank = _int_env(env, 'OMPI_COMM_WORLD_LOCAL_RANK')
     return ClusterSpec('ompi', coordinator_address,
                        num_processes if num_processes is not None else ompi_size,
-                       process_id if process_id is not None else _int_env(env, 'OMPI_COMM_WORLD_RANK'),
+                       (process_id if process_id is not None
+                        else _int_env(env, 'OMPI_COMM_WORLD_RANK')),
                        ids if ids is not None or local_rank is None else (local_rank,))
 
   # 4. SLURM.
@@ -192,14 +205,16 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
     ntasks = _int_env(env, 'SLURM_STEP_NUM_TASKS') or _int_env(env, 'SLURM_NTASKS') or 1
     if ntasks > 1:
       if 'SLURM_STEP_NODELIST' not in env or 'SLURM_PROCID' not in env:
-        raise ValueError(f'SLURM job with {ntasks} tasks, but this process was not started by srun '
-                         '(SLURM_STEP_NODELIST / SLURM_PROCID unset): launch one process per task with '
-                         f'`srun` (see launch/slurm.sbatch), or set {ENV_MODE}=off for a one-process run.')
+        raise ValueError(f'SLURM job with {ntasks} tasks, but this process was not started by '
+                         'srun (SLURM_STEP_NODELIST / SLURM_PROCID unset): launch one process per '
+                         'task with `srun` (see launch/slurm.sbatch), or set '
+                         f'{ENV_MODE}=off for a one-process run.')
       return ClusterSpec('slurm', coordinator_address, num_processes, process_id, ids)
 
   # 5. Cloud TPU pod (multi-host slice or multislice), or JAX's detection on request.
   hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
-  if len([h for h in hosts.split(',') if h.strip()]) > 1 or (_int_env(env, 'MEGASCALE_NUM_SLICES') or 1) > 1:
+  num_hosts = len([h for h in hosts.split(',') if h.strip()])
+  if num_hosts > 1 or (_int_env(env, 'MEGASCALE_NUM_SLICES') or 1) > 1:
     return ClusterSpec('tpu', coordinator_address, num_processes, process_id, ids)
   if mode == 'jax':
     return ClusterSpec('jax', coordinator_address, num_processes, process_id, ids)
@@ -207,21 +222,25 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
   # 6. Kubernetes indexed Job / JobSet.
   if 'JOB_COMPLETION_INDEX' in env:
     if num_processes is None:
-      if importlib.util.find_spec('kubernetes') is not None:  # jax[k8s]: JAX reads the Job's parallelism.
+      # jax[k8s]: JAX reads the Job's parallelism.
+      if importlib.util.find_spec('kubernetes') is not None:
         return ClusterSpec('k8s', coordinator_address, None, process_id, ids)
-      raise ValueError(f'Kubernetes indexed Job (JOB_COMPLETION_INDEX={env["JOB_COMPLETION_INDEX"]}) without a '
-                       f'process count: set {ENV_NUM_PROCESSES} to the Job\'s parallelism (see '
+      raise ValueError('Kubernetes indexed Job (JOB_COMPLETION_INDEX='
+                       f'{env["JOB_COMPLETION_INDEX"]}) without a process count: set '
+                       f'{ENV_NUM_PROCESSES} to the Job\'s parallelism (see '
                        f'launch/k8s/jobset.yaml), or {ENV_MODE}=off for a one-process run.')
     if num_processes == 1:
       return ClusterSpec('single')
     process_id = process_id if process_id is not None else _int_env(env, 'JOB_COMPLETION_INDEX')
     coordinator_address = coordinator_address or _k8s_coordinator(env)
     if coordinator_address is None:
-      raise ValueError(f'Kubernetes indexed Job: cannot name the coordinator; set {ENV_COORDINATOR}='
-                       f'<job>-0.<headless service>:<port>, or {ENV_K8S_SERVICE}=<headless service> '
-                       '(the pod hostname must be <job>-<index>).')
+      raise ValueError(f'Kubernetes indexed Job: cannot name the coordinator; set '
+                       f'{ENV_COORDINATOR}=<job>-0.<headless service>:<port>, or '
+                       f'{ENV_K8S_SERVICE}=<headless service> (the pod hostname must be '
+                       '<job>-<index>).')
     if not 0 <= process_id < num_processes:
-      raise ValueError(f'JOB_COMPLETION_INDEX={process_id} is outside [0, {ENV_NUM_PROCESSES}={num_processes})')
+      raise ValueError(f'JOB_COMPLETION_INDEX={process_id} is outside '
+                       f'[0, {ENV_NUM_PROCESSES}={num_processes})')
     return ClusterSpec('k8s', coordinator_address, num_processes, process_id, ids)
 
   if len(missing) < 3:
@@ -229,7 +248,7 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
   return ClusterSpec('single')
 
 
-# ------------------------------------------------------------------------------------------ initialize
+# -------------------------------------------------------------------------------- initialize
 _SPEC: ClusterSpec | None = None
 _LOCK = threading.Lock()
 
@@ -255,21 +274,23 @@ def _is_loopback(address: str | None) -> bool:
 def _bind_gloo_to_loopback():
   """Makes the CPU backend's gloo collectives listen on 127.0.0.1 (local runs never leave loopback).
 
-  Uses JAX internals; when they differ (another JAX version) gloo keeps its default (the host name's address).
+  Uses JAX internals; when they differ (another JAX version) gloo keeps its default (the host name's
+  address).
   """
   try:
-    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    # Inside the try: private modules, which other JAX versions may not have.
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
 
     def factory():
-      collectives = _jax.make_gloo_tcp_collectives(distributed_client=jax_distributed.global_state.client,
-                                                   hostname='127.0.0.1')
+      collectives = _jax.make_gloo_tcp_collectives(
+          distributed_client=jax_distributed.global_state.client, hostname='127.0.0.1')
       return xla_bridge.make_cpu_client(collectives=collectives)
 
     xla_bridge.register_backend_factory('cpu', factory, priority=0, fail_quietly=False)
   except Exception as e:  # pylint: disable=broad-except
-    logger.warning('Could not bind gloo collectives to 127.0.0.1 (%s); using the default address.', e)
+    logger.warning('Could not bind gloo collectives to 127.0.0.1 (%s); using the default address.',
+                   e)
 
 
 def _install_fail_fast_excepthook():
@@ -279,9 +300,10 @@ def _install_fail_fast_excepthook():
   def hook(exc_type, exc, tb):
     try:
       previous(exc_type, exc, tb)
-      sys.stderr.write(f'[lipflow_jax.distributed] process {jax.process_index()} of {jax.process_count()} failed '
-                       f'with an uncaught {exc_type.__name__} (if it is a collective or connection error, another '
-                       'process probably died first: see its log); exiting now so that the others stop too.\n')
+      sys.stderr.write(f'[lipflow_jax.distributed] process {jax.process_index()} of '
+                       f'{jax.process_count()} failed with an uncaught {exc_type.__name__} (if it '
+                       'is a collective or connection error, another process probably died first: '
+                       'see its log); exiting now so that the others stop too.\n')
       sys.stdout.flush()
       sys.stderr.flush()
       logging.shutdown()
@@ -298,24 +320,28 @@ def _timeout(value: int | None, env_name: str, default: int) -> int:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: int | Sequence[int] | None = None, *,
+               process_id: int | None = None,
+               local_device_ids: int | Sequence[int] | None = None, *,
                cpu_collectives: str | None = 'auto', initialization_timeout: int | None = None,
                heartbeat_timeout: int | None = None, shutdown_timeout: int | None = None,
                fail_fast: bool = True) -> ClusterSpec:
-  """Starts ``jax.distributed`` when the job is multi-process; does nothing for one process. Idempotent.
+  """Starts ``jax.distributed`` when the job is multi-process; nothing for one process. Idempotent.
 
   Args:
-    coordinator_address: 'host:port' of process 0 (default ``$LIPFLOW_COORDINATOR_ADDRESS`` or detected).
+    coordinator_address: 'host:port' of process 0 (default ``$LIPFLOW_COORDINATOR_ADDRESS`` or
+      detected).
     num_processes: total number of processes (default ``$LIPFLOW_NUM_PROCESSES`` or detected).
     process_id: this process in [0, num_processes) (default ``$LIPFLOW_PROCESS_ID`` or detected).
-    local_device_ids: accelerators this process may use (default: JAX's choice, one GPU per task under srun).
-    cpu_collectives: 'auto' = 'gloo' when the backend is CPU; or 'gloo', 'mpi', or None to leave JAX's setting.
-    initialization_timeout: seconds to wait for all processes to connect (``$LIPFLOW_INITIALIZATION_TIMEOUT``,
-      default 300).
+    local_device_ids: accelerators this process may use (default: JAX's choice, one GPU per task
+      under srun).
+    cpu_collectives: 'auto' = 'gloo' when the backend is CPU; or 'gloo', 'mpi', or None to leave
+      JAX's setting.
+    initialization_timeout: seconds to wait for all processes to connect
+      (``$LIPFLOW_INITIALIZATION_TIMEOUT``, default 300).
     heartbeat_timeout: seconds after which a silent process counts as dead and all others abort
       (``$LIPFLOW_HEARTBEAT_TIMEOUT``, default 100). This is the bound on how long survivors run on.
-    shutdown_timeout: seconds a finished process waits at exit for the others (``$LIPFLOW_SHUTDOWN_TIMEOUT``,
-      default 300).
+    shutdown_timeout: seconds a finished process waits at exit for the others
+      (``$LIPFLOW_SHUTDOWN_TIMEOUT``, default 300).
     fail_fast: exit immediately on an uncaught exception (see the module docstring).
   Returns:
     The ``ClusterSpec`` acted on (the first call's on later calls).
@@ -330,7 +356,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if jax.distributed.is_initialized():  # Started by someone else.
       _SPEC = ClusterSpec('external', None, jax.process_count(), jax.process_index())
       return _SPEC
-    ids = None if local_device_ids is None else tuple(int(i) for i in np.atleast_1d(local_device_ids))
+    ids = (None if local_device_ids is None
+           else tuple(int(i) for i in np.atleast_1d(local_device_ids)))
     spec = detect_cluster(coordinator_address, num_processes, process_id, ids)
     if not spec.is_multiprocess:
       _SPEC = spec
@@ -345,11 +372,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       bind_address = spec.coordinator_address  # Listen on loopback only, not on every interface.
       if cpu_collectives == 'gloo':
         _bind_gloo_to_loopback()
-    timeouts = dict(initialization_timeout=_timeout(initialization_timeout, ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT),
-                    heartbeat_timeout_seconds=_timeout(heartbeat_timeout, ENV_HEARTBEAT_TIMEOUT,
-                                                       DEFAULT_HEARTBEAT_TIMEOUT),
-                    shutdown_timeout_seconds=_timeout(shutdown_timeout, ENV_SHUTDOWN_TIMEOUT,
-                                                      DEFAULT_SHUTDOWN_TIMEOUT))
+    timeouts = dict(
+        initialization_timeout=_timeout(initialization_timeout, ENV_INIT_TIMEOUT,
+                                        DEFAULT_INIT_TIMEOUT),
+        heartbeat_timeout_seconds=_timeout(heartbeat_timeout, ENV_HEARTBEAT_TIMEOUT,
+                                           DEFAULT_HEARTBEAT_TIMEOUT),
+        shutdown_timeout_seconds=_timeout(shutdown_timeout, ENV_SHUTDOWN_TIMEOUT,
+                                          DEFAULT_SHUTDOWN_TIMEOUT))
     logger.info('Starting jax.distributed (%s): coordinator=%s processes=%s id=%s %s', spec.kind,
                 spec.coordinator_address or '<auto>', spec.num_processes or '<auto>',
                 '<auto>' if spec.process_id is None else spec.process_id, timeouts)
@@ -361,27 +390,32 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           coordinator_bind_address=bind_address, **timeouts)
     except RuntimeError as e:
       if 'must be called before' in str(e):
-        raise RuntimeError(f'A multi-process ({spec.kind}) job was detected, but JAX was already used in this '
-                           'process; call lipflow_jax.distributed.initialize() before anything touches JAX '
-                           'devices (jax.devices(), computations, device_put).') from e
+        raise RuntimeError(f'A multi-process ({spec.kind}) job was detected, but JAX was already '
+                           'used in this process; call lipflow_jax.distributed.initialize() before '
+                           'anything touches JAX devices (jax.devices(), computations, '
+                           'device_put).') from e
       raise
     if fail_fast:
       _install_fail_fast_excepthook()
-    _SPEC = dataclasses.replace(spec, num_processes=jax.process_count(), process_id=jax.process_index())
-    logger.info('Process %d of %d: %d local / %d global devices.', jax.process_index(), jax.process_count(),
-                jax.local_device_count(), jax.device_count())
+    _SPEC = dataclasses.replace(spec, num_processes=jax.process_count(),
+                                process_id=jax.process_index())
+    logger.info('Process %d of %d: %d local / %d global devices.', jax.process_index(),
+                jax.process_count(), jax.local_device_count(), jax.device_count())
     return _SPEC
 
 
 def shutdown():
-  """Leaves the distributed system (JAX also does this at exit, after waiting up to ``shutdown_timeout``)."""
+  """Leaves the distributed system.
+
+  JAX also does this at exit, after waiting up to ``shutdown_timeout`` for the other processes.
+  """
   global _SPEC
   with _LOCK:
     jax.distributed.shutdown()
     _SPEC = None
 
 
-# ------------------------------------------------------------------------------------------ processes
+# -------------------------------------------------------------------------------- processes
 def is_multiprocess() -> bool:
   """More than one process in the job."""
   return jax.process_count() > 1
@@ -414,8 +448,9 @@ def sync(name: str, timeout_s: float | None = None):
 
   Args:
     name: the barrier's name.
-    timeout_s: give up after this many seconds (default: 24 h, e.g. while process 0 builds a dataset). A dead
-      process ends the wait sooner, through the heartbeat (see the module docstring).
+    timeout_s: give up after this many seconds (default: 24 h, e.g. while process 0 builds a
+      dataset). A dead process ends the wait sooner, through the heartbeat (see the module
+      docstring).
   Raises:
     a JAX error when the timeout passes before every process arrives.
   """
@@ -423,27 +458,38 @@ def sync(name: str, timeout_s: float | None = None):
     return
   count = _BARRIER_COUNTS.get(name, 0)
   _BARRIER_COUNTS[name] = count + 1
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   client = jax_distributed.global_state.client
   if client is None:  # Multi-process without the distributed client (e.g. old TPU runtimes).
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
     return
   timeout_ms = int((24 * 3600 if timeout_s is None else timeout_s) * 1000)
   client.wait_at_barrier(f'lipflow:{name}:{count}', timeout_ms)
 
 
-# ------------------------------------------------------------------------------------------ mesh, batches
+# -------------------------------------------------------------------------------- mesh, batches
 def make_mesh(axis_names: Sequence[str] = (DATA_AXIS,), axis_shapes: Sequence[int] | None = None, *,
-              axis_types: Sequence[AxisType] | None = None) -> Mesh:
-  """A mesh over all devices of all processes (``jax.make_mesh``; each process's devices are contiguous).
+              axis_types: Sequence[AxisType] | None = None, num_devices: int | None = None) -> Mesh:
+  """A mesh over all devices of all processes (``jax.make_mesh``; each process's are contiguous).
 
   Args:
     axis_names: mesh axes; the default is the 1-D data-parallel mesh ``('data',)``.
-    axis_shapes: sizes, one may be -1 (the rest of the devices); default all devices on a single axis.
-    axis_types: default ``AxisType.Auto`` on every axis (sharding propagated by the compiler, as with pjit).
+    axis_shapes: sizes, one may be -1 (the rest of the devices); default all devices on a single
+      axis.
+    axis_types: default ``AxisType.Auto`` on every axis (sharding propagated by the compiler, as
+      with pjit).
+    num_devices: instead, a 1-D mesh over the first ``num_devices`` devices of a one-process job
+      (``config.num_devices``, tests).
   """
   axis_names = tuple(axis_names)
+  if num_devices is not None:
+    if jax.process_count() > 1:
+      raise ValueError('num_devices is for one-process runs; multi-process runs use every device')
+    if len(axis_names) != 1 or axis_shapes is not None or axis_types is not None:
+      raise ValueError('num_devices makes a 1-D mesh: give one axis name and no shapes or types')
+    devices = np.asarray(jax.devices()[:num_devices])
+    if devices.size != num_devices:
+      raise ValueError(f'asked for {num_devices} devices, only {jax.device_count()} exist')
+    return Mesh(devices, axis_names)
   n = jax.device_count()
   if axis_shapes is None:
     if len(axis_names) != 1:
@@ -460,29 +506,38 @@ def make_mesh(axis_names: Sequence[str] = (DATA_AXIS,), axis_shapes: Sequence[in
       raise ValueError(f'cannot fill axis sizes {tuple(shapes)} with {n} devices')
     shapes[shapes.index(-1)] = n // rest
   if int(np.prod(shapes)) != n:
-    raise ValueError(f'mesh shape {tuple(shapes)} needs {int(np.prod(shapes))} devices, there are {n}')
+    raise ValueError(f'mesh shape {tuple(shapes)} needs {int(np.prod(shapes))} devices, there are '
+                     f'{n}')
   if axis_types is None:
     axis_types = (AxisType.Auto,) * len(axis_names)
   return jax.make_mesh(tuple(shapes), axis_names, axis_types=tuple(axis_types))
 
 
 def process_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
-  """This process's share of ``global_batch_size``, checking it splits evenly over processes and devices."""
+  """This process's share of ``global_batch_size``; checks it splits evenly over the devices."""
   devices = jax.device_count() if mesh is None else mesh.devices.size
   if global_batch_size % devices:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the {devices} devices')
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the {devices} '
+                     'devices')
   return global_batch_size // jax.process_count()
 
 
 def shard_batch(local_batch: Any, mesh: Mesh, axis: str | Sequence[str] = DATA_AXIS) -> Any:
-  """Assembles each process's numpy batch into global arrays split over ``axis`` on the leading dimension.
+  """Assembles each process's numpy batch into global arrays split over ``axis`` on axis 0.
+
+  The one way a batch enters a jitted step (train loop, its evaluation, benchmarks, tests).
 
   Args:
-    local_batch: pytree of [B_local, ...] arrays, this process's rows of the global batch (process ``p`` holds
-      rows ``[p * B_local, (p + 1) * B_local)``).
+    local_batch: pytree of [B_local, ...] arrays, this process's rows of the global batch (process
+      ``p`` holds rows ``[p * B_local, (p + 1) * B_local)``).
     mesh: the mesh (``make_mesh``).
+    axis: the mesh axis (or axes) the batch is split over.
   Returns:
-    The same pytree of [B_local * process_count, ...] ``jax.Array`` s with ``NamedSharding(mesh, P(axis))``.
+    The same pytree of [B_local * process_count, ...] ``jax.Array`` s with
+    ``NamedSharding(mesh, P(axis))``.
+  Raises:
+    ValueError: a leaf without a leading axis, or one that does not split evenly over this process's
+      devices of the mesh.
   """
   sharding = NamedSharding(mesh, P(axis))
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
@@ -490,150 +545,8 @@ def shard_batch(local_batch: Any, mesh: Mesh, axis: str | Sequence[str] = DATA_A
   def put(x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % local_devices:
-      raise ValueError(f'local batch leading dimension {x.shape[:1]} is not divisible by this process\'s '
-                       f'{local_devices} devices')
+      raise ValueError(f'local batch leading dimension {x.shape[:1]} is not divisible by this '
+                       f'process\'s {local_devices} devices')
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, local_batch)
-
-
-# ------------------------------------------------------------------------------------------ local launcher
-@dataclasses.dataclass
-class LocalRun:
-  """Outcome of ``run_local_processes``: exit codes (negative = killed by that signal) and output lines."""
-
-  returncodes: list[int]
-  outputs: list[list[str]]
-  timed_out: bool
-  seconds: float
-
-  @property
-  def ok(self) -> bool:
-    return not self.timed_out and all(rc == 0 for rc in self.returncodes)
-
-  def output(self, process: int) -> str:
-    return ''.join(self.outputs[process])
-
-
-def free_port(host: str = '127.0.0.1') -> int:
-  """A TCP port that is free on ``host`` right now."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
-
-
-def local_process_env(process_id: int, num_processes: int, coordinator_address: str, devices_per_process: int,
-                      base: Mapping[str, str] | None = None, heartbeat_timeout: int | None = None) -> dict:
-  """The environment of one process of a local CPU run (what ``launch/local.sh`` sets)."""
-  env = dict(os.environ if base is None else base)
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device_count')]
-  flags.append(f'--xla_force_host_platform_device_count={devices_per_process}')
-  env.update({'XLA_FLAGS': ' '.join(flags), 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': str(devices_per_process),
-              ENV_COORDINATOR: coordinator_address, ENV_NUM_PROCESSES: str(num_processes),
-              ENV_PROCESS_ID: str(process_id), 'PYTHONUNBUFFERED': '1'})
-  if heartbeat_timeout is not None:
-    env[ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
-  return env
-
-
-def _kill_group(proc: subprocess.Popen, sig: int):
-  try:
-    os.killpg(proc.pid, sig)
-  except (ProcessLookupError, PermissionError):
-    pass
-
-
-def run_local_processes(command: Sequence[str], num_processes: int, *, devices_per_process: int = 1,
-                        env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
-                        kill_on_failure: bool = True, heartbeat_timeout: int | None = None,
-                        echo: bool = True, grace_s: float = 5.0) -> LocalRun:
-  """Runs ``command`` as ``num_processes`` separate processes of one job on this machine's CPU (gloo).
-
-  Each process gets ``devices_per_process`` host CPU devices and the ``LIPFLOW_*`` variables that make
-  ``initialize()`` join a coordinator on a free 127.0.0.1 port. Output lines are prefixed ``[p<i>]`` (and
-  echoed to stdout when ``echo``). When a process fails and ``kill_on_failure``, the others get SIGTERM, then
-  SIGKILL after ``grace_s``; after ``timeout`` seconds all are killed and ``timed_out`` is set.
-  """
-  if num_processes < 1 or devices_per_process < 1:
-    raise ValueError(f'need num_processes >= 1 and devices_per_process >= 1, got {num_processes}, '
-                     f'{devices_per_process}')
-  coordinator = f'127.0.0.1:{free_port()}'
-  start = time.monotonic()
-  procs, outputs, readers = [], [], []
-  lock = threading.Lock()
-  for i in range(num_processes):
-    p_env = local_process_env(i, num_processes, coordinator, devices_per_process, env, heartbeat_timeout)
-    proc = subprocess.Popen(list(command), env=p_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors='replace', start_new_session=True)
-    lines: list[str] = []
-
-    def read(proc=proc, lines=lines, i=i):
-      for line in proc.stdout:
-        lines.append(line)
-        if echo:
-          with lock:
-            sys.stdout.write(f'[p{i}] {line}')
-            sys.stdout.flush()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    procs.append(proc)
-    outputs.append(lines)
-    readers.append(reader)
-
-  timed_out = False
-  killed_at = None
-  try:
-    while any([p.poll() is None for p in procs]):  # a list: poll every process
-      now = time.monotonic()
-      if timeout is not None and now - start > timeout and not timed_out:
-        timed_out = True
-        for p in procs:
-          _kill_group(p, signal.SIGKILL)
-      failed = [p for p in procs if p.returncode not in (None, 0)]
-      if failed and kill_on_failure and killed_at is None:
-        killed_at = now
-        for p in procs:
-          if p.poll() is None:
-            _kill_group(p, signal.SIGTERM)
-      if killed_at is not None and now - killed_at > grace_s:
-        for p in procs:
-          if p.poll() is None:
-            _kill_group(p, signal.SIGKILL)
-      time.sleep(0.05)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        _kill_group(p, signal.SIGKILL)
-        p.wait()
-    for r in readers:
-      r.join(timeout=5)
-  return LocalRun([p.returncode for p in procs], outputs, timed_out, time.monotonic() - start)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m lipflow_jax.distributed',
-      description='Run N processes of one JAX job on this machine\'s CPU (gloo collectives). Example: '
-                  'python -m lipflow_jax.distributed -n 2 --devices_per_process 2 -- '
-                  'python -m lipflow_jax.train --config=configs/dam_synthetic.py:tiny --workdir=/tmp/run')
-  parser.add_argument('-n', '--num_processes', type=int, required=True)
-  parser.add_argument('--devices_per_process', type=int, default=1)
-  parser.add_argument('--timeout', type=float, default=None, help='seconds, then kill all')
-  parser.add_argument('--heartbeat_timeout', type=int, default=None, help='seconds (default: initialize()\'s)')
-  parser.add_argument('command', nargs=argparse.REMAINDER, help='-- then the command each process runs')
-  args = parser.parse_args(argv)
-  command = args.command[1:] if args.command[:1] == ['--'] else args.command
-  if not command:
-    parser.error('no command given (put it after --)')
-  run = run_local_processes(command, args.num_processes, devices_per_process=args.devices_per_process,
-                            timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout)
-  for i, rc in enumerate(run.returncodes):
-    print(f'[launcher] process {i} exited with {rc}', file=sys.stderr)
-  if run.timed_out:
-    print(f'[launcher] timed out after {args.timeout} s', file=sys.stderr)
-  return 0 if run.ok else 1
-
-
-if __name__ == '__main__':
-  sys.exit(_main())

@@ -12,10 +12,15 @@ import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lipflow_jax import distributed as dist
+from lipflow_jax import launch_local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.abspath(__file__)
@@ -24,9 +29,10 @@ BOUND_S = 60  # the subprocess timeout: a hang fails the test instead of blockin
 
 
 def _run(mode, num_processes, devices_per_process, *args, timeout=BOUND_S, **kwargs):
-  return dist.run_local_processes([sys.executable, WORKER, mode, *map(str, args)], num_processes,
-                                  devices_per_process=devices_per_process, cwd=REPO, timeout=timeout,
-                                  heartbeat_timeout=HEARTBEAT_S, echo=False, **kwargs)
+  return launch_local.run_local_processes(
+      [sys.executable, WORKER, mode, *map(str, args)], num_processes,
+      devices_per_process=devices_per_process, cwd=REPO, timeout=timeout,
+      heartbeat_timeout=HEARTBEAT_S, echo=False, **kwargs)
 
 
 def _check(run):
@@ -106,7 +112,6 @@ class TestDetectCluster:
 
 # ----------------------------------------------------------------------------------------------- one process
 def test_mesh_and_shard_batch_in_one_process(monkeypatch):
-  import jax  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(dist.ENV_MODE, 'off')  # whatever cluster the test session itself runs in
   assert dist.initialize() == dist.ClusterSpec('single')
   assert dist.initialize() is dist.initialize()
@@ -136,7 +141,7 @@ def test_sync_waits_for_every_process():
 
 
 def test_local_launcher_prefixes_and_fails_fast():
-  run = dist.run_local_processes(
+  run = launch_local.run_local_processes(
       [sys.executable, '-c', 'import os, time; p = os.environ["LIPFLOW_PROCESS_ID"]; print("hi", p, '
        'os.environ["XLA_FLAGS"]); time.sleep(30 if p == "0" else 0); raise SystemExit(int(p) * 3)'],
       2, devices_per_process=3, timeout=BOUND_S, echo=False)
@@ -146,8 +151,9 @@ def test_local_launcher_prefixes_and_fails_fast():
 
 
 def test_python_launcher_cli():
-  out = subprocess.run([sys.executable, '-m', 'lipflow_jax.distributed', '-n', '2', '--devices_per_process', '2',
-                        '--', sys.executable, WORKER, 'echo', '--a=1'], capture_output=True, text=True, cwd=REPO,
+  env = dict(os.environ, LIPFLOW_LOCAL_COMMAND=f'{sys.executable} {WORKER} echo')
+  out = subprocess.run([sys.executable, '-m', 'lipflow_jax.launch_local', '--devices_per_process',
+                        '2', '2', '--a=1'], env=env, capture_output=True, text=True, cwd=REPO,
                        timeout=BOUND_S, check=False)
   assert out.returncode == 0, out.stdout + out.stderr
   assert '[p1] echo 1/2 devices=2 argv=--a=1' in out.stdout
@@ -195,7 +201,8 @@ def test_slurm_sbatch_script_with_a_fake_srun(tmp_path):
   (venv / 'bin' / 'activate').write_text(f'export PATH={bin_dir}:$PATH\n')
   env = dict(os.environ, SLURM_JOB_ID='4242', SLURM_NTASKS='2', SLURM_JOB_NUM_NODES='1',
              SLURM_JOB_NODELIST='localhost', SLURM_SUBMIT_DIR=REPO, VENV=str(venv), JAX_PLATFORMS='cpu',
-             JAX_COORDINATOR_PORT=str(dist.free_port()), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_COORDINATOR_PORT=str(launch_local.free_port()),
+             XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_NUM_CPU_DEVICES='2', LIPFLOW_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
              LIPFLOW_LOCAL_COMMAND='unused')
   script = (tmp_path / 'job.sh')
@@ -284,7 +291,7 @@ def train_runs(tiny_capture, tmp_path_factory):
   args = TRAIN_ARGS + (f'--config.dataset.data_dir={tiny_capture.data_dir}',)
   runs = {}
   # The two jobs run side by side (a one-process compile leaves a core idle).
-  single = threading.Thread(target=lambda: runs.setdefault('one', dist.run_local_processes(
+  single = threading.Thread(target=lambda: runs.setdefault('one', launch_local.run_local_processes(
       [sys.executable, '-m', 'lipflow_jax.train', *args, f'--workdir={one}'], 1, devices_per_process=4,
       cwd=REPO, timeout=4 * BOUND_S, echo=False)))
   single.start()
@@ -360,7 +367,11 @@ def test_silent_process_is_declared_dead_after_the_heartbeat_timeout():
 
 # ----------------------------------------------------------------------------------------------- the worker
 def _worker(mode, args):
-  """Entry point of the child processes."""
+  """Entry point of the child processes.
+
+  The imports of the training stack stay inside the modes that use it: they load orbax, grain and
+  TFDS, which every other worker process would pay for at start-up.
+  """
   if mode == 'echo':  # launch/local.sh check: no JAX needed
     print(f'echo {os.environ[dist.ENV_PROCESS_ID]}/{os.environ[dist.ENV_NUM_PROCESSES]} devices='
           f'{os.environ["JAX_NUM_CPU_DEVICES"]} argv={" ".join(args)}')
@@ -375,24 +386,18 @@ def _worker(mode, args):
     return
 
   spec = dist.initialize()
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
   pid, nproc = jax.process_index(), jax.process_count()
   mesh = dist.make_mesh()
   rep = NamedSharding(mesh, P())
 
   if mode == 'read':  # (c) the train loop's iterator, as the train loop makes it, over two epochs
-    from lipflow_jax.data import input_pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
-    from lipflow_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+    from lipflow_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     data_dir, out = args
-    sources, meta = data_pipeline.load_dataset(data_dir, 'synthetic_capture', 'tiny')
-    everything = data_pipeline.select_records(meta, 'train', meta.train_cameras)
+    sources, meta = input_pipeline.load_dataset(data_dir, 'synthetic_capture', 'tiny')
+    everything = input_pipeline.select_records(meta, 'train', meta.train_cameras)
     cols = meta.splits['train']
     it = input_pipeline.make_iterator(sources['train'], meta, batch_size=4, seed=0, shuffle=True, num_epochs=2,
-                                      split='train', train_cameras_only=True)
+                                      split='train', cameras=meta.train_cameras)
     ids = [(int(f), int(c)) for b in it for f, c in zip(b['frame_index'], b['camera_index'])]
     with open(os.path.join(out, f'ids.p{pid}.jsonl'), 'w') as f:
       for e in range(2):
@@ -402,11 +407,11 @@ def _worker(mode, args):
     return
 
   if mode == 'restore':  # (b) one process (one device) restores what 1 and 2 processes wrote
-    from lipflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+    from lipflow_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
     one, two, out = args
     flat, steps = {}, []
     for name, workdir in (('one', one), ('two', two)):
-      trained = loop.load_trained(workdir)
+      trained = checkpointing.load_trained(workdir)
       steps.append(trained.step)
       for path, leaf in jax.tree_util.tree_flatten_with_path(trained.params)[0]:
         flat[f'{name}/{jax.tree_util.keystr(path)}'] = np.asarray(leaf)
@@ -469,5 +474,4 @@ def _worker(mode, args):
   raise ValueError(f'unknown mode {mode!r}')
 
 if __name__ == '__main__':
-  sys.path.insert(0, REPO)
   _worker(sys.argv[1], sys.argv[2:])

@@ -21,6 +21,7 @@ from tensorboardX.proto import event_pb2
 from configs import dam_synthetic
 from configs import regressor_synthetic
 from lipflow_jax import config_base
+from lipflow_jax import distributed
 from lipflow_jax import train
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.train import checkpointing
@@ -209,14 +210,14 @@ def _nan(batch):
 @pytest.fixture(scope='module')
 def one_device_step(step_setup):
   task, tx, _, _ = step_setup
-  mesh = tstep.make_mesh(1)
+  mesh = distributed.make_mesh(num_devices=1)
   return mesh, tstep.jit_train_step(task.loss_fn, tx, mesh)
 
 
 def _run_steps(state, step, mesh, batches):
   metrics = []
   for b in batches:
-    state, m = step(state, tstep.global_batch(b, mesh), {})
+    state, m = step(state, distributed.shard_batch(b, mesh), {})
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics
 
@@ -227,7 +228,7 @@ def test_sharded_step_equals_one_device_step(step_setup, one_device_step):
   batches = [batch, _nan(batch), batch]
   mesh1, step1 = one_device_step
   state1, metrics1 = _run_steps(_fresh_state(step_setup, mesh1), step1, mesh1, batches)
-  mesh8 = tstep.make_mesh(8)
+  mesh8 = distributed.make_mesh(num_devices=8)
   step8 = tstep.jit_train_step(task.loss_fn, tx, mesh8)
   state8, metrics8 = _run_steps(_fresh_state(step_setup, mesh8), step8, mesh8, batches)
   assert [float(m['skipped']) for m in metrics8] == [0.0, 1.0, 0.0]
@@ -240,16 +241,16 @@ def test_sharded_step_equals_one_device_step(step_setup, one_device_step):
 def test_nonfinite_step_is_skipped_and_counted(step_setup, one_device_step):
   _, _, _, batch = step_setup
   mesh, step = one_device_step
-  state, _ = step(_fresh_state(step_setup, mesh), tstep.global_batch(batch, mesh), {})
+  state, _ = step(_fresh_state(step_setup, mesh), distributed.shard_batch(batch, mesh), {})
   before = jax.device_get(state)
-  state, m = step(state, tstep.global_batch(_nan(batch), mesh), {})
+  state, m = step(state, distributed.shard_batch(_nan(batch), mesh), {})
   after = jax.device_get(state)
   # The NaN step leaves parameters and optimiser state exactly as they were, and is counted.
   assert float(m['skipped']) == 1.0 and not np.isfinite(float(m['loss']))
   assert _max_abs_diff(after.params, before.params) == 0.0
   assert _max_abs_diff(after.opt_state, before.opt_state) == 0.0
   assert (int(after.step), int(after.nonfinite_total), int(after.nonfinite_consecutive)) == (2, 1, 1)
-  state, m = step(state, tstep.global_batch(batch, mesh), {})
+  state, m = step(state, distributed.shard_batch(batch, mesh), {})
   assert float(m['skipped']) == 0.0 and int(state.nonfinite_consecutive) == 0 and int(state.nonfinite_total) == 1
 
 

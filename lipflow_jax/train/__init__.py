@@ -12,7 +12,7 @@ from lipflow_jax.train.metrics_logging import MetricWriter, dump_config, read_me
 from lipflow_jax.train.tasks import Task, build_model, data_sizes, avatar_task, regressor_task
 from lipflow_jax.train.train_state import (TrainState, create_train_state, init_train_state,
                                            make_learning_rate_schedule, make_optimizer)
-from lipflow_jax.train.train_step import (batch_sharding, global_batch, jit_eval_step, jit_train_step, make_mesh,
+from lipflow_jax.train.train_step import (batch_sharding, jit_eval_step, jit_train_step,
                                           replicated_sharding)
 # The step functions themselves: ``lipflow_jax.train.train_step.train_step`` / ``.eval_step`` (not re-exported here,
 # so that ``lipflow_jax.train.train_step`` stays the module).

@@ -29,6 +29,7 @@ from absl import logging
 
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.data import schema
+from lipflow_jax import distributed
 from lipflow_jax.train import checkpointing
 from lipflow_jax.train import metrics_logging
 from lipflow_jax.train import tasks as tasks_lib
@@ -159,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_start = time.time()
 
   # ---------------------------------------------------------------------------------------------- mesh
-  mesh = tstep.make_mesh(config.get('num_devices'))
+  mesh = distributed.make_mesh(num_devices=config.get('num_devices'))
   num_devices = mesh.devices.size
   if config.batch_size % num_devices:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the {num_devices} devices')
@@ -257,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         local = next(train_iter)
-        batch = tstep.global_batch(local, mesh)
+        batch = distributed.shard_batch(local, mesh)
         state, metrics = train_step(state, batch, frozen)
       if pending is not None:
         check_nonfinite(*pending)
@@ -345,5 +346,5 @@ def _evaluate(config, builder, meta, mesh, eval_step, params, frozen, local_batc
   rng = jax.random.PRNGKey(config.seed + 1)
   out = []
   for _, local in zip(range(num_batches), it):
-    out.append(jax.device_get(eval_step(params, frozen, tstep.global_batch(local, mesh), rng)))
+    out.append(jax.device_get(eval_step(params, frozen, distributed.shard_batch(local, mesh), rng)))
   return metrics_logging.mean_metrics(out)

@@ -1,4 +1,4 @@
-"""The update step, the evaluation step, and the data-parallel mesh they run on.
+"""The update step and the evaluation step, jitted with their shardings on the data-parallel mesh.
 
 ``loss_fn(params, frozen, batch, rng) -> (loss [], metrics {name: []})`` is the only thing a step knows about the
 model (``frozen``: fixed arrays the loss reads, e.g. a teacher's parameters; ``{}`` when none),
@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -27,33 +26,15 @@ LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 DATA_AXIS = distributed.DATA_AXIS
 
 
-# --------------------------------------------------------------------------------------------------- mesh
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """The 1-D ``('data',)`` mesh over all devices of all processes (``lipflow_jax.distributed.make_mesh``), or
-  over the first ``num_devices`` devices of a one-process job (tests)."""
-  if num_devices is None:
-    return distributed.make_mesh((DATA_AXIS,))
-  if jax.process_count() > 1:
-    raise ValueError('num_devices is for one-process runs; multi-process runs use every device')
-  devices = np.asarray(jax.devices()[:num_devices])
-  if devices.size != num_devices:
-    raise ValueError(f'asked for {num_devices} devices, only {jax.device_count()} exist')
-  return Mesh(devices, (DATA_AXIS,))
-
-
+# ------------------------------------------------------------------------------------ shardings
+# The mesh: ``distributed.make_mesh``; a batch enters it through ``distributed.shard_batch``.
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over ``'data'``."""
+  """Leading (batch) axis split over ``'data'`` (how ``distributed.shard_batch`` places a batch)."""
   return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles this process's numpy batch ({key: [B_local, ...]}) into global arrays sharded over ``'data'``."""
-  sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
 # --------------------------------------------------------------------------------------------------- steps
