@@ -1,12 +1,13 @@
-r"""Latent fitting throughput: frames/s and ms/frame of the jitted, vmapped fit for keypoints and HMC inputs at a
-few batch sizes and step counts, and the same optimisation run step by step without jit.
+r"""Latent fitting throughput: frames/s and ms/frame of the jitted, vmapped fit for keypoints and
+HMC inputs at a few batch sizes and step counts, and the same optimisation run step by step without
+jit.
 
   python benchmarks/fit.py                  # prints JSON
   python benchmarks/fit.py --quick          # fewer configurations
 
-The model is a randomly initialised ``LipFlowModel`` at the CPU default size (configs/common.py) on the
-synthetic head's mesh and rig; codes are fitted to observations made from known codes. Compilation is done
-ahead of time and excluded from the timings (reported separately).
+The model is a randomly initialised ``LipFlowModel`` at the CPU default size (configs/common.py) on
+the synthetic head's mesh and rig; codes are fitted to observations made from known codes.
+Compilation is done ahead of time and excluded from the timings (reported separately).
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax import data
-from lipflow_jax import fit
-from lipflow_jax import geometry
-from lipflow_jax import models
+from lipflow_jax import data, fit, geometry, models
 from lipflow_jax.data import rig as rig_lib
 from lipflow_jax.data import synthetic_head as sh
 
@@ -32,22 +30,49 @@ from lipflow_jax.data import synthetic_head as sh
 def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64):
   """A random LiP-Flow bundle on the synthetic head and observations of ``batch`` known codes."""
   head = sh.make_head()
-  verts0 = np.asarray(sh.deform(jnp.asarray(head.plane), jnp.asarray(sh.neutral_factors())), np.float32)
+  verts0 = np.asarray(
+    sh.deform(jnp.asarray(head.plane), jnp.asarray(sh.neutral_factors())), np.float32
+  )
   rig = rig_lib.make_rig(40, (80, 80), (128, 128), (32, 32))
   v = verts0.shape[0]
-  model = models.LipFlowModel(num_vertices=v, z_dim=z_dim, tex_size=tex_size, prior="lipflow",
-                              conditions=("keypoints", "hmc"), keypoint_image_size=(128, 128))
+  model = models.LipFlowModel(
+    num_vertices=v,
+    z_dim=z_dim,
+    tex_size=tex_size,
+    prior="lipflow",
+    conditions=("keypoints", "hmc"),
+    keypoint_image_size=(128, 128),
+  )
   p = len(head.keypoint_vertex_ids)
-  dummy = {"avg_tex": jnp.zeros((1, tex_size, tex_size, 3)), "verts": jnp.zeros((1, v, 3)),
-           "view": jnp.array([[0.0, 0.0, 1.0]]), "keypoints": jnp.zeros((1, p, 2)),
-           "keypoints_visible": jnp.ones((1, p)), "hmc": jnp.zeros((1, 3, 32, 32, 1))}
-  variables = model.init({"params": jax.random.PRNGKey(seed), "sample": jax.random.PRNGKey(seed + 1)}, dummy)
-  meta = data.MeshMeta(faces=jnp.asarray(head.faces), uvs=jnp.asarray(head.uvs), uv_faces=jnp.asarray(head.faces),
-                      keypoint_vertex_ids=jnp.asarray(head.keypoint_vertex_ids), vert_mean=jnp.asarray(verts0),
-                      vert_std=jnp.float32(5.0), tex_mean=jnp.full((tex_size, tex_size, 3), 128.0),
-                      tex_std=jnp.float32(40.0))
-  bundle = fit.ModelBundle(model=model, variables=variables, meta=meta, prior="lipflow", latent_dim=z_dim,
-                           hmc_settings=fit.hmc_fit_settings((32, 32)))
+  dummy = {
+    "avg_tex": jnp.zeros((1, tex_size, tex_size, 3)),
+    "verts": jnp.zeros((1, v, 3)),
+    "view": jnp.array([[0.0, 0.0, 1.0]]),
+    "keypoints": jnp.zeros((1, p, 2)),
+    "keypoints_visible": jnp.ones((1, p)),
+    "hmc": jnp.zeros((1, 3, 32, 32, 1)),
+  }
+  variables = model.init(
+    {"params": jax.random.PRNGKey(seed), "sample": jax.random.PRNGKey(seed + 1)}, dummy
+  )
+  meta = data.MeshMeta(
+    faces=jnp.asarray(head.faces),
+    uvs=jnp.asarray(head.uvs),
+    uv_faces=jnp.asarray(head.faces),
+    keypoint_vertex_ids=jnp.asarray(head.keypoint_vertex_ids),
+    vert_mean=jnp.asarray(verts0),
+    vert_std=jnp.float32(5.0),
+    tex_mean=jnp.full((tex_size, tex_size, 3), 128.0),
+    tex_std=jnp.float32(40.0),
+  )
+  bundle = fit.ModelBundle(
+    model=model,
+    variables=variables,
+    meta=meta,
+    prior="lipflow",
+    latent_dim=z_dim,
+    hmc_settings=fit.hmc_fit_settings((32, 32)),
+  )
   z_true = 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 2), (batch, z_dim))
   fK, fRt = jnp.asarray(rig.frontal_K), jnp.asarray(rig.frontal_Rt)
   camera = geometry.Camera(K=fK, Rt=fRt)
@@ -55,8 +80,16 @@ def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64)
   hK, hRt = jnp.asarray(rig.hmc_K), jnp.asarray(rig.hmc_Rt)
   hmc, alpha = jax.jit(jax.vmap(lambda z: fit.render_hmc(bundle, z, hK, hRt)))(z_true)
   b = lambda x: jnp.broadcast_to(x, (batch,) + x.shape)
-  obs = {"keypoints": kps, "keypoints_visible": jnp.ones((batch, p)), "frontal_K": b(fK), "frontal_Rt": b(fRt),
-         "hmc": hmc, "hmc_mask": alpha, "hmc_K": b(hK), "hmc_Rt": b(hRt)}
+  obs = {
+    "keypoints": kps,
+    "keypoints_visible": jnp.ones((batch, p)),
+    "frontal_K": b(fK),
+    "frontal_Rt": b(fRt),
+    "hmc": hmc,
+    "hmc_mask": alpha,
+    "hmc_K": b(hK),
+    "hmc_Rt": b(hRt),
+  }
   return bundle, obs
 
 
@@ -74,7 +107,8 @@ def time_jitted(bundle, obs, cfg, repeats: int = 2):
 
 
 def time_unjitted(bundle, obs, cfg):
-  """Seconds of ``fit.fit_unjitted`` (step by step, frame by frame, no jit), after one warm-up step."""
+  """Seconds of ``fit.fit_unjitted`` (step by step, frame by frame, no jit), after one warm-up
+  step."""
   one = jax.tree_util.tree_map(lambda x: x[:1], obs)
   fit.fit_unjitted(bundle, one, cfg.__class__(**{**cfg.__dict__, "num_steps": 1}))
   t0 = time.perf_counter()
@@ -90,7 +124,10 @@ def main():
     grid = {"keypoints": [(8, 50)], "hmc": [(2, 10)]}
     nojit = {"keypoints": (1, 10), "hmc": (1, 3)}
   else:
-    grid = {"keypoints": [(1, 200), (8, 200), (32, 200), (32, 50)], "hmc": [(1, 60), (8, 60), (8, 20)]}
+    grid = {
+      "keypoints": [(1, 200), (8, 200), (32, 200), (32, 50)],
+      "hmc": [(1, 60), (8, 60), (8, 20)],
+    }
     nojit = {"keypoints": (1, 20), "hmc": (1, 5)}
   max_batch = max(b for v in grid.values() for b, _ in v)
   bundle, obs_all = make_problem(max_batch)
@@ -101,21 +138,52 @@ def main():
         obs = jax.tree_util.tree_map(lambda x, n=batch: x[:n], obs_all)
         cfg = fit.fit_config(method, inp, num_steps=steps, lr=0.05, lambda_prior=0.01)
         t_compile, t = time_jitted(bundle, obs, cfg)
-        results.append(dict(input=inp, method=method, mode="jit+vmap+scan", batch=batch, steps=steps,
-                            frames_per_s=batch / t, ms_per_frame=1000 * t / batch,
-                            ms_per_frame_step=1000 * t / batch / steps, compile_s=t_compile))
+        results.append(
+          dict(
+            input=inp,
+            method=method,
+            mode="jit+vmap+scan",
+            batch=batch,
+            steps=steps,
+            frames_per_s=batch / t,
+            ms_per_frame=1000 * t / batch,
+            ms_per_frame_step=1000 * t / batch / steps,
+            compile_s=t_compile,
+          )
+        )
       batch, steps = nojit[inp]
       obs = jax.tree_util.tree_map(lambda x, n=batch: x[:n], obs_all)
       cfg = fit.fit_config(method, inp, num_steps=steps, lr=0.05, lambda_prior=0.01)
       t = time_unjitted(bundle, obs, cfg)
-      results.append(dict(input=inp, method=method, mode="no jit, step by step", batch=batch, steps=steps,
-                          frames_per_s=batch / t, ms_per_frame=1000 * t / batch,
-                          ms_per_frame_step=1000 * t / batch / steps, compile_s=0.0))
-  out = {"benchmark": "fit", "backend": jax.default_backend(), "devices": len(jax.devices()),
-         "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
-         "model": {"z_dim": bundle.latent_dim, "num_vertices": int(bundle.meta.vert_mean.shape[0]),
-                   "num_faces": int(bundle.meta.faces.shape[0]), "hmc_size": [32, 32], "prior": "lipflow (spline)"},
-         "results": results}
+      results.append(
+        dict(
+          input=inp,
+          method=method,
+          mode="no jit, step by step",
+          batch=batch,
+          steps=steps,
+          frames_per_s=batch / t,
+          ms_per_frame=1000 * t / batch,
+          ms_per_frame_step=1000 * t / batch / steps,
+          compile_s=0.0,
+        )
+      )
+  out = {
+    "benchmark": "fit",
+    "backend": jax.default_backend(),
+    "devices": len(jax.devices()),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "jax": jax.__version__,
+    "model": {
+      "z_dim": bundle.latent_dim,
+      "num_vertices": int(bundle.meta.vert_mean.shape[0]),
+      "num_faces": int(bundle.meta.faces.shape[0]),
+      "hmc_size": [32, 32],
+      "prior": "lipflow (spline)",
+    },
+    "results": results,
+  }
   print(json.dumps(out, indent=1))
 
 

@@ -1,24 +1,27 @@
 """Throughput of ``lipflow_jax.render.render_mesh``: one JSON line per case.
 
-    python benchmarks/render.py                  # 256 and 512 px, ~5k and ~15k faces, K = 1 (hard) and 8 (soft)
+    python benchmarks/render.py         # 256 and 512 px, ~5k and ~15k faces, K = 1 (hard), 8 (soft)
     python benchmarks/render.py --quick          # one small case
-    python benchmarks/render.py --sizes 512 --faces 15000 --k 1,8 --cull-backfaces --png /tmp/bench.png
+    python benchmarks/render.py --sizes 512 --faces 15000 --k 1,8 --cull-backfaces --png
+    /tmp/bench.png
 
 The mesh is ``lipflow_jax.render.demo.head_mesh`` (a UV sphere shaped like a head, seam vertices
-duplicated), its texture ``demo_texture`` at ``--texture`` texels square, seen from 4 units away at 20 degrees
-azimuth so that it fills most of the image. K = 1 runs in hard mode (``RasterSettings.hard``), K > 1 in soft
-mode with the default sigma / gamma. "fwd" times ``render_mesh``; "fwd_bwd" the gradient of a scalar loss of
-rgb and alpha with respect to the vertices and the texture. Times are the median (and minimum) of ``--runs``
-runs after a warm-up (compilation excluded), with ``block_until_ready``; the 1-minute load average is
-reported with them (on a shared machine, compare runs taken back to back).
+duplicated), its texture ``demo_texture`` at ``--texture`` texels square, seen from 4 units away at
+20 degrees azimuth so that it fills most of the image. K = 1 runs in hard mode
+(``RasterSettings.hard``), K > 1 in soft mode with the default sigma / gamma. "fwd" times
+``render_mesh``; "fwd_bwd" the gradient of a scalar loss of rgb and alpha with respect to the
+vertices and the texture. Times are the median (and minimum) of ``--runs`` runs after a warm-up
+(compilation excluded), with ``block_until_ready``; the 1-minute load average is reported with them
+(on a shared machine, compare runs taken back to back).
 
-Each case runs with the default settings ("1": every fragment slot and tile is evaluated, 64 candidate faces
-per tile) and with settings measured on the view ("auto": ``render.occupancy`` + 10 %, ``render.fit_budgets``,
-what a user fitting known views would set: the budgets, and a per-tile cap that the fullest tile fits in, so
-that nothing overflows (the head's poles, where ~100 thin faces meet, need ~110 at 512 px; at K = 1 the cap
-sizes the chunk budget of ``select_nearest``, and the view needs less than the default).
-``--cull-backfaces`` culls the closed head's back faces, as this repository's own renders do. Check
-"overflow" in the JSON: a case with overflow > 0 dropped faces and rendered a (slightly) different image.
+Each case runs with the default settings ("1": every fragment slot and tile is evaluated, 64
+candidate faces per tile) and with settings measured on the view ("auto": ``render.occupancy`` + 10
+%, ``render.fit_budgets``, what a user fitting known views would set: the budgets, and a per-tile
+cap that the fullest tile fits in, so that nothing overflows (the head's poles, where ~100 thin
+faces meet, need ~110 at 512 px; at K = 1 the cap sizes the chunk budget of ``select_nearest``, and
+the view needs less than the default). ``--cull-backfaces`` culls the closed head's back faces, as
+this repository's own renders do. Check "overflow" in the JSON: a case with overflow > 0 dropped
+faces and rendered a (slightly) different image.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from lipflow_jax.geometry import Camera, intrinsics, look_at
 from lipflow_jax.render import RasterSettings, fit_budgets, occupancy, render_mesh
 from lipflow_jax.render.demo import demo_texture, head_mesh
 
-
 # The measured occupancy is scaled by this when --budgets auto (10 % headroom).
 AUTO_MARGIN = 1.1
 
@@ -54,15 +56,27 @@ def _times_ms(fn, *args, runs):
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None,
-             budgets="1", cull_backfaces=False):
+def run_case(
+  size,
+  num_faces,
+  k,
+  texture_size,
+  runs,
+  tile_size=None,
+  max_faces_per_tile=None,
+  png=None,
+  budgets="1",
+  cull_backfaces=False,
+):
   mesh = head_mesh(num_faces)
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   uvs, uv_faces = jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces)
   texture = jnp.asarray(demo_texture(texture_size))
   a = math.radians(20.0)
-  camera = Camera(K=intrinsics(1.6 * size, (size, size)),
-                  Rt=look_at((4.0 * math.sin(a), 0.8, 4.0 * math.cos(a)), (0.0, 0.0, 0.0)))
+  camera = Camera(
+    K=intrinsics(1.6 * size, (size, size)),
+    Rt=look_at((4.0 * math.sin(a), 0.8, 4.0 * math.cos(a)), (0.0, 0.0, 0.0)),
+  )
   extra = {}
   if tile_size:
     extra["tile_size"] = tile_size
@@ -73,10 +87,13 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
     settings = RasterSettings.hard((size, size), **extra)
   else:
     settings = RasterSettings((size, size), faces_per_pixel=k, **extra)
-  if budgets == "auto":  # what this view needs, plus a margin (twice: the heavy fraction depends on the cap)
+  if (
+    budgets == "auto"
+  ):  # what this view needs, plus a margin (twice: the heavy fraction depends on the cap)
     for _ in range(2):
-      settings = fit_budgets(settings, jax.jit(occupancy, static_argnums=3)(verts, faces, camera, settings),
-                             AUTO_MARGIN)
+      settings = fit_budgets(
+        settings, jax.jit(occupancy, static_argnums=3)(verts, faces, camera, settings), AUTO_MARGIN
+      )
   elif budgets != "1":
     raise ValueError(f"budgets must be '1' or 'auto', got {budgets!r}")
   weights = jnp.asarray(np.random.default_rng(0).uniform(size=(size, size, 3)), jnp.float32)
@@ -93,48 +110,83 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
   fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs)
   if png:
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     Image.fromarray(np.clip(np.asarray(out.rgb) * 255 + 0.5, 0, 255).astype(np.uint8)).save(png)
   mpix = size * size / 1e6
   return {
-      "resolution": size, "faces": int(faces.shape[0]), "K": k, "mode": "hard" if k == 1 else "soft",
-      "texture": texture_size, "tile_size": settings.tile_size,
-      "max_faces_per_tile": settings.max_faces_per_tile, "fragment_budget": settings.fragment_budget,
-      "tile_budget": settings.tile_budget, "heavy_tile_budget": settings.heavy_tile_budget,
-      "cull_backfaces": settings.cull_backfaces,
-      "fwd_ms": round(fwd_ms, 2), "fwd_bwd_ms": round(fwd_bwd_ms, 2), "fwd_min_ms": round(fwd_min, 2),
-      "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
-      "fwd_mpix_per_s": round(mpix / (fwd_ms / 1e3), 2), "fwd_bwd_mpix_per_s": round(mpix / (fwd_bwd_ms / 1e3), 2),
-      "overflow": int(out.overflow), "coverage": round(float(jnp.mean(out.alpha)), 3),
-      "device": jax.devices()[0].platform,
-      "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+    "resolution": size,
+    "faces": int(faces.shape[0]),
+    "K": k,
+    "mode": "hard" if k == 1 else "soft",
+    "texture": texture_size,
+    "tile_size": settings.tile_size,
+    "max_faces_per_tile": settings.max_faces_per_tile,
+    "fragment_budget": settings.fragment_budget,
+    "tile_budget": settings.tile_budget,
+    "heavy_tile_budget": settings.heavy_tile_budget,
+    "cull_backfaces": settings.cull_backfaces,
+    "fwd_ms": round(fwd_ms, 2),
+    "fwd_bwd_ms": round(fwd_bwd_ms, 2),
+    "fwd_min_ms": round(fwd_min, 2),
+    "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
+    "fwd_mpix_per_s": round(mpix / (fwd_ms / 1e3), 2),
+    "fwd_bwd_mpix_per_s": round(mpix / (fwd_bwd_ms / 1e3), 2),
+    "overflow": int(out.overflow),
+    "coverage": round(float(jnp.mean(out.alpha)), 3),
+    "device": jax.devices()[0].platform,
+    "load_avg_1min": round(os.getloadavg()[0], 2),
+    "cpu_count": os.cpu_count(),
   }
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ints = lambda s: [int(x) for x in s.split(",")]
-  ap.add_argument("--sizes", type=ints, default=[256, 512], help="image sizes (square), comma separated")
+  ap.add_argument(
+    "--sizes", type=ints, default=[256, 512], help="image sizes (square), comma separated"
+  )
   ap.add_argument("--faces", type=ints, default=[5000, 15000], help="approximate face counts")
   ap.add_argument("--k", type=ints, default=[1, 8], help="faces per pixel (1 = hard mode)")
   ap.add_argument("--texture", type=int, default=1024, help="texture size (square)")
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--tile-size", type=int, default=None)
   ap.add_argument("--max-faces-per-tile", type=int, default=None)
-  ap.add_argument("--budgets", type=lambda v: v.split(","), default=["1", "auto"],
-                  help="comma separated: '1' = RasterSettings' default budgets (every slot and tile), 'auto' = "
-                       "budgets and max_faces_per_tile from render.occupancy on the view, + 10 %% "
-                       "(render.fit_budgets)")
-  ap.add_argument("--cull-backfaces", action="store_true", help="cull back faces (the head is closed)")
-  ap.add_argument("--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)")
+  ap.add_argument(
+    "--budgets",
+    type=lambda v: v.split(","),
+    default=["1", "auto"],
+    help="comma separated: '1' = RasterSettings' default budgets (every slot and tile), 'auto' = "
+    "budgets and max_faces_per_tile from render.occupancy on the view, + 10 %% "
+    "(render.fit_budgets)",
+  )
+  ap.add_argument(
+    "--cull-backfaces", action="store_true", help="cull back faces (the head is closed)"
+  )
+  ap.add_argument(
+    "--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)"
+  )
   ap.add_argument("--png", default=None, help="save the last case's forward image here")
   args = ap.parse_args(argv)
   if args.quick:
     args.sizes, args.faces, args.k, args.texture, args.runs = [128], [5000], [1, 4], 256, 3
-  cases = [(s, f, k, b) for s in args.sizes for f in args.faces for k in args.k for b in args.budgets]
+  cases = [
+    (s, f, k, b) for s in args.sizes for f in args.faces for k in args.k for b in args.budgets
+  ]
   for i, (size, faces, k, budgets) in enumerate(cases):
-    res = run_case(size, faces, k, args.texture, args.runs, args.tile_size, args.max_faces_per_tile,
-                   png=args.png if i == len(cases) - 1 else None, budgets=budgets,
-                   cull_backfaces=args.cull_backfaces)
+    res = run_case(
+      size,
+      faces,
+      k,
+      args.texture,
+      args.runs,
+      args.tile_size,
+      args.max_faces_per_tile,
+      png=args.png if i == len(cases) - 1 else None,
+      budgets=budgets,
+      cull_backfaces=args.cull_backfaces,
+    )
     print(json.dumps(res), flush=True)
 
 

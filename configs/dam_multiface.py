@@ -1,5 +1,6 @@
-"""DAM on one Multiface entity, full size (DESIGN section 6): 1024^2 textures, 7,306 vertices, Z = 256,
-batch 16, Adam 3e-4, gradient-norm clip 10. Point ``--config.dataset.builder_kwargs.entity_dir`` at the entity
+"""DAM on one Multiface entity, full size (DESIGN section 6): 1024^2 textures, 7,306 vertices, Z =
+256, batch 16, Adam 3e-4, gradient-norm clip 10. Point
+``--config.dataset.builder_kwargs.entity_dir`` at the entity
 directory. ``:tiny`` is a smoke run of the same code path at small size."""
 
 from lipflow_jax import config_base

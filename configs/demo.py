@@ -1,11 +1,13 @@
-"""The whole pipeline on the synthetic capture: data -> train every model -> fit -> evaluate -> report.
+"""The whole pipeline on the synthetic capture: data -> train every model -> fit -> evaluate ->
+report.
 
-``python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR`` (about 15 minutes on a 2-core CPU), or
-``--config=configs/demo.py:tiny`` (an end-to-end smoke run of about a minute on the tiny capture).
+``python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR`` (about 15 minutes on a 2-core
+CPU), or ``--config=configs/demo.py:tiny`` (an end-to-end smoke run of about a minute on the tiny
+capture).
 
-Every model is a full experiment config of its own (``configs/<name>_synthetic.py``), resolved here with the
-demo's training length, so that the resolved demo config (dumped to the workdir and into ``report.json``)
-says exactly what was trained.
+Every model is a full experiment config of its own (``configs/<name>_synthetic.py``), resolved here
+with the demo's training length, so that the resolved demo config (dumped to the workdir and into
+``report.json``) says exactly what was trained.
 """
 
 import os
@@ -16,19 +18,21 @@ from lipflow_jax import config_base
 
 # Sub-workdir name -> (config file beside this one, extra config-string options).
 MODELS = {
-    'dam': ('dam_synthetic.py', ''),
-    'lipflow': ('lipflow_synthetic.py', ''),
-    'conditional_gaussian': ('conditional_gaussian_synthetic.py', ''),
-    'flow': ('flow_synthetic.py', ''),
-    'regressor': ('regressor_synthetic.py', ''),
-    'direct_keypoints': ('direct_synthetic.py', 'keypoints'),
-    'direct_hmc': ('direct_synthetic.py', 'hmc'),
+  'dam': ('dam_synthetic.py', ''),
+  'lipflow': ('lipflow_synthetic.py', ''),
+  'conditional_gaussian': ('conditional_gaussian_synthetic.py', ''),
+  'flow': ('flow_synthetic.py', ''),
+  'regressor': ('regressor_synthetic.py', ''),
+  'direct_keypoints': ('direct_synthetic.py', 'keypoints'),
+  'direct_hmc': ('direct_synthetic.py', 'hmc'),
 }
 
 
 def _model_config(filename, options, variant, steps, common_overrides):
   arg = ','.join(t for t in (variant if variant != 'default' else '', options) if t) or None
-  config = config_base.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)).get_config(arg)
+  config = config_base.load_module(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+  ).get_config(arg)
   config.num_train_steps = steps
   config.progress_bar = True
   for k, v in common_overrides.items():
@@ -51,13 +55,36 @@ def get_config(arg=None):
   config.dataset.builder_config = 'tiny' if tiny else 'default'
   config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
 
-  # ------------------------------------------------------------------------------------------ training
-  steps = {'dam': 30, 'lipflow': 30, 'conditional_gaussian': 30, 'flow': 20, 'regressor': 30,
-           'direct_keypoints': 20, 'direct_hmc': 20} if tiny else {
-               'dam': 1500, 'lipflow': 1500, 'conditional_gaussian': 600, 'flow': 200, 'regressor': 400,
-               'direct_keypoints': 300, 'direct_hmc': 300}
-  overrides = dict(eval_every=0, image_every=0, log_every=10 if tiny else 50,
-                   checkpoint_every=1000000, keep_checkpoints=1)
+  # ------------------------------------------------------------------------------------------
+  # training
+  steps = (
+    {
+      'dam': 30,
+      'lipflow': 30,
+      'conditional_gaussian': 30,
+      'flow': 20,
+      'regressor': 30,
+      'direct_keypoints': 20,
+      'direct_hmc': 20,
+    }
+    if tiny
+    else {
+      'dam': 1500,
+      'lipflow': 1500,
+      'conditional_gaussian': 600,
+      'flow': 200,
+      'regressor': 400,
+      'direct_keypoints': 300,
+      'direct_hmc': 300,
+    }
+  )
+  overrides = dict(
+    eval_every=0,
+    image_every=0,
+    log_every=10 if tiny else 50,
+    checkpoint_every=1000000,
+    keep_checkpoints=1,
+  )
   config.models = ml_collections.ConfigDict()
   for name, (module, options) in MODELS.items():
     sub = _model_config(module, options, variant, steps[name], overrides)
@@ -66,44 +93,75 @@ def get_config(arg=None):
     config.models[name] = sub
   # The regressor's teacher is the DAM of this demo (main.py sets the path).
   # The tiny smoke run skips the unconditional flow prior (only used for the random-samples figure).
-  config.train_order = ('dam', 'lipflow', 'conditional_gaussian', 'regressor', 'direct_keypoints',
-                        'direct_hmc') + (() if tiny else ('flow',))
+  config.train_order = (
+    'dam',
+    'lipflow',
+    'conditional_gaussian',
+    'regressor',
+    'direct_keypoints',
+    'direct_hmc',
+  ) + (() if tiny else ('flow',))
 
-  # ------------------------------------------------------------------------------------------ fitting
+  # ------------------------------------------------------------------------------------------
+  # fitting
   config.fit = ml_collections.ConfigDict()
-  config.fit.keypoints = ml_collections.ConfigDict(dict(
-      num_steps=40 if tiny else 200, lr=0.05, schedule='cosine', objective_options=dict(robust='huber', scale=2.0)))
-  config.fit.hmc = ml_collections.ConfigDict(dict(
-      num_steps=15 if tiny else 40, lr=0.05, schedule='cosine', objective_options=dict()))
-  # lambda_prior per (fitted method, input): the weight of -log p(z | c) against the observation term. These are
-  # the values used when there is no validation split; with one, ``tune`` chooses them (below).
-  config.fit.lambda_prior = ml_collections.ConfigDict(dict(
+  config.fit.keypoints = ml_collections.ConfigDict(
+    dict(
+      num_steps=40 if tiny else 200,
+      lr=0.05,
+      schedule='cosine',
+      objective_options=dict(robust='huber', scale=2.0),
+    )
+  )
+  config.fit.hmc = ml_collections.ConfigDict(
+    dict(num_steps=15 if tiny else 40, lr=0.05, schedule='cosine', objective_options=dict())
+  )
+  # lambda_prior per (fitted method, input): the weight of -log p(z | c) against the observation
+  # term. These are the values used when there is no validation split; with one, ``tune`` chooses
+  # them (below).
+  config.fit.lambda_prior = ml_collections.ConfigDict(
+    dict(
       dam_fit=dict(keypoints=0.01, hmc=1e-5),
       lipflow_fit=dict(keypoints=0.01, hmc=1e-5),
-      conditional_gaussian_fit=dict(keypoints=0.01, hmc=1e-5)))
-  # LiP-Flow optimises the flow's base variable y (z = f(y | h), prior N(mu_c, sigma_c) on y); 'z' optimises
-  # z with -log p(z | c) (there the sharp learned prior holds the fit near its mode).
+      conditional_gaussian_fit=dict(keypoints=0.01, hmc=1e-5),
+    )
+  )
+  # LiP-Flow optimises the flow's base variable y (z = f(y | h), prior N(mu_c, sigma_c) on y); 'z'
+  # optimises z with -log p(z | c) (there the sharp learned prior holds the fit near its mode).
   config.fit.space = 'y'
   config.fit.sequence_warm_steps = 20 if tiny else 60
 
-  # ------------------------------------------------------------------------------------------ tuning
-  # lambda_prior of every fitted method and input: the grid value with the lowest geometry error on
-  # ``max_frames`` frames of the validation split (held-out segments that are not the test split).
+  # ------------------------------------------------------------------------------------------
+  # tuning lambda_prior of every fitted method and input: the grid value with the lowest geometry
+  # error on ``max_frames`` frames of the validation split (held-out segments that are not the test
+  # split).
   config.tune = ml_collections.ConfigDict()
   config.tune.split = 'validation'
   config.tune.max_frames = 2 if tiny else 8
-  config.tune.lambda_grid = ml_collections.ConfigDict(dict(
+  config.tune.lambda_grid = ml_collections.ConfigDict(
+    dict(
       keypoints=(1e-4, 1e-3, 1e-2, 1e-1) if not tiny else (1e-2, 1e-1),
-      hmc=(1e-5, 1e-4, 1e-3, 1e-2) if not tiny else (1e-5, 1e-3)))
+      hmc=(1e-5, 1e-4, 1e-3, 1e-2) if not tiny else (1e-5, 1e-3),
+    )
+  )
 
-  # ------------------------------------------------------------------------------------------ evaluation
+  # ------------------------------------------------------------------------------------------
+  # evaluation
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'
-  config.eval.max_frames = 4 if tiny else 24  # held-out frames (spread evenly over the test segments)
+  config.eval.max_frames = (
+    4 if tiny else 24
+  )  # held-out frames (spread evenly over the test segments)
   config.eval.view_stride = 1  # every held-out frame in every n-th dome camera
   config.eval.chunk = 4
-  config.eval.methods = ('dam_fit', 'dam_regressor', 'direct_encoder', 'lipflow_prior_mode', 'lipflow_fit',
-                         'conditional_gaussian_fit')
+  config.eval.methods = (
+    'dam_fit',
+    'dam_regressor',
+    'direct_encoder',
+    'lipflow_prior_mode',
+    'lipflow_fit',
+    'conditional_gaussian_fit',
+  )
   config.eval.inputs = ('keypoints', 'hmc')
   config.eval.figures = True
   config.eval.figure_frames = 2 if tiny else 4

@@ -1,5 +1,7 @@
-"""Direct-encoder baseline: a DAM whose encoder reads the poor signal (keypoints, or HMC crops with ``:hmc``)
-instead of the texture and mesh; N(0, I) prior. Config strings: ``direct_synthetic.py[:hmc][,tiny]``."""
+"""Direct-encoder baseline: a DAM whose encoder reads the poor signal (keypoints, or HMC crops with
+``:hmc``)
+instead of the texture and mesh; N(0, I) prior. Config strings:
+``direct_synthetic.py[:hmc][,tiny]``."""
 
 from lipflow_jax import config_base
 

@@ -1,4 +1,5 @@
-"""LiP-Flow on one Multiface entity, full size (see ``dam_multiface.py``), keypoint and HMC priors."""
+"""LiP-Flow on one Multiface entity, full size (see ``dam_multiface.py``), keypoint and HMC
+priors."""
 
 from lipflow_jax import config_base
 

@@ -1,5 +1,6 @@
-"""DAM-Regressor baseline: one regressor per condition (keypoints, HMC) trained to the posterior mean of a
-frozen, trained DAM. Needs ``--config.teacher_workdir=<workdir of configs/dam_synthetic.py>`` (the same
+"""DAM-Regressor baseline: one regressor per condition (keypoints, HMC) trained to the posterior
+mean of a frozen, trained DAM. Needs ``--config.teacher_workdir=<workdir of
+configs/dam_synthetic.py>`` (the same
 variant: tiny with tiny)."""
 
 import ml_collections

@@ -1,4 +1,5 @@
-"""Defaults shared by every experiment config in ``configs/``; each config file changes only what differs.
+"""Defaults shared by every experiment config in ``configs/``; each config file changes only what
+differs.
 
 Usage in a config file::
 
@@ -9,8 +10,8 @@ Usage in a config file::
     config.model.prior = 'lipflow'
     return config_base.apply_variant(config, arg)
 
-Config strings: ``--config=configs/<name>.py`` (the CPU default) or ``--config=configs/<name>.py:tiny`` (a
-seconds-long smoke run on the tiny synthetic capture).
+Config strings: ``--config=configs/<name>.py`` (the CPU default) or
+``--config=configs/<name>.py:tiny`` (a seconds-long smoke run on the tiny synthetic capture).
 """
 
 import importlib.util
@@ -26,7 +27,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The DAM on the default synthetic capture, sized to train in a few minutes on a 2-core CPU."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.task = 'avatar'  # 'avatar' (LipFlowModel: the DAM with any prior, or the direct encoder) | 'regressor'
+  config.task = (
+    'avatar'  # 'avatar' (LipFlowModel: the DAM with any prior, or the direct encoder) | 'regressor'
+  )
 
   # Data (TFDS builder, generated on first use).
   config.dataset = ml_collections.ConfigDict()
@@ -70,11 +73,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Loss weights (``lipflow_jax.models.model_loss``): tex, geo, kl (= beta), screen.
   config.loss = ml_collections.ConfigDict(dict(tex=1.0, geo=1.0, kl=0.01, screen=0.0))
 
-  # Training-time augmentation of the run-time signals (``train.tasks.augment_keypoints``): fresh keypoint
-  # noise (pixels) and dropout per step, so that keypoint encoders do not memorise one detection per frame.
+  # Training-time augmentation of the run-time signals (``train.tasks.augment_keypoints``): fresh
+  # keypoint noise (pixels) and dropout per step, so that keypoint encoders do not memorise one
+  # detection per frame.
   config.augment = ml_collections.ConfigDict(dict(keypoint_noise_px=0.5, keypoint_dropout=0.03))
 
-  # Regressor baseline only (task='regressor'): one ``Regressor`` per condition on a frozen DAM teacher.
+  # Regressor baseline only (task='regressor'): one ``Regressor`` per condition on a frozen DAM
+  # teacher.
   config.teacher_workdir = ml_collections.config_dict.placeholder(str)
 
   # Optimisation.
@@ -101,32 +106,55 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.async_checkpoints = True
   config.progress_bar = True
-  config.num_devices = ml_collections.config_dict.placeholder(int)  # None = all devices of all processes
+  config.num_devices = ml_collections.config_dict.placeholder(
+    int
+  )  # None = all devices of all processes
   return config
 
 
 def multiface(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Full-size Multiface settings (DESIGN section 6): the public DAM's architecture and optimiser."""
+  """Full-size Multiface settings (DESIGN section 6): the public DAM's architecture and
+  optimiser."""
   config.dataset.name = 'multiface'
   config.dataset.builder_config = ml_collections.config_dict.placeholder(str)
   config.dataset.builder_kwargs = ml_collections.ConfigDict()
-  # The entity directory as published, and ``lipflow_jax.data.multiface.MultifaceOptions`` (None: its default).
+  # The entity directory as published, and ``lipflow_jax.data.multiface.MultifaceOptions`` (None:
+  # its default).
   kw = config.dataset.builder_kwargs
   kw.entity_dir = ml_collections.config_dict.placeholder(str)
   kw.texture_size = ml_collections.config_dict.placeholder(int)  # None: the files' 1024
-  kw.image_size = ml_collections.config_dict.placeholder(tuple)  # (H, W); None: the photos' 2048 x 1334
+  kw.image_size = ml_collections.config_dict.placeholder(
+    tuple
+  )  # (H, W); None: the photos' 2048 x 1334
   kw.frontal_camera = ml_collections.config_dict.placeholder(str)
   kw.skip_bad_frames = False
   config.dataset.worker_count = 8
   m = config.model
   m.z_dim = 256
-  m.enc_channels = (16, 16, 32, 32, 64, 64, 128, 128)  # 4 blocks of two 4x4 stride-2 convs: 1024 -> 4
+  m.enc_channels = (
+    16,
+    16,
+    32,
+    32,
+    64,
+    64,
+    128,
+    128,
+  )  # 4 blocks of two 4x4 stride-2 convs: 1024 -> 4
   m.enc_tex_features = 256
   m.enc_vert_features = 256
   m.dec_z_features = 256
   m.dec_start_size = 4
   m.dec_start_channels = 256
-  m.dec_channels = (256, 64, 64, 32, 32, 16, 16)  # 4 -> 1024 texels by 4x4 stride-2 transposed convs
+  m.dec_channels = (
+    256,
+    64,
+    64,
+    32,
+    32,
+    16,
+    16,
+  )  # 4 -> 1024 texels by 4x4 stride-2 transposed convs
   m.dec_upsample = 'transpose'
   m.weight_norm = True
   m.context_dim = 256
@@ -157,13 +185,16 @@ def parse_arg(arg, options=()) -> set:
   return tokens
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg=None, options=()) -> ml_collections.ConfigDict:
-  """Applies the config-string variant: 'default' (or none) or 'tiny' (a seconds-long run on the tiny
+def apply_variant(
+  config: ml_collections.ConfigDict, arg=None, options=()
+) -> ml_collections.ConfigDict:
+  """Applies the config-string variant: 'default' (or none) or 'tiny' (a seconds-long run on the
+  tiny
   capture); ``options`` names further tokens the calling config handles itself."""
   tokens = parse_arg(arg, options)
   if 'tiny' in tokens:
-    # The tiny synthetic capture (32x32 textures, 420 vertices, 6 cameras), also for the Multiface configs,
-    # whose smoke run keeps their code path (weight norm, transposed convs) at small size.
+    # The tiny synthetic capture (32x32 textures, 420 vertices, 6 cameras), also for the Multiface
+    # configs, whose smoke run keeps their code path (weight norm, transposed convs) at small size.
     config.dataset.name = 'synthetic_capture'
     config.dataset.builder_config = 'tiny'
     config.dataset.builder_kwargs = ml_collections.ConfigDict()
@@ -194,7 +225,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg=None, options=()) -> ml
 
 
 def load_module(path: str):
-  """Imports a config file by its path (e.g. ``configs/dam_synthetic.py``), as ``config_flags`` does."""
+  """Imports a config file by its path (e.g. ``configs/dam_synthetic.py``), as ``config_flags``
+  does."""
   path = os.path.abspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file not found: {path}')
@@ -209,6 +241,7 @@ def load_module(path: str):
 
 
 def load_config(config_string: str) -> ml_collections.ConfigDict:
-  """``path/to/config.py[:arg]`` -> ``get_config(arg)`` of that file (the ``--config`` flag's syntax)."""
+  """``path/to/config.py[:arg]`` -> ``get_config(arg)`` of that file (the ``--config`` flag's
+  syntax)."""
   path, _, arg = config_string.partition(':')
   return load_module(path).get_config(arg or None)

@@ -53,10 +53,11 @@ import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import numpy as np
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +118,18 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
 
 
 def _missing_error(given: dict, missing: Sequence[str]) -> ValueError:
-  names = {'coordinator_address': ENV_COORDINATOR, 'num_processes': ENV_NUM_PROCESSES,
-           'process_id': ENV_PROCESS_ID}
+  names = {
+    'coordinator_address': ENV_COORDINATOR,
+    'num_processes': ENV_NUM_PROCESSES,
+    'process_id': ENV_PROCESS_ID,
+  }
   got = ', '.join(f'{k}={v!r}' for k, v in given.items() if v is not None)
   need = ', '.join(f'{k} (or ${names[k]})' for k in missing)
-  return ValueError(f'Incomplete multi-process settings: got {got}, but {need} missing, and no '
-                    'cluster (SLURM, Open MPI, TPU pod, Kubernetes) was detected to supply the '
-                    'rest. Give all three, or none for a single process.')
+  return ValueError(
+    f'Incomplete multi-process settings: got {got}, but {need} missing, and no '
+    'cluster (SLURM, Open MPI, TPU pod, Kubernetes) was detected to supply the '
+    'rest. Give all three, or none for a single process.'
+  )
 
 
 def _k8s_coordinator(environ: Mapping[str, str]) -> str | None:
@@ -142,14 +148,19 @@ def _k8s_coordinator(environ: Mapping[str, str]) -> str | None:
     host0, n = re.subn(r'-\d+$', '-0', hostname)
   if n != 1:
     return None
-  port = (environ.get(ENV_COORDINATOR_PORT) or environ.get('JAX_COORDINATOR_PORT')
-          or DEFAULT_K8S_PORT)
+  port = (
+    environ.get(ENV_COORDINATOR_PORT) or environ.get('JAX_COORDINATOR_PORT') or DEFAULT_K8S_PORT
+  )
   return f'{host0}.{service}:{port}'
 
 
-def detect_cluster(coordinator_address: str | None = None, num_processes: int | None = None,
-                   process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
-                   environ: Mapping[str, str] | None = None) -> ClusterSpec:
+def detect_cluster(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+  environ: Mapping[str, str] | None = None,
+) -> ClusterSpec:
   """Decides how to start from the arguments and ``environ`` (default ``os.environ``).
 
   Pure: it starts nothing.
@@ -170,8 +181,9 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
   coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
   num_processes = num_processes if num_processes is not None else _int_env(env, ENV_NUM_PROCESSES)
   process_id = process_id if process_id is not None else _int_env(env, ENV_PROCESS_ID)
-  given = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-               process_id=process_id)
+  given = dict(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   missing = [k for k, v in given.items() if v is None]
   if num_processes is not None and num_processes < 1:
     raise ValueError(f'num_processes must be >= 1, got {num_processes}')
@@ -191,24 +203,30 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
       return ClusterSpec('ompi', coordinator_address, num_processes, process_id, ids)
     coordinator_address = coordinator_address or env.get('JAX_COORDINATOR_ADDRESS')
     if coordinator_address is None:
-      raise ValueError('Open MPI job without OMPI_MCA_orte_hnp_uri (Open MPI >= 5): set '
-                       f'{ENV_COORDINATOR}=<rank 0 host>:<port> for every rank.')
+      raise ValueError(
+        'Open MPI job without OMPI_MCA_orte_hnp_uri (Open MPI >= 5): set '
+        f'{ENV_COORDINATOR}=<rank 0 host>:<port> for every rank.'
+      )
     local_rank = _int_env(env, 'OMPI_COMM_WORLD_LOCAL_RANK')
-    return ClusterSpec('ompi', coordinator_address,
-                       num_processes if num_processes is not None else ompi_size,
-                       (process_id if process_id is not None
-                        else _int_env(env, 'OMPI_COMM_WORLD_RANK')),
-                       ids if ids is not None or local_rank is None else (local_rank,))
+    return ClusterSpec(
+      'ompi',
+      coordinator_address,
+      num_processes if num_processes is not None else ompi_size,
+      (process_id if process_id is not None else _int_env(env, 'OMPI_COMM_WORLD_RANK')),
+      ids if ids is not None or local_rank is None else (local_rank,),
+    )
 
   # 4. SLURM.
   if 'SLURM_JOB_ID' in env:
     ntasks = _int_env(env, 'SLURM_STEP_NUM_TASKS') or _int_env(env, 'SLURM_NTASKS') or 1
     if ntasks > 1:
       if 'SLURM_STEP_NODELIST' not in env or 'SLURM_PROCID' not in env:
-        raise ValueError(f'SLURM job with {ntasks} tasks, but this process was not started by '
-                         'srun (SLURM_STEP_NODELIST / SLURM_PROCID unset): launch one process per '
-                         'task with `srun` (see launch/slurm.sbatch), or set '
-                         f'{ENV_MODE}=off for a one-process run.')
+        raise ValueError(
+          f'SLURM job with {ntasks} tasks, but this process was not started by '
+          'srun (SLURM_STEP_NODELIST / SLURM_PROCID unset): launch one process per '
+          'task with `srun` (see launch/slurm.sbatch), or set '
+          f'{ENV_MODE}=off for a one-process run.'
+        )
       return ClusterSpec('slurm', coordinator_address, num_processes, process_id, ids)
 
   # 5. Cloud TPU pod (multi-host slice or multislice), or JAX's detection on request.
@@ -225,22 +243,27 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
       # jax[k8s]: JAX reads the Job's parallelism.
       if importlib.util.find_spec('kubernetes') is not None:
         return ClusterSpec('k8s', coordinator_address, None, process_id, ids)
-      raise ValueError('Kubernetes indexed Job (JOB_COMPLETION_INDEX='
-                       f'{env["JOB_COMPLETION_INDEX"]}) without a process count: set '
-                       f'{ENV_NUM_PROCESSES} to the Job\'s parallelism (see '
-                       f'launch/k8s/jobset.yaml), or {ENV_MODE}=off for a one-process run.')
+      raise ValueError(
+        'Kubernetes indexed Job (JOB_COMPLETION_INDEX='
+        f'{env["JOB_COMPLETION_INDEX"]}) without a process count: set '
+        f'{ENV_NUM_PROCESSES} to the Job\'s parallelism (see '
+        f'launch/k8s/jobset.yaml), or {ENV_MODE}=off for a one-process run.'
+      )
     if num_processes == 1:
       return ClusterSpec('single')
     process_id = process_id if process_id is not None else _int_env(env, 'JOB_COMPLETION_INDEX')
     coordinator_address = coordinator_address or _k8s_coordinator(env)
     if coordinator_address is None:
-      raise ValueError(f'Kubernetes indexed Job: cannot name the coordinator; set '
-                       f'{ENV_COORDINATOR}=<job>-0.<headless service>:<port>, or '
-                       f'{ENV_K8S_SERVICE}=<headless service> (the pod hostname must be '
-                       '<job>-<index>).')
+      raise ValueError(
+        f'Kubernetes indexed Job: cannot name the coordinator; set '
+        f'{ENV_COORDINATOR}=<job>-0.<headless service>:<port>, or '
+        f'{ENV_K8S_SERVICE}=<headless service> (the pod hostname must be '
+        '<job>-<index>).'
+      )
     if not 0 <= process_id < num_processes:
-      raise ValueError(f'JOB_COMPLETION_INDEX={process_id} is outside '
-                       f'[0, {ENV_NUM_PROCESSES}={num_processes})')
+      raise ValueError(
+        f'JOB_COMPLETION_INDEX={process_id} is outside [0, {ENV_NUM_PROCESSES}={num_processes})'
+      )
     return ClusterSpec('k8s', coordinator_address, num_processes, process_id, ids)
 
   if len(missing) < 3:
@@ -284,13 +307,15 @@ def _bind_gloo_to_loopback():
 
     def factory():
       collectives = _jax.make_gloo_tcp_collectives(
-          distributed_client=jax_distributed.global_state.client, hostname='127.0.0.1')
+        distributed_client=jax_distributed.global_state.client, hostname='127.0.0.1'
+      )
       return xla_bridge.make_cpu_client(collectives=collectives)
 
     xla_bridge.register_backend_factory('cpu', factory, priority=0, fail_quietly=False)
   except Exception as e:  # pylint: disable=broad-except
-    logger.warning('Could not bind gloo collectives to 127.0.0.1 (%s); using the default address.',
-                   e)
+    logger.warning(
+      'Could not bind gloo collectives to 127.0.0.1 (%s); using the default address.', e
+    )
 
 
 def _install_fail_fast_excepthook():
@@ -300,10 +325,12 @@ def _install_fail_fast_excepthook():
   def hook(exc_type, exc, tb):
     try:
       previous(exc_type, exc, tb)
-      sys.stderr.write(f'[lipflow_jax.distributed] process {jax.process_index()} of '
-                       f'{jax.process_count()} failed with an uncaught {exc_type.__name__} (if it '
-                       'is a collective or connection error, another process probably died first: '
-                       'see its log); exiting now so that the others stop too.\n')
+      sys.stderr.write(
+        f'[lipflow_jax.distributed] process {jax.process_index()} of '
+        f'{jax.process_count()} failed with an uncaught {exc_type.__name__} (if it '
+        'is a collective or connection error, another process probably died first: '
+        'see its log); exiting now so that the others stop too.\n'
+      )
       sys.stdout.flush()
       sys.stderr.flush()
       logging.shutdown()
@@ -319,12 +346,18 @@ def _timeout(value: int | None, env_name: str, default: int) -> int:
   return _int_env(os.environ, env_name) or default
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None,
-               local_device_ids: int | Sequence[int] | None = None, *,
-               cpu_collectives: str | None = 'auto', initialization_timeout: int | None = None,
-               heartbeat_timeout: int | None = None, shutdown_timeout: int | None = None,
-               fail_fast: bool = True) -> ClusterSpec:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: int | Sequence[int] | None = None,
+  *,
+  cpu_collectives: str | None = 'auto',
+  initialization_timeout: int | None = None,
+  heartbeat_timeout: int | None = None,
+  shutdown_timeout: int | None = None,
+  fail_fast: bool = True,
+) -> ClusterSpec:
   """Starts ``jax.distributed`` when the job is multi-process; nothing for one process. Idempotent.
 
   Args:
@@ -356,8 +389,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if jax.distributed.is_initialized():  # Started by someone else.
       _SPEC = ClusterSpec('external', None, jax.process_count(), jax.process_index())
       return _SPEC
-    ids = (None if local_device_ids is None
-           else tuple(int(i) for i in np.atleast_1d(local_device_ids)))
+    ids = (
+      None if local_device_ids is None else tuple(int(i) for i in np.atleast_1d(local_device_ids))
+    )
     spec = detect_cluster(coordinator_address, num_processes, process_id, ids)
     if not spec.is_multiprocess:
       _SPEC = spec
@@ -373,34 +407,54 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       if cpu_collectives == 'gloo':
         _bind_gloo_to_loopback()
     timeouts = dict(
-        initialization_timeout=_timeout(initialization_timeout, ENV_INIT_TIMEOUT,
-                                        DEFAULT_INIT_TIMEOUT),
-        heartbeat_timeout_seconds=_timeout(heartbeat_timeout, ENV_HEARTBEAT_TIMEOUT,
-                                           DEFAULT_HEARTBEAT_TIMEOUT),
-        shutdown_timeout_seconds=_timeout(shutdown_timeout, ENV_SHUTDOWN_TIMEOUT,
-                                          DEFAULT_SHUTDOWN_TIMEOUT))
-    logger.info('Starting jax.distributed (%s): coordinator=%s processes=%s id=%s %s', spec.kind,
-                spec.coordinator_address or '<auto>', spec.num_processes or '<auto>',
-                '<auto>' if spec.process_id is None else spec.process_id, timeouts)
+      initialization_timeout=_timeout(
+        initialization_timeout, ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT
+      ),
+      heartbeat_timeout_seconds=_timeout(
+        heartbeat_timeout, ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+      ),
+      shutdown_timeout_seconds=_timeout(
+        shutdown_timeout, ENV_SHUTDOWN_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
+      ),
+    )
+    logger.info(
+      'Starting jax.distributed (%s): coordinator=%s processes=%s id=%s %s',
+      spec.kind,
+      spec.coordinator_address or '<auto>',
+      spec.num_processes or '<auto>',
+      '<auto>' if spec.process_id is None else spec.process_id,
+      timeouts,
+    )
     try:
       jax.distributed.initialize(
-          coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
-          process_id=spec.process_id,
-          local_device_ids=None if spec.local_device_ids is None else list(spec.local_device_ids),
-          coordinator_bind_address=bind_address, **timeouts)
+        coordinator_address=spec.coordinator_address,
+        num_processes=spec.num_processes,
+        process_id=spec.process_id,
+        local_device_ids=None if spec.local_device_ids is None else list(spec.local_device_ids),
+        coordinator_bind_address=bind_address,
+        **timeouts,
+      )
     except RuntimeError as e:
       if 'must be called before' in str(e):
-        raise RuntimeError(f'A multi-process ({spec.kind}) job was detected, but JAX was already '
-                           'used in this process; call lipflow_jax.distributed.initialize() before '
-                           'anything touches JAX devices (jax.devices(), computations, '
-                           'device_put).') from e
+        raise RuntimeError(
+          f'A multi-process ({spec.kind}) job was detected, but JAX was already '
+          'used in this process; call lipflow_jax.distributed.initialize() before '
+          'anything touches JAX devices (jax.devices(), computations, '
+          'device_put).'
+        ) from e
       raise
     if fail_fast:
       _install_fail_fast_excepthook()
-    _SPEC = dataclasses.replace(spec, num_processes=jax.process_count(),
-                                process_id=jax.process_index())
-    logger.info('Process %d of %d: %d local / %d global devices.', jax.process_index(),
-                jax.process_count(), jax.local_device_count(), jax.device_count())
+    _SPEC = dataclasses.replace(
+      spec, num_processes=jax.process_count(), process_id=jax.process_index()
+    )
+    logger.info(
+      'Process %d of %d: %d local / %d global devices.',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+    )
     return _SPEC
 
 
@@ -467,8 +521,13 @@ def sync(name: str, timeout_s: float | None = None):
 
 
 # -------------------------------------------------------------------------------- mesh, batches
-def make_mesh(axis_names: Sequence[str] = (DATA_AXIS,), axis_shapes: Sequence[int] | None = None, *,
-              axis_types: Sequence[AxisType] | None = None, num_devices: int | None = None) -> Mesh:
+def make_mesh(
+  axis_names: Sequence[str] = (DATA_AXIS,),
+  axis_shapes: Sequence[int] | None = None,
+  *,
+  axis_types: Sequence[AxisType] | None = None,
+  num_devices: int | None = None,
+) -> Mesh:
   """A mesh over all devices of all processes (``jax.make_mesh``; each process's are contiguous).
 
   Args:
@@ -506,8 +565,9 @@ def make_mesh(axis_names: Sequence[str] = (DATA_AXIS,), axis_shapes: Sequence[in
       raise ValueError(f'cannot fill axis sizes {tuple(shapes)} with {n} devices')
     shapes[shapes.index(-1)] = n // rest
   if int(np.prod(shapes)) != n:
-    raise ValueError(f'mesh shape {tuple(shapes)} needs {int(np.prod(shapes))} devices, there are '
-                     f'{n}')
+    raise ValueError(
+      f'mesh shape {tuple(shapes)} needs {int(np.prod(shapes))} devices, there are {n}'
+    )
   if axis_types is None:
     axis_types = (AxisType.Auto,) * len(axis_names)
   return jax.make_mesh(tuple(shapes), axis_names, axis_types=tuple(axis_types))
@@ -517,8 +577,9 @@ def process_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
   """This process's share of ``global_batch_size``; checks it splits evenly over the devices."""
   devices = jax.device_count() if mesh is None else mesh.devices.size
   if global_batch_size % devices:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the {devices} '
-                     'devices')
+    raise ValueError(
+      f'global batch size {global_batch_size} is not divisible by the {devices} devices'
+    )
   return global_batch_size // jax.process_count()
 
 
@@ -545,8 +606,10 @@ def shard_batch(local_batch: Any, mesh: Mesh, axis: str | Sequence[str] = DATA_A
   def put(x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % local_devices:
-      raise ValueError(f'local batch leading dimension {x.shape[:1]} is not divisible by this '
-                       f'process\'s {local_devices} devices')
+      raise ValueError(
+        f'local batch leading dimension {x.shape[:1]} is not divisible by this '
+        f'process\'s {local_devices} devices'
+      )
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, local_batch)

@@ -96,9 +96,14 @@ def free_port(host: str = '127.0.0.1') -> int:
     return s.getsockname()[1]
 
 
-def local_process_env(process_id: int, num_processes: int, coordinator_address: str,
-                      devices_per_process: int, base: Mapping[str, str] | None = None,
-                      heartbeat_timeout: int | None = None) -> dict[str, str]:
+def local_process_env(
+  process_id: int,
+  num_processes: int,
+  coordinator_address: str,
+  devices_per_process: int,
+  base: Mapping[str, str] | None = None,
+  heartbeat_timeout: int | None = None,
+) -> dict[str, str]:
   """The environment of one process of a local CPU run.
 
   ``base`` (default ``os.environ``) with exactly ``devices_per_process`` host CPU devices, whatever
@@ -107,10 +112,17 @@ def local_process_env(process_id: int, num_processes: int, coordinator_address: 
   env = dict(os.environ if base is None else base)
   flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
   flags.append(f'{_DEVICE_COUNT_FLAG}={devices_per_process}')
-  env.update({'XLA_FLAGS': ' '.join(flags), 'JAX_PLATFORMS': 'cpu',
-              'JAX_NUM_CPU_DEVICES': str(devices_per_process), 'PYTHONUNBUFFERED': '1',
-              _ENV_COORDINATOR: coordinator_address, _ENV_NUM_PROCESSES: str(num_processes),
-              _ENV_PROCESS_ID: str(process_id)})
+  env.update(
+    {
+      'XLA_FLAGS': ' '.join(flags),
+      'JAX_PLATFORMS': 'cpu',
+      'JAX_NUM_CPU_DEVICES': str(devices_per_process),
+      'PYTHONUNBUFFERED': '1',
+      _ENV_COORDINATOR: coordinator_address,
+      _ENV_NUM_PROCESSES: str(num_processes),
+      _ENV_PROCESS_ID: str(process_id),
+    }
+  )
   if heartbeat_timeout is not None:
     env[_ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
   return env
@@ -126,11 +138,20 @@ def _signal_group(proc: subprocess.Popen, sig: int):
     pass
 
 
-def run_local_processes(command: Sequence[str], num_processes: int, *, devices_per_process: int = 1,
-                        env: Mapping[str, str] | None = None, cwd: str | None = None,
-                        timeout: float | None = None, kill_on_failure: bool = True,
-                        heartbeat_timeout: int | None = None, echo: bool = True,
-                        capture: bool = True, grace_s: float = TERM_GRACE_S) -> LocalRun:
+def run_local_processes(
+  command: Sequence[str],
+  num_processes: int,
+  *,
+  devices_per_process: int = 1,
+  env: Mapping[str, str] | None = None,
+  cwd: str | None = None,
+  timeout: float | None = None,
+  kill_on_failure: bool = True,
+  heartbeat_timeout: int | None = None,
+  echo: bool = True,
+  capture: bool = True,
+  grace_s: float = TERM_GRACE_S,
+) -> LocalRun:
   """Runs ``command`` as ``num_processes`` processes of one job on this machine's CPU.
 
   Waits for all of them (or for ``timeout``).
@@ -154,8 +175,10 @@ def run_local_processes(command: Sequence[str], num_processes: int, *, devices_p
     KeyboardInterrupt: after stopping all processes (SIGTERM, SIGKILL 2 s later).
   """
   if num_processes < 1 or devices_per_process < 1:
-    raise ValueError(f'need num_processes >= 1 and devices_per_process >= 1, got {num_processes}, '
-                     f'{devices_per_process}')
+    raise ValueError(
+      f'need num_processes >= 1 and devices_per_process >= 1, got {num_processes}, '
+      f'{devices_per_process}'
+    )
   lock = threading.Lock()
 
   def say(message: str, stream=None):
@@ -167,17 +190,29 @@ def run_local_processes(command: Sequence[str], num_processes: int, *, devices_p
         stream.flush()
 
   coordinator = f'127.0.0.1:{free_port()}'
-  say(f'{num_processes} processes x {devices_per_process} CPU devices, coordinator {coordinator}: '
-      f'{" ".join(command)}', sys.stdout)
+  say(
+    f'{num_processes} processes x {devices_per_process} CPU devices, coordinator {coordinator}: '
+    f'{" ".join(command)}',
+    sys.stdout,
+  )
   start = time.monotonic()
   procs, outputs, readers = [], [], []
   for i in range(num_processes):
-    p_env = local_process_env(i, num_processes, coordinator, devices_per_process, env,
-                              heartbeat_timeout)
+    p_env = local_process_env(
+      i, num_processes, coordinator, devices_per_process, env, heartbeat_timeout
+    )
     # start_new_session: each process leads its own process group; signals reach its children.
-    proc = subprocess.Popen(list(command), env=p_env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            errors='replace', start_new_session=True)
+    proc = subprocess.Popen(
+      list(command),
+      env=p_env,
+      cwd=cwd,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL,
+      text=True,
+      errors='replace',
+      start_new_session=True,
+    )
     lines: list[str] = []
 
     def read(proc=proc, lines=lines, i=i):
@@ -238,8 +273,9 @@ def run_local_processes(command: Sequence[str], num_processes: int, *, devices_p
       p.wait()
     for r in readers:
       r.join(timeout=5)
-  run = LocalRun([p.returncode for p in procs], outputs, timed_out, time.monotonic() - start,
-                 first_failure)
+  run = LocalRun(
+    [p.returncode for p in procs], outputs, timed_out, time.monotonic() - start, first_failure
+  )
   if run.ok:
     say(f'all {num_processes} processes finished', sys.stdout)
   return run
@@ -249,9 +285,11 @@ def run_local_processes(command: Sequence[str], num_processes: int, *, devices_p
 def _usage(error: str | None = None) -> int:
   if error:
     sys.stderr.write(f'launch_local: {error}\n')
-  sys.stderr.write('usage: python -m lipflow_jax.launch_local (or launch/local.sh) '
-                   '[--devices_per_process=K] [--heartbeat_timeout=S] [--timeout=T] N '
-                   '[train args...]\n')
+  sys.stderr.write(
+    'usage: python -m lipflow_jax.launch_local (or launch/local.sh) '
+    '[--devices_per_process=K] [--heartbeat_timeout=S] [--timeout=T] N '
+    '[train args...]\n'
+  )
   return EXIT_USAGE
 
 
@@ -281,8 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   num_processes = _positive_int(args.pop(0))
   devices = _positive_int(options['devices_per_process'])
   if devices is None:
-    return _usage('--devices_per_process must be a positive integer, got '
-                  f'{options["devices_per_process"]!r}')
+    return _usage(
+      f'--devices_per_process must be a positive integer, got {options["devices_per_process"]!r}'
+    )
   try:
     heartbeat = None if options['heartbeat_timeout'] is None else int(options['heartbeat_timeout'])
     timeout = None if options['timeout'] is None else float(options['timeout'])
@@ -296,8 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   signal.signal(signal.SIGTERM, interrupt)
   try:
-    run = run_local_processes(command + args, num_processes, devices_per_process=devices,
-                              heartbeat_timeout=heartbeat, timeout=timeout, capture=False)
+    run = run_local_processes(
+      command + args,
+      num_processes,
+      devices_per_process=devices,
+      heartbeat_timeout=heartbeat,
+      timeout=timeout,
+      capture=False,
+    )
   except KeyboardInterrupt:
     return EXIT_INTERRUPTED
   return run.exit_code

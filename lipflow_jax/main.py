@@ -1,21 +1,22 @@
-r"""The main job: data -> train every model -> tune -> fit -> evaluate -> report (``lipflow_jax.experiment``).
+r"""The main job: data -> train every model -> tune -> fit -> evaluate -> report
+(``lipflow_jax.experiment``).
 
-  python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR       # about 15 min on a 2-core CPU
-  python -m lipflow_jax.main --config=configs/demo.py:tiny --workdir=DIR  # smoke run, about a minute
+  python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR       # ~15 min on a 2-core CPU
+  python -m lipflow_jax.main --config=configs/demo.py:tiny --workdir=DIR  # smoke run, ~1 min
 
-The workdir's layout is described in ``lipflow_jax.experiment.pipeline``; running again on the same workdir
-reuses finished trainings, fits and metrics whose inputs are unchanged.
+The workdir's layout is described in ``lipflow_jax.experiment.pipeline``; running again on the same
+workdir reuses finished trainings, fits and metrics whose inputs are unchanged.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from lipflow_jax import experiment
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (models, fits, report, figures).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (configs/demo.py[:tiny]).",
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Pipeline config (configs/demo.py[:tiny]).", lock_config=False
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -1,5 +1,5 @@
-"""Numerically risky maths in one place (multinerf's ``math.py`` style): each helper keeps its value and its
-gradient finite where the textbook formula does not.
+"""Numerically risky maths in one place (multinerf's ``math.py`` style): each helper keeps its value
+and its gradient finite where the textbook formula does not.
 
 Every stage may import this module; it imports only JAX.
 """
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 
 def safe_div(x, y, eps=1e-12):
-  """x / y with |y| clamped to >= eps (sign kept; y = 0 counts as positive). Finite values and gradients."""
+  """x / y with |y| clamped to >= eps (sign kept; y = 0 counts as positive). Finite values and
+  gradients."""
   y = jnp.where(jnp.abs(y) < eps, jnp.where(y < 0, -eps, eps), y)
   return x / y
 

@@ -1,7 +1,7 @@
 """Shared test set-up.
 
-Eight host CPU devices are forced before JAX is imported, so that sharding tests can build meshes of 1, 2, 4
-or 8 devices in one process; unsharded computations run on device 0 as usual.
+Eight host CPU devices are forced before JAX is imported, so that sharding tests can build meshes of
+1, 2, 4 or 8 devices in one process; unsharded computations run on device 0 as usual.
 """
 
 import os
@@ -19,11 +19,12 @@ def tiny_capture(tmp_path_factory):
   """The tiny ``synthetic_capture`` dataset, built once per session (~10 s, mostly JIT compilation).
 
   Returns a ``lipflow_jax.data.testing.TinyCapture`` with ``.meta`` (``DatasetMeta``), ``.sources``
-  ({'train', 'test'} TFDS data sources), ``.data_dir`` (TFDS root), ``.dataset_dir`` (versioned dir), and
-  helpers ``.batch(batch_size=4)`` (one normalised training batch), ``.iterator(split, batch_size=..,
-  seed=..)`` and ``.eval_set('test')`` (held-out frames x all dome cameras). Sizes: V = 550, T = 32, 6 dome
-  cameras 32 x 32 (2 held out), P = 51 keypoints in a 32 x 32 frontal camera, HMC 3 x 32 x 32, 14 factors;
-  72 train / 24 test records. Set LIPFLOW_TEST_DATA_DIR to keep the built data between sessions.
+  ({'train', 'test'} TFDS data sources), ``.data_dir`` (TFDS root), ``.dataset_dir`` (versioned
+  dir), and helpers ``.batch(batch_size=4)`` (one normalised training batch), ``.iterator(split,
+  batch_size=.., seed=..)`` and ``.eval_set('test')`` (held-out frames x all dome cameras). Sizes: V
+  = 550, T = 32, 6 dome cameras 32 x 32 (2 held out), P = 51 keypoints in a 32 x 32 frontal camera,
+  HMC 3 x 32 x 32, 14 factors; 72 train / 24 test records. Set LIPFLOW_TEST_DATA_DIR to keep the
+  built data between sessions.
   """
   root = os.environ.get("LIPFLOW_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tiny_capture"))
   return testing.build_tiny_capture(root)

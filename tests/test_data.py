@@ -3,21 +3,23 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from lipflow_jax import geometry
-from lipflow_jax import render
-from lipflow_jax.data import capture
-from lipflow_jax.data import capture_script
-from lipflow_jax.data import contact_sheet
-from lipflow_jax.data import input_pipeline
-from lipflow_jax.data import schema
+from lipflow_jax import geometry, render
+from lipflow_jax.data import (
+  capture,
+  capture_script,
+  contact_sheet,
+  input_pipeline,
+  schema,
+  uv_raster,
+)
 from lipflow_jax.data import synthetic_head as sh
-from lipflow_jax.data import uv_raster
 
 
-# ----------------------------------------------------------------------------------------------- head model
+# -----------------------------------------------------------------------------------------------
+# head model
 @pytest.fixture(scope="module")
 def head():
   return sh.make_head((22, 25))
@@ -34,8 +36,16 @@ def test_factors_visible_and_hidden():
   assert sh.NUM_FACTORS >= 10
   vis = [n for n, v in zip(sh.FACTOR_NAMES, sh.FACTOR_KEYPOINT_VISIBLE) if v]
   hidden = [n for n, v in zip(sh.FACTOR_NAMES, sh.FACTOR_KEYPOINT_VISIBLE) if not v]
-  assert {"jaw_open", "lip_corner_l", "lip_corner_r", "pucker", "brow_raise_l", "brow_raise_r", "eyelid_close_l",
-          "eyelid_close_r"} == set(vis)
+  assert {
+    "jaw_open",
+    "lip_corner_l",
+    "lip_corner_r",
+    "pucker",
+    "brow_raise_l",
+    "brow_raise_r",
+    "eyelid_close_l",
+    "eyelid_close_r",
+  } == set(vis)
   assert {"gaze_x", "gaze_y", "tongue", "cheek_puff", "wrinkles", "flush"} == set(hidden)
 
 
@@ -46,7 +56,11 @@ def test_mesh_topology(head):
   centres = v[head.faces].mean(1)
   assert np.mean(np.sum(n * centres, -1) > 0) > 0.99  # counter-clockwise seen from outside
   assert np.all(np.isfinite(v))
-  assert len(set(head.keypoint_vertex_ids.tolist())) == len(head.keypoint_vertex_ids) == len(head.keypoint_names)
+  assert (
+    len(set(head.keypoint_vertex_ids.tolist()))
+    == len(head.keypoint_vertex_ids)
+    == len(head.keypoint_names)
+  )
 
 
 def test_localised_effects(head):
@@ -67,10 +81,13 @@ def test_localised_effects(head):
   for name in ("gaze_x", "gaze_y", "wrinkles", "flush"):
     np.testing.assert_array_equal(_deform(head, **{name: 1.0}), rest)
   puff = _deform(head, cheek_puff=1.0)
-  # Cheek puff bulges the cheeks (along z) but hardly moves keypoints in the frontal image plane (x, y).
+  # Cheek puff bulges the cheeks (along z) but hardly moves keypoints in the frontal image plane (x,
+  # y).
   assert np.abs(puff - rest).max() > 5.0 and np.abs(puff[kp, :2] - rest[kp, :2]).max() < 1.0
   tp = sh.texel_plane(32)
-  base = np.asarray(sh.albedo_texture(jnp.asarray(tp), jnp.zeros(sh.NUM_FACTORS), jnp.asarray(head.person))[0])
+  base = np.asarray(
+    sh.albedo_texture(jnp.asarray(tp), jnp.zeros(sh.NUM_FACTORS), jnp.asarray(head.person))[0]
+  )
   f = np.zeros(sh.NUM_FACTORS, np.float32)
   f[sh.FACTOR_NAMES.index("gaze_x")] = 1.0
   gaze = np.asarray(sh.albedo_texture(jnp.asarray(tp), jnp.asarray(f), jnp.asarray(head.person))[0])
@@ -81,14 +98,18 @@ def test_localised_effects(head):
 def test_view_dependent_shading(head):
   v = jnp.asarray(_deform(head))
   n = geometry.vertex_normals(v, jnp.asarray(head.faces))
-  rgb, ks, shin = sh.albedo(jnp.asarray(head.plane), jnp.zeros(sh.NUM_FACTORS), jnp.asarray(head.person))
+  rgb, ks, shin = sh.albedo(
+    jnp.asarray(head.plane), jnp.zeros(sh.NUM_FACTORS), jnp.asarray(head.person)
+  )
   a = sh.shade(rgb, ks, shin, v, n, jnp.array([0.0, 0.0, 600.0]))
   b = sh.shade(rgb, ks, shin, v, n, jnp.array([400.0, 0.0, 450.0]))
   assert float(jnp.abs(a - b).max()) > 0.05
 
 
 def test_factor_correlations():
-  s = capture_script.make_script(list(capture_script.SEGMENTS), capture_script.TEST_SEGMENTS, 12, 16, seed=0)
+  s = capture_script.make_script(
+    list(capture_script.SEGMENTS), capture_script.TEST_SEGMENTS, 12, 16, seed=0
+  )
   f = {n: s.factors[:, i] for i, n in enumerate(sh.FACTOR_NAMES)}
   assert np.corrcoef(f["cheek_puff"], f["pucker"])[0, 1] > 0.4
   assert np.corrcoef(f["tongue"], f["jaw_open"])[0, 1] > 0.4
@@ -111,11 +132,19 @@ def test_uv_raster_interpolates_uvs(head):
   np.testing.assert_allclose(uvp[..., 1], np.broadcast_to(1.0 - c[:, None], (32, 32)), atol=1e-5)
 
 
-# --------------------------------------------------------------------------------------------- the builder
+# --------------------------------------------------------------------------------------------- the
+# builder
 def test_stored_schema(tiny_capture):
   meta = tiny_capture.meta
-  shapes = schema.feature_shapes(meta.num_verts, meta.texture_size, meta.image_size, meta.num_keypoints,
-                                 meta.image_frontal_size, meta.hmc_size, meta.num_factors)
+  shapes = schema.feature_shapes(
+    meta.num_verts,
+    meta.texture_size,
+    meta.image_size,
+    meta.num_keypoints,
+    meta.image_frontal_size,
+    meta.hmc_size,
+    meta.num_factors,
+  )
   src = tiny_capture.sources["train"]
   ex = src[0]
   assert set(ex) == set(shapes) | set(schema.STRING_KEYS)
@@ -139,20 +168,40 @@ def test_batch_contract(tiny_capture):
   bsz, v, t, (h, w), p = 4, meta.num_verts, meta.texture_size, meta.image_size, meta.num_keypoints
   hh, hw = meta.hmc_size
   expected = {
-      "verts": (bsz, v, 3), "avg_tex": (bsz, t, t, 3), "tex": (bsz, t, t, 3), "tex_mask": (bsz, t, t, 1),
-      "view": (bsz, 3), "camera_K": (bsz, 3, 3), "camera_Rt": (bsz, 3, 4), "camera_index": (bsz,),
-      "image": (bsz, h, w, 3), "image_mask": (bsz, h, w, 1), "keypoints": (bsz, p, 2),
-      "keypoints_visible": (bsz, p), "frontal_K": (bsz, 3, 3), "frontal_Rt": (bsz, 3, 4),
-      "hmc": (bsz, 3, hh, hw, 1), "hmc_mask": (bsz, 3, hh, hw, 1), "hmc_K": (bsz, 3, 3, 3), "hmc_Rt": (bsz, 3, 3, 4),
-      "head_pose": (bsz, 3, 4), "factors": (bsz, meta.num_factors), "frame_index": (bsz,), "segment_index": (bsz,),
-      "image_frontal": (bsz,) + tuple(meta.image_frontal_size) + (3,), "keypoints_clean": (bsz, p, 2),
+    "verts": (bsz, v, 3),
+    "avg_tex": (bsz, t, t, 3),
+    "tex": (bsz, t, t, 3),
+    "tex_mask": (bsz, t, t, 1),
+    "view": (bsz, 3),
+    "camera_K": (bsz, 3, 3),
+    "camera_Rt": (bsz, 3, 4),
+    "camera_index": (bsz,),
+    "image": (bsz, h, w, 3),
+    "image_mask": (bsz, h, w, 1),
+    "keypoints": (bsz, p, 2),
+    "keypoints_visible": (bsz, p),
+    "frontal_K": (bsz, 3, 3),
+    "frontal_Rt": (bsz, 3, 4),
+    "hmc": (bsz, 3, hh, hw, 1),
+    "hmc_mask": (bsz, 3, hh, hw, 1),
+    "hmc_K": (bsz, 3, 3, 3),
+    "hmc_Rt": (bsz, 3, 3, 4),
+    "head_pose": (bsz, 3, 4),
+    "factors": (bsz, meta.num_factors),
+    "frame_index": (bsz,),
+    "segment_index": (bsz,),
+    "image_frontal": (bsz,) + tuple(meta.image_frontal_size) + (3,),
+    "keypoints_clean": (bsz, p, 2),
   }
   assert set(b) == set(expected)
   for k, shape in expected.items():
     assert b[k].shape == shape, k
     assert b[k].dtype == (np.int32 if k in schema.INT_KEYS else np.float32), k
     assert np.all(np.isfinite(b[k])), k
-  assert set(np.unique(b["tex_mask"])) <= {0.0, 1.0} and set(np.unique(b["keypoints_visible"])) <= {0.0, 1.0}
+  assert set(np.unique(b["tex_mask"])) <= {0.0, 1.0} and set(np.unique(b["keypoints_visible"])) <= {
+    0.0,
+    1.0,
+  }
   assert np.all(b["tex"][np.broadcast_to(b["tex_mask"] == 0, b["tex"].shape)] == 0)
   assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["hmc"].max() <= 1.0
   np.testing.assert_allclose(np.linalg.norm(b["view"], axis=-1), 1.0, atol=1e-5)
@@ -161,16 +210,32 @@ def test_batch_contract(tiny_capture):
   # Normalised verts round-trip to millimetres; camera_Rt maps head coordinates to this view.
   verts = schema.denormalize_verts(b["verts"], meta)
   assert np.abs(b["verts"]).mean() < 5.0 and 50.0 < np.abs(verts).max() < 200.0
-  world = np.stack([geometry.compose_rigid(meta.camera_Rt[c], hp) for c, hp in zip(b["camera_index"], b["head_pose"])])
+  world = np.stack(
+    [
+      geometry.compose_rigid(meta.camera_Rt[c], hp)
+      for c, hp in zip(b["camera_index"], b["head_pose"])
+    ]
+  )
   np.testing.assert_allclose(world, b["camera_Rt"], atol=1e-3)
 
 
 def test_keypoints_fall_on_rendered_face(tiny_capture):
   meta = tiny_capture.meta
   src = tiny_capture.sources["train"]
-  settings = render.RasterSettings.hard(tuple(meta.frontal_size), tile_size=4, max_faces_per_tile=128)
-  fn = jax.jit(lambda v, K, Rt: render.render_mesh(v, meta.faces, meta.uvs, meta.uv_faces,
-                                                   jnp.ones((4, 4, 3)), geometry.Camera(K=K, Rt=Rt), settings))
+  settings = render.RasterSettings.hard(
+    tuple(meta.frontal_size), tile_size=4, max_faces_per_tile=128
+  )
+  fn = jax.jit(
+    lambda v, K, Rt: render.render_mesh(
+      v,
+      meta.faces,
+      meta.uvs,
+      meta.uv_faces,
+      jnp.ones((4, 4, 3)),
+      geometry.Camera(K=K, Rt=Rt),
+      settings,
+    )
+  )
   hits, total = 0, 0
   for r in range(0, len(src), 6 * 3):  # every third frame
     ex = src[r]
@@ -183,26 +248,41 @@ def test_keypoints_fall_on_rendered_face(tiny_capture):
       hits += int((alpha[row, col] > 0).sum())
       total += len(pts)
     # The clean keypoints are the projections of the keypoint vertices.
-    proj = geometry.project(geometry.Camera(K=ex["frontal_K"], Rt=ex["frontal_Rt"]),
-                            jnp.asarray(ex["verts"][meta.keypoint_vertex_ids]))
+    proj = geometry.project(
+      geometry.Camera(K=ex["frontal_K"], Rt=ex["frontal_Rt"]),
+      jnp.asarray(ex["verts"][meta.keypoint_vertex_ids]),
+    )
     np.testing.assert_allclose(np.asarray(proj), ex["keypoints_clean"], atol=1e-3)
     assert vis.mean() > 0.8
   assert hits >= 0.97 * total  # noisy ones may fall just off the silhouette
 
 
 def test_image_is_the_texture_rendered(tiny_capture):
-  """The stored photo equals the stored (observed) texture rendered by lipflow_jax.render: orientation check."""
+  """The stored photo equals the stored (observed) texture rendered by lipflow_jax.render:
+  orientation check."""
   meta = tiny_capture.meta
   ex = tiny_capture.sources["train"][3]
-  settings = render.RasterSettings.hard(tuple(meta.image_size), tile_size=4, max_faces_per_tile=128,
-                                        cull_backfaces=True)
-  draw = jax.jit(lambda tex: render.render_mesh(jnp.asarray(ex["verts"]), meta.faces, meta.uvs, meta.uv_faces, tex,
-                                                geometry.Camera(K=ex["camera_K"], Rt=ex["camera_Rt"]), settings))
+  settings = render.RasterSettings.hard(
+    tuple(meta.image_size), tile_size=4, max_faces_per_tile=128, cull_backfaces=True
+  )
+  draw = jax.jit(
+    lambda tex: render.render_mesh(
+      jnp.asarray(ex["verts"]),
+      meta.faces,
+      meta.uvs,
+      meta.uv_faces,
+      tex,
+      geometry.Camera(K=ex["camera_K"], Rt=ex["camera_Rt"]),
+      settings,
+    )
+  )
   tex = jnp.asarray(ex["tex"], jnp.float32) / 255.0
   out = draw(tex)
   rgb = np.asarray(out.rgb)
   img = ex["image"].astype(np.float32) / 255.0
-  both = (ex["image_mask"][..., 0] > 0) & (rgb.min(-1) > 0.05)  # pixels whose texels were all observed
+  both = (ex["image_mask"][..., 0] > 0) & (
+    rgb.min(-1) > 0.05
+  )  # pixels whose texels were all observed
   assert both.mean() > 0.2
   err = np.abs(rgb - img)[both]
   assert np.median(err) < 0.02
@@ -218,16 +298,21 @@ def test_meta_round_trip(tiny_capture, tmp_path):
   for k in ("uvs", "faces", "vert_mean", "tex_mean", "camera_K", "hmc_Rt"):
     np.testing.assert_array_equal(getattr(again, k), getattr(meta, k))
   assert again.camera_names == meta.camera_names and again.frames == meta.frames
-  np.testing.assert_array_equal(again.splits["test"]["camera_index"], meta.splits["test"]["camera_index"])
+  np.testing.assert_array_equal(
+    again.splits["test"]["camera_index"], meta.splits["test"]["camera_index"]
+  )
   t = np.random.RandomState(0).randn(2, meta.texture_size, meta.texture_size, 3).astype(np.float32)
   d = schema.denormalize_tex(t, meta)
   assert d.min() >= 0.0 and d.max() <= 1.0
   v = np.random.RandomState(1).randn(meta.num_verts, 3).astype(np.float32)
-  np.testing.assert_allclose(schema.normalize_verts(schema.denormalize_verts(v, meta), meta), v, atol=1e-4)
+  np.testing.assert_allclose(
+    schema.normalize_verts(schema.denormalize_verts(v, meta), meta), v, atol=1e-4
+  )
   assert meta.tex_mean.max() > 100 and meta.tex_std > 1 and meta.vert_std > 0.1
 
 
-# -------------------------------------------------------------------------------------------- the pipeline
+# -------------------------------------------------------------------------------------------- the
+# pipeline
 def _ids(batch):
   return list(zip(batch["frame_index"].tolist(), batch["camera_index"].tolist()))
 
@@ -237,12 +322,22 @@ def test_shards_cover_the_data_exactly_once(tiny_capture, shards):
   meta = tiny_capture.meta
   seen = []
   for s in range(shards):
-    it = tiny_capture.iterator("train", batch_size=5, seed=7, num_epochs=1, shard_index=s, shard_count=shards,
-                               drop_remainder=False, cameras=meta.train_cameras)
+    it = tiny_capture.iterator(
+      "train",
+      batch_size=5,
+      seed=7,
+      num_epochs=1,
+      shard_index=s,
+      shard_count=shards,
+      drop_remainder=False,
+      cameras=meta.train_cameras,
+    )
     seen += [x for b in it for x in _ids(b)]
   expected = input_pipeline.select_records(meta, "train", cameras=meta.train_cameras)
   cols = meta.splits["train"]
-  want = sorted(zip(cols["frame_index"][expected].tolist(), cols["camera_index"][expected].tolist()))
+  want = sorted(
+    zip(cols["frame_index"][expected].tolist(), cols["camera_index"][expected].tolist())
+  )
   assert sorted(seen) == want and len(set(seen)) == len(seen)
 
 
@@ -254,8 +349,11 @@ def _train_records(meta):
 
 @pytest.mark.parametrize("shards", [1, 2, 3])
 @pytest.mark.parametrize("drop_remainder", [True, False])
-def test_shards_of_an_uneven_record_count_read_no_record_twice(tiny_capture, shards, drop_remainder):
-  """An epoch over a record count that no global batch divides: no record is yielded twice over the shards;
+def test_shards_of_an_uneven_record_count_read_no_record_twice(
+  tiny_capture, shards, drop_remainder
+):
+  """An epoch over a record count that no global batch divides: no record is yielded twice over the
+  shards;
   with drop_remainder only the last N mod G records of the epoch's order are left out."""
   meta = tiny_capture.meta
   records = _train_records(meta)
@@ -265,13 +363,21 @@ def test_shards_of_an_uneven_record_count_read_no_record_twice(tiny_capture, sha
   for epochs in (1, 2):
     seen = [[] for _ in range(epochs)]
     for s in range(shards):
-      it = tiny_capture.iterator("train", batch_size=batch_size, seed=7, num_epochs=epochs, shard_index=s,
-                                 shard_count=shards, drop_remainder=drop_remainder, cameras=meta.train_cameras)
+      it = tiny_capture.iterator(
+        "train",
+        batch_size=batch_size,
+        seed=7,
+        num_epochs=epochs,
+        shard_index=s,
+        shard_count=shards,
+        drop_remainder=drop_remainder,
+        cameras=meta.train_cameras,
+      )
       batches = [_ids(b) for b in it]
       per_epoch = len(batches) // epochs
       assert per_epoch * epochs == len(batches)
       for e in range(epochs):
-        seen[e] += [x for b in batches[e * per_epoch:(e + 1) * per_epoch] for x in b]
+        seen[e] += [x for b in batches[e * per_epoch : (e + 1) * per_epoch] for x in b]
     for e in range(epochs):
       assert len(set(seen[e])) == len(seen[e]), f"a record read twice in epoch {e}"
       assert set(seen[e]) <= set(records)
@@ -281,13 +387,26 @@ def test_shards_of_an_uneven_record_count_read_no_record_twice(tiny_capture, sha
 
 @pytest.mark.parametrize("shards", [2, 3])
 def test_shards_concatenate_to_the_one_shard_batches(tiny_capture, shards):
-  """Step k: the shards' batches of B, concatenated in shard order, are the one-shard batch of n * B (same seed),
-  across epoch boundaries (the order is reshuffled every epoch, the same way for every shard count)."""
+  """Step k: the shards' batches of B, concatenated in shard order, are the one-shard batch of n * B
+  (same seed),
+  across epoch boundaries (the order is reshuffled every epoch, the same way for every shard
+  count)."""
   meta = tiny_capture.meta
   batch_size, steps = 3, 12  # > 2 epochs of 48 training records
-  one = tiny_capture.iterator("train", batch_size=batch_size * shards, seed=5, cameras=meta.train_cameras)
-  per_shard = [tiny_capture.iterator("train", batch_size=batch_size, seed=5, shard_index=s, shard_count=shards,
-                                     cameras=meta.train_cameras) for s in range(shards)]
+  one = tiny_capture.iterator(
+    "train", batch_size=batch_size * shards, seed=5, cameras=meta.train_cameras
+  )
+  per_shard = [
+    tiny_capture.iterator(
+      "train",
+      batch_size=batch_size,
+      seed=5,
+      shard_index=s,
+      shard_count=shards,
+      cameras=meta.train_cameras,
+    )
+    for s in range(shards)
+  ]
   for _ in range(steps):
     want = next(one)
     got = [next(it) for it in per_shard]
@@ -301,7 +420,9 @@ def test_shuffle_is_deterministic_and_epochs_differ(tiny_capture):
   b = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=3), range(6))]
   c = [_ids(b) for b, _ in zip(tiny_capture.iterator("test", batch_size=8, seed=4), range(6))]
   assert a == b and a != c
-  assert sorted(sum(a[:3], [])) == sorted(sum(a[3:], [])) and a[:3] != a[3:]  # 24 records = 3 batches/epoch
+  assert (
+    sorted(sum(a[:3], [])) == sorted(sum(a[3:], [])) and a[:3] != a[3:]
+  )  # 24 records = 3 batches/epoch
 
 
 def test_restored_iterator_continues_with_the_same_batches(tiny_capture):
@@ -326,15 +447,23 @@ def test_camera_filter_and_eval_frames(tiny_capture):
   assert cams == set(meta.camera_indices(meta.test_cameras))
   ev = tiny_capture.eval_set("test")
   n, c = 4, meta.num_cameras
-  assert ev["verts"].shape == (n, meta.num_verts, 3) and ev["image"].shape == (n, c) + tuple(meta.image_size) + (3,)
-  assert ev["camera_Rt"].shape == (n, c, 3, 4) and ev["keypoints"].shape == (n, meta.num_keypoints, 2)
+  assert ev["verts"].shape == (n, meta.num_verts, 3) and ev["image"].shape == (n, c) + tuple(
+    meta.image_size
+  ) + (3,)
+  assert ev["camera_Rt"].shape == (n, c, 3, 4) and ev["keypoints"].shape == (
+    n,
+    meta.num_keypoints,
+    2,
+  )
   np.testing.assert_array_equal(ev["camera_index"], np.broadcast_to(np.arange(c), (n, c)))
   assert len(set(ev["frame_index"].tolist())) == n
   assert {meta.segments[s] for s in ev["segment_index"]} == set(meta.test_segments)
 
 
 def test_contact_sheet(tiny_capture, tmp_path):
-  path = contact_sheet.make_contact_sheet(tiny_capture.sources, tiny_capture.meta, tmp_path / "sheet.png")
+  path = contact_sheet.make_contact_sheet(
+    tiny_capture.sources, tiny_capture.meta, tmp_path / "sheet.png"
+  )
   with Image.open(path) as im:
     assert im.size[0] > 500 and im.size[1] > 500
 

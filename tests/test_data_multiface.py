@@ -6,13 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from lipflow_jax.data import builders
-from lipflow_jax.data import capture
-from lipflow_jax.data import input_pipeline
+from lipflow_jax.data import builders, capture, input_pipeline, multiface_export, schema
 from lipflow_jax.data import multiface as mf
-from lipflow_jax.data import multiface_export
 from lipflow_jax.data import multiface_format as fmt
-from lipflow_jax.data import schema
 from lipflow_jax.geometry import KRTFormatError
 
 
@@ -44,13 +40,22 @@ def roundtrip(entity, tmp_path_factory):
 def test_layout_files(entity, tiny_capture):
   meta = tiny_capture.meta
   seg, frame = meta.frames[0]
-  for rel in ("KRT", "frame_list.txt", "tex_mean.png", "tex_var.txt", "vert_mean.bin",
-              "vert_var.txt", f"tracked_mesh/{seg}/{frame}.bin", f"tracked_mesh/{seg}/{frame}.obj",
-              f"tracked_mesh/{seg}/{frame}_transform.txt",
-              f"unwrapped_uv_1024/{seg}/average/{frame}.png",
-              f"unwrapped_uv_1024/{seg}/{meta.camera_names[0]}/{frame}.png",
-              f"images/{seg}/{meta.camera_names[0]}/{frame}.png", "test_segment.json",
-              "camera-split-config.json"):
+  for rel in (
+    "KRT",
+    "frame_list.txt",
+    "tex_mean.png",
+    "tex_var.txt",
+    "vert_mean.bin",
+    "vert_var.txt",
+    f"tracked_mesh/{seg}/{frame}.bin",
+    f"tracked_mesh/{seg}/{frame}.obj",
+    f"tracked_mesh/{seg}/{frame}_transform.txt",
+    f"unwrapped_uv_1024/{seg}/average/{frame}.png",
+    f"unwrapped_uv_1024/{seg}/{meta.camera_names[0]}/{frame}.png",
+    f"images/{seg}/{meta.camera_names[0]}/{frame}.png",
+    "test_segment.json",
+    "camera-split-config.json",
+  ):
     assert os.path.exists(os.path.join(entity, rel)), rel
   with open(os.path.join(entity, "frame_list.txt")) as f:
     text = f.read()
@@ -126,16 +131,20 @@ def _copy(entity, tmp_path, frames=3):
   root = str(tmp_path / "entity")
   shutil.copytree(entity, root)
   lines = fmt.read_frame_list(os.path.join(root, "frame_list.txt"))
-  train = [l for l in lines if not l[0].startswith("EXP")][:frames - 1]
-  test = [l for l in lines if l[0].startswith("EXP")][:1]
+  train = [e for e in lines if not e[0].startswith("EXP")][: frames - 1]
+  test = [e for e in lines if e[0].startswith("EXP")][:1]
   with open(os.path.join(root, "frame_list.txt"), "w") as f:
     f.write("\n".join(f"{s} {n}" for s, n in train + test))
   return root, train[0]
 
 
 def _build(root, tmp_path, skip=False):
-  b = builders.Multiface(data_dir=str(tmp_path / "data"), entity_dir=root, config="bad",
-                         options=mf.MultifaceOptions(skip_bad_frames=skip))
+  b = builders.Multiface(
+    data_dir=str(tmp_path / "data"),
+    entity_dir=root,
+    config="bad",
+    options=mf.MultifaceOptions(skip_bad_frames=skip),
+  )
   b.download_and_prepare(file_format=builders.FILE_FORMAT)
   return b, schema.load_meta(b.data_dir)
 
@@ -161,8 +170,9 @@ def _break_bin(root, seg, frame, cam):
   return path, fmt.MultifaceFormatError, r"has \d+ vertices, expected \d+"
 
 
-@pytest.mark.parametrize("breaker,examples_lost",
-                         [(_break_missing_png, 1), (_break_unreadable_png, 1), (_break_bin, 6)])
+@pytest.mark.parametrize(
+  "breaker,examples_lost", [(_break_missing_png, 1), (_break_unreadable_png, 1), (_break_bin, 6)]
+)
 def test_bad_frame_files_raise_or_are_skipped(entity, tmp_path, breaker, examples_lost):
   root, (seg, frame) = _copy(entity, tmp_path)
   path, err, pattern = breaker(root, seg, frame, "400001")

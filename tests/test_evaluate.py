@@ -1,29 +1,30 @@
-"""Tests of lipflow_jax.evaluate: metrics against slow references and analytic cases, and the report."""
+"""Tests of lipflow_jax.evaluate: metrics against slow references and analytic cases, and the
+report."""
 
 import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import demo
-
 from lipflow_jax import experiment
 from lipflow_jax.evaluate import metrics
 from lipflow_jax.evaluate import report as report_lib
 
 
 def _ssim_reference(a, b, mask=None, size=11, sigma=1.5, max_value=1.0):
-  """Slow numpy SSIM (Wang et al. 2004): explicit loop over windows, 2D Gaussian weights, per channel."""
+  """Slow numpy SSIM (Wang et al. 2004): explicit loop over windows, 2D Gaussian weights, per
+  channel."""
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   if mask is not None:
     m = np.asarray(mask, np.float64)
     a, b = a * m, b * m
   x = np.arange(size) - (size - 1) / 2
-  g = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2))
+  g = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
   g /= g.sum()
   c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
   h, w, ch = a.shape
@@ -31,16 +32,18 @@ def _ssim_reference(a, b, mask=None, size=11, sigma=1.5, max_value=1.0):
   for i in range(h - size + 1):
     for j in range(w - size + 1):
       for c in range(ch):
-        pa, pb = a[i:i + size, j:j + size, c], b[i:i + size, j:j + size, c]
+        pa, pb = a[i : i + size, j : j + size, c], b[i : i + size, j : j + size, c]
         ma, mb = np.sum(g * pa), np.sum(g * pb)
         va = np.sum(g * (pa - ma) ** 2)
         vb = np.sum(g * (pb - mb) ** 2)
         cov = np.sum(g * (pa - ma) * (pb - mb))
-        out[i, j, c] = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+        out[i, j, c] = ((2 * ma * mb + c1) * (2 * cov + c2)) / (
+          (ma**2 + mb**2 + c1) * (va + vb + c2)
+        )
   if mask is None:
     return out.mean()
   r = size // 2
-  mc = np.broadcast_to(m[r:h - r, r:w - r], out.shape)
+  mc = np.broadcast_to(m[r : h - r, r : w - r], out.shape)
   return (out * mc).sum() / mc.sum()
 
 
@@ -50,7 +53,9 @@ def images():
   a = rng.uniform(0, 1, (24, 20, 3)).astype(np.float32)
   # A smooth image plus noise: a realistic, partially correlated pair.
   yy, xx = np.mgrid[0:24, 0:20]
-  smooth = (0.5 + 0.4 * np.sin(xx / 3.0)[..., None] * np.cos(yy[..., None] / 4.0 + np.arange(3))).astype(np.float32)
+  smooth = (
+    0.5 + 0.4 * np.sin(xx / 3.0)[..., None] * np.cos(yy[..., None] / 4.0 + np.arange(3))
+  ).astype(np.float32)
   b = np.clip(smooth + rng.normal(0, 0.1, smooth.shape), 0, 1).astype(np.float32)
   c = np.clip(smooth + rng.normal(0, 0.05, smooth.shape), 0, 1).astype(np.float32)
   mask = np.zeros((24, 20, 1), np.float32)
@@ -61,21 +66,28 @@ def images():
 def test_ssim_matches_slow_reference(images):
   a, smooth, b, c, mask = images
   for x, y in [(a, b), (smooth, b), (b, c), (smooth, smooth)]:
-    np.testing.assert_allclose(metrics.ssim(jnp.asarray(x), jnp.asarray(y)), _ssim_reference(x, y), rtol=1e-4,
-                               atol=1e-5)
-  np.testing.assert_allclose(metrics.ssim(jnp.asarray(b), jnp.asarray(c), jnp.asarray(mask)),
-                             _ssim_reference(b, c, mask), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      metrics.ssim(jnp.asarray(x), jnp.asarray(y)), _ssim_reference(x, y), rtol=1e-4, atol=1e-5
+    )
+  np.testing.assert_allclose(
+    metrics.ssim(jnp.asarray(b), jnp.asarray(c), jnp.asarray(mask)),
+    _ssim_reference(b, c, mask),
+    rtol=1e-4,
+    atol=1e-5,
+  )
 
 
 def test_ssim_analytic_cases(images):
   a, _, b, _, _ = images
   np.testing.assert_allclose(metrics.ssim(jnp.asarray(a), jnp.asarray(a)), 1.0, atol=1e-6)
   # Constant images: sigma = 0, so SSIM is the luminance term (2 m1 m2 + C1) / (m1^2 + m2^2 + C1).
-  c1 = 0.01 ** 2
+  c1 = 0.01**2
   for m1, m2 in [(0.2, 0.7), (0.5, 0.5), (0.0, 1.0)]:
     x = jnp.full((16, 16, 1), m1)
     y = jnp.full((16, 16, 1), m2)
-    np.testing.assert_allclose(metrics.ssim(x, y), (2 * m1 * m2 + c1) / (m1 ** 2 + m2 ** 2 + c1), rtol=1e-5)
+    np.testing.assert_allclose(
+      metrics.ssim(x, y), (2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1), rtol=1e-5
+    )
   # Symmetric, bounded by 1, and a contrast inversion gives a negative value.
   s_ab = metrics.ssim(jnp.asarray(a), jnp.asarray(b))
   np.testing.assert_allclose(s_ab, metrics.ssim(jnp.asarray(b), jnp.asarray(a)), rtol=1e-6)
@@ -91,21 +103,27 @@ def test_ssim_analytic_cases(images):
 def test_gaussian_window():
   w = metrics.gaussian_window(11, 1.5)
   assert w.shape == (11,) and abs(w.sum() - 1) < 1e-6 and np.argmax(w) == 5
-  np.testing.assert_allclose(w[5 + 1] / w[5], np.exp(-1 / (2 * 1.5 ** 2)), rtol=1e-6)
+  np.testing.assert_allclose(w[5 + 1] / w[5], np.exp(-1 / (2 * 1.5**2)), rtol=1e-6)
 
 
 def test_mse_psnr_geometry(images):
   _, smooth, b, _, mask = images
   d = b - smooth
-  np.testing.assert_allclose(metrics.masked_mse(jnp.asarray(b), jnp.asarray(smooth)), np.mean(d ** 2), rtol=1e-5)
-  ref = np.sum(d ** 2 * mask) / (3 * mask.sum())
-  np.testing.assert_allclose(metrics.masked_mse(jnp.asarray(b), jnp.asarray(smooth), jnp.asarray(mask)), ref,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.masked_mse(jnp.asarray(b), jnp.asarray(smooth)), np.mean(d**2), rtol=1e-5
+  )
+  ref = np.sum(d**2 * mask) / (3 * mask.sum())
+  np.testing.assert_allclose(
+    metrics.masked_mse(jnp.asarray(b), jnp.asarray(smooth), jnp.asarray(mask)), ref, rtol=1e-5
+  )
   # [H, W] mask works the same; pixels outside the mask do not count.
   b2 = b.copy()
   b2[0, 0] = 1e3
-  np.testing.assert_allclose(metrics.masked_mse(jnp.asarray(b2), jnp.asarray(smooth), jnp.asarray(mask[..., 0])),
-                             ref, rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.masked_mse(jnp.asarray(b2), jnp.asarray(smooth), jnp.asarray(mask[..., 0])),
+    ref,
+    rtol=1e-5,
+  )
   # PSNR: MSE 0.01 -> 20 dB; identical images hit the clamp (100 dB), never inf.
   np.testing.assert_allclose(metrics.mse_to_psnr(jnp.float32(0.01)), 20.0, rtol=1e-6)
   x = jnp.full((4, 4, 3), 0.5)
@@ -117,8 +135,11 @@ def test_mse_psnr_geometry(images):
 
 
 def test_report_schema_and_markdown(tmp_path):
-  rows = [report_lib.make_row(m, i, 0.1, 0.01, 20.0, 0.9, 1.5, 4) for m in report_lib.METHODS
-          for i in report_lib.INPUTS]
+  rows = [
+    report_lib.make_row(m, i, 0.1, 0.01, 20.0, 0.9, 1.5, 4)
+    for m in report_lib.METHODS
+    for i in report_lib.INPUTS
+  ]
   rep = report_lib.write_report(str(tmp_path), rows, {"a": np.float32(1.0), "b": (1, 2)})
   with open(os.path.join(tmp_path, "report.json")) as f:
     loaded = json.load(f)
@@ -130,7 +151,8 @@ def test_report_schema_and_markdown(tmp_path):
     report_lib.write_report(str(tmp_path), [dict(rows[0], extra=1)], {})
 
 
-# ---------------------------------------------------------------------------------------------- end to end
+# ---------------------------------------------------------------------------------------------- end
+# to end
 @pytest.fixture(scope="module")
 def tiny_demo(tiny_capture, tmp_path_factory):
   """The whole pipeline (configs/demo.py:tiny) on the session's tiny capture."""
@@ -147,19 +169,33 @@ def test_tiny_end_to_end_report(tiny_demo):
     loaded = json.load(f)
   assert set(loaded) == {"rows", "config"} and isinstance(loaded["config"], dict)
   rows = loaded["rows"]
-  assert {(r["method"], r["input"]) for r in rows} == {(m, i) for m in report_lib.METHODS for i in report_lib.INPUTS}
+  assert {(r["method"], r["input"]) for r in rows} == {
+    (m, i) for m in report_lib.METHODS for i in report_lib.INPUTS
+  }
   for r in rows:
     assert list(r) == list(report_lib.ROW_KEYS)
-    assert isinstance(r["method"], str) and isinstance(r["input"], str) and isinstance(r["frames"], int)
+    assert (
+      isinstance(r["method"], str) and isinstance(r["input"], str) and isinstance(r["frames"], int)
+    )
     for k in report_lib.ROW_KEYS[2:7]:
       assert isinstance(r[k], float) and np.isfinite(r[k]), (r, k)
-    assert r["frames"] == config.eval.max_frames and r["geometry_error"] > 0 and 0 < r["image_mse"] < 1
+    assert (
+      r["frames"] == config.eval.max_frames and r["geometry_error"] > 0 and 0 < r["image_mse"] < 1
+    )
     assert -1 <= r["ssim"] <= 1
   md = open(os.path.join(workdir, "report.md")).read()
-  results = md.split("lambda_prior, chosen on the validation split")[0]  # the results table, before the notes
+  results = md.split("lambda_prior, chosen on the validation split")[
+    0
+  ]  # the results table, before the notes
   assert results.count("\n| keypoints |") == 6 and results.count("\n| hmc |") == 6
-  for name in ("targets.png", "fits_keypoints.png", "fits_hmc.png", "samples_random.png",
-               "samples_conditional_keypoints.png", "sequence.gif"):
+  for name in (
+    "targets.png",
+    "fits_keypoints.png",
+    "fits_hmc.png",
+    "samples_random.png",
+    "samples_conditional_keypoints.png",
+    "sequence.gif",
+  ):
     assert os.path.getsize(os.path.join(workdir, "figures", name)) > 0, name
   gif = Image.open(os.path.join(workdir, "figures", "sequence.gif"))
   assert gif.n_frames == config.eval.gif_frames
@@ -183,7 +219,9 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_captur
       assert tuning["lambdas"][method][inp] == best
       assert rep["config"]["lambda_prior_used"][method][inp] == best
   md = open(os.path.join(workdir, "report.md")).read()
-  assert "chosen on the validation split" in md and md.count("**") == 2 * len(fitted) * len(config.eval.inputs)
+  assert "chosen on the validation split" in md and md.count("**") == 2 * len(fitted) * len(
+    config.eval.inputs
+  )
   # Different weights give different fits (the sweep is not a no-op).
   assert len({r["geometry_error"] for r in tuning["sweep"]}) > len(fitted)
 
@@ -191,7 +229,10 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_captur
 @pytest.mark.slow
 def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
   workdir, config, rep = tiny_demo
-  stamps = {p: os.path.getmtime(os.path.join(workdir, "fits", p)) for p in os.listdir(os.path.join(workdir, "fits"))}
+  stamps = {
+    p: os.path.getmtime(os.path.join(workdir, "fits", p))
+    for p in os.listdir(os.path.join(workdir, "fits"))
+  }
   # Trainings and fits are reused; only the report is rewritten (figures off to keep it short).
   config = config.copy_and_resolve_references()
   config.eval.figures = False

@@ -1,4 +1,5 @@
-"""Tests of lipflow_jax.fit with a small randomly initialised (fixed) model that follows the model protocol."""
+"""Tests of lipflow_jax.fit with a small randomly initialised (fixed) model that follows the
+model protocol."""
 
 import dataclasses
 import functools
@@ -10,9 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lipflow_jax import data
-from lipflow_jax import fit
-from lipflow_jax import geometry
+from lipflow_jax import data, fit, geometry
 
 Z = 4
 V = 30
@@ -28,7 +27,9 @@ class ToyModel(nn.Module):
 
   def __call__(self, z, view, batch):  # touches every parameter (for init)
     mu, _, h = self.encode_condition(batch, "keypoints")
-    return self.decode(z, view), self.flow_inverse(self.flow_forward(mu, h, "keypoints"), h, "keypoints")
+    return self.decode(z, view), self.flow_inverse(
+      self.flow_forward(mu, h, "keypoints"), h, "keypoints"
+    )
 
   def setup(self):
     self.verts_hidden = nn.Dense(32)
@@ -49,7 +50,7 @@ class ToyModel(nn.Module):
     kp, valid = jax.vmap(fit.sanitize_keypoints)(batch["keypoints"], batch.get("keypoints_visible"))
     x = (kp * valid[..., None] / 100.0).reshape(kp.shape[0], -1)
     out = self.cond(x)
-    return out[:, :Z], 0.1 * out[:, Z:2 * Z] - 0.5, out[:, 2 * Z:]
+    return out[:, :Z], 0.1 * out[:, Z : 2 * Z] - 0.5, out[:, 2 * Z :]
 
   def flow_forward(self, y, h, name):
     del name
@@ -66,10 +67,13 @@ class ToyModel(nn.Module):
 
 
 def _grid_mesh(rows=5, cols=6, size=20.0):
-  """A rows x cols vertex grid in the plane z = 0 (facing +z): verts [V, 3], faces [F, 3], per-vertex uvs."""
+  """A rows x cols vertex grid in the plane z = 0 (facing +z): verts [V, 3], faces [F, 3],
+  per-vertex uvs."""
   yy, xx = np.meshgrid(np.linspace(0, 1, rows), np.linspace(0, 1, cols), indexing="ij")
   uvs = np.stack([xx.ravel(), 1 - yy.ravel()], -1).astype(np.float32)
-  verts = np.stack([(xx.ravel() - 0.5) * size, (0.5 - yy.ravel()) * size, np.zeros(rows * cols)], -1)
+  verts = np.stack(
+    [(xx.ravel() - 0.5) * size, (0.5 - yy.ravel()) * size, np.zeros(rows * cols)], -1
+  )
   faces = []
   for r in range(rows - 1):
     for c in range(cols - 1):
@@ -82,7 +86,10 @@ def _hmc_cameras(n=3):
   eyes = [(-5.0, 4.0, 25.0), (5.0, 4.0, 25.0), (0.0, -5.0, 25.0)][:n]
   targets = [(-4.0, 3.0, 0.0), (4.0, 3.0, 0.0), (0.0, -4.0, 0.0)][:n]
   K = geometry.intrinsics(geometry.focal_for_fov(40.0, 16), (16, 16))
-  return (jnp.broadcast_to(K, (n, 3, 3)), jnp.stack([geometry.look_at(e, t) for e, t in zip(eyes, targets)]))
+  return (
+    jnp.broadcast_to(K, (n, 3, 3)),
+    jnp.stack([geometry.look_at(e, t) for e, t in zip(eyes, targets)]),
+  )
 
 
 def _frontal_camera():
@@ -99,21 +106,40 @@ def toy():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, Z)), jnp.zeros((1, 3)), dummy)
   rng = np.random.RandomState(0)
   vert_mean, faces, uvs = _grid_mesh()
-  meta = data.MeshMeta(faces=jnp.asarray(faces), uvs=jnp.asarray(uvs), uv_faces=jnp.asarray(faces),
-                      keypoint_vertex_ids=jnp.arange(P, dtype=jnp.int32), vert_mean=jnp.asarray(vert_mean),
-                      vert_std=jnp.float32(1.0), tex_mean=jnp.full((T, T, 3), 128.0), tex_std=jnp.float32(40.0))
-  bundle = fit.ModelBundle(model=model, variables=variables, meta=meta, prior="lipflow", latent_dim=Z,
-                           hmc_settings=fit.hmc_fit_settings((16, 16), max_faces_per_tile=64))
+  meta = data.MeshMeta(
+    faces=jnp.asarray(faces),
+    uvs=jnp.asarray(uvs),
+    uv_faces=jnp.asarray(faces),
+    keypoint_vertex_ids=jnp.arange(P, dtype=jnp.int32),
+    vert_mean=jnp.asarray(vert_mean),
+    vert_std=jnp.float32(1.0),
+    tex_mean=jnp.full((T, T, 3), 128.0),
+    tex_std=jnp.float32(40.0),
+  )
+  bundle = fit.ModelBundle(
+    model=model,
+    variables=variables,
+    meta=meta,
+    prior="lipflow",
+    latent_dim=Z,
+    hmc_settings=fit.hmc_fit_settings((16, 16), max_faces_per_tile=64),
+  )
   z_true = jnp.asarray(rng.normal(0.0, 0.7, (3, Z)).astype(np.float32))
   K, Rt = _frontal_camera()
   camera = geometry.Camera(K=K, Rt=Rt)
   kps = jax.jit(jax.vmap(lambda z: fit.project_keypoints(bundle, z, camera)))(z_true)
   hK, hRt = _hmc_cameras()
   hmc, alpha = jax.jit(jax.vmap(lambda z: fit.render_hmc(bundle, z, hK, hRt)))(z_true)
-  obs = {"keypoints": kps, "keypoints_visible": jnp.ones((3, P), jnp.float32),
-         "frontal_K": jnp.broadcast_to(K, (3, 3, 3)), "frontal_Rt": jnp.broadcast_to(Rt, (3, 3, 4)),
-         "hmc": hmc, "hmc_mask": alpha, "hmc_K": jnp.broadcast_to(hK, (3, 3, 3, 3)),
-         "hmc_Rt": jnp.broadcast_to(hRt, (3, 3, 3, 4))}
+  obs = {
+    "keypoints": kps,
+    "keypoints_visible": jnp.ones((3, P), jnp.float32),
+    "frontal_K": jnp.broadcast_to(K, (3, 3, 3)),
+    "frontal_Rt": jnp.broadcast_to(Rt, (3, 3, 4)),
+    "hmc": hmc,
+    "hmc_mask": alpha,
+    "hmc_K": jnp.broadcast_to(hK, (3, 3, 3, 3)),
+    "hmc_Rt": jnp.broadcast_to(hRt, (3, 3, 3, 4)),
+  }
   return bundle, z_true, obs
 
 
@@ -121,12 +147,17 @@ def _frame(obs, i):
   return jax.tree_util.tree_map(lambda x: x[i], obs)
 
 
-# ---------------------------------------------------------------------------------------------- objectives
+# ----------------------------------------------------------------------------------------------
+# objectives
 @pytest.mark.parametrize("robust", ["l2", "huber", "geman_mcclure"])
 def test_keypoint_objective_zero_at_truth_positive_away(toy, robust):
   bundle, z_true, obs = toy
-  vg = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(fit.keypoint_objective, robust=robust, scale=2.0)),
-                        in_axes=(0, 0, None)))
+  vg = jax.jit(
+    jax.vmap(
+      jax.value_and_grad(functools.partial(fit.keypoint_objective, robust=robust, scale=2.0)),
+      in_axes=(0, 0, None),
+    )
+  )
   at, g = vg(z_true, obs, bundle)
   away, g_away = vg(z_true + 0.3, obs, bundle)
   np.testing.assert_allclose(at, 0.0, atol=1e-6)
@@ -141,7 +172,11 @@ def test_hmc_objective_zero_at_truth_positive_away(toy):
   at, _ = vg(z_true, obs, bundle)
   np.testing.assert_allclose(at, 0.0, atol=1e-10)
   v, g = vg(z_true + 0.3, obs, bundle)
-  assert np.all(np.asarray(v) > 1e-5) and np.all(np.isfinite(g)) and np.all(np.linalg.norm(g, axis=-1) > 0)
+  assert (
+    np.all(np.asarray(v) > 1e-5)
+    and np.all(np.isfinite(g))
+    and np.all(np.linalg.norm(g, axis=-1) > 0)
+  )
   # Without a mask key every pixel counts; NaN pixels in the target are ignored.
   o2 = {k: v for k, v in obs.items() if k != "hmc_mask"}
   o2["hmc"] = o2["hmc"].at[:, 0, 0, 0, 0].set(jnp.nan)
@@ -151,7 +186,9 @@ def test_hmc_objective_zero_at_truth_positive_away(toy):
 
 def test_fit_hmc_reduces_loss_and_error(toy):
   bundle, z_true, obs = toy
-  res = fit.fit_latents(bundle, obs, method="dam_fit", input="hmc", num_steps=60, lr=0.05, lambda_prior=1e-4)
+  res = fit.fit_latents(
+    bundle, obs, method="dam_fit", input="hmc", num_steps=60, lr=0.05, lambda_prior=1e-4
+  )
   tr = np.asarray(res.losses["obs"])
   assert np.all(tr[:, -1] < 0.2 * tr[:, 0]), tr[:, [0, -1]]
 
@@ -160,7 +197,9 @@ def test_robust_costs_agree_near_zero_and_huber_is_linear_far():
   d2 = jnp.array([0.0, 1e-4, 0.25, 4.0, 100.0])
   np.testing.assert_allclose(fit.huber_cost(d2[:3]), fit.l2_cost(d2[:3]), rtol=1e-6)
   np.testing.assert_allclose(fit.huber_cost(d2[3:]), 2 * jnp.sqrt(d2[3:]) - 1, rtol=1e-6)
-  assert float(fit.geman_mcclure_cost(jnp.float32(1e8))) <= 1.0 < float(fit.huber_cost(jnp.float32(1e8)))
+  assert (
+    float(fit.geman_mcclure_cost(jnp.float32(1e8))) <= 1.0 < float(fit.huber_cost(jnp.float32(1e8)))
+  )
   for cost in fit.ROBUST_COSTS.values():
     g = jax.grad(lambda x, c=cost: jnp.sum(c(x)))(d2)
     assert np.all(np.isfinite(g))
@@ -191,7 +230,8 @@ def test_nan_keypoints_are_invisible_and_give_finite_gradients(toy):
   assert float(v) == 0.0 and np.all(np.asarray(g) == 0.0)
 
 
-# --------------------------------------------------------------------------------------------------- priors
+# --------------------------------------------------------------------------------------------------
+# priors
 def test_priors_match_closed_forms(toy):
   bundle, z_true, obs = toy
   aug = fit.condition_stats(bundle, obs, "keypoints")
@@ -199,22 +239,32 @@ def test_priors_match_closed_forms(toy):
   z = z_true[1]
   params = bundle.variables["params"]
   s = params["flow_log_scale"]
-  t = bundle.model.apply(bundle.variables, o["prior_h"][None], method=lambda m, h: m.flow_shift(h))[0]
+  t = bundle.model.apply(bundle.variables, o["prior_h"][None], method=lambda m, h: m.flow_shift(h))[
+    0
+  ]
   # z = y exp(s) + t with y ~ N(mu, sigma^2)  =>  z ~ N(mu exp(s) + t, (sigma exp(s))^2).
   expected = fit.gaussian_nll(z, o["prior_mu"] * jnp.exp(s) + t, o["prior_logstd"] + s)
   np.testing.assert_allclose(fit.lipflow_prior(z, o, bundle, name="keypoints"), expected, rtol=1e-5)
-  np.testing.assert_allclose(fit.standard_normal_prior(z, o, bundle),
-                             0.5 * jnp.sum(z * z) + 0.5 * Z * np.log(2 * np.pi), rtol=1e-6)
-  np.testing.assert_allclose(fit.conditional_gaussian_prior(o["prior_mu"], o, bundle),
-                             jnp.sum(o["prior_logstd"]) + 0.5 * Z * np.log(2 * np.pi), rtol=1e-5)
+  np.testing.assert_allclose(
+    fit.standard_normal_prior(z, o, bundle),
+    0.5 * jnp.sum(z * z) + 0.5 * Z * np.log(2 * np.pi),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    fit.conditional_gaussian_prior(o["prior_mu"], o, bundle),
+    jnp.sum(o["prior_logstd"]) + 0.5 * Z * np.log(2 * np.pi),
+    rtol=1e-5,
+  )
   assert float(fit.no_prior(z, o, bundle)) == 0.0
   # The negative log density is smallest at the mode f(mu_c) and grows away from it.
-  mode = bundle.model.apply(bundle.variables, {k: v[1:2] for k, v in obs.items()}, "keypoints",
-                            method="prior_mode")[0]
+  mode = bundle.model.apply(
+    bundle.variables, {k: v[1:2] for k, v in obs.items()}, "keypoints", method="prior_mode"
+  )[0]
   assert float(fit.lipflow_prior(mode + 0.2, o, bundle)) > float(fit.lipflow_prior(mode, o, bundle))
 
 
-# -------------------------------------------------------------------------------------------------- fitting
+# --------------------------------------------------------------------------------------------------
+# fitting
 def test_fit_recovers_mesh_from_keypoints(toy):
   bundle, z_true, obs = toy
   res = fit.fit_latents(bundle, obs, method="none", input="keypoints", num_steps=300, lr=0.05)
@@ -224,7 +274,9 @@ def test_fit_recovers_mesh_from_keypoints(toy):
   err = jnp.linalg.norm(verts(res.z) - verts(z_true), axis=-1).mean(-1)
   err0 = jnp.linalg.norm(verts(jnp.zeros_like(z_true)) - verts(z_true), axis=-1).mean(-1)
   assert np.all(np.asarray(err) < 0.02 * np.asarray(err0)), (err, err0)
-  assert np.all(np.asarray(res.losses["total"][:, -1]) < 1e-2 * np.asarray(res.losses["total"][:, 0]))
+  assert np.all(
+    np.asarray(res.losses["total"][:, -1]) < 1e-2 * np.asarray(res.losses["total"][:, 0])
+  )
 
 
 def test_nan_keypoints_do_not_produce_nan_codes(toy):
@@ -250,7 +302,9 @@ def test_jitted_vmapped_fit_equals_per_frame_fit(toy, method, space):
   cfg = fit.fit_config(method, "keypoints", **{k: v for k, v in kw.items() if k != "method"})
   reference = fit.fit_unjitted(bundle, obs, cfg)
   np.testing.assert_allclose(batched.z, reference.z, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(batched.losses["total"], reference.losses["total"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    batched.losses["total"], reference.losses["total"], rtol=1e-4, atol=1e-4
+  )
   # One frame at a time through the jitted function gives the same codes as the batch.
   single = fit.fit_latents(bundle, {k: v[1:2] for k, v in obs.items()}, **kw)
   np.testing.assert_allclose(batched.z[1], single.z[0], rtol=1e-4, atol=1e-5)
@@ -265,8 +319,11 @@ def test_traced_prior_weight_equals_static_one(toy):
     traced = fit.fit_jit(bundle, obs, None, cfg, jnp.float32(lam))
     np.testing.assert_allclose(traced.z, static.z, rtol=1e-5, atol=1e-6)
   # ... and the weight matters: the two fits differ.
-  assert not np.allclose(fit.fit_jit(bundle, obs, None, cfg, jnp.float32(0.0)).z,
-                         fit.fit_jit(bundle, obs, None, cfg, jnp.float32(0.3)).z, atol=1e-4)
+  assert not np.allclose(
+    fit.fit_jit(bundle, obs, None, cfg, jnp.float32(0.0)).z,
+    fit.fit_jit(bundle, obs, None, cfg, jnp.float32(0.3)).z,
+    atol=1e-4,
+  )
 
 
 def test_sequence_mode_warm_starts_from_previous_frame(toy):
@@ -275,12 +332,18 @@ def test_sequence_mode_warm_starts_from_previous_frame(toy):
   seq = fit.fit_latents(bundle, obs, sequence=True, warm_steps=10, **kw)
   z_prev = None
   for i in range(3):
-    o = {k: v[i:i + 1] for k, v in obs.items()}
+    o = {k: v[i : i + 1] for k, v in obs.items()}
     if z_prev is None:
       r = fit.fit_latents(bundle, o, **kw)
     else:
-      r = fit.fit_latents(bundle, o, init="given", z0=z_prev, num_steps=10,
-                          **{k: v for k, v in kw.items() if k != "num_steps"})
+      r = fit.fit_latents(
+        bundle,
+        o,
+        init="given",
+        z0=z_prev,
+        num_steps=10,
+        **{k: v for k, v in kw.items() if k != "num_steps"},
+      )
     np.testing.assert_allclose(seq.z[i], r.z[0], rtol=1e-4, atol=1e-5)
     z_prev = r.z
   chex.assert_shape(seq.losses["total"], (3, 20))
@@ -292,7 +355,9 @@ def test_prior_mode_init_and_learned_prior_pull_towards_mode(toy):
   mode = bundle.model.apply(bundle.variables, obs, "keypoints", method="prior_mode")
   np.testing.assert_allclose(res0.z, mode, rtol=1e-5, atol=1e-6)
   # With only the prior term (no observation), fitting from zeros converges to the prior mode.
-  cfg = fit.FitConfig(objectives=(), prior="lipflow", condition="keypoints", init="zeros", num_steps=400, lr=0.05)
+  cfg = fit.FitConfig(
+    objectives=(), prior="lipflow", condition="keypoints", init="zeros", num_steps=400, lr=0.05
+  )
   res = fit.fit_latents(bundle, obs, config=cfg)
   np.testing.assert_allclose(res.z, mode, atol=2e-2)
 

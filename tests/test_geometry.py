@@ -30,15 +30,18 @@ def test_project_unproject_round_trip():
 
 
 def test_camera_center_and_view_direction_hand_computed():
-  # Camera at (0, 0, 5) looking at the origin: centre (0, 0, 5), view direction +z (head origin -> camera).
-  cam = Camera(K=geometry.intrinsics(10.0, (8, 8)), Rt=geometry.look_at((0.0, 0.0, 5.0), (0.0, 0.0, 0.0)))
+  # Camera at (0, 0, 5) looking at the origin: centre (0, 0, 5), view direction +z (head origin ->
+  # camera).
+  cam = Camera(
+    K=geometry.intrinsics(10.0, (8, 8)), Rt=geometry.look_at((0.0, 0.0, 5.0), (0.0, 0.0, 0.0))
+  )
   np.testing.assert_allclose(geometry.camera_center(cam), [0, 0, 5], atol=1e-6)
   np.testing.assert_allclose(geometry.view_direction(cam), [0, 0, 1], atol=1e-6)
   # R = identity, t = (1, 2, 3): centre = -t.
   cam2 = Camera(K=cam.K, Rt=jnp.concatenate([jnp.eye(3), jnp.array([[1.0], [2.0], [3.0]])], 1))
   np.testing.assert_allclose(geometry.camera_center(cam2), [-1, -2, -3], atol=1e-6)
-  # With a head pose translated by (0, 0, 2) and rotated 90 degrees about y, the camera at (0, 0, 5) is
-  # 3 units in front of the head along world +z, i.e. along head -x (R^T (0, 0, 3)).
+  # With a head pose translated by (0, 0, 2) and rotated 90 degrees about y, the camera at (0, 0, 5)
+  # is 3 units in front of the head along world +z, i.e. along head -x (R^T (0, 0, 3)).
   c, s = 0.0, 1.0
   rot = jnp.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], jnp.float32)
   pose = jnp.concatenate([rot, jnp.array([[0.0], [0.0], [2.0]])], 1)
@@ -49,8 +52,12 @@ def test_camera_center_and_view_direction_hand_computed():
 
 def test_look_at_orientation():
   """World up appears at the top of the image, the viewer's right at the right."""
-  cam = Camera(K=geometry.intrinsics(100.0, (64, 64)), Rt=geometry.look_at((0.0, 0.0, 5.0), (0.0, 0.0, 0.0)))
-  pix = np.asarray(geometry.project(cam, jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])))
+  cam = Camera(
+    K=geometry.intrinsics(100.0, (64, 64)), Rt=geometry.look_at((0.0, 0.0, 5.0), (0.0, 0.0, 0.0))
+  )
+  pix = np.asarray(
+    geometry.project(cam, jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+  )
   np.testing.assert_allclose(pix[2], [32, 32], atol=1e-5)
   assert pix[0, 1] < 32 and abs(pix[0, 0] - 32) < 1e-4  # up -> smaller row
   assert pix[1, 0] > 32 and abs(pix[1, 1] - 32) < 1e-4  # +x seen from +z -> right
@@ -63,16 +70,25 @@ def test_compose_head_pose_equals_transform_then_project():
   q = rng.normal(size=4)
   q /= np.linalg.norm(q)
   w, x, y, z = q
-  rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                  [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                  [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+  rot = np.array(
+    [
+      [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ]
+  )
   pose = jnp.asarray(np.concatenate([rot, rng.normal(size=(3, 1)) * 0.3], 1), jnp.float32)
   pts = jnp.asarray(rng.normal(size=(10, 3)) * 0.5, jnp.float32)
   world = geometry.transform_points(pose, pts)
-  np.testing.assert_allclose(geometry.project(geometry.compose_head_pose(cam, pose), pts),
-                             geometry.project(cam, world), rtol=1e-4, atol=1e-3)
-  np.testing.assert_allclose(geometry.compose_rigid(pose, geometry.rigid_inverse(pose)), jnp.eye(3, 4),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    geometry.project(geometry.compose_head_pose(cam, pose), pts),
+    geometry.project(cam, world),
+    rtol=1e-4,
+    atol=1e-3,
+  )
+  np.testing.assert_allclose(
+    geometry.compose_rigid(pose, geometry.rigid_inverse(pose)), jnp.eye(3, 4), atol=1e-5
+  )
 
 
 def test_dome_cameras_look_at_target():
@@ -84,8 +100,9 @@ def test_dome_cameras_look_at_target():
     pix, depth = geometry.project_with_depth(cam, jnp.asarray([target], jnp.float32))
     np.testing.assert_allclose(pix[0], [30, 20], atol=1e-3)
     np.testing.assert_allclose(depth[0], 4.0, rtol=1e-5)
-    np.testing.assert_allclose(jnp.linalg.norm(geometry.camera_center(cam) - jnp.asarray(target)), 4.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      jnp.linalg.norm(geometry.camera_center(cam) - jnp.asarray(target)), 4.0, rtol=1e-5
+    )
   with pytest.raises(ValueError, match="num_cameras"):
     geometry.dome_cameras(0, 4.0, (40, 60))
 
@@ -127,8 +144,10 @@ def test_obj_round_trip_with_separate_uv_indices(tmp_path):
   np.testing.assert_array_equal(m.uv_faces, uv_faces)
   # Quads are fan-triangulated; vn indices are ignored.
   quad = os.path.join(tmp_path, "q.obj")
-  open(quad, "w").write("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\n"
-                        "vn 0 0 1\nf 1/1/1 2/2/1 3/3/1 4/4/1\n")
+  open(quad, "w").write(
+    "v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\n"
+    "vn 0 0 1\nf 1/1/1 2/2/1 3/3/1 4/4/1\n"
+  )
   q = geometry.read_obj(quad)
   np.testing.assert_array_equal(q.faces, [[0, 1, 2], [0, 2, 3]])
   bad = os.path.join(tmp_path, "bad.obj")
@@ -139,12 +158,43 @@ def test_obj_round_trip_with_separate_uv_indices(tmp_path):
 
 def _icosphere(subdivisions=2):
   """Unit icosphere with counter-clockwise (outward) faces."""
-  t = (1.0 + 5 ** 0.5) / 2.0
-  v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t], [0, 1, -t],
-       [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
-  f = [[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4], [11, 10, 2],
-       [10, 7, 6], [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9], [4, 9, 5], [2, 4, 11],
-       [6, 2, 10], [8, 6, 7], [9, 8, 1]]
+  t = (1.0 + 5**0.5) / 2.0
+  v = [
+    [-1, t, 0],
+    [1, t, 0],
+    [-1, -t, 0],
+    [1, -t, 0],
+    [0, -1, t],
+    [0, 1, t],
+    [0, -1, -t],
+    [0, 1, -t],
+    [t, 0, -1],
+    [t, 0, 1],
+    [-t, 0, -1],
+    [-t, 0, 1],
+  ]
+  f = [
+    [0, 11, 5],
+    [0, 5, 1],
+    [0, 1, 7],
+    [0, 7, 10],
+    [0, 10, 11],
+    [1, 5, 9],
+    [5, 11, 4],
+    [11, 10, 2],
+    [10, 7, 6],
+    [7, 1, 8],
+    [3, 9, 4],
+    [3, 4, 2],
+    [3, 2, 6],
+    [3, 6, 8],
+    [3, 8, 9],
+    [4, 9, 5],
+    [2, 4, 11],
+    [6, 2, 10],
+    [8, 6, 7],
+    [9, 8, 1],
+  ]
   v = [list(np.asarray(p) / np.linalg.norm(p)) for p in v]
   for _ in range(subdivisions):
     cache, nf = {}, []

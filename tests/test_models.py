@@ -1,22 +1,37 @@
 """Tests of lipflow_jax.models: flows, encoders, decoder, the composed model and the losses."""
 
+from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 
 from lipflow_jax import models as M
 
 B, T, V, P, Z = 3, 16, 200, 20, 8
 KP_IMAGE = (64, 48)  # (H, W) of the frontal image.
-SMALL = dict(num_vertices=V, z_dim=Z, tex_size=T, dec_channels=(16,), dec_start_channels=16,
-             dec_z_features=32, enc_channels=(8, 16), enc_tex_features=32, enc_vert_features=32,
-             context_dim=16, keypoint_hidden=(32,), hmc_channels=(8, 16), hmc_features=16,
-             image_channels=(8, 16), flow_layers=2, flow_hidden=(32,), keypoint_image_size=KP_IMAGE,
-             num_cameras=4)
+SMALL = dict(
+  num_vertices=V,
+  z_dim=Z,
+  tex_size=T,
+  dec_channels=(16,),
+  dec_start_channels=16,
+  dec_z_features=32,
+  enc_channels=(8, 16),
+  enc_tex_features=32,
+  enc_vert_features=32,
+  context_dim=16,
+  keypoint_hidden=(32,),
+  hmc_channels=(8, 16),
+  hmc_features=16,
+  image_channels=(8, 16),
+  flow_layers=2,
+  flow_hidden=(32,),
+  keypoint_image_size=KP_IMAGE,
+  num_cameras=4,
+)
 BOTH = ("keypoints", "hmc")
 
 
@@ -30,15 +45,17 @@ def make_batch(seed=0, b=B, t=T):
   f = lambda *s: rng.normal(size=s).astype(np.float32)
   view = f(b, 3)
   batch = dict(
-      verts=f(b, V, 3), avg_tex=f(b, t, t, 3), tex=f(b, t, t, 3),
-      tex_mask=(rng.random((b, t, t, 1)) > 0.3).astype(np.float32),
-      view=view / np.linalg.norm(view, axis=-1, keepdims=True),
-      camera_index=np.arange(b, dtype=np.int32) % 4,
-      keypoints=(rng.random((b, P, 2)) * np.array([KP_IMAGE[1], KP_IMAGE[0]])).astype(np.float32),
-      keypoints_visible=(rng.random((b, P)) > 0.3).astype(np.float32),
-      hmc=rng.random((b, 3, 16, 16, 1)).astype(np.float32),
-      image_frontal=rng.random((b, 16, 16, 3)).astype(np.float32),
-      segment=np.zeros((b,), np.int32),  # An unknown key: ignored.
+    verts=f(b, V, 3),
+    avg_tex=f(b, t, t, 3),
+    tex=f(b, t, t, 3),
+    tex_mask=(rng.random((b, t, t, 1)) > 0.3).astype(np.float32),
+    view=view / np.linalg.norm(view, axis=-1, keepdims=True),
+    camera_index=np.arange(b, dtype=np.int32) % 4,
+    keypoints=(rng.random((b, P, 2)) * np.array([KP_IMAGE[1], KP_IMAGE[0]])).astype(np.float32),
+    keypoints_visible=(rng.random((b, P)) > 0.3).astype(np.float32),
+    hmc=rng.random((b, 3, 16, 16, 1)).astype(np.float32),
+    image_frontal=rng.random((b, 16, 16, 3)).astype(np.float32),
+    segment=np.zeros((b,), np.int32),  # An unknown key: ignored.
   )
   return jax.tree.map(jnp.asarray, batch)
 
@@ -46,7 +63,9 @@ def make_batch(seed=0, b=B, t=T):
 def perturb(tree, key, scale):
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 def init_model(model, batch, seed=0):
@@ -69,15 +88,23 @@ def models(batch):
   return out
 
 
-# ----------------------------------------------------------------------------------------------- flow
+# -----------------------------------------------------------------------------------------------
+# flow
 
 # Unconditional flows (no context) are covered by the 'flow' prior in test_outputs_and_methods.
 FLOW_CASES = [("spline", "spline", True), ("affine", "affine", True)]
 
 
 def _flow_and_vars(bijector, use_context, z_dim=6, mask="checkerboard"):
-  flow = M.LatentFlow(z_dim, num_layers=2, hidden=(16,), bijector=bijector, range_bound=3.0,
-                      use_context=use_context, mask=mask)
+  flow = M.LatentFlow(
+    z_dim,
+    num_layers=2,
+    hidden=(16,),
+    bijector=bijector,
+    range_bound=3.0,
+    use_context=use_context,
+    mask=mask,
+  )
   y = 1.5 * jax.random.normal(key(0), (5, z_dim))
   h = jax.random.normal(key(1), (5, 4)) if use_context else None
   variables = perturb(flow.init(key(2), y, h), key(3), 0.1)
@@ -85,7 +112,6 @@ def _flow_and_vars(bijector, use_context, z_dim=6, mask="checkerboard"):
 
 
 class FlowTest(parameterized.TestCase):
-
   @parameterized.named_parameters(*FLOW_CASES)
   def test_inverse_undoes_forward(self, bijector, use_context):
     flow, variables, y, h = _flow_and_vars(bijector, use_context)
@@ -101,7 +127,9 @@ class FlowTest(parameterized.TestCase):
   def test_logdet_matches_jacobian(self, bijector, use_context):
     flow, variables, y, h = _flow_and_vars(bijector, use_context, mask="half")
     _, ld = flow.apply(variables, y, h)
-    jac = jax.jit(jax.vmap(jax.jacfwd(lambda yi, hi: flow.apply(variables, yi[None], hi[None])[0][0])))(y, h)
+    jac = jax.jit(
+      jax.vmap(jax.jacfwd(lambda yi, hi: flow.apply(variables, yi[None], hi[None])[0][0]))
+    )(y, h)
     np.testing.assert_allclose(ld, jnp.linalg.slogdet(jac)[1], atol=1e-4)
 
   def test_masks_alternate(self):
@@ -121,6 +149,7 @@ class FlowTest(parameterized.TestCase):
 
 
 # ----------------------------------------------------------------------------------------- encoders
+
 
 def test_keypoint_encoder_ignores_invisible(batch):
   net = M.KeypointNet(KP_IMAGE, hidden=(32,), features=16)
@@ -142,21 +171,38 @@ def test_keypoint_encoder_ignores_invisible(batch):
 
 def test_condition_encoders_and_regressor_shapes(batch):
   for cond in M.CONDITIONS:
-    e = M.ConditionEncoder(cond, Z, features=16, keypoint_image_size=KP_IMAGE, keypoint_hidden=(32,),
-                           hmc_channels=(8,), hmc_features=8, image_channels=(8,))
+    e = M.ConditionEncoder(
+      cond,
+      Z,
+      features=16,
+      keypoint_image_size=KP_IMAGE,
+      keypoint_hidden=(32,),
+      hmc_channels=(8,),
+      hmc_features=8,
+      image_channels=(8,),
+    )
     mu, logstd, h = e.apply(e.init(key(0), batch), batch)
     chex.assert_shape([mu, logstd], (B, Z))
     chex.assert_shape(h, (B, 16))
     assert float(jnp.max(jnp.abs(logstd))) < 5.0
-    r = M.Regressor(cond, Z, features=16, keypoint_image_size=KP_IMAGE, keypoint_hidden=(32,),
-                    hmc_channels=(8,), hmc_features=8, image_channels=(8,))
+    r = M.Regressor(
+      cond,
+      Z,
+      features=16,
+      keypoint_image_size=KP_IMAGE,
+      keypoint_hidden=(32,),
+      hmc_channels=(8,),
+      hmc_features=8,
+      image_channels=(8,),
+    )
     params = r.init(key(0), batch)["params"]
     chex.assert_shape(r.apply({"params": params}, batch), (B, Z))
     if cond != "keypoints":
       continue
     target = jnp.ones((B, Z))
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p, bt: M.regressor_loss(r, p, bt, target), has_aux=True)(params, batch)
+      lambda p, bt: M.regressor_loss(r, p, bt, target), has_aux=True
+    )(params, batch)
     assert np.isfinite(float(loss)) and float(loss) == float(metrics["regressor_mse"])
     chex.assert_tree_all_finite(grads)
 
@@ -176,11 +222,22 @@ def test_encoder_bad_arguments(batch):
 
 # ------------------------------------------------------------------------------------------ decoder
 
-@pytest.mark.parametrize("tex_size,channels,upsample,weight_norm", [
-    (8, (), "resize", False), (16, (8,), "transpose", False), (32, (8, 4), "resize", True)])
+
+@pytest.mark.parametrize(
+  "tex_size,channels,upsample,weight_norm",
+  [(8, (), "resize", False), (16, (8,), "transpose", False), (32, (8, 4), "resize", True)],
+)
 def test_decoder_shapes(tex_size, channels, upsample, weight_norm):
-  dec = M.Decoder(tex_size, V, z_features=16, start_channels=8, channels=channels, upsample=upsample,
-                  num_cameras=3, weight_norm=weight_norm)
+  dec = M.Decoder(
+    tex_size,
+    V,
+    z_features=16,
+    start_channels=8,
+    channels=channels,
+    upsample=upsample,
+    num_cameras=3,
+    weight_norm=weight_norm,
+  )
   z, view = jnp.ones((2, Z)), jnp.ones((2, 3)) / np.sqrt(3.0)
   cam = jnp.array([0, 2], jnp.int32)
   variables = dec.init(key(0), z, view, cam)
@@ -201,7 +258,9 @@ def test_decoder_bad_arguments():
     M.Decoder(16, V, channels=(8,), upsample="pixelshuffle")
 
 
-# ------------------------------------------------------------------------------------ composed model
+# ------------------------------------------------------------------------------------ composed
+# model
+
 
 def _methods(model, variables, batch, name):
   """Everything the public methods return for one prior name (traced once under jit)."""
@@ -266,8 +325,14 @@ def test_outputs_and_methods(models, batch, prior):
 
 def test_every_submodule_has_params(models):
   _, v = models["lipflow"]
-  assert set(v["params"]) == {"encoder", "decoder", "condition_encoders_keypoints", "condition_encoders_hmc",
-                              "flows_keypoints", "flows_hmc"}
+  assert set(v["params"]) == {
+    "encoder",
+    "decoder",
+    "condition_encoders_keypoints",
+    "condition_encoders_hmc",
+    "flows_keypoints",
+    "flows_hmc",
+  }
   assert set(models["flow"][1]["params"]) == {"encoder", "decoder", "flows_unconditional"}
 
 
@@ -287,7 +352,6 @@ def test_direct_encoder_baseline(batch):
 
 
 class JitTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_flow_jit_matches_no_jit(self):
     flow, variables, y, h = _flow_and_vars("spline", True)
@@ -313,7 +377,9 @@ class JitTest(chex.TestCase):
       return M.model_loss(model, params, batch, rng, weights={"kl": 0.1})
 
     loss, metrics = loss_fn(variables["params"], batch, rng)
-    ref_loss, ref_metrics = M.model_loss(model, variables["params"], batch, rng, weights={"kl": 0.1})
+    ref_loss, ref_metrics = M.model_loss(
+      model, variables["params"], batch, rng, weights={"kl": 0.1}
+    )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     chex.assert_trees_all_close(metrics, ref_metrics, rtol=1e-4, atol=1e-6)
 
@@ -331,14 +397,19 @@ def _mc_vs_analytic(model, variables, batch, analytic_fn, n=4000):
 
 
 def _spread_posterior_and_prior(variables, key):
-  """Moves q(z|x) and p(y|c) away from N(0, I) so that the KLs are not tiny (flows stay the identity)."""
+  """Moves q(z|x) and p(y|c) away from N(0, I) so that the KLs are not tiny (flows stay the
+  identity)."""
   params = jax.tree.map(lambda x: x, variables["params"])
   k1, k2 = jax.random.split(key)
   head = params["encoder"]["head"]
-  head["bias"] = jnp.concatenate([10.0 * jax.random.normal(k1, (Z,)), 40.0 * jax.random.normal(k2, (Z,))])
+  head["bias"] = jnp.concatenate(
+    [10.0 * jax.random.normal(k1, (Z,)), 40.0 * jax.random.normal(k2, (Z,))]
+  )
   for name in list(params):
     if name.startswith("condition_encoders_"):
-      params[name]["head"]["bias"] = 0.5 * jax.random.normal(jax.random.fold_in(key, len(name)), (2 * Z,))
+      params[name]["head"]["bias"] = 0.5 * jax.random.normal(
+        jax.random.fold_in(key, len(name)), (2 * Z,)
+      )
   return {"params": params}
 
 
@@ -347,8 +418,9 @@ def test_monte_carlo_kl_matches_analytic_for_identity_flow(models, batch, prior)
   model, variables = models[prior]
   variables = _spread_posterior_and_prior(variables, key(4))
   if prior == "lipflow":
-    fn = lambda out, name: M.gaussian_kl(out["mu"], out["logstd"], out["prior_mu"][name],
-                                         out["prior_logstd"][name])
+    fn = lambda out, name: M.gaussian_kl(
+      out["mu"], out["logstd"], out["prior_mu"][name], out["prior_logstd"][name]
+    )
   else:
     fn = lambda out, name: M.gaussian_kl(out["mu"], out["logstd"])
   _mc_vs_analytic(model, variables, batch, fn)
@@ -358,8 +430,8 @@ def _grad_norms(grads):
   return {name: optax.global_norm(g) for name, g in grads.items()}
 
 
-# 'lipflow' is covered by the training test; 'gaussian' is the special case mu_c = 0, logstd_c = 0 of
-# 'conditional_gaussian' (same code path).
+# 'lipflow' is covered by the training test; 'gaussian' is the special case mu_c = 0, logstd_c = 0
+# of 'conditional_gaussian' (same code path).
 @pytest.mark.parametrize("prior", ["conditional_gaussian", "flow"])
 def test_gradients_finite(models, batch, prior):
   model, variables = models[prior]
@@ -372,15 +444,32 @@ def test_gradients_finite(models, batch, prior):
 def test_full_multiface_size_is_expressible():
   b = 2
   model = M.LipFlowModel(
-      num_vertices=7306, z_dim=256, tex_size=1024, prior="lipflow", conditions=BOTH,
-      enc_channels=(16, 16, 32, 32, 64, 64, 128, 128), enc_tex_features=256, enc_vert_features=256,
-      dec_z_features=256, dec_start_channels=256, dec_channels=(256, 64, 64, 32, 32, 16, 16),
-      dec_upsample="transpose", num_cameras=40, weight_norm=True, keypoint_image_size=(2048, 1334))
+    num_vertices=7306,
+    z_dim=256,
+    tex_size=1024,
+    prior="lipflow",
+    conditions=BOTH,
+    enc_channels=(16, 16, 32, 32, 64, 64, 128, 128),
+    enc_tex_features=256,
+    enc_vert_features=256,
+    dec_z_features=256,
+    dec_start_channels=256,
+    dec_channels=(256, 64, 64, 32, 32, 16, 16),
+    dec_upsample="transpose",
+    num_cameras=40,
+    weight_norm=True,
+    keypoint_image_size=(2048, 1334),
+  )
   spec = jax.ShapeDtypeStruct
-  batch = dict(verts=spec((b, 7306, 3), jnp.float32), avg_tex=spec((b, 1024, 1024, 3), jnp.float32),
-               view=spec((b, 3), jnp.float32), camera_index=spec((b,), jnp.int32),
-               keypoints=spec((b, 68, 2), jnp.float32), keypoints_visible=spec((b, 68), jnp.float32),
-               hmc=spec((b, 3, 64, 64, 1), jnp.float32))
+  batch = dict(
+    verts=spec((b, 7306, 3), jnp.float32),
+    avg_tex=spec((b, 1024, 1024, 3), jnp.float32),
+    view=spec((b, 3), jnp.float32),
+    camera_index=spec((b,), jnp.int32),
+    keypoints=spec((b, 68, 2), jnp.float32),
+    keypoints_visible=spec((b, 68), jnp.float32),
+    hmc=spec((b, 3, 64, 64, 1), jnp.float32),
+  )
   shapes = jax.eval_shape(lambda bt: init_model(model, bt), batch)  # Traces only: no compilation.
   enc_kernel = shapes["params"]["encoder"]["tex"]["conv_7"]["layer"]["kernel"]
   assert enc_kernel.shape == (4, 4, 128, 128)
@@ -410,6 +499,7 @@ def test_model_bad_arguments():
 
 # ------------------------------------------------------------------------------------------- losses
 
+
 def test_masked_mse_matches_loop():
   rng = np.random.default_rng(0)
   pred = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
@@ -427,11 +517,15 @@ def test_masked_mse_matches_loop():
 def test_gaussian_kl_and_log_prob_reference():
   mu_q, ls_q, mu_p, ls_p = 0.3, -0.2, -0.1, 0.4
   sq, sp = np.exp(ls_q), np.exp(ls_p)
-  ref = np.log(sp / sq) + (sq ** 2 + (mu_q - mu_p) ** 2) / (2 * sp ** 2) - 0.5
-  kl = M.gaussian_kl(jnp.full((3,), mu_q), jnp.full((3,), ls_q), jnp.full((3,), mu_p), jnp.full((3,), ls_p))
+  ref = np.log(sp / sq) + (sq**2 + (mu_q - mu_p) ** 2) / (2 * sp**2) - 0.5
+  kl = M.gaussian_kl(
+    jnp.full((3,), mu_q), jnp.full((3,), ls_q), jnp.full((3,), mu_p), jnp.full((3,), ls_p)
+  )
   np.testing.assert_allclose(kl, 3 * ref, rtol=1e-5)
   x = jnp.array([0.5, -1.0])
-  ref_lp = np.sum(-0.5 * ((np.array([0.5, -1.0]) - mu_p) / sp) ** 2 - np.log(sp) - 0.5 * np.log(2 * np.pi))
+  ref_lp = np.sum(
+    -0.5 * ((np.array([0.5, -1.0]) - mu_p) / sp) ** 2 - np.log(sp) - 0.5 * np.log(2 * np.pi)
+  )
   np.testing.assert_allclose(M.gaussian_log_prob(x, mu_p, ls_p), ref_lp, rtol=1e-5)
 
 
@@ -439,13 +533,16 @@ def test_model_loss_terms(models, batch):
   model, variables = models["conditional_gaussian"]
   w = {"tex": 2.0, "geo": 3.0, "kl": 0.5}
   loss, m = M.model_loss(model, variables["params"], batch, key(0), weights=w)
-  np.testing.assert_allclose(loss, 2.0 * m["tex_mse"] + 3.0 * m["geo_mse"] + 0.5 * m["kl"], rtol=1e-5)
+  np.testing.assert_allclose(
+    loss, 2.0 * m["tex_mse"] + 3.0 * m["geo_mse"] + 0.5 * m["kl"], rtol=1e-5
+  )
   np.testing.assert_allclose(m["kl"], 0.5 * (m["kl_keypoints"] + m["kl_hmc"]), rtol=1e-5)
   assert set(m) >= {"tex_mse", "geo_mse", "kl", "latent_nll", "total"}
   # The screen-loss hook.
   fn = lambda out, bt: jnp.mean(out["tex"] ** 2)
-  loss2, m2 = M.model_loss(model, variables["params"], batch, key(0),
-                           weights=dict(w, screen=0.25), screen_loss_fn=fn)
+  loss2, m2 = M.model_loss(
+    model, variables["params"], batch, key(0), weights=dict(w, screen=0.25), screen_loss_fn=fn
+  )
   np.testing.assert_allclose(loss2, loss + 0.25 * m2["screen"], rtol=1e-5)
   with pytest.raises(ValueError, match="screen_loss_fn"):
     M.model_loss(model, variables["params"], batch, key(0), weights={"screen": 1.0})
@@ -463,10 +560,13 @@ def test_training_reduces_reconstruction_losses(models):
   @jax.jit
   def step(params, opt_state, key):
     (_, metrics), grads = jax.value_and_grad(
-        lambda p: M.model_loss(model, p, batch, key, weights=weights), has_aux=True)(params)
+      lambda p: M.model_loss(model, p, batch, key, weights=weights), has_aux=True
+    )(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     metrics["grad_norms"] = _grad_norms(grads)
-    metrics["grads_finite"] = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    metrics["grads_finite"] = jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     return optax.apply_updates(params, updates), opt_state, metrics
 
   opt_state = opt.init(params)

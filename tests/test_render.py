@@ -1,6 +1,5 @@
-"""Tests of lipflow_jax.render against slow numpy reference loops, analytic areas and finite differences."""
-
-import functools
+"""Tests of lipflow_jax.render against slow numpy reference loops, analytic areas and finite
+differences."""
 
 import chex
 import jax
@@ -8,19 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lipflow_jax import geometry
-from lipflow_jax import render
+from lipflow_jax import geometry, render
 from lipflow_jax.render import RasterSettings
 
 H, W = 30, 37  # not multiples of the tile size
 
 
 def _camera(h=H, w=W, eye=(0.3, 0.2, 6.0), focal=45.0):
-  return geometry.Camera(K=geometry.intrinsics(focal, (h, w)), Rt=geometry.look_at(eye, (0.0, 0.0, 0.0)))
+  return geometry.Camera(
+    K=geometry.intrinsics(focal, (h, w)), Rt=geometry.look_at(eye, (0.0, 0.0, 0.0))
+  )
 
 
 def _random_scene(seed, num_faces=14, spread=1.3):
-  """Random triangles of mixed sizes and depths, some partly outside the image. Separate vertices."""
+  """Random triangles of mixed sizes and depths, some partly outside the image. Separate
+  vertices."""
   rng = np.random.default_rng(seed)
   centres = rng.uniform(-spread, spread, (num_faces, 1, 3)) * np.array([1.0, 0.8, 1.0])
   scale = rng.uniform(0.15, 0.9, (num_faces, 1, 1))
@@ -29,7 +30,8 @@ def _random_scene(seed, num_faces=14, spread=1.3):
   return verts, faces
 
 
-# ------------------------------------------------------------------------------------------ numpy reference
+# ------------------------------------------------------------------------------------------ numpy
+# reference
 def _seg_dist(p, a, b):
   e = b - a
   t = np.clip(np.sum((p - a) * e, -1) / max(np.sum(e * e), 1e-30), 0.0, 1.0)
@@ -41,9 +43,10 @@ def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
   """Brute force: every face at every pixel centre, float64, with the documented selection rule (see
   ``render.select_faces``).
 
-  Returns face ids, bary, dists, zbuf ([h, w, k(, 3)]) and ``ambiguous`` [h, w]: pixels whose selection can
-  flip under float32 rounding (a near-tie in depth, distance or minimum depth that decides a slot, or a face
-  whose nearness is within rounding of the blur radius or its bounding box).
+  Returns face ids, bary, dists, zbuf ([h, w, k(, 3)]) and ``ambiguous`` [h, w]: pixels whose
+  selection can flip under float32 rounding (a near-tie in depth, distance or minimum depth that
+  decides a slot, or a face whose nearness is within rounding of the blur radius or its bounding
+  box).
   """
   K = np.asarray(camera.K, np.float64)
   Rt = np.asarray(camera.Rt, np.float64)
@@ -69,18 +72,35 @@ def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
     lam = np.stack(lam, -1)
     line = np.min(np.stack(line, -1), -1)  # signed distance to the nearest edge line
     inside = np.all(lam >= 0, -1)
-    segd = np.min(np.stack([_seg_dist(p, a[(i + 1) % 3], a[(i + 2) % 3]) for i in range(3)], -1), -1)
+    segd = np.min(
+      np.stack([_seg_dist(p, a[(i + 1) % 3], a[(i + 2) % 3]) for i in range(3)], -1), -1
+    )
     dist = np.where(inside, segd, -segd)
     lo, hi = a.min(0) - blur, a.max(0) + blur
     near = (line >= -blur) & np.all((p >= lo) & (p <= hi), -1)
     edge = np.min(np.abs(np.concatenate([p - lo, p - hi], -1)), -1)
-    shaky = (np.abs(line + blur) < 1e-3) | ((edge < 1e-3) & (line >= -blur - 1e-3)) if blur > 0 else 0 * line
+    shaky = (
+      (np.abs(line + blur) < 1e-3) | ((edge < 1e-3) & (line >= -blur - 1e-3))
+      if blur > 0
+      else 0 * line
+    )
     key = np.clip(np.sum(lam / zz, -1), np.min(1 / zz), np.max(1 / zz))
     lc = np.maximum(lam, 0)
     lc /= lc.sum(-1, keepdims=True)
     q = lc / zz
-    cand.append(dict(id=fi, zmin=zz.min(), key=key, line=line, near=near, shaky=shaky > 0, bary=q / q.sum(-1,
-                     keepdims=True), dist=dist, depth=1.0 / q.sum(-1)))
+    cand.append(
+      dict(
+        id=fi,
+        zmin=zz.min(),
+        key=key,
+        line=line,
+        near=near,
+        shaky=shaky > 0,
+        bary=q / q.sum(-1, keepdims=True),
+        dist=dist,
+        depth=1.0 / q.sum(-1),
+      )
+    )
   ids = -np.ones((h, w, k), np.int64)
   bary = np.zeros((h, w, k, 3))
   dists = np.zeros((h, w, k))
@@ -107,7 +127,7 @@ def reference_rasterize(verts, faces, camera, h, w, k, blur, znear=1e-3):
       rest = [c for c in near if c is not first]
       if len(rest) > k - 1 >= 0 and k > 1 and close(rest[k - 2]["zmin"], rest[k - 1]["zmin"], 1e-5):
         ambiguous[y, x] = True
-      chosen = sorted([first] + rest[:k - 1], key=lambda c: -c["key"][y, x])
+      chosen = sorted([first] + rest[: k - 1], key=lambda c: -c["key"][y, x])
       keys = [c["key"][y, x] for c in chosen]
       if any(close(keys[i], keys[i + 1], 1e-4) for i in range(len(keys) - 1)):
         ambiguous[y, x] = True
@@ -131,12 +151,15 @@ def _unambiguous(ambiguous, verts, faces, camera, h, w, margin=2e-3):
     for i in range(3):
       u, v = xy[f[(i + 1) % 3]], xy[f[(i + 2) % 3]]
       e = v - u
-      d = np.abs(e[0] * (p[..., 1] - u[1]) - e[1] * (p[..., 0] - u[0])) / max(np.linalg.norm(e), 1e-12)
+      d = np.abs(e[0] * (p[..., 1] - u[1]) - e[1] * (p[..., 0] - u[0])) / max(
+        np.linalg.norm(e), 1e-12
+      )
       ok &= d > margin
   return ok
 
 
-# ------------------------------------------------------------------------------------------ fixtures
+# ------------------------------------------------------------------------------------------
+# fixtures
 HARD = RasterSettings.hard((H, W))
 SOFT = RasterSettings((H, W), faces_per_pixel=4, sigma=0.5, blur_radius=1.5)
 
@@ -151,25 +174,36 @@ def jit_render():
   return jax.jit(render.render_mesh, static_argnums=6)
 
 
-# ------------------------------------------------------------------------------------------ settings
+# ------------------------------------------------------------------------------------------
+# settings
 def test_settings_validation_and_hashing():
   s = RasterSettings((16, 24))
   assert hash(s) == hash(RasterSettings((16, 24)))
   assert s.blur_radius > 0 and not s.is_hard
   h = RasterSettings.hard([16, 24])
   assert h.is_hard and h.faces_per_pixel == 1 and h.blur_radius == 0.0 and h.image_size == (16, 24)
-  for bad in [dict(image_size=(0, 4)), dict(image_size=(4,)), dict(image_size=(4, 4), faces_per_pixel=0),
-              dict(image_size=(4, 4), sigma=-1.0), dict(image_size=(4, 4), gamma=0.0),
-              dict(image_size=(4, 4), blur_radius=-1.0), dict(image_size=(4, 4), tile_size=0),
-              dict(image_size=(4, 4), faces_per_pixel=8, max_faces_per_tile=4),
-              dict(image_size=(4, 4), background=()), dict(image_size=(4, 4), znear=0.0),
-              dict(image_size=(4, 4), fragment_budget=0.0), dict(image_size=(4, 4), fragment_budget=1.5),
-              dict(image_size=(4, 4), heavy_tile_budget=0.0), dict(image_size=(4, 4), heavy_tile_budget=2.0)]:
+  for bad in [
+    dict(image_size=(0, 4)),
+    dict(image_size=(4,)),
+    dict(image_size=(4, 4), faces_per_pixel=0),
+    dict(image_size=(4, 4), sigma=-1.0),
+    dict(image_size=(4, 4), gamma=0.0),
+    dict(image_size=(4, 4), blur_radius=-1.0),
+    dict(image_size=(4, 4), tile_size=0),
+    dict(image_size=(4, 4), faces_per_pixel=8, max_faces_per_tile=4),
+    dict(image_size=(4, 4), background=()),
+    dict(image_size=(4, 4), znear=0.0),
+    dict(image_size=(4, 4), fragment_budget=0.0),
+    dict(image_size=(4, 4), fragment_budget=1.5),
+    dict(image_size=(4, 4), heavy_tile_budget=0.0),
+    dict(image_size=(4, 4), heavy_tile_budget=2.0),
+  ]:
     with pytest.raises(ValueError, match="RasterSettings"):
       RasterSettings(**bad)
 
 
-# ------------------------------------------------------------------------------------------ rasterization
+# ------------------------------------------------------------------------------------------
+# rasterization
 @pytest.mark.parametrize("seed", [0, 1])
 def test_hard_matches_brute_force(jit_rasterize, seed):
   verts, faces = _random_scene(seed)
@@ -190,11 +224,14 @@ def test_hard_matches_brute_force(jit_rasterize, seed):
 
 @pytest.mark.parametrize("num_faces,k,blur", [(18, 4, 1.5), (40, 2, 3.0), (40, 1, 2.0)])
 def test_soft_matches_brute_force(jit_rasterize, num_faces, k, blur):
-  """Binned selection (K > 1; K = 1 with a blur: the z-buffer path) equals the documented rule, also where
+  """Binned selection (K > 1; K = 1 with a blur: the z-buffer path) equals the documented rule, also
+  where
   more than K faces are near a pixel."""
   verts, faces = _random_scene(2, num_faces=num_faces, spread=1.6)
   cam = _camera()
-  settings = RasterSettings((H, W), faces_per_pixel=k, sigma=0.5, blur_radius=blur, max_faces_per_tile=64)
+  settings = RasterSettings(
+    (H, W), faces_per_pixel=k, sigma=0.5, blur_radius=blur, max_faces_per_tile=64
+  )
   fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, settings)
   assert int(fr.overflow) == 0
   ids, bary, dists, zbuf, amb = reference_rasterize(verts, faces, cam, H, W, k, blur)
@@ -220,17 +257,23 @@ def test_small_tiles_and_caps_agree(jit_rasterize):
   verts, faces = _random_scene(3)
   cam = _camera()
   a = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, SOFT)
-  b = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam,
-                    SOFT.replace(tile_size=5, max_faces_per_tile=20, blur_radius=SOFT.blur_radius))
+  b = jit_rasterize(
+    jnp.asarray(verts),
+    jnp.asarray(faces),
+    cam,
+    SOFT.replace(tile_size=5, max_faces_per_tile=20, blur_radius=SOFT.blur_radius),
+  )
   assert int(a.overflow) == 0 and int(b.overflow) == 0
   np.testing.assert_array_equal(np.asarray(a.face_ids), np.asarray(b.face_ids))
   np.testing.assert_allclose(np.asarray(a.bary), np.asarray(b.bary), atol=1e-5)
 
 
 def test_selection_unrolled_and_scan_agree():
-  """``select_faces`` takes the first set bits of its candidate masks unrolled for up to 128 candidates per
-  tile and with a scan beyond: padding the candidate lists with empty entries crosses over and changes
-  nothing. The faces are many and small, so that tiles hold more than 32 candidates (several words)."""
+  """``select_faces`` takes the first set bits of its candidate masks unrolled for up to 128
+  candidates per tile and with a scan beyond: padding the candidate lists with empty entries crosses
+  over and changes
+  nothing. The faces are many and small, so that tiles hold more than 32 candidates (several
+  words)."""
   rng = np.random.default_rng(0)
   f = 120
   centre = rng.uniform(2, 22, (f, 1, 2))
@@ -251,12 +294,15 @@ def test_selection_unrolled_and_scan_agree():
 def test_hard_coverage_matches_area(jit_rasterize, seed):
   rng = np.random.default_rng(10 + seed)
   size = 64
-  cam = geometry.Camera(K=geometry.intrinsics(64.0, (size, size)), Rt=jnp.eye(3, 4).at[2, 3].set(2.0))
+  cam = geometry.Camera(
+    K=geometry.intrinsics(64.0, (size, size)), Rt=jnp.eye(3, 4).at[2, 3].set(2.0)
+  )
   # A triangle at depth 2 in front of the camera, fully inside the image.
   pix = rng.uniform(4, size - 4, (3, 2))
   verts = np.concatenate([(pix - size / 2) / 32.0, np.zeros((3, 1))], -1).astype(np.float32)
-  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray([[0, 1, 2]], jnp.int32), cam,
-                     RasterSettings.hard((size, size)))
+  fr = jit_rasterize(
+    jnp.asarray(verts), jnp.asarray([[0, 1, 2]], jnp.int32), cam, RasterSettings.hard((size, size))
+  )
   count = int(np.sum(np.asarray(fr.face_ids) >= 0))
   a = pix[1] - pix[0]
   b = pix[2] - pix[0]
@@ -279,8 +325,12 @@ def test_interpolate_depth_equals_zbuf(jit_rasterize):
 def test_orientation_winding_and_culling(jit_rasterize):
   """World up appears at the image top; either winding is drawn unless back faces are culled."""
   size = 32
-  cam = geometry.Camera(K=geometry.intrinsics(40.0, (size, size)), Rt=geometry.look_at((0, 0, 5.0), (0, 0, 0)))
-  verts = jnp.array([[-1, -1, 0], [1, -1, 0], [0, 1, 0]], jnp.float32)  # counter-clockwise seen from +z
+  cam = geometry.Camera(
+    K=geometry.intrinsics(40.0, (size, size)), Rt=geometry.look_at((0, 0, 5.0), (0, 0, 0))
+  )
+  verts = jnp.array(
+    [[-1, -1, 0], [1, -1, 0], [0, 1, 0]], jnp.float32
+  )  # counter-clockwise seen from +z
   front = jnp.array([[0, 1, 2]], jnp.int32)
   back = jnp.array([[0, 2, 1]], jnp.int32)
   hard = RasterSettings.hard((size, size))
@@ -308,37 +358,46 @@ def _quad_stack(n=12, size=16):
 
 
 def test_overflow_counter_and_nearest_kept(jit_rasterize):
-  """Too small a cap overflows (counted) but keeps the nearest faces; an ample cap does not overflow."""
+  """Too small a cap overflows (counted) but keeps the nearest faces; an ample cap does not
+  overflow."""
   n, size = 12, 16
   verts, faces, cam = _quad_stack(n, size)
   off_diagonal = ~np.eye(size, dtype=bool)  # pixel centres on the quads' diagonal edge are ties
   nearest = {2 * n - 2, 2 * n - 1}
   # K > 1 (tiles): a cap of 4 candidates per 8 x 8 tile overflows all 4 tiles.
-  tiles = RasterSettings((size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=4)
+  tiles = RasterSettings(
+    (size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=4
+  )
   fr = jit_rasterize(verts, faces, cam, tiles)
   assert int(fr.overflow) == 4
   assert set(np.unique(np.asarray(fr.face_ids[..., 0]))) <= nearest
   ok = jit_rasterize(verts, faces, cam, tiles.replace(max_faces_per_tile=2 * n, sigma=0.1))
   assert int(ok.overflow) == 0
-  np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal],
-                                np.asarray(fr.face_ids[..., 0])[off_diagonal])
-  # K = 1 (chunks): 24 faces x 4 chunks of 8 x 8 pixels exceed the chunk budget; the farthest are dropped.
+  np.testing.assert_array_equal(
+    np.asarray(ok.face_ids[..., 0])[off_diagonal], np.asarray(fr.face_ids[..., 0])[off_diagonal]
+  )
+  # K = 1 (chunks): 24 faces x 4 chunks of 8 x 8 pixels exceed the chunk budget; the farthest are
+  # dropped.
   hard = RasterSettings.hard((size, size), tile_size=8, max_faces_per_tile=16)
   fr = jit_rasterize(verts, faces, cam, hard)
   assert int(fr.overflow) > 0
   assert set(np.unique(np.asarray(fr.face_ids))) <= nearest
   ok = jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=256))
   assert int(ok.overflow) == 0
-  np.testing.assert_array_equal(np.asarray(ok.face_ids[..., 0])[off_diagonal],
-                                np.asarray(fr.face_ids[..., 0])[off_diagonal])
+  np.testing.assert_array_equal(
+    np.asarray(ok.face_ids[..., 0])[off_diagonal], np.asarray(fr.face_ids[..., 0])[off_diagonal]
+  )
 
 
 def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
-  """A budget below the number of non-empty slots keeps them in slot-major order (slot 0 of every pixel,
+  """A budget below the number of non-empty slots keeps them in slot-major order (slot 0 of every
+  pixel,
   then slot 1, ...; row-major within a slot) and counts the rest in ``overflow``."""
   n, size, k = 12, 16, 4
   verts, faces, cam = _quad_stack(n, size)
-  dense_settings = RasterSettings((size, size), faces_per_pixel=k, sigma=0.1, max_faces_per_tile=2 * n)
+  dense_settings = RasterSettings(
+    (size, size), faces_per_pixel=k, sigma=0.1, max_faces_per_tile=2 * n
+  )
   dense = jit_rasterize(verts, faces, cam, dense_settings)
   budget = 0.6
   part = jit_rasterize(verts, faces, cam, dense_settings.replace(fragment_budget=budget))
@@ -346,7 +405,9 @@ def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
   assert np.all(ids >= 0) and int(dense.overflow) == 0  # every slot of every pixel is non-empty
   kept = (np.arange(ids.size) < int(np.ceil(budget * ids.size))).reshape(ids.shape)
   assert int(part.overflow) == ids.size - kept.sum()
-  np.testing.assert_array_equal(np.moveaxis(np.asarray(part.face_ids), -1, 0), np.where(kept, ids, -1))
+  np.testing.assert_array_equal(
+    np.moveaxis(np.asarray(part.face_ids), -1, 0), np.where(kept, ids, -1)
+  )
   m = np.moveaxis(kept, 0, -1)
   np.testing.assert_allclose(np.asarray(part.bary)[m], np.asarray(dense.bary)[m], atol=1e-6)
   np.testing.assert_allclose(np.asarray(part.dists)[m], np.asarray(dense.dists)[m], atol=1e-5)
@@ -354,39 +415,58 @@ def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
 
 
 def test_tile_budget_drops_last_tiles(jit_rasterize, jit_render):
-  """A tile budget below the number of tiles holding faces keeps the first ones (row-major), renders the
+  """A tile budget below the number of tiles holding faces keeps the first ones (row-major), renders
+  the
   others as background and counts them in ``overflow``."""
   n, size = 12, 16
   verts, faces, cam = _quad_stack(n, size)
-  settings = RasterSettings((size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=2 * n)
+  settings = RasterSettings(
+    (size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=2 * n
+  )
   dense = jit_rasterize(verts, faces, cam, settings)
   part = jit_rasterize(verts, faces, cam, settings.replace(tile_budget=0.5))  # 2 of the 4 tiles
   assert int(dense.overflow) == 0 and int(part.overflow) == 2
   np.testing.assert_array_equal(np.asarray(part.face_ids[:8]), np.asarray(dense.face_ids[:8]))
   np.testing.assert_allclose(np.asarray(part.bary[:8]), np.asarray(dense.bary[:8]), atol=1e-6)
-  assert np.all(np.asarray(part.face_ids[8:]) == -1) and np.all(np.asarray(part.dists[8:]) == render.EMPTY_DIST)
-  img = jit_render(verts, faces, verts[:, :2] * 0.0 + 0.5, faces, jnp.ones((2, 2, 3)), cam,
-                   settings.replace(tile_budget=0.5, background=(0.25, 0.5, 0.75)))
-  np.testing.assert_allclose(np.asarray(img.rgb[8:]), np.broadcast_to([0.25, 0.5, 0.75], (8, 16, 3)))
+  assert np.all(np.asarray(part.face_ids[8:]) == -1) and np.all(
+    np.asarray(part.dists[8:]) == render.EMPTY_DIST
+  )
+  img = jit_render(
+    verts,
+    faces,
+    verts[:, :2] * 0.0 + 0.5,
+    faces,
+    jnp.ones((2, 2, 3)),
+    cam,
+    settings.replace(tile_budget=0.5, background=(0.25, 0.5, 0.75)),
+  )
+  np.testing.assert_allclose(
+    np.asarray(img.rgb[8:]), np.broadcast_to([0.25, 0.5, 0.75], (8, 16, 3))
+  )
   assert np.all(np.asarray(img.alpha[8:]) == 0) and np.all(np.asarray(img.alpha[:8]) == 1)
 
 
 def _head_view_40px():
   """The 1,000-face demo head and a 40 x 40 camera it half fills (the budget tests' scene)."""
   from lipflow_jax.render.demo import head_mesh  # pylint: disable=g-import-not-at-top
-  cam = geometry.Camera(K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0)))
+
+  cam = geometry.Camera(
+    K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0))
+  )
   return head_mesh(1000), cam
 
 
 def test_heavy_tile_budget_second_pass(jit_rasterize):
-  """Two-pass selection: with room for every heavy tile it equals one pass over all candidates; with less,
-  the first heavy tiles (row-major) get the second pass, the others keep the first pass (among the first
-  ``light_faces_per_tile`` candidates) and are counted in ``overflow``. ``occupancy`` counts what binning
+  """Two-pass selection: with room for every heavy tile it equals one pass over all candidates; with
+  less, the first heavy tiles (row-major) get the second pass, the others keep the first pass (among
+  the first ``light_faces_per_tile`` candidates) and are counted in ``overflow``. ``occupancy``
+  counts what binning
   generates."""
   mesh, cam = _head_view_40px()
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
-  settings = RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, tile_size=4, max_faces_per_tile=128,
-                            cull_backfaces=True)
+  settings = RasterSettings(
+    (40, 40), faces_per_pixel=4, sigma=0.5, tile_size=4, max_faces_per_tile=128, cull_backfaces=True
+  )
   light = settings.light_faces_per_tile
   assert light == 32
   # Candidates per tile, counted from binning with room for all.
@@ -403,7 +483,9 @@ def test_heavy_tile_budget_second_pass(jit_rasterize):
   tile_of = lambda ids: np.asarray(ids).reshape(10, 4, 10, 4, -1).swapaxes(1, 2).reshape(100, -1)
   f_full, f_first = tile_of(full.face_ids), tile_of(first.face_ids)
   assert np.any(f_full[heavy] != f_first[heavy])  # the first pass alone would differ
-  two = jit_rasterize(verts, faces, cam, settings.replace(heavy_tile_budget=len(heavy) / 100 + 0.005))
+  two = jit_rasterize(
+    verts, faces, cam, settings.replace(heavy_tile_budget=len(heavy) / 100 + 0.005)
+  )
   assert int(two.overflow) == 0
   np.testing.assert_array_equal(np.asarray(two.face_ids), np.asarray(full.face_ids))
   np.testing.assert_allclose(np.asarray(two.bary), np.asarray(full.bary), atol=1e-6)
@@ -417,24 +499,36 @@ def test_heavy_tile_budget_second_pass(jit_rasterize):
 
 
 def test_fit_budgets_from_measured_views():
-  """``fit_budgets`` takes the maximum over the views, adds the margin, rounds the cap up to a multiple of 8
+  """``fit_budgets`` takes the maximum over the views, adds the margin, rounds the cap up to a
+  multiple of 8
   (raising or lowering it) and keeps fractions of empty views above 0."""
   s = RasterSettings((32, 32), faces_per_pixel=4, tile_size=8, max_faces_per_tile=64)
-  occ = render.Occupancy(fragment_budget=jnp.array([0.2, 0.3]), tile_budget=jnp.array([0.5, 0.4]),
-                         max_faces_per_tile=jnp.array([100, 117]), heavy_tile_budget=jnp.array([0.0, 0.1]))
+  occ = render.Occupancy(
+    fragment_budget=jnp.array([0.2, 0.3]),
+    tile_budget=jnp.array([0.5, 0.4]),
+    max_faces_per_tile=jnp.array([100, 117]),
+    heavy_tile_budget=jnp.array([0.0, 0.1]),
+  )
   fit = render.fit_budgets(s, occ, margin=1.1)
   assert fit.fragment_budget == pytest.approx(0.33) and fit.tile_budget == pytest.approx(0.55)
-  assert fit.heavy_tile_budget == pytest.approx(0.11) and fit.max_faces_per_tile == 136  # ceil(128.7 / 8) * 8
+  assert (
+    fit.heavy_tile_budget == pytest.approx(0.11) and fit.max_faces_per_tile == 136
+  )  # ceil(128.7 / 8) * 8
   assert fit.faces_per_pixel == 4 and fit.image_size == (32, 32)
   empty = render.Occupancy(jnp.float32(0), jnp.float32(0), jnp.int32(0), jnp.float32(0))
   fit = render.fit_budgets(s, empty)
-  assert fit.max_faces_per_tile == 4 and fit.tile_budget == fit.heavy_tile_budget == pytest.approx(1 / 16)
+  assert fit.max_faces_per_tile == 4 and fit.tile_budget == fit.heavy_tile_budget == pytest.approx(
+    1 / 16
+  )
   assert fit.fragment_budget == pytest.approx(1 / (4 * 32 * 32))
-  assert render.fit_budgets(s, occ._replace(fragment_budget=jnp.array([0.95]))).fragment_budget == 1.0
+  assert (
+    render.fit_budgets(s, occ._replace(fragment_budget=jnp.array([0.95]))).fragment_budget == 1.0
+  )
 
 
 def test_occupancy_hard_mode_chunk_cap(jit_rasterize):
-  """K = 1: ``occupancy`` gives the cap whose chunk budget holds every face's chunks: with it nothing
+  """K = 1: ``occupancy`` gives the cap whose chunk budget holds every face's chunks: with it
+  nothing
   overflows and the image is the default's; with half of it chunks are dropped."""
   n, size = 12, 16
   verts, faces, cam = _quad_stack(n, size)
@@ -446,23 +540,60 @@ def test_occupancy_hard_mode_chunk_cap(jit_rasterize):
   fit = jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=need))
   assert int(ref.overflow) == int(fit.overflow) == 0
   np.testing.assert_array_equal(np.asarray(fit.face_ids), np.asarray(ref.face_ids))
-  assert int(jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=need // 2)).overflow) > 0
+  assert (
+    int(jit_rasterize(verts, faces, cam, hard.replace(max_faces_per_tile=need // 2)).overflow) > 0
+  )
 
 
-@pytest.mark.parametrize("settings,budgets", [
+@pytest.mark.parametrize(
+  "settings,budgets",
+  [
     (RasterSettings.hard((40, 40), cull_backfaces=True), ("fragment",)),
-    (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, gamma=1e-2, max_faces_per_tile=256,
-                    cull_backfaces=True), ("fragment",)),
-    (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, gamma=1e-2, tile_size=4, max_faces_per_tile=128,
-                    cull_backfaces=True), ("fragment", "tile")),
-    (RasterSettings((40, 40), faces_per_pixel=4, sigma=0.5, gamma=1e-2, tile_size=4, max_faces_per_tile=128,
-                    cull_backfaces=True), ("fragment", "tile", "heavy"))])
+    (
+      RasterSettings(
+        (40, 40),
+        faces_per_pixel=4,
+        sigma=0.5,
+        gamma=1e-2,
+        max_faces_per_tile=256,
+        cull_backfaces=True,
+      ),
+      ("fragment",),
+    ),
+    (
+      RasterSettings(
+        (40, 40),
+        faces_per_pixel=4,
+        sigma=0.5,
+        gamma=1e-2,
+        tile_size=4,
+        max_faces_per_tile=128,
+        cull_backfaces=True,
+      ),
+      ("fragment", "tile"),
+    ),
+    (
+      RasterSettings(
+        (40, 40),
+        faces_per_pixel=4,
+        sigma=0.5,
+        gamma=1e-2,
+        tile_size=4,
+        max_faces_per_tile=128,
+        cull_backfaces=True,
+      ),
+      ("fragment", "tile", "heavy"),
+    ),
+  ],
+)
 def test_budgets_equal_dense_evaluation(settings, budgets):
-  """Evaluating only the non-empty slots (compacted, blended with segment sums), and only the tiles holding
-  faces, gives the same render and gradients as evaluating every slot of every pixel. (gamma 1e-2: with the
-  default 1e-4 the blend weights amplify float32 rounding of the depths 10^4-fold, and the two paths round
+  """Evaluating only the non-empty slots (compacted, blended with segment sums), and only the tiles
+  holding faces, gives the same render and gradients as evaluating every slot of every pixel. (gamma
+  1e-2: with the default 1e-4 the blend weights amplify float32 rounding of the depths 10^4-fold,
+  and the two paths round
   differently.)"""
   from lipflow_jax.render.demo import demo_texture  # pylint: disable=g-import-not-at-top
+
   mesh, cam = _head_view_40px()
   verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
   uv_faces = jnp.asarray(mesh.uv_faces)
@@ -473,13 +604,18 @@ def test_budgets_equal_dense_evaluation(settings, budgets):
     def loss(v, t):
       out = render.render_mesh(v, faces, uvs, uv_faces, t, cam, s)
       return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
+
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(verts, tex)
     return out, grads
 
   dense, g_dense = run(settings)
   # What the view needs (too little would overflow below); some slots and tiles are empty.
   occ = jax.jit(render.occupancy, static_argnums=3)(verts, faces, cam, settings)
-  nonempty, active, heavy = float(occ.fragment_budget), float(occ.tile_budget), float(occ.heavy_tile_budget)
+  nonempty, active, heavy = (
+    float(occ.fragment_budget),
+    float(occ.tile_budget),
+    float(occ.heavy_tile_budget),
+  )
   assert 0.1 < nonempty < 0.75
   budget = {"fragment_budget": nonempty + 0.01}
   if "tile" in budgets:
@@ -495,7 +631,9 @@ def test_budgets_equal_dense_evaluation(settings, budgets):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   for a, b in zip(g_part, g_dense):
     assert np.abs(np.asarray(b)).max() > 0
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max()
+    )
 
 
 # ------------------------------------------------------------------------------------------ texture
@@ -518,38 +656,60 @@ def test_sample_texture_ramp_and_corners():
 
 
 def test_render_texture_not_flipped(jit_render):
-  """A quad facing the camera with UV (0,0) at its bottom-left shows texture row 0 at the image top."""
+  """A quad facing the camera with UV (0,0) at its bottom-left shows texture row 0 at the image
+  top."""
   size = 24
-  cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
+  cam = geometry.Camera(
+    K=geometry.intrinsics(24.0, (size, size)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0))
+  )
   verts = jnp.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], jnp.float32) * 1.3
   faces = jnp.array([[0, 1, 2], [0, 2, 3]], jnp.int32)
   uvs = jnp.array([[0, 0], [1, 0], [1, 1], [0, 1]], jnp.float32)
   tex = np.zeros((4, 4, 3), np.float32)
   tex[:2, :, 0] = 1.0  # top half red
   tex[:, 2:, 1] = 1.0  # right half green
-  out = jit_render(verts, faces, uvs, faces, jnp.asarray(tex), cam, RasterSettings.hard((size, size)))
+  out = jit_render(
+    verts, faces, uvs, faces, jnp.asarray(tex), cam, RasterSettings.hard((size, size))
+  )
   rgb = np.asarray(out.rgb)
   assert rgb[3, 12, 0] == 1 and rgb[20, 12, 0] == 0
   assert rgb[12, 20, 1] == 1 and rgb[12, 3, 1] == 0
   assert np.asarray(out.face_id)[0, 0] == -1 and np.asarray(out.alpha)[0, 0, 0] == 0
-  assert np.asarray(out.depth)[0, 0] == 0 and np.asarray(out.depth)[12, 12] == pytest.approx(3.0, rel=1e-5)
+  assert np.asarray(out.depth)[0, 0] == 0 and np.asarray(out.depth)[12, 12] == pytest.approx(
+    3.0, rel=1e-5
+  )
 
 
-# ------------------------------------------------------------------------------------------ gradients
+# ------------------------------------------------------------------------------------------
+# gradients
 def test_gradients_match_finite_differences():
-  """Directional derivatives of a soft render (float64) w.r.t. vertices and texture vs central differences."""
+  """Directional derivatives of a soft render (float64) w.r.t. vertices and texture vs central
+  differences."""
   size = 20
   with jax.enable_x64(True):
-    cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)).astype(jnp.float64),
-                          Rt=geometry.look_at((0.3, 0.2, 3.0), (0, 0, 0)).astype(jnp.float64))
-    verts = jnp.array([[-0.9, -0.8, 0.1], [0.8, -0.7, -0.2], [0.1, 0.9, 0.0], [0.9, 0.6, 0.4]], jnp.float64)
+    cam = geometry.Camera(
+      K=geometry.intrinsics(24.0, (size, size)).astype(jnp.float64),
+      Rt=geometry.look_at((0.3, 0.2, 3.0), (0, 0, 0)).astype(jnp.float64),
+    )
+    verts = jnp.array(
+      [[-0.9, -0.8, 0.1], [0.8, -0.7, -0.2], [0.1, 0.9, 0.0], [0.9, 0.6, 0.4]], jnp.float64
+    )
     faces = jnp.array([[0, 1, 2], [1, 3, 2]], jnp.int32)
     uvs = jnp.array([[0.1, 0.1], [0.9, 0.2], [0.4, 0.9], [0.9, 0.8]], jnp.float64)
     rng = np.random.default_rng(0)
     tex = jnp.asarray(rng.uniform(0, 1, (6, 6, 3)))
-    # Large sigma, gamma and blur so that every face reaches every pixel: no selection changes under FD.
-    s = RasterSettings((size, size), faces_per_pixel=2, sigma=3.0, gamma=0.05, blur_radius=100.0,
-                       tile_size=8, max_faces_per_tile=4, background=(0.2, 0.4, 0.6))
+    # Large sigma, gamma and blur so that every face reaches every pixel: no selection changes under
+    # FD.
+    s = RasterSettings(
+      (size, size),
+      faces_per_pixel=2,
+      sigma=3.0,
+      gamma=0.05,
+      blur_radius=100.0,
+      tile_size=8,
+      max_faces_per_tile=4,
+      background=(0.2, 0.4, 0.6),
+    )
     wr = jnp.asarray(rng.normal(size=(size, size, 3)))
     wa = jnp.asarray(rng.normal(size=(size, size, 1)))
     wd = jnp.asarray(rng.normal(size=(size, size)))
@@ -558,8 +718,13 @@ def test_gradients_match_finite_differences():
     def loss(v, t):
       out = render.render_mesh(v, faces, uvs, faces, t, cam, s)
       fr = render.rasterize(v, faces, cam, s)
-      return (jnp.sum(out.rgb * wr) + jnp.sum(out.alpha * wa) + 0.1 * jnp.sum(out.depth * wd)
-              + jnp.sum(fr.bary[..., 0] * wk) + 0.01 * jnp.sum(fr.dists * wk))
+      return (
+        jnp.sum(out.rgb * wr)
+        + jnp.sum(out.alpha * wa)
+        + 0.1 * jnp.sum(out.depth * wd)
+        + jnp.sum(fr.bary[..., 0] * wk)
+        + 0.01 * jnp.sum(fr.dists * wk)
+      )
 
     f = jax.jit(loss)
     gv, gt = jax.jit(jax.grad(loss, argnums=(0, 1)))(verts, tex)
@@ -577,7 +742,9 @@ def test_gradients_match_finite_differences():
 def test_sample_texture_gradients_match_autodiff_reference():
   rng = np.random.default_rng(3)
   tex = jnp.asarray(rng.uniform(size=(5, 7, 3)), jnp.float32)
-  uv = jnp.asarray(rng.uniform(-0.1, 1.1, size=(40, 2)), jnp.float32)  # also outside [0, 1]: clamped
+  uv = jnp.asarray(
+    rng.uniform(-0.1, 1.1, size=(40, 2)), jnp.float32
+  )  # also outside [0, 1]: clamped
   w = jnp.asarray(rng.normal(size=(40, 3)), jnp.float32)
 
   def ref(t, uv):  # four plain lookups, differentiated by JAX
@@ -588,8 +755,12 @@ def test_sample_texture_gradients_match_autodiff_reference():
     fx, fy = (x - x0)[:, None], (y - y0)[:, None]
     x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
     x1, y1 = jnp.minimum(x0 + 1, tw - 1), jnp.minimum(y0 + 1, th - 1)
-    return (t[y0, x0] * (1 - fx) * (1 - fy) + t[y0, x1] * fx * (1 - fy) + t[y1, x0] * (1 - fx) * fy
-            + t[y1, x1] * fx * fy)
+    return (
+      t[y0, x0] * (1 - fx) * (1 - fy)
+      + t[y0, x1] * fx * (1 - fy)
+      + t[y1, x0] * (1 - fx) * fy
+      + t[y1, x1] * fx * fy
+    )
 
   np.testing.assert_allclose(render.sample_texture(tex, uv), ref(tex, uv), atol=1e-6)
   got = jax.grad(lambda t, u: jnp.sum(render.sample_texture(t, u) * w), argnums=(0, 1))(tex, uv)
@@ -599,22 +770,39 @@ def test_sample_texture_gradients_match_autodiff_reference():
 
 
 def _degenerate_mesh():
-  verts = jnp.array([
-      [-1, -1, 0], [1, -1, 0], [0, 1, 0],  # good
-      [0.2, 0.2, 0.1], [0.2, 0.2, 0.1], [0.5, 0.6, 0.1],  # zero area (repeated vertex)
-      [-0.5, 0.0, -0.5], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0],  # edge-on (collinear on screen? nearly)
-      [0.3, 0.3, 4.0], [0.6, 0.3, 4.0], [0.3, 0.6, 4.0],  # behind the camera
-      [0.3, -0.3, 2.9], [0.6, -0.3, 6.0], [0.3, 0.1, 2.0],  # crosses the camera plane
-  ], jnp.float32)
+  verts = jnp.array(
+    [
+      [-1, -1, 0],
+      [1, -1, 0],
+      [0, 1, 0],  # good
+      [0.2, 0.2, 0.1],
+      [0.2, 0.2, 0.1],
+      [0.5, 0.6, 0.1],  # zero area (repeated vertex)
+      [-0.5, 0.0, -0.5],
+      [0.5, 0.0, 0.5],
+      [0.0, 0.0, 0.0],  # edge-on (collinear on screen? nearly)
+      [0.3, 0.3, 4.0],
+      [0.6, 0.3, 4.0],
+      [0.3, 0.6, 4.0],  # behind the camera
+      [0.3, -0.3, 2.9],
+      [0.6, -0.3, 6.0],
+      [0.3, 0.1, 2.0],  # crosses the camera plane
+    ],
+    jnp.float32,
+  )
   faces = jnp.arange(15, dtype=jnp.int32).reshape(5, 3)
   return verts, faces
 
 
-@pytest.mark.parametrize("settings", [RasterSettings.hard((20, 20)),
-                                      RasterSettings((20, 20), faces_per_pixel=4, sigma=0.5)])
+@pytest.mark.parametrize(
+  "settings",
+  [RasterSettings.hard((20, 20)), RasterSettings((20, 20), faces_per_pixel=4, sigma=0.5)],
+)
 def test_no_nan_gradients_on_degenerate_faces(jit_rasterize, settings):
   verts, faces = _degenerate_mesh()
-  cam = geometry.Camera(K=geometry.intrinsics(20.0, (20, 20)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
+  cam = geometry.Camera(
+    K=geometry.intrinsics(20.0, (20, 20)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0))
+  )
   tex = jnp.ones((4, 4, 3)) * jnp.arange(3.0)
   uvs = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (15, 2)), jnp.float32)
 
@@ -630,7 +818,8 @@ def test_no_nan_gradients_on_degenerate_faces(jit_rasterize, settings):
   assert set(np.unique(np.asarray(fr.face_ids))) <= {-1, 0}
 
 
-# ------------------------------------------------------------------------------------------ batching
+# ------------------------------------------------------------------------------------------
+# batching
 def test_vmap_over_cameras_and_frames(jit_render):
   verts, faces = _random_scene(5, num_faces=10)
   verts, faces = jnp.asarray(verts), jnp.asarray(faces)
@@ -650,20 +839,29 @@ def test_vmap_over_cameras_and_frames(jit_render):
   vb = jnp.stack([verts, verts * 1.1])
   tb = jnp.stack([tex, 1.0 - tex])
   cam = geometry.index_camera(cams, 0)
-  frames = jax.jit(jax.vmap(lambda v, t: render.render_mesh(v, faces, uvs, faces, t, cam, s)))(vb, tb)
+  frames = jax.jit(jax.vmap(lambda v, t: render.render_mesh(v, faces, uvs, faces, t, cam, s)))(
+    vb, tb
+  )
   chex.assert_shape(frames.rgb, (2, H, W, 3))
   second = jit_render(vb[1], faces, uvs, faces, tb[1], cam, s)
   np.testing.assert_allclose(np.asarray(frames.rgb[1]), np.asarray(second.rgb), atol=1e-5)
   # Gradients through vmap.
-  g = jax.jit(jax.grad(lambda v: jnp.sum(jax.vmap(
-      lambda c: render.render_mesh(v, faces, uvs, faces, tex, c, s).rgb)(cams))))(verts)
+  g = jax.jit(
+    jax.grad(
+      lambda v: jnp.sum(
+        jax.vmap(lambda c: render.render_mesh(v, faces, uvs, faces, tex, c, s).rgb)(cams)
+      )
+    )
+  )(verts)
   assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
 
 
 def test_soft_render_blending_properties(jit_render):
   """Soft mode: opaque interior across shared edges, background outside, alpha in [0, 1]."""
   size = 24
-  cam = geometry.Camera(K=geometry.intrinsics(24.0, (size, size)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0)))
+  cam = geometry.Camera(
+    K=geometry.intrinsics(24.0, (size, size)), Rt=geometry.look_at((0, 0, 3.0), (0, 0, 0))
+  )
   verts = jnp.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], jnp.float32) * 0.9
   faces = jnp.array([[0, 1, 2], [0, 2, 3]], jnp.int32)
   uvs = jnp.array([[0, 0], [1, 0], [1, 1], [0, 1]], jnp.float32)
@@ -692,41 +890,72 @@ def test_jit_matches_eager_soft_render_and_gradients(jit_render):
   jitted = jit_render(verts, faces, uvs, faces, tex, cam, SOFT)
   np.testing.assert_allclose(np.asarray(jitted.rgb), np.asarray(eager.rgb), atol=1e-4)
   np.testing.assert_allclose(np.asarray(jitted.alpha), np.asarray(eager.alpha), atol=1e-5)
-  assert np.std(np.asarray(eager.rgb)[np.asarray(eager.alpha)[..., 0] > 0.99], axis=-1).mean() > 0.05
+  assert (
+    np.std(np.asarray(eager.rgb)[np.asarray(eager.alpha)[..., 0] > 0.99], axis=-1).mean() > 0.05
+  )
 
   w = jnp.asarray(rng.normal(size=(H, W, 3)), jnp.float32)
   loss = lambda t: jnp.sum(render.render_mesh(verts, faces, uvs, faces, t, cam, SOFT).rgb * w)
-  np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(tex)), np.asarray(jax.grad(loss)(tex)),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(jax.grad(loss))(tex)), np.asarray(jax.grad(loss)(tex)), atol=1e-4
+  )
 
 
-# ------------------------------------------------------------------------------------------ NaN regressions
+# ------------------------------------------------------------------------------------------ NaN
+# regressions
 def _thin_fragments(n=20000, seed=0):
-  """eval_fragment inputs: thin and tiny faces, pixels on vertices, on edges and on the edges' lines."""
+  """eval_fragment inputs: thin and tiny faces, pixels on vertices, on edges and on the edges'
+  lines."""
   rng = np.random.default_rng(seed)
   c = rng.uniform(0, 64, (n, 1, 2))
   sc = 10 ** rng.uniform(-3, 1.5, (n, 1, 1))
   v = c + sc * rng.normal(size=(n, 3, 2))
   thin = rng.uniform(size=n) < 0.5
   t = rng.uniform(size=(n, 1))
-  v[thin, 2] = v[thin, 0] + (v[thin, 1] - v[thin, 0]) * t[thin] + 1e-3 * rng.normal(size=(thin.sum(), 2))
+  v[thin, 2] = (
+    v[thin, 0] + (v[thin, 1] - v[thin, 0]) * t[thin] + 1e-3 * rng.normal(size=(thin.sum(), 2))
+  )
   p = c[:, 0] + 2 * sc[:, 0] * rng.normal(size=(n, 2))
   kind = rng.integers(0, 4, n)
   p[kind == 1] = v[kind == 1, 0]
   p[kind == 2] = v[kind == 2, 0] + t[kind == 2] * (v[kind == 2, 1] - v[kind == 2, 0])
   p[kind == 3] = v[kind == 3, 0] + (1 + t[kind == 3]) * (v[kind == 3, 1] - v[kind == 3, 0])
   z = rng.uniform(1, 5, (n, 3))
-  cols = [v[:, 0, 0], v[:, 0, 1], v[:, 1, 0], v[:, 1, 1], v[:, 2, 0], v[:, 2, 1], z[:, 0], z[:, 1], z[:, 2],
-          p[:, 0], p[:, 1]]
-  # A face whose sub-areas all round to 0 at a pixel on its first vertex (found by the search above).
-  bad = [80.50482, -29.208767, 58.61828, -6.360664, 61.742393, -9.622034, 1.8885946, 4.724592, 4.6843605,
-         80.50482, -29.208767]
+  cols = [
+    v[:, 0, 0],
+    v[:, 0, 1],
+    v[:, 1, 0],
+    v[:, 1, 1],
+    v[:, 2, 0],
+    v[:, 2, 1],
+    z[:, 0],
+    z[:, 1],
+    z[:, 2],
+    p[:, 0],
+    p[:, 1],
+  ]
+  # A face whose sub-areas all round to 0 at a pixel on its first vertex (found by the search
+  # above).
+  bad = [
+    80.50482,
+    -29.208767,
+    58.61828,
+    -6.360664,
+    61.742393,
+    -9.622034,
+    1.8885946,
+    4.724592,
+    4.6843605,
+    80.50482,
+    -29.208767,
+  ]
   return [jnp.asarray(np.append(a, b), jnp.float32) for a, b in zip(cols, bad)]
 
 
 def test_eval_fragment_gradients_finite_on_thin_faces():
-  """A loss of the distances alone still back-propagates (zero) cotangents through the barycentrics and
-  depth; their partial derivatives must be finite even where rounding clips all barycentrics to 0 (this used
+  """A loss of the distances alone still back-propagates (zero) cotangents through the barycentrics
+  and depth; their partial derivatives must be finite even where rounding clips all barycentrics to
+  0 (this used
   to give 0 * inf = NaN, eagerly or under jit depending on how XLA rounds)."""
   args = _thin_fragments()
   w = jnp.asarray(np.random.default_rng(1).normal(size=(4, args[0].shape[0])), jnp.float32)
@@ -740,7 +969,10 @@ def test_eval_fragment_gradients_finite_on_thin_faces():
     return jnp.sum(w[0] * d + w[1] * b0 + w[2] * b1 + w[3] * dep)
 
   for loss in (dist_only, everything):
-    for grad in (jax.grad(loss, argnums=tuple(range(9))), jax.jit(jax.grad(loss, argnums=tuple(range(9))))):
+    for grad in (
+      jax.grad(loss, argnums=tuple(range(9))),
+      jax.jit(jax.grad(loss, argnums=tuple(range(9)))),
+    ):
       for g in grad(*args):
         assert np.all(np.isfinite(np.asarray(g)))
   (b0, b1, b2), _, dep = render.eval_fragment(*[a[-1:] for a in args])
@@ -750,16 +982,20 @@ def test_eval_fragment_gradients_finite_on_thin_faces():
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0])
 def test_dense_mesh_soft_gradients_jit_equal_eager(sigma):
-  """Soft mode on a dense mesh (faces ~1 px, many within the blur radius): vertex gradients of a loss of rgb
+  """Soft mode on a dense mesh (faces ~1 px, many within the blur radius): vertex gradients of a
+  loss of rgb
   and alpha are finite and the same under jit and eagerly."""
   from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+
   size = 40
   mesh = head_mesh(3000)
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   uvs = jnp.asarray(mesh.uvs)
   tex = jnp.asarray(demo_texture(32))
-  cam = geometry.Camera(K=geometry.intrinsics(1.6 * size, (size, size)),
-                        Rt=geometry.look_at((1.4, 0.8, 3.8), (0.0, 0.0, 0.0)))
+  cam = geometry.Camera(
+    K=geometry.intrinsics(1.6 * size, (size, size)),
+    Rt=geometry.look_at((1.4, 0.8, 3.8), (0.0, 0.0, 0.0)),
+  )
   s = RasterSettings((size, size), faces_per_pixel=4, sigma=sigma)
   w = jnp.asarray(np.random.default_rng(0).uniform(size=(size, size, 3)), jnp.float32)
 
@@ -775,18 +1011,34 @@ def test_dense_mesh_soft_gradients_jit_equal_eager(sigma):
 
 
 def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
-  """Many faces within the blur radius of each pixel (faces ~1 px, blur ~3.8 px, K = 4): every pixel whose
-  centre a face covers (hard render) is opaque, and the coverage is about the hard one plus a soft rim."""
+  """Many faces within the blur radius of each pixel (faces ~1 px, blur ~3.8 px, K = 4): every pixel
+  whose
+  centre a face covers (hard render) is opaque, and the coverage is about the hard one plus a soft
+  rim."""
   from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+
   size = 48
   mesh = head_mesh(3000)
   verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
   tex = jnp.asarray(demo_texture(32))
-  cam = geometry.Camera(K=geometry.intrinsics(1.6 * size, (size, size)),
-                        Rt=geometry.look_at((1.4, 0.8, 3.8), (0.0, 0.0, 0.0)))
-  hard = jit_render(verts, faces, uvs, faces, tex, cam, RasterSettings.hard((size, size), cull_backfaces=True))
-  soft = jit_render(verts, faces, uvs, faces, tex, cam, RasterSettings(
-      (size, size), faces_per_pixel=4, sigma=0.5, max_faces_per_tile=256, cull_backfaces=True))
+  cam = geometry.Camera(
+    K=geometry.intrinsics(1.6 * size, (size, size)),
+    Rt=geometry.look_at((1.4, 0.8, 3.8), (0.0, 0.0, 0.0)),
+  )
+  hard = jit_render(
+    verts, faces, uvs, faces, tex, cam, RasterSettings.hard((size, size), cull_backfaces=True)
+  )
+  soft = jit_render(
+    verts,
+    faces,
+    uvs,
+    faces,
+    tex,
+    cam,
+    RasterSettings(
+      (size, size), faces_per_pixel=4, sigma=0.5, max_faces_per_tile=256, cull_backfaces=True
+    ),
+  )
   assert int(soft.overflow) == 0
   covered = np.asarray(hard.face_id) >= 0
   alpha = np.asarray(soft.alpha[..., 0])
@@ -797,7 +1049,8 @@ def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
 
 
 def test_eval_fragment_gradients_match_finite_differences():
-  """The hand-written backward of eval_fragment vs central differences (float64), pixels inside and outside
+  """The hand-written backward of eval_fragment vs central differences (float64), pixels inside and
+  outside
   faces (the distance's closest feature an edge or a vertex), with cotangents on every output."""
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
@@ -805,17 +1058,33 @@ def test_eval_fragment_gradients_match_finite_differences():
     v = rng.uniform(0, 10, (n, 3, 2))
     p = rng.uniform(-2, 12, (n, 2))
     bary = rng.dirichlet(np.ones(3), n // 2)  # half of the pixels inside their face
-    p[:n // 2] = np.einsum("nk,nkc->nc", bary, v[:n // 2])
+    p[: n // 2] = np.einsum("nk,nkc->nc", bary, v[: n // 2])
     z = rng.uniform(1, 3, (n, 3))
-    args = [jnp.asarray(a) for a in (v[:, 0, 0], v[:, 0, 1], v[:, 1, 0], v[:, 1, 1], v[:, 2, 0], v[:, 2, 1],
-                                     z[:, 0], z[:, 1], z[:, 2], p[:, 0], p[:, 1])]
+    args = [
+      jnp.asarray(a)
+      for a in (
+        v[:, 0, 0],
+        v[:, 0, 1],
+        v[:, 1, 0],
+        v[:, 1, 1],
+        v[:, 2, 0],
+        v[:, 2, 1],
+        z[:, 0],
+        z[:, 1],
+        z[:, 2],
+        p[:, 0],
+        p[:, 1],
+      )
+    ]
     w = jnp.asarray(rng.normal(size=(5, n)))
 
     def loss(*a):
       (b0, b1, b2), d, dep = render.eval_fragment(*a)
       return jnp.sum(w[0] * b0 + w[1] * b1 + w[2] * b2 + w[3] * d + w[4] * dep, axis=0)
 
-    per = jax.vmap(jax.grad(lambda *a: loss(*a), argnums=tuple(range(9))))(*[a[:, None] for a in args])
+    per = jax.vmap(jax.grad(lambda *a: loss(*a), argnums=tuple(range(9))))(
+      *[a[:, None] for a in args]
+    )
     eps = 1e-6
     (_, _, _), d, _ = render.eval_fragment(*args)
     assert np.sum(np.asarray(d) > 0) > 50 and np.sum(np.asarray(d) < 0) > 50

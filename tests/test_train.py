@@ -1,9 +1,9 @@
-"""Tests of lipflow_jax.train on the tiny synthetic capture: loss goes down, data-parallel step equals the one-device
-step, resume equals an uninterrupted run, non-finite steps are skipped and counted, too many stop the run, metrics
-and TensorBoard files are written.
+"""Tests of lipflow_jax.train on the tiny synthetic capture: loss goes down, data-parallel step
+equals the one-device step, resume equals an uninterrupted run, non-finite steps are skipped and
+counted, too many stop the run, metrics and TensorBoard files are written.
 
-The runs share one config (``configs/dam_synthetic.py:tiny``), so the loop's in-process function cache compiles
-the step once for all of them.
+The runs share one config (``configs/dam_synthetic.py:tiny``), so the loop's in-process function
+cache compiles the step once for all of them.
 """
 
 import importlib
@@ -18,20 +18,24 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from configs import dam_synthetic
-from configs import regressor_synthetic
-from lipflow_jax import config_base
-from lipflow_jax import distributed
-from lipflow_jax import train
+from configs import dam_synthetic, regressor_synthetic
+from lipflow_jax import config_base, distributed, train
 from lipflow_jax.data import input_pipeline
-from lipflow_jax.train import checkpointing
-from lipflow_jax.train import metrics_logging
+from lipflow_jax.train import checkpointing, metrics_logging
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
 from lipflow_jax.train import train_step as tstep
 
-CONFIG_NAMES = ('dam_synthetic', 'lipflow_synthetic', 'conditional_gaussian_synthetic', 'flow_synthetic',
-                'regressor_synthetic', 'direct_synthetic', 'dam_multiface', 'lipflow_multiface')
+CONFIG_NAMES = (
+  'dam_synthetic',
+  'lipflow_synthetic',
+  'conditional_gaussian_synthetic',
+  'flow_synthetic',
+  'regressor_synthetic',
+  'direct_synthetic',
+  'dam_multiface',
+  'lipflow_multiface',
+)
 
 
 def _data_dir(tiny_capture):
@@ -60,11 +64,14 @@ def full_run(tiny_config, tmp_path_factory):
 
 
 def _max_abs_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
-# --------------------------------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------------------------------
+# the loop
 def test_short_run_lowers_reconstruction_losses(full_run):
   workdir, result = full_run
   assert result.stopped == 'finished' and result.step == 30
@@ -78,7 +85,11 @@ def test_short_run_lowers_reconstruction_losses(full_run):
 def test_writes_metrics_tensorboard_config_and_checkpoints(full_run, tiny_config):
   workdir, _ = full_run
   assert os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
-  events = [f for f in os.listdir(os.path.join(workdir, 'tensorboard')) if f.startswith('events.out.tfevents')]
+  events = [
+    f
+    for f in os.listdir(os.path.join(workdir, 'tensorboard'))
+    if f.startswith('events.out.tfevents')
+  ]
   assert events and os.path.getsize(os.path.join(workdir, 'tensorboard', events[0])) > 0
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['num_train_steps'] == tiny_config.num_train_steps
@@ -86,7 +97,9 @@ def test_writes_metrics_tensorboard_config_and_checkpoints(full_run, tiny_config
   assert any('eval/loss' in r for r in rows)
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert steps == [10, 20, 30]  # every 10 steps, keep 3
-  assert os.path.exists(os.path.join(workdir, 'checkpoints', '30', 'data_iter', 'process_0-of-1.json'))
+  assert os.path.exists(
+    os.path.join(workdir, 'checkpoints', '30', 'data_iter', 'process_0-of-1.json')
+  )
 
 
 def test_tensorboard_has_scalars_and_images(full_run):
@@ -98,8 +111,8 @@ def test_tensorboard_has_scalars_and_images(full_run):
       data = f.read()
     pos = 0
     while pos < len(data):
-      (length,) = struct.unpack('<Q', data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack('<Q', data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       for v in event.summary.value:
         tags.add((v.tag, v.WhichOneof('value')))
@@ -136,7 +149,11 @@ def test_regressor_trains_to_the_frozen_teacher(full_run, tiny_config, tmp_path)
   rows = [r for r in metrics_logging.read_metrics(str(tmp_path)) if 'train/loss' in r]
   assert rows[-1]['train/regressor_mse'] < rows[0]['train/regressor_mse']
   trained = train.load_trained(str(tmp_path))
-  assert trained.kind == 'regressor' and sorted(trained.model) == ['hmc', 'keypoints'] and trained.step == 10
+  assert (
+    trained.kind == 'regressor'
+    and sorted(trained.model) == ['hmc', 'keypoints']
+    and trained.step == 10
+  )
   assert _max_abs_diff(trained.params, result.state.params) == 0.0
   # The teacher itself loads on one device although it was trained on eight.
   loaded = train.load_trained(teacher_dir)
@@ -145,7 +162,8 @@ def test_regressor_trains_to_the_frozen_teacher(full_run, tiny_config, tmp_path)
 
 
 class _NaNIterator:
-  """Wraps a data iterator, turning the batches of the given 0-based indices into NaN (``verts``)."""
+  """Wraps a data iterator, turning the batches of the given 0-based indices into NaN
+  (``verts``)."""
 
   def __init__(self, it, bad):
     self._it, self._bad, self._i = iter(it), set(bad), 0
@@ -171,34 +189,49 @@ class _NaNIterator:
 def test_too_many_consecutive_nonfinite_steps_stop_the_run(tiny_config, tmp_path, monkeypatch):
   make = input_pipeline.make_iterator
   bad = {2} | set(range(10, 30))  # one isolated bad batch (skipped, counted), then a divergence
-  monkeypatch.setattr(input_pipeline, 'make_iterator',
-                      lambda *a, **k: _NaNIterator(make(*a, **k), bad) if k.get('shuffle') else make(*a, **k))
+  monkeypatch.setattr(
+    input_pipeline,
+    'make_iterator',
+    lambda *a, **k: _NaNIterator(make(*a, **k), bad) if k.get('shuffle') else make(*a, **k),
+  )
   config = tiny_config.copy_and_resolve_references()
   config.max_consecutive_nonfinite = 3
-  with pytest.raises(train.NonFiniteLossError, match=r'Stopping at step 14: .* 4 consecutive steps \(steps 11\.\.14\)'
-                     r'.*max_consecutive_nonfinite=3'):
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=r'Stopping at step 14: .* 4 consecutive steps \(steps 11\.\.14\)'
+    r'.*max_consecutive_nonfinite=3',
+  ):
     train.train_and_evaluate(config, str(tmp_path))
   rows = [r for r in metrics_logging.read_metrics(str(tmp_path)) if 'train/loss' in r]
-  assert rows[0]['step'] == 5 and rows[0]['train/skipped'] == 1 and rows[0]['train/nonfinite_total'] == 1
+  assert (
+    rows[0]['step'] == 5 and rows[0]['train/skipped'] == 1 and rows[0]['train/nonfinite_total'] == 1
+  )
   assert rows[1]['step'] == 10 and rows[1]['train/nonfinite_total'] == 1
 
 
-# --------------------------------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------------------------------
+# the step
 @pytest.fixture(scope='module')
 def step_setup(tiny_config, tiny_capture):
-  """A tiny DAM task, optimiser, initial parameters (numpy) and one global batch of 8 real examples."""
+  """A tiny DAM task, optimiser, initial parameters (numpy) and one global batch of 8 real
+  examples."""
   batch = tiny_capture.batch(batch_size=8)
   sizes = tasks_lib.data_sizes(batch, tiny_capture.meta)
   model = tasks_lib.build_model(tiny_config.model.to_dict(), sizes)
   task = tasks_lib.avatar_task(model, loss_weights=tiny_config.loss.to_dict())
   tx = ts.make_optimizer(ts.make_learning_rate_schedule(1e-3, 100, 2), clip_norm=10.0)
-  params = jax.device_get(jax.jit(task.init_params)(jax.random.PRNGKey(0),
-                                                    jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)))
+  params = jax.device_get(
+    jax.jit(task.init_params)(
+      jax.random.PRNGKey(0), jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)
+    )
+  )
   return task, tx, params, batch
 
 
 def _fresh_state(step_setup, mesh):
-  _, tx, params, _ = step_setup  # numpy, so that every state gets its own buffers (the step donates them)
+  _, tx, params, _ = (
+    step_setup  # numpy, so that every state gets its own buffers (the step donates them)
+  )
   state = jax.device_get(ts.create_train_state(params, tx, jax.random.PRNGKey(1)))
   return jax.device_put(state, tstep.replicated_sharding(mesh))
 
@@ -249,12 +282,21 @@ def test_nonfinite_step_is_skipped_and_counted(step_setup, one_device_step):
   assert float(m['skipped']) == 1.0 and not np.isfinite(float(m['loss']))
   assert _max_abs_diff(after.params, before.params) == 0.0
   assert _max_abs_diff(after.opt_state, before.opt_state) == 0.0
-  assert (int(after.step), int(after.nonfinite_total), int(after.nonfinite_consecutive)) == (2, 1, 1)
+  assert (int(after.step), int(after.nonfinite_total), int(after.nonfinite_consecutive)) == (
+    2,
+    1,
+    1,
+  )
   state, m = step(state, distributed.shard_batch(batch, mesh), {})
-  assert float(m['skipped']) == 0.0 and int(state.nonfinite_consecutive) == 0 and int(state.nonfinite_total) == 1
+  assert (
+    float(m['skipped']) == 0.0
+    and int(state.nonfinite_consecutive) == 0
+    and int(state.nonfinite_total) == 1
+  )
 
 
-# --------------------------------------------------------------------------------------------------- pieces
+# --------------------------------------------------------------------------------------------------
+# pieces
 def test_sigterm_requests_a_checkpoint_and_stop():
   watcher = checkpointing.PreemptionWatcher(install=True)
   try:
@@ -263,13 +305,18 @@ def test_sigterm_requests_a_checkpoint_and_stop():
     assert watcher.should_stop(1)
   finally:
     watcher.close()
-  assert signal.getsignal(signal.SIGTERM) is not watcher._handler  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) is not watcher._handler
 
 
 def test_learning_rate_schedule_warms_up_and_decays():
   schedule = ts.make_learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10, end_factor=0.1)
-  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(100)], [0, 5e-4, 1e-3, 1e-4],
-                             rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(
+    [schedule(0), schedule(5), schedule(10), schedule(100)],
+    [0, 5e-4, 1e-3, 1e-4],
+    rtol=1e-5,
+    atol=1e-9,
+  )
   with pytest.raises(ValueError, match='decay'):
     ts.make_learning_rate_schedule(1e-3, 100, decay='step')
 
@@ -282,8 +329,10 @@ def test_configs_resolve(name):
     assert config.batch_size > 0 and config.num_train_steps > 0
     if config.task == 'avatar':
       size = 32 if arg == 'tiny' else (1024 if 'multiface' in name else 64)
-      model = tasks_lib.build_model(config.model.to_dict(), dict(num_vertices=100, tex_size=size,
-                                                                  keypoint_image_size=(64, 64), num_cameras=4))
+      model = tasks_lib.build_model(
+        config.model.to_dict(),
+        dict(num_vertices=100, tex_size=size, keypoint_image_size=(64, 64), num_cameras=4),
+      )
       assert model.tex_size == size
   with pytest.raises(ValueError, match='unknown config option'):
     module.get_config('huge')
@@ -296,18 +345,27 @@ def test_keypoint_augmentation_noise_and_dropout():
   batch = {'keypoints': kp, 'keypoints_visible': vis, 'verts': jnp.ones((64, 3))}
   out = tasks_lib.augment_keypoints(batch, jax.random.PRNGKey(0), noise_px=2.0, dropout=0.1)
   noise = np.asarray(out['keypoints'] - kp)
-  assert abs(noise.mean()) < 0.02 and abs(noise.std() - 2.0) < 0.02  # 64,000 samples: std error ~0.006
+  assert (
+    abs(noise.mean()) < 0.02 and abs(noise.std() - 2.0) < 0.02
+  )  # 64,000 samples: std error ~0.006
   assert abs(1.0 - float(out['keypoints_visible'].mean()) - 0.1) < 0.005
   np.testing.assert_array_equal(out['verts'], batch['verts'])
-  assert tasks_lib.augment_keypoints({'verts': kp}, jax.random.PRNGKey(0), 2.0, 0.1).keys() == {'verts'}
+  assert tasks_lib.augment_keypoints({'verts': kp}, jax.random.PRNGKey(0), 2.0, 0.1).keys() == {
+    'verts'
+  }
 
   # The wrapped loss sees a fresh augmentation per rng and the same one for the same rng.
-  task = tasks_lib.Task(model=None, init_params=lambda rng, b: {},
-                    loss_fn=lambda p, f, b, rng: (jnp.sum(b['keypoints']), {}))
+  task = tasks_lib.Task(
+    model=None,
+    init_params=lambda rng, b: {},
+    loss_fn=lambda p, f, b, rng: (jnp.sum(b['keypoints']), {}),
+  )
   aug = tasks_lib.with_keypoint_augmentation(task, 1.0, 0.0)
   l1 = aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0]
   l2 = aug.loss_fn({}, {}, batch, jax.random.PRNGKey(2))[0]
-  assert float(l1) != float(l2) and float(l1) == float(aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0])
+  assert float(l1) != float(l2) and float(l1) == float(
+    aug.loss_fn({}, {}, batch, jax.random.PRNGKey(1))[0]
+  )
   assert tasks_lib.with_keypoint_augmentation(task, 0.0, 0.0) is task
   with pytest.raises(ValueError, match='dropout'):
     tasks_lib.with_keypoint_augmentation(task, 1.0, 1.5)

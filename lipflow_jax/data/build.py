@@ -14,22 +14,17 @@ import os
 import shutil
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import tensorflow_datasets as tfds
 
-from lipflow_jax.data import builders
-from lipflow_jax.data import capture
-from lipflow_jax.data import contact_sheet
-from lipflow_jax.data import multiface
-from lipflow_jax.data import multiface_export
-from lipflow_jax.data import schema
+from lipflow_jax.data import builders, capture, contact_sheet, multiface, multiface_export, schema
 
-_DATASET = flags.DEFINE_enum("dataset", "synthetic_capture", ["synthetic_capture", "multiface"],
-                             "Builder.")
-_CONFIG = flags.DEFINE_string("config", "default",
-                              "Builder config name (synthetic: tiny | default).")
+_DATASET = flags.DEFINE_enum(
+  "dataset", "synthetic_capture", ["synthetic_capture", "multiface"], "Builder."
+)
+_CONFIG = flags.DEFINE_string(
+  "config", "default", "Builder config name (synthetic: tiny | default)."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _CONTACT_SHEET = flags.DEFINE_string("contact_sheet", None, "Write a contact sheet PNG here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset exists.")
@@ -37,10 +32,12 @@ _ENTITY_DIR = flags.DEFINE_string("entity_dir", None, "Multiface: the entity dir
 _TEXTURE_SIZE = flags.DEFINE_integer("texture_size", None, "Multiface: resize textures to T x T.")
 _IMAGE_SIZE = flags.DEFINE_string("image_size", None, "Multiface: resize photos to H,W.")
 _FRONTAL_CAMERA = flags.DEFINE_string("frontal_camera", None, "Multiface: keypoint camera name.")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad_frames", False,
-                              "Multiface: skip and count bad per-frame files.")
-_EXPORT = flags.DEFINE_string("export_multiface", None,
-                              "Write the synthetic capture as a Multiface entity here.")
+_SKIP_BAD = flags.DEFINE_bool(
+  "skip_bad_frames", False, "Multiface: skip and count bad per-frame files."
+)
+_EXPORT = flags.DEFINE_string(
+  "export_multiface", None, "Write the synthetic capture as a Multiface entity here."
+)
 
 
 def dir_size(path) -> int:
@@ -57,8 +54,10 @@ def main(argv):
   if _EXPORT.value:
     cap = capture.Capture(capture.CONFIGS[_CONFIG.value])
     result = multiface_export.export_multiface(cap, _EXPORT.value, progress=True)
-    print(f"exported {multiface_export.describe_export(result)} to {_EXPORT.value} "
-          f"in {time.time() - t0:.1f} s ({dir_size(_EXPORT.value) / 2 ** 20:.1f} MiB)")
+    print(
+      f"exported {multiface_export.describe_export(result)} to {_EXPORT.value} "
+      f"in {time.time() - t0:.1f} s ({dir_size(_EXPORT.value) / 2**20:.1f} MiB)"
+    )
     return
   if not _DATA_DIR.value:
     raise app.UsageError("--data_dir is required")
@@ -69,22 +68,30 @@ def main(argv):
     builder = builders.SyntheticCapture(data_dir=_DATA_DIR.value, config=_CONFIG.value)
   else:
     size = tuple(int(s) for s in _IMAGE_SIZE.value.split(",")) if _IMAGE_SIZE.value else None
-    opts = multiface.MultifaceOptions(texture_size=_TEXTURE_SIZE.value, image_size=size,
-                                      frontal_camera=_FRONTAL_CAMERA.value,
-                                      skip_bad_frames=_SKIP_BAD.value)
-    builder = builders.Multiface(data_dir=_DATA_DIR.value, entity_dir=_ENTITY_DIR.value,
-                                 options=opts, config=_CONFIG.value)
+    opts = multiface.MultifaceOptions(
+      texture_size=_TEXTURE_SIZE.value,
+      image_size=size,
+      frontal_camera=_FRONTAL_CAMERA.value,
+      skip_bad_frames=_SKIP_BAD.value,
+    )
+    builder = builders.Multiface(
+      data_dir=_DATA_DIR.value, entity_dir=_ENTITY_DIR.value, options=opts, config=_CONFIG.value
+    )
   if _OVERWRITE.value and os.path.isdir(builder.data_dir):
     shutil.rmtree(builder.data_dir)
-  builder.download_and_prepare(file_format=builders.FILE_FORMAT,
-                               download_config=tfds.download.DownloadConfig(download_mode=mode))
+  builder.download_and_prepare(
+    file_format=builders.FILE_FORMAT,
+    download_config=tfds.download.DownloadConfig(download_mode=mode),
+  )
   build_s = time.time() - t0
   meta = schema.load_meta(builder.data_dir)
   sources = builder.as_data_source()
   counts = {k: len(v) for k, v in sources.items()}
-  size_mib = dir_size(builder.data_dir) / 2 ** 20
-  print(f"{builder.name}/{builder.builder_config.name}: {counts} examples, {size_mib:.1f} MiB "
-        f"in {builder.data_dir}; built in {build_s:.1f} s; skipped {meta.skipped}")
+  size_mib = dir_size(builder.data_dir) / 2**20
+  print(
+    f"{builder.name}/{builder.builder_config.name}: {counts} examples, {size_mib:.1f} MiB "
+    f"in {builder.data_dir}; built in {build_s:.1f} s; skipped {meta.skipped}"
+  )
   if _CONTACT_SHEET.value:
     path = contact_sheet.make_contact_sheet(sources, meta, _CONTACT_SHEET.value)
     logging.info("contact sheet: %s", path)

@@ -1,4 +1,5 @@
-"""A contact sheet of a built dataset: dome views, headset crops, keypoints on the frontal view, textures."""
+"""A contact sheet of a built dataset: dome views, headset crops, keypoints on the frontal view,
+textures."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lipflow_jax.data import input_pipeline
-from lipflow_jax.data import schema
+from lipflow_jax.data import input_pipeline, schema
 
 _BG = (40, 40, 40)
 
@@ -34,12 +34,15 @@ def _row(tiles, gap=4):
   return row
 
 
-def frame_panel(ev, n: int, meta: schema.DatasetMeta, tile: int = 128, max_views: int = 8) -> Image.Image:
+def frame_panel(
+  ev, n: int, meta: schema.DatasetMeta, tile: int = 128, max_views: int = 8
+) -> Image.Image:
   """One frame ``n`` of an evaluation set (``input_pipeline.load_frames``) as a block of rows."""
   c = ev["image"].shape[1]
   views = np.unique(np.linspace(0, c - 1, min(max_views, c)).round().astype(int))
   dome = [_up(ev["image"][n, v], (tile, tile)) for v in views]
-  # Frontal view with keypoints (green: visible detections, red crosses: clean projections of invisible ones).
+  # Frontal view with keypoints (green: visible detections, red crosses: clean projections of
+  # invisible ones).
   big = 2 * tile
   front = _up(ev["image_frontal"][n], (big, big))
   draw = ImageDraw.Draw(front)
@@ -55,17 +58,24 @@ def frame_panel(ev, n: int, meta: schema.DatasetMeta, tile: int = 128, max_views
       draw.line([cx * sx - 3, cy * sy + 3, cx * sx + 3, cy * sy - 3], fill=(255, 0, 0))
   hmc = [_up(ev["hmc"][n, i], (tile, tile)) for i in range(ev["hmc"].shape[1])]
   tex_views = views[:: max(1, len(views) // 4)][:4]
-  texs = [_up(schema.denormalize_tex(ev["tex"][n, v], meta) * ev["tex_mask"][n, v], (tile, tile)) for v in tex_views]
+  texs = [
+    _up(schema.denormalize_tex(ev["tex"][n, v], meta) * ev["tex_mask"][n, v], (tile, tile))
+    for v in tex_views
+  ]
   masks = [_up(ev["tex_mask"][n, v], (tile, tile)) for v in tex_views]
-  avg_mask = (np.abs(ev["avg_tex"][n]).sum(-1, keepdims=True) > 0)
+  avg_mask = np.abs(ev["avg_tex"][n]).sum(-1, keepdims=True) > 0
   avg = _up(schema.denormalize_tex(ev["avg_tex"][n], meta) * avg_mask, (big, big))
   rows = [_row(dome), _row([front, _row(hmc), avg]), _row(texs + masks)]
   w = max(r.size[0] for r in rows)
   h = sum(r.size[1] for r in rows) + 4 * (len(rows) - 1) + 18
   panel = Image.new("RGB", (w, h), _BG)
   seg = meta.segments[int(ev["segment_index"][n])]
-  ImageDraw.Draw(panel).text((2, 2), f"frame {int(ev['frame_index'][n])}  {seg}   dome views | frontal + keypoints,"
-                                     f" HMC crops, average texture | unwrapped textures, masks", fill=(230, 230, 230))
+  ImageDraw.Draw(panel).text(
+    (2, 2),
+    f"frame {int(ev['frame_index'][n])}  {seg}   dome views | frontal + keypoints,"
+    f" HMC crops, average texture | unwrapped textures, masks",
+    fill=(230, 230, 230),
+  )
   y = 18
   for r in rows:
     panel.paste(r, (0, y))
@@ -73,8 +83,14 @@ def frame_panel(ev, n: int, meta: schema.DatasetMeta, tile: int = 128, max_views
   return panel
 
 
-def make_contact_sheet(sources, meta: schema.DatasetMeta, path, frames_per_split: int = 1,
-                       splits: Sequence[str] = ("train", "test"), tile: int = 128) -> Optional[str]:
+def make_contact_sheet(
+  sources,
+  meta: schema.DatasetMeta,
+  path,
+  frames_per_split: int = 1,
+  splits: Sequence[str] = ("train", "test"),
+  tile: int = 128,
+) -> Optional[str]:
   """Writes a PNG with ``frames_per_split`` frames (the middle of each split) of each split."""
   panels = []
   for split in splits:

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lipflow_jax import geometry
-from lipflow_jax import render
+from lipflow_jax import geometry, render
 from lipflow_jax.data import capture as capture_lib
 from lipflow_jax.data import multiface_format as fmt
 from lipflow_jax.data import schema
@@ -63,6 +62,7 @@ class MultifaceOptions:
     cameras: use only these dome cameras (None: all in KRT).
     seed: keypoint noise.
   """
+
   texture_size: Optional[int] = None
   image_size: Optional[Tuple[int, int]] = None
   frontal_camera: Optional[str] = None
@@ -155,7 +155,8 @@ class MultifaceEntity:
       unknown = [c for c in o.cameras if c not in cams]
       if unknown:
         raise fmt.MultifaceFormatError(
-            f"{os.path.join(self.root, 'KRT')}: cameras {unknown} not in the file")
+          f"{os.path.join(self.root, 'KRT')}: cameras {unknown} not in the file"
+        )
       names = list(o.cameras)
     self.camera_names = names
     self.world_K = np.stack([np.asarray(cams[n].K, np.float32) for n in names])
@@ -172,30 +173,42 @@ class MultifaceEntity:
       except (OSError, ValueError) as e:
         if not o.skip_bad_frames:
           raise
-        logging.warning("multiface: no topology from %s: %s",
-                        fmt.mesh_path(self.root, seg, fr, ".obj"), e)
+        logging.warning(
+          "multiface: no topology from %s: %s", fmt.mesh_path(self.root, seg, fr, ".obj"), e
+        )
     if mesh is None:
       raise fmt.MultifaceFormatError(f"{self.root}: no readable tracked_mesh/<segment>/<frame>.obj")
     self.mesh = mesh
     self.num_verts = len(mesh.verts)
     self.vert_mean = fmt.read_mesh_bin(os.path.join(self.root, "vert_mean.bin"), self.num_verts)
-    self.vert_std = float(np.sqrt(
-        fmt.read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance")))
+    self.vert_std = float(
+      np.sqrt(fmt.read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance"))
+    )
     tex_mean = fmt.texture_from_png(
-        fmt.read_png(os.path.join(self.root, "tex_mean.png"), "mean texture"))
+      fmt.read_png(os.path.join(self.root, "tex_mean.png"), "mean texture")
+    )
     self.texture_size = o.texture_size or tex_mean.shape[0]
     if tex_mean.shape[0] != tex_mean.shape[1]:
-      raise fmt.MultifaceFormatError(f"{os.path.join(self.root, 'tex_mean.png')}: texture must be "
-                                     f"square, "
-                                 f"got {tex_mean.shape[:2]}")
-    self.tex_mean = _resize(tex_mean, (self.texture_size,) * 2).astype(np.float32) \
-        if tex_mean.shape[0] != self.texture_size else tex_mean.astype(np.float32)
-    self.tex_std = float(np.sqrt(
-        fmt.read_scalar(os.path.join(self.root, "tex_var.txt"), "texture variance")))
+      raise fmt.MultifaceFormatError(
+        f"{os.path.join(self.root, 'tex_mean.png')}: texture must be "
+        f"square, "
+        f"got {tex_mean.shape[:2]}"
+      )
+    self.tex_mean = (
+      _resize(tex_mean, (self.texture_size,) * 2).astype(np.float32)
+      if tex_mean.shape[0] != self.texture_size
+      else tex_mean.astype(np.float32)
+    )
+    self.tex_std = float(
+      np.sqrt(fmt.read_scalar(os.path.join(self.root, "tex_var.txt"), "texture variance"))
+    )
     # Splits.
     tj = o.test_segment_json or os.path.join(self.root, fmt.TEST_SEGMENT_JSON)
-    prefixes = (fmt.read_test_segments(tj) if (o.test_segment_json or os.path.exists(tj))
-                else fmt.DEFAULT_TEST_PREFIXES)
+    prefixes = (
+      fmt.read_test_segments(tj)
+      if (o.test_segment_json or os.path.exists(tj))
+      else fmt.DEFAULT_TEST_PREFIXES
+    )
     self.test_prefixes = prefixes
     self.test_segments = [s for s in self.segments if s.startswith(tuple(prefixes))]
     self.train_segments = [s for s in self.segments if s not in self.test_segments]
@@ -221,7 +234,8 @@ class MultifaceEntity:
     self.frontal_camera = o.frontal_camera or self._most_frontal_camera()
     if self.frontal_camera not in names:
       raise fmt.MultifaceFormatError(
-          f"frontal camera {self.frontal_camera!r} is not among the cameras {names}")
+        f"frontal camera {self.frontal_camera!r} is not among the cameras {names}"
+      )
     self.frontal_index = names.index(self.frontal_camera)
     self.hmc_cameras = tuple(o.hmc_cameras or (self.frontal_camera,) * 3)
     for c in self.hmc_cameras:
@@ -243,7 +257,8 @@ class MultifaceEntity:
             if not self.options.skip_bad_frames:
               raise
     raise fmt.MultifaceMissingFileError(
-        f"no photos found under {os.path.join(self.root, 'images')}")
+      f"no photos found under {os.path.join(self.root, 'images')}"
+    )
 
   def _first_pose(self):
     for seg, fr in self.frames:
@@ -255,12 +270,14 @@ class MultifaceEntity:
     raise fmt.MultifaceFormatError(f"{self.root}: no readable head pose")
 
   def _head_camera(self, K, Rt, pose):
-    return geometry.Camera(K=jnp.asarray(K),
-                           Rt=geometry.compose_rigid(jnp.asarray(Rt), jnp.asarray(pose)))
+    return geometry.Camera(
+      K=jnp.asarray(K), Rt=geometry.compose_rigid(jnp.asarray(Rt), jnp.asarray(pose))
+    )
 
   def _mean_normals(self):
-    return np.asarray(geometry.vertex_normals(jnp.asarray(self.vert_mean),
-                                              jnp.asarray(self.mesh.faces)))
+    return np.asarray(
+      geometry.vertex_normals(jnp.asarray(self.vert_mean), jnp.asarray(self.mesh.faces))
+    )
 
   def _most_frontal_camera(self):
     n = self._mean_normals()
@@ -283,8 +300,9 @@ class MultifaceEntity:
     elif os.path.exists(path):
       names, ids = fmt.read_keypoint_ids(path)
     else:
-      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index],
-                              self.pose0)
+      cam = self._head_camera(
+        self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0
+      )
       n = self._mean_normals()
       towards = np.asarray(geometry.camera_center(cam))[None] - self.vert_mean
       facing = np.sum(n * towards, -1) / np.linalg.norm(towards, axis=-1) > 0.3
@@ -294,21 +312,26 @@ class MultifaceEntity:
       ids = cand[_farthest_points(pts, min(o.num_keypoints, len(cand)), start)].astype(np.int32)
       names = tuple(f"kp_{i}" for i in range(len(ids)))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= self.num_verts:
-      raise fmt.MultifaceFormatError(f"keypoint vertex ids must lie in [0, {self.num_verts}), got "
-                                 f"[{ids.min() if ids.size else None}, "
-                                 f"{ids.max() if ids.size else None}]")
+      raise fmt.MultifaceFormatError(
+        f"keypoint vertex ids must lie in [0, {self.num_verts}), got "
+        f"[{ids.min() if ids.size else None}, "
+        f"{ids.max() if ids.size else None}]"
+      )
     self.keypoint_ids, self.keypoint_names = ids, tuple(names)
     # HMC regions: keypoint groups when named like the synthetic head, else fixed fractions of the
     # frontal view of the mean face (a heuristic: pass named keypoints for real data).
     groups = sh.keypoint_groups(self.keypoint_names)
     if all(g in groups for g in ("eye_l", "eye_r", "mouth")):
-      self.hmc_centres = np.stack([self.vert_mean[ids[groups[g]]].mean(0)
-                                   for g in ("eye_l", "eye_r", "mouth")])
+      self.hmc_centres = np.stack(
+        [self.vert_mean[ids[groups[g]]].mean(0) for g in ("eye_l", "eye_r", "mouth")]
+      )
     else:
-      cam = self._head_camera(self.K[self.frontal_index], self.world_Rt[self.frontal_index],
-                              self.pose0)
-      pix, depth = (np.asarray(a)
-                    for a in geometry.project_with_depth(cam, jnp.asarray(self.vert_mean)))
+      cam = self._head_camera(
+        self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0
+      )
+      pix, depth = (
+        np.asarray(a) for a in geometry.project_with_depth(cam, jnp.asarray(self.vert_mean))
+      )
       lo, hi = pix.min(0), pix.max(0)
       centres = []
       # The subject's left eye is on the image right.
@@ -347,8 +370,10 @@ class MultifaceEntity:
       img = photos[cam_name]
       K = self.hmc_K_native[v]
       Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]), jnp.asarray(pose)))
-      pix, z = geometry.project_with_depth(geometry.Camera(K=jnp.asarray(K), Rt=jnp.asarray(Rt)),
-                                           jnp.asarray(self.hmc_centres[v:v + 1]))
+      pix, z = geometry.project_with_depth(
+        geometry.Camera(K=jnp.asarray(K), Rt=jnp.asarray(Rt)),
+        jnp.asarray(self.hmc_centres[v : v + 1]),
+      )
       cx, cy = (float(a) for a in np.asarray(pix)[0])
       side = float(K[0, 0]) * o.hmc_crop_mm[v] / max(float(np.asarray(z)[0]), 1e-6)
       side = min(side, img.shape[0], img.shape[1])
@@ -358,17 +383,20 @@ class MultifaceEntity:
       rgb = np.asarray(im, np.float32)
       grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
       crops.append(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None])
-      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]],
-                   np.float32)
+      S = np.array(
+        [[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]], np.float32
+      )
       Ks.append(S @ K)
       Rts.append(Rt.astype(np.float32))
     return np.stack(crops), np.stack(Ks).astype(np.float32), np.stack(Rts)
 
   def _check_photo_size(self, photo, seg, cam, fr):
     if photo.shape[:2] != tuple(self.native_size):
-      raise fmt.MultifaceFormatError(f"{fmt.image_path(self.root, seg, cam, fr)}: "
-                                     f"photo is {photo.shape[:2]}, "
-                                 f"expected {self.native_size}")
+      raise fmt.MultifaceFormatError(
+        f"{fmt.image_path(self.root, seg, cam, fr)}: "
+        f"photo is {photo.shape[:2]}, "
+        f"expected {self.native_size}"
+      )
 
   def _photo(self, seg, cam, fr):
     """This camera's photo of the frame, checked against the entity's native image size."""
@@ -376,8 +404,9 @@ class MultifaceEntity:
     self._check_photo_size(photo, seg, cam, fr)
     return photo
 
-  def frame_examples(self, frame_index: int,
-                     rng: np.random.RandomState) -> Iterator[Tuple[int, dict]]:
+  def frame_examples(
+    self, frame_index: int, rng: np.random.RandomState
+  ) -> Iterator[Tuple[int, dict]]:
     """Yields (camera_index, stored example) for one frame.
 
     Bad files raise or are skipped and counted.
@@ -388,7 +417,8 @@ class MultifaceEntity:
       verts = fmt.read_mesh_bin(fmt.mesh_path(self.root, seg, fr), self.num_verts)
       pose = fmt.read_transform(fmt.mesh_path(self.root, seg, fr, "transform"))
       avg = fmt.texture_from_png(
-          fmt.read_png(fmt.tex_path(self.root, seg, "average", fr), "average texture"))
+        fmt.read_png(fmt.tex_path(self.root, seg, "average", fr), "average texture")
+      )
       avg = _resize_texture(avg, self.texture_size)
       photos = {}
       hmc, hmc_K, hmc_Rt = self._hmc(seg, fr, pose, photos)
@@ -402,32 +432,45 @@ class MultifaceEntity:
       return
     # Keypoints in the frontal camera (image_size pixels); visibility from a hard render.
     fK = self.K[self.frontal_index]
-    fRt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[self.frontal_index]),
-                                            jnp.asarray(pose)))
-    depth, alpha = self._renderer(tuple(self.image_size))(jnp.asarray(verts), jnp.asarray(fK[None]),
-                                                          jnp.asarray(fRt[None]))
+    fRt = np.asarray(
+      geometry.compose_rigid(jnp.asarray(self.world_Rt[self.frontal_index]), jnp.asarray(pose))
+    )
+    depth, alpha = self._renderer(tuple(self.image_size))(
+      jnp.asarray(verts), jnp.asarray(fK[None]), jnp.asarray(fRt[None])
+    )
     fcam = geometry.Camera(K=jnp.asarray(fK), Rt=jnp.asarray(fRt))
     normals = geometry.vertex_normals(jnp.asarray(verts), jnp.asarray(self.mesh.faces))
     kp3 = jnp.asarray(verts[self.keypoint_ids])
     clean = np.asarray(geometry.project(fcam, kp3), np.float32)
-    geom_vis = np.asarray(capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0],
-                                              alpha[0], 3.0))
+    geom_vis = np.asarray(
+      capture_lib.visible(fcam, kp3, normals[self.keypoint_ids], depth[0], alpha[0], 3.0)
+    )
     noise = 1.5 * self.image_size[0] / 128.0 if o.keypoint_noise_px is None else o.keypoint_noise_px
-    kp, kp_vis = capture_lib.detect_keypoints(rng, clean, geom_vis, self.image_size, noise,
-                                              o.keypoint_dropout)
-    _, hmc_alpha = self._renderer(tuple(o.hmc_size))(jnp.asarray(verts), jnp.asarray(hmc_K),
-                                                     jnp.asarray(hmc_Rt))
+    kp, kp_vis = capture_lib.detect_keypoints(
+      rng, clean, geom_vis, self.image_size, noise, o.keypoint_dropout
+    )
+    _, hmc_alpha = self._renderer(tuple(o.hmc_size))(
+      jnp.asarray(verts), jnp.asarray(hmc_K), jnp.asarray(hmc_Rt)
+    )
     per_frame = {
-        schema.VERTS: verts, schema.AVG_TEX: avg, schema.KEYPOINTS: kp,
-        schema.KEYPOINTS_VISIBLE: kp_vis.astype(np.uint8), schema.KEYPOINTS_CLEAN: clean,
-        schema.FRONTAL_K: fK, schema.FRONTAL_RT: fRt.astype(np.float32),
-        schema.IMAGE_FRONTAL: _resize(frontal_photo, o.image_frontal_size),
-        schema.HMC: hmc, schema.HMC_MASK: (np.asarray(hmc_alpha) > 0.5).astype(np.uint8)[..., None],
-        schema.HMC_K: hmc_K, schema.HMC_RT: hmc_Rt, schema.HEAD_POSE: pose,
-        schema.FACTORS: np.zeros(o.num_factors, np.float32),
-        schema.FRAME_INDEX: np.int32(frame_index),
-        schema.SEGMENT_INDEX: np.int32(self.segments.index(seg)), schema.SEGMENT: seg,
-        schema.FRAME: fr,
+      schema.VERTS: verts,
+      schema.AVG_TEX: avg,
+      schema.KEYPOINTS: kp,
+      schema.KEYPOINTS_VISIBLE: kp_vis.astype(np.uint8),
+      schema.KEYPOINTS_CLEAN: clean,
+      schema.FRONTAL_K: fK,
+      schema.FRONTAL_RT: fRt.astype(np.float32),
+      schema.IMAGE_FRONTAL: _resize(frontal_photo, o.image_frontal_size),
+      schema.HMC: hmc,
+      schema.HMC_MASK: (np.asarray(hmc_alpha) > 0.5).astype(np.uint8)[..., None],
+      schema.HMC_K: hmc_K,
+      schema.HMC_RT: hmc_Rt,
+      schema.HEAD_POSE: pose,
+      schema.FACTORS: np.zeros(o.num_factors, np.float32),
+      schema.FRAME_INDEX: np.int32(frame_index),
+      schema.SEGMENT_INDEX: np.int32(self.segments.index(seg)),
+      schema.SEGMENT: seg,
+      schema.FRAME: fr,
     }
     for c, cam in enumerate(self.camera_names):
       try:
@@ -437,18 +480,24 @@ class MultifaceEntity:
       except (fmt.MultifaceFormatError, OSError) as e:
         self._bad(e, f"frame {seg}/{fr} camera {cam}")
         continue
-      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.world_Rt[c]), jnp.asarray(pose)),
-                      np.float32)
+      Rt = np.asarray(
+        geometry.compose_rigid(jnp.asarray(self.world_Rt[c]), jnp.asarray(pose)), np.float32
+      )
       cam_h = geometry.Camera(K=jnp.asarray(self.K[c]), Rt=jnp.asarray(Rt))
       ex = dict(per_frame)
-      ex.update({
-          schema.TEX: tex, schema.TEX_MASK: schema.texture_mask(tex),
+      ex.update(
+        {
+          schema.TEX: tex,
+          schema.TEX_MASK: schema.texture_mask(tex),
           schema.VIEW: np.asarray(geometry.view_direction(cam_h), np.float32),
-          schema.CAMERA_K: self.K[c], schema.CAMERA_RT: Rt, schema.CAMERA_INDEX: np.int32(c),
+          schema.CAMERA_K: self.K[c],
+          schema.CAMERA_RT: Rt,
+          schema.CAMERA_INDEX: np.int32(c),
           schema.IMAGE: _resize(photo, self.image_size),
           schema.IMAGE_MASK: np.ones(tuple(self.image_size) + (1,), np.uint8),
           schema.CAMERA_ID: cam,
-      })
+        }
+      )
       yield c, ex
 
   def nominal_hmc_cameras(self):
@@ -457,15 +506,19 @@ class MultifaceEntity:
     Ks, Rts = [], []
     for v in range(3):
       K = self.hmc_K_native[v]
-      Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]),
-                                             jnp.asarray(self.pose0)))
-      pix, z = geometry.project_with_depth(geometry.Camera(K=jnp.asarray(K), Rt=jnp.asarray(Rt)),
-                                           jnp.asarray(self.hmc_centres[v:v + 1]))
+      Rt = np.asarray(
+        geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]), jnp.asarray(self.pose0))
+      )
+      pix, z = geometry.project_with_depth(
+        geometry.Camera(K=jnp.asarray(K), Rt=jnp.asarray(Rt)),
+        jnp.asarray(self.hmc_centres[v : v + 1]),
+      )
       cx, cy = (float(a) for a in np.asarray(pix)[0])
       side = float(K[0, 0]) * self.options.hmc_crop_mm[v] / max(float(np.asarray(z)[0]), 1e-6)
       x0, y0 = cx - side / 2, cy - side / 2
-      S = np.array([[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]],
-                   np.float32)
+      S = np.array(
+        [[w / side, 0, -w / side * x0], [0, h / side, -h / side * y0], [0, 0, 1]], np.float32
+      )
       Ks.append(S @ K)
       Rts.append(Rt)
     return np.stack(Ks).astype(np.float32), np.stack(Rts).astype(np.float32)

@@ -23,8 +23,12 @@ from lipflow_jax.data import stats as stats_lib
 from lipflow_jax.data import synthetic_head as sh
 
 
-def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Sequence[int]] = None,
-                     progress: bool = False) -> Dict[str, object]:
+def export_multiface(
+  capture: capture_lib.Capture,
+  out_dir,
+  frames: Optional[Sequence[int]] = None,
+  progress: bool = False,
+) -> Dict[str, object]:
   """Writes a synthetic capture as a Multiface entity directory (all files of the layout).
 
   Statistics files (tex_mean.png, tex_var.txt, vert_mean.bin, vert_var.txt) hold the training
@@ -50,7 +54,8 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
   left_out = {}
   for i in sorted(set(range(capture.num_frames)) - set(frames)):
     left_out.setdefault(capture.split_of(i), []).append(
-        (capture.segment_name(i), script.frame_names[i]))
+      (capture.segment_name(i), script.frame_names[i])
+    )
   cams = {n: geometry.Camera(K=rig.K[i], Rt=rig.Rt[i]) for i, n in enumerate(rig.names)}
   geometry.write_krt(os.path.join(out_dir, "KRT"), cams)
   listed, renders = [], {}
@@ -80,16 +85,25 @@ def export_multiface(capture: capture_lib.Capture, out_dir, frames: Optional[Seq
   vm.astype("<f4").tofile(os.path.join(out_dir, "vert_mean.bin"))
   with open(os.path.join(out_dir, "vert_var.txt"), "w") as f:
     f.write(f"{vs * vs:.9g}\n")
-  fmt.write_png(os.path.join(out_dir, "tex_mean.png"),
-                fmt.texture_to_png(np.clip(np.round(tm), 0, 255)))
+  fmt.write_png(
+    os.path.join(out_dir, "tex_mean.png"), fmt.texture_to_png(np.clip(np.round(tm), 0, 255))
+  )
   with open(os.path.join(out_dir, "tex_var.txt"), "w") as f:
     f.write(f"{ts * ts:.9g}\n")
   with open(os.path.join(out_dir, fmt.TEST_SEGMENT_JSON), "w") as f:
     json.dump({"segment": list(capture_script_prefixes(capture))}, f)
   with open(os.path.join(out_dir, fmt.CAMERA_SPLIT_JSON), "w") as f:
-    json.dump({"full": {"train": [rig.names[i] for i in capture.train_cameras],
-                        "test": [rig.names[i] for i in capture.test_cameras],
-                        "visual": [rig.names[i] for i in capture.test_cameras[:2]]}}, f, indent=1)
+    json.dump(
+      {
+        "full": {
+          "train": [rig.names[i] for i in capture.train_cameras],
+          "test": [rig.names[i] for i in capture.test_cameras],
+          "visual": [rig.names[i] for i in capture.test_cameras[:2]],
+        }
+      },
+      f,
+      indent=1,
+    )
   with open(os.path.join(out_dir, fmt.KEYPOINT_IDS_TXT), "w") as f:
     f.write("".join(f"{n} {k}\n" for n, k in zip(head.keypoint_names, head.keypoint_vertex_ids)))
   return {"frames": listed, "left_out": left_out, "renders": renders}
@@ -118,4 +132,3 @@ def capture_script_prefixes(capture: capture_lib.Capture) -> Tuple[str, ...]:
       if s.startswith(p):
         raise ValueError(f"test prefix {p!r} also matches the training segment {s!r}")
   return tuple(out)
-

@@ -71,8 +71,9 @@ def read_frame_list(path) -> List[Tuple[str, str]]:
       if not parts:
         continue
       if len(parts) != 2 or not parts[1].isdigit():
-        raise MultifaceFormatError(f"{path}:{lineno}: expected 'segment frame' (frame = digits), "
-                                   f"got {line.strip()!r}")
+        raise MultifaceFormatError(
+          f"{path}:{lineno}: expected 'segment frame' (frame = digits), got {line.strip()!r}"
+        )
       frames.append((parts[0], parts[1]))
   if not frames:
     raise MultifaceFormatError(f"{path}: empty frame list (no 'segment frame' lines)")
@@ -90,8 +91,9 @@ def read_scalar(path, what) -> float:
   with open(path) as f:
     text = f.read().split()
   if len(text) != 1:
-    raise MultifaceFormatError(f"{path}: {what} must hold exactly one number, "
-                               f"found {len(text)} tokens")
+    raise MultifaceFormatError(
+      f"{path}: {what} must hold exactly one number, found {len(text)} tokens"
+    )
   try:
     x = float(text[0])
   except ValueError as e:
@@ -106,12 +108,14 @@ def read_mesh_bin(path, num_verts: Optional[int] = None) -> np.ndarray:
   _need(path, "mesh")
   size = os.path.getsize(path)
   if size % 12:
-    raise MultifaceFormatError(f"{path}: {size} bytes is not a whole number of float32 xyz "
-                               f"vertices (12 bytes each)")
+    raise MultifaceFormatError(
+      f"{path}: {size} bytes is not a whole number of float32 xyz vertices (12 bytes each)"
+    )
   v = np.fromfile(path, dtype="<f4").reshape(-1, 3)
   if num_verts is not None and v.shape[0] != num_verts:
-    raise MultifaceFormatError(f"{path}: has {v.shape[0]} vertices, expected {num_verts} "
-                               f"(the topology's count)")
+    raise MultifaceFormatError(
+      f"{path}: has {v.shape[0]} vertices, expected {num_verts} (the topology's count)"
+    )
   if not np.all(np.isfinite(v)):
     raise MultifaceFormatError(f"{path}: non-finite vertex coordinates")
   return v.astype(np.float32)
@@ -127,8 +131,9 @@ def read_transform(path) -> np.ndarray:
   if m.shape == (4, 4):
     m = m[:3]
   if m.shape != (3, 4) or not np.all(np.isfinite(m)):
-    raise MultifaceFormatError(f"{path}: head pose must be a finite 3x4 matrix, "
-                               f"got shape {m.shape}")
+    raise MultifaceFormatError(
+      f"{path}: head pose must be a finite 3x4 matrix, got shape {m.shape}"
+    )
   return m.astype(np.float32)
 
 
@@ -195,7 +200,8 @@ def read_camera_split(path) -> Dict[str, List[str]]:
     out = {k: [str(c) for c in d.get(k, [])] for k in ("train", "test", "visual")}
   except (ValueError, KeyError, TypeError) as e:
     raise MultifaceFormatError(
-        f"{path}: expected {{\"full\": {{\"train\": [...], \"test\": [...]}}}}: {e}") from e
+      f"{path}: expected {{\"full\": {{\"train\": [...], \"test\": [...]}}}}: {e}"
+    ) from e
   return out
 
 
@@ -209,7 +215,8 @@ def read_keypoint_ids(path) -> Tuple[Tuple[str, ...], np.ndarray]:
         continue
       if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
         raise MultifaceFormatError(
-            f"{path}:{lineno}: expected 'name vertex_id', got {line.strip()!r}")
+          f"{path}:{lineno}: expected 'name vertex_id', got {line.strip()!r}"
+        )
       names.append(parts[0])
       ids.append(int(parts[1]))
   return tuple(names), np.asarray(ids, np.int32)
@@ -227,4 +234,3 @@ def tex_path(root, seg, cam, frame):
 
 def image_path(root, seg, cam, frame):
   return os.path.join(root, "images", seg, cam, f"{frame}.png")
-

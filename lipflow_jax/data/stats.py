@@ -1,11 +1,12 @@
-"""Normalisation statistics of a capture (vertex and texture mean / std), accumulated frame by frame.
+"""Normalisation statistics of a capture (vertex and texture mean / std), accumulated frame by
+frame.
 
 Definitions (Multiface's: one scalar std for vertices, one for textures):
-  vert_mean [V, 3] = mean over training frames; vert_std = sqrt(mean((v - vert_mean)^2)) over frames, vertices
-  and coordinates.
-  tex_mean [T, T, 3] = per-texel mean of the average textures over training frames where observed (0 where
-  never observed); tex_std = sqrt(mean((t - tex_mean)^2)) over the observed texels of the per-camera
-  textures of the training (frame, camera) pairs, 0..255 units.
+  vert_mean [V, 3] = mean over training frames; vert_std = sqrt(mean((v - vert_mean)^2)) over
+  frames, vertices and coordinates.
+  tex_mean [T, T, 3] = per-texel mean of the average textures over training frames where observed (0
+  where never observed); tex_std = sqrt(mean((t - tex_mean)^2)) over the observed texels of the
+  per-camera textures of the training (frame, camera) pairs, 0..255 units.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class NormStats:
     self.t0 = self.t1 = self.t2 = None
 
   def add(self, verts, avg_tex, tex=None, tex_mask=None):
-    """verts [V, 3]; avg_tex [T, T, 3] 0..255 (0 = unobserved); tex [C, T, T, 3], tex_mask [C, T, T, 1]."""
+    """verts [V, 3]; avg_tex [T, T, 3] 0..255 (0 = unobserved); tex [C, T, T, 3], tex_mask [C, T,
+    T, 1]."""
     v = np.asarray(verts, np.float64)
     a = np.asarray(avg_tex, np.float64)
     am = np.any(a > 0, -1, keepdims=True).astype(np.float64)
@@ -56,5 +58,9 @@ class NormStats:
       tvar = float(sq.sum() / (3.0 * self.t0.sum()))
     else:
       tvar = 1.0
-    return (vm.astype(np.float32), float(np.sqrt(max(vvar, 1e-12))), tm.astype(np.float32),
-            float(np.sqrt(max(tvar, 1e-12))))
+    return (
+      vm.astype(np.float32),
+      float(np.sqrt(max(vvar, 1e-12))),
+      tm.astype(np.float32),
+      float(np.sqrt(max(tvar, 1e-12))),
+    )

@@ -1,22 +1,23 @@
-"""A procedural, person-specific head: fixed-topology face mesh with UVs, expression model and appearance.
+"""A procedural, person-specific head: fixed-topology face mesh with UVs, expression model and
+appearance.
 
-The face is a grid of vertices on a *face plane* (millimetres): x to the subject's left, y up, origin between
-the eyes and the mouth. The plane is wrapped onto an ellipsoid (the head, centred at the origin of head
-coordinates, facing +z, y up) and pushed along its normal by a height field (nose, brows, eye sockets, lips,
-chin). UVs are a monotone per-axis warp of the plane that gives the eyes, the mouth interior and the central
-face more texels.
+The face is a grid of vertices on a *face plane* (millimetres): x to the subject's left, y up,
+origin between the eyes and the mouth. The plane is wrapped onto an ellipsoid (the head, centred at
+the origin of head coordinates, facing +z, y up) and pushed along its normal by a height field
+(nose, brows, eye sockets, lips, chin). UVs are a monotone per-axis warp of the plane that gives the
+eyes, the mouth interior and the central face more texels.
 
-Expression factors (``FACTOR_NAMES``) displace vertices in the plane (before wrapping) or along the normal,
-with smooth, localised weights; some only change the albedo. The mouth interior is a band of UV rows that is
-folded to about 1 mm at rest and opens with the jaw, like a real mouth; the eye opening is a region that the
-upper lid compresses onto the lower lid.
+Expression factors (``FACTOR_NAMES``) displace vertices in the plane (before wrapping) or along the
+normal, with smooth, localised weights; some only change the albedo. The mouth interior is a band of
+UV rows that is folded to about 1 mm at rest and opens with the jaw, like a real mouth; the eye
+opening is a region that the upper lid compresses onto the lower lid.
 
-    visible to keypoints (jaw, lips, brows, eyelids)  ->  geometry of the keypoint vertices
-    hidden (gaze, tongue, cheek puff, wrinkles, flush) ->  albedo, or geometry away from the keypoints
+    visible to keypoints (jaw, lips, brows, eyelids)   -> geometry of the keypoint vertices
+    hidden (gaze, tongue, cheek puff, wrinkles, flush) -> albedo, or geometry off the keypoints
 
-Appearance: albedo(UV, factors) and a shading model with a view-dependent Blinn-Phong specular and a rim
-term, lit by two lights fixed in head coordinates; ``shade`` turns albedo into the colour a camera at a given
-position sees, so unwrapped textures differ between cameras.
+Appearance: albedo(UV, factors) and a shading model with a view-dependent Blinn-Phong specular and a
+rim term, lit by two lights fixed in head coordinates; ``shade`` turns albedo into the colour a
+camera at a given position sees, so unwrapped textures differ between cameras.
 
 Every function after ``make_head`` is pure JAX and jit/vmap friendly.
 """
@@ -31,38 +32,70 @@ import numpy as np
 
 from lipflow_jax.geometry import mesh as mesh_lib
 
-# ----------------------------------------------------------------------------------------------- factors
+# -----------------------------------------------------------------------------------------------
+# factors
 FACTOR_NAMES = (
-    "jaw_open", "lip_corner_l", "lip_corner_r", "pucker", "brow_raise_l", "brow_raise_r", "eyelid_close_l",
-    "eyelid_close_r",  # visible to keypoints
-    "gaze_x", "gaze_y", "tongue", "cheek_puff", "wrinkles", "flush",  # hidden from keypoints
+  "jaw_open",
+  "lip_corner_l",
+  "lip_corner_r",
+  "pucker",
+  "brow_raise_l",
+  "brow_raise_r",
+  "eyelid_close_l",
+  "eyelid_close_r",  # visible to keypoints
+  "gaze_x",
+  "gaze_y",
+  "tongue",
+  "cheek_puff",
+  "wrinkles",
+  "flush",  # hidden from keypoints
 )
 NUM_FACTORS = len(FACTOR_NAMES)
 FACTOR_KEYPOINT_VISIBLE = tuple(i < 8 for i in range(NUM_FACTORS))
-# What the headset cameras see: eyes (lids, gaze), mouth (jaw, lips, pucker, tongue, part of the cheeks).
-FACTOR_HMC_VISIBLE = tuple(n not in ("brow_raise_l", "brow_raise_r", "wrinkles", "flush") for n in FACTOR_NAMES)
+# What the headset cameras see: eyes (lids, gaze), mouth (jaw, lips, pucker, tongue, part of the
+# cheeks).
+FACTOR_HMC_VISIBLE = tuple(
+  n not in ("brow_raise_l", "brow_raise_r", "wrinkles", "flush") for n in FACTOR_NAMES
+)
 FACTOR_RANGES = {
-    "jaw_open": (0.0, 1.0), "lip_corner_l": (-0.3, 1.0), "lip_corner_r": (-0.3, 1.0), "pucker": (0.0, 1.0),
-    "brow_raise_l": (-0.4, 1.0), "brow_raise_r": (-0.4, 1.0), "eyelid_close_l": (0.0, 1.0),
-    "eyelid_close_r": (0.0, 1.0), "gaze_x": (-1.0, 1.0), "gaze_y": (-1.0, 1.0), "tongue": (0.0, 1.0),
-    "cheek_puff": (0.0, 1.0), "wrinkles": (0.0, 1.0), "flush": (-1.0, 1.0),
+  "jaw_open": (0.0, 1.0),
+  "lip_corner_l": (-0.3, 1.0),
+  "lip_corner_r": (-0.3, 1.0),
+  "pucker": (0.0, 1.0),
+  "brow_raise_l": (-0.4, 1.0),
+  "brow_raise_r": (-0.4, 1.0),
+  "eyelid_close_l": (0.0, 1.0),
+  "eyelid_close_r": (0.0, 1.0),
+  "gaze_x": (-1.0, 1.0),
+  "gaze_y": (-1.0, 1.0),
+  "tongue": (0.0, 1.0),
+  "cheek_puff": (0.0, 1.0),
+  "wrinkles": (0.0, 1.0),
+  "flush": (-1.0, 1.0),
 }
 F = {n: i for i, n in enumerate(FACTOR_NAMES)}
 
-# ------------------------------------------------------------------------------------- face plane (mm)
+# ------------------------------------------------------------------------------------- face plane
+# (mm)
 X_HALF = 150.0  # plane x in [-X_HALF, X_HALF]
 Y_MIN, Y_MAX = -125.0, 115.0
 EYE_X, EYE_Y, EYE_HW, EYE_UP, EYE_LO = 32.0, 26.0, 14.0, 5.5, 3.5
 BROW_Y = 41.0
-MOUTH_Y, MOUTH_HW, MOUTH_BAND = -45.0, 25.0, 0.6  # the folded mouth band is 2 * MOUTH_BAND high at rest
+MOUTH_Y, MOUTH_HW, MOUTH_BAND = (
+  -45.0,
+  25.0,
+  0.6,
+)  # the folded mouth band is 2 * MOUTH_BAND high at rest
 JAW_OPEN_MM = 16.0
 # Ellipsoid: plane -> angles -> head coordinates.
 THETA_SCALE, PHI_SCALE = 84.0, 112.0
 RADII = (78.0, 112.0, 95.0)
 
 # Lights in head coordinates (direction towards the light, intensity); ambient term.
-LIGHTS = ((np.array([0.4, 0.6, 1.0]) / np.linalg.norm([0.4, 0.6, 1.0]), 0.65),
-          (np.array([-0.7, 0.1, 0.7]) / np.linalg.norm([-0.7, 0.1, 0.7]), 0.30))
+LIGHTS = (
+  (np.array([0.4, 0.6, 1.0]) / np.linalg.norm([0.4, 0.6, 1.0]), 0.65),
+  (np.array([-0.7, 0.1, 0.7]) / np.linalg.norm([-0.7, 0.1, 0.7]), 0.30),
+)
 AMBIENT = 0.35
 
 
@@ -77,6 +110,7 @@ class Head(NamedTuple):
     person: [S] float32 person-specific appearance parameters (skin blotches, iris colour).
     grid: (rows, cols) of the vertex grid.
   """
+
   plane: np.ndarray
   uvs: np.ndarray
   faces: np.ndarray
@@ -136,29 +170,48 @@ def uv_to_plane(uv):
 def _keypoint_targets():
   """(names, [P, 2] face-plane targets) of the keypoints: contour, brows, eyes, nose, lips."""
   pts = []
-  for k, a in enumerate(np.linspace(0.0, np.pi, 9)):  # jaw contour from the subject's right ear to the left
+  for k, a in enumerate(
+    np.linspace(0.0, np.pi, 9)
+  ):  # jaw contour from the subject's right ear to the left
     pts.append((f"contour_{k}", (-72.0 * np.cos(a), -40.0 - 58.0 * np.sin(a))))
   for side, sx in (("r", -1.0), ("l", 1.0)):
     for k, dx in enumerate((-16.0, -8.0, 0.0, 8.0, 16.0)):
       pts.append((f"brow_{side}_{k}", (sx * (EYE_X + dx), BROW_Y + 1.0)))
   for side, sx in (("r", -1.0), ("l", 1.0)):
     ex = sx * EYE_X
-    pts += [(f"eye_{side}_inner", (ex - sx * (EYE_HW - 1.5), EYE_Y)),
-            (f"eye_{side}_outer", (ex + sx * (EYE_HW - 1.5), EYE_Y)),
-            (f"eye_{side}_upper_0", (ex - 5.0, EYE_Y + EYE_UP * 0.93)),
-            (f"eye_{side}_upper_1", (ex + 5.0, EYE_Y + EYE_UP * 0.93)),
-            (f"eye_{side}_lower_0", (ex - 5.0, EYE_Y - EYE_LO * 0.93)),
-            (f"eye_{side}_lower_1", (ex + 5.0, EYE_Y - EYE_LO * 0.93))]
-  pts += [("nose_bridge", (0.0, 30.0)), ("nose_mid", (0.0, 12.0)), ("nose_tip", (0.0, -8.0)),
-          ("nose_base", (0.0, -17.0)), ("nostril_r", (-10.0, -14.0)), ("nostril_l", (10.0, -14.0))]
+    pts += [
+      (f"eye_{side}_inner", (ex - sx * (EYE_HW - 1.5), EYE_Y)),
+      (f"eye_{side}_outer", (ex + sx * (EYE_HW - 1.5), EYE_Y)),
+      (f"eye_{side}_upper_0", (ex - 5.0, EYE_Y + EYE_UP * 0.93)),
+      (f"eye_{side}_upper_1", (ex + 5.0, EYE_Y + EYE_UP * 0.93)),
+      (f"eye_{side}_lower_0", (ex - 5.0, EYE_Y - EYE_LO * 0.93)),
+      (f"eye_{side}_lower_1", (ex + 5.0, EYE_Y - EYE_LO * 0.93)),
+    ]
+  pts += [
+    ("nose_bridge", (0.0, 30.0)),
+    ("nose_mid", (0.0, 12.0)),
+    ("nose_tip", (0.0, -8.0)),
+    ("nose_base", (0.0, -17.0)),
+    ("nostril_r", (-10.0, -14.0)),
+    ("nostril_l", (10.0, -14.0)),
+  ]
   m = MOUTH_Y
-  pts += [("mouth_corner_r", (-MOUTH_HW, m)), ("mouth_corner_l", (MOUTH_HW, m)),
-          ("lip_upper_outer", (0.0, m + 8.0)), ("lip_upper_outer_r", (-12.0, m + 6.5)),
-          ("lip_upper_outer_l", (12.0, m + 6.5)), ("lip_lower_outer", (0.0, m - 9.0)),
-          ("lip_lower_outer_r", (-12.0, m - 7.5)), ("lip_lower_outer_l", (12.0, m - 7.5)),
-          ("lip_upper_inner", (0.0, m + MOUTH_BAND)), ("lip_lower_inner", (0.0, m - MOUTH_BAND)),
-          ("lip_upper_inner_r", (-11.0, m + MOUTH_BAND)), ("lip_upper_inner_l", (11.0, m + MOUTH_BAND)),
-          ("lip_lower_inner_r", (-11.0, m - MOUTH_BAND)), ("lip_lower_inner_l", (11.0, m - MOUTH_BAND))]
+  pts += [
+    ("mouth_corner_r", (-MOUTH_HW, m)),
+    ("mouth_corner_l", (MOUTH_HW, m)),
+    ("lip_upper_outer", (0.0, m + 8.0)),
+    ("lip_upper_outer_r", (-12.0, m + 6.5)),
+    ("lip_upper_outer_l", (12.0, m + 6.5)),
+    ("lip_lower_outer", (0.0, m - 9.0)),
+    ("lip_lower_outer_r", (-12.0, m - 7.5)),
+    ("lip_lower_outer_l", (12.0, m - 7.5)),
+    ("lip_upper_inner", (0.0, m + MOUTH_BAND)),
+    ("lip_lower_inner", (0.0, m - MOUTH_BAND)),
+    ("lip_upper_inner_r", (-11.0, m + MOUTH_BAND)),
+    ("lip_upper_inner_l", (11.0, m + MOUTH_BAND)),
+    ("lip_lower_inner_r", (-11.0, m - MOUTH_BAND)),
+    ("lip_lower_inner_l", (11.0, m - MOUTH_BAND)),
+  ]
   return tuple(n for n, _ in pts), np.array([p for _, p in pts], np.float64)
 
 
@@ -171,7 +224,8 @@ def _geo_density_y(y):
 
 
 def _axis_positions(lo, hi, n, density, snaps):
-  """``n`` increasing positions in [lo, hi] spaced by ``density``, with the nearest ones moved onto ``snaps``."""
+  """``n`` increasing positions in [lo, hi] spaced by ``density``, with the nearest ones moved
+  onto ``snaps``."""
   t, cum = _warp_table(lo, hi, density)
   pos = np.interp(np.linspace(0.0, 1.0, n), cum, t)
   taken = {0, n - 1}
@@ -189,9 +243,9 @@ def _axis_positions(lo, hi, n, density, snaps):
 def make_head(grid: Tuple[int, int] = (48, 53), seed: int = 0) -> Head:
   """Builds the mesh, UVs, keypoint vertices and person parameters.
 
-  Vertices lie on a grid in the face plane (denser over the face) whose rows and columns pass exactly
-  through the feature lines (lip lines, eyelids, brows, mouth corners, eye corners); UVs are the warped
-  plane, so the mouth band, a single row of thin faces at rest, still owns many texels.
+  Vertices lie on a grid in the face plane (denser over the face) whose rows and columns pass
+  exactly through the feature lines (lip lines, eyelids, brows, mouth corners, eye corners); UVs are
+  the warped plane, so the mouth band, a single row of thin faces at rest, still owns many texels.
 
   Args:
     grid: (rows, cols) of the vertex grid (V = rows * cols, F = 2 (rows - 1)(cols - 1)).
@@ -202,12 +256,22 @@ def make_head(grid: Tuple[int, int] = (48, 53), seed: int = 0) -> Head:
     raise ValueError(f"make_head: grid must be at least 16 x 15, got {grid}")
   names, targets = _keypoint_targets()
   m = MOUTH_Y
-  ysnap = {m + MOUTH_BAND, m - MOUTH_BAND, EYE_Y, EYE_Y + 0.93 * EYE_UP, EYE_Y - 0.93 * EYE_LO, BROW_Y + 1.0,
-           m + 7.0, m - 8.0}
+  ysnap = {
+    m + MOUTH_BAND,
+    m - MOUTH_BAND,
+    EYE_Y,
+    EYE_Y + 0.93 * EYE_UP,
+    EYE_Y - 0.93 * EYE_LO,
+    BROW_Y + 1.0,
+    m + 7.0,
+    m - 8.0,
+  }
   xsnap = {0.0, MOUTH_HW, -MOUTH_HW, EYE_X, -EYE_X, 12.0, -12.0}
   for sx in (1.0, -1.0):
     xsnap |= {sx * (EYE_X - EYE_HW + 1.5), sx * (EYE_X + EYE_HW - 1.5)}
-  ys = _axis_positions(Y_MIN, Y_MAX, rows, _geo_density_y, ysnap)[::-1]  # row 0 at the top (forehead)
+  ys = _axis_positions(Y_MIN, Y_MAX, rows, _geo_density_y, ysnap)[
+    ::-1
+  ]  # row 0 at the top (forehead)
   xs = _axis_positions(-X_HALF, X_HALF, cols, _geo_density_x, xsnap)
   xx, yy = np.meshgrid(xs, ys)
   plane = np.stack([xx, yy], -1).reshape(-1, 2)
@@ -215,26 +279,41 @@ def make_head(grid: Tuple[int, int] = (48, 53), seed: int = 0) -> Head:
   idx = np.arange(rows * cols).reshape(rows, cols)
   a, b = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel()  # top-left, top-right
   c, d = idx[1:, :-1].ravel(), idx[1:, 1:].ravel()  # bottom-left, bottom-right
-  # Counter-clockwise in UV (u right, v up) = counter-clockwise seen from outside (the plane's x, the
-  # subject's left, is the viewer's right when the face is seen from the front).
+  # Counter-clockwise in UV (u right, v up) = counter-clockwise seen from outside (the plane's x,
+  # the subject's left, is the viewer's right when the face is seen from the front).
   faces = np.concatenate([np.stack([c, d, a], -1), np.stack([a, d, b], -1)]).astype(np.int32)
   # Nearest vertex in the plane, measured in local grid spacings.
   sx = np.interp(targets[:, 0], xs, np.gradient(xs))
   sy = np.interp(targets[:, 1], ys[::-1], np.gradient(ys[::-1]))
-  d2 = (((targets[:, None, 0] - plane[None, :, 0]) / sx[:, None]) ** 2
-        + ((targets[:, None, 1] - plane[None, :, 1]) / sy[:, None]) ** 2)
+  d2 = ((targets[:, None, 0] - plane[None, :, 0]) / sx[:, None]) ** 2 + (
+    (targets[:, None, 1] - plane[None, :, 1]) / sy[:, None]
+  ) ** 2
   kp = np.argmin(d2, axis=1).astype(np.int32)
   if len(set(kp.tolist())) != len(kp):
     dup = [n for n, k in zip(names, kp) if (kp == k).sum() > 1]
     raise ValueError(f"make_head: grid {grid} too coarse, keypoints share vertices: {dup}")
   rng = np.random.RandomState(seed)
   # 12 skin blotches (x, y, sigma, amplitude) + iris colour (3) + skin tone scale (1).
-  blotches = np.stack([rng.uniform(-110, 110, 12), rng.uniform(-110, 100, 12), rng.uniform(8, 30, 12),
-                       rng.uniform(-0.09, 0.09, 12)], -1).ravel()
+  blotches = np.stack(
+    [
+      rng.uniform(-110, 110, 12),
+      rng.uniform(-110, 100, 12),
+      rng.uniform(8, 30, 12),
+      rng.uniform(-0.09, 0.09, 12),
+    ],
+    -1,
+  ).ravel()
   iris = rng.uniform([0.15, 0.25, 0.25], [0.45, 0.55, 0.65])
   person = np.concatenate([blotches, iris, [rng.uniform(0.92, 1.05)]]).astype(np.float32)
-  return Head(plane=plane.astype(np.float32), uvs=uvs.astype(np.float32), faces=faces,
-              keypoint_vertex_ids=kp, keypoint_names=names, person=person, grid=(rows, cols))
+  return Head(
+    plane=plane.astype(np.float32),
+    uvs=uvs.astype(np.float32),
+    faces=faces,
+    keypoint_vertex_ids=kp,
+    keypoint_names=names,
+    person=person,
+    grid=(rows, cols),
+  )
 
 
 def head_mesh(head: Head, verts) -> mesh_lib.Mesh:
@@ -242,7 +321,8 @@ def head_mesh(head: Head, verts) -> mesh_lib.Mesh:
   return mesh_lib.Mesh(np.asarray(verts, np.float32), head.faces, head.uvs, head.faces)
 
 
-# ------------------------------------------------------------------------------------------ geometry
+# ------------------------------------------------------------------------------------------
+# geometry
 def _g(x, s):
   return jnp.exp(-0.5 * (x / s) ** 2)
 
@@ -271,7 +351,9 @@ def _base_height(x, y):
   socket = -8.0 * _g(ax - EYE_X, 15.0) * _g(y - EYE_Y, 10.0)
   eyeball = 5.0 * _g(ax - EYE_X, 9.0) * _g(y - EYE_Y + 1.0, 6.0)
   cheekbone = 6.0 * _g(ax - 50.0, 15.0) * _g(y - 5.0, 12.0)
-  lips = 5.0 * _g(x, 18.0) * _g(y - MOUTH_Y - 4.0, 4.0) + 6.0 * _g(x, 17.0) * _g(y - MOUTH_Y + 5.0, 4.5)
+  lips = 5.0 * _g(x, 18.0) * _g(y - MOUTH_Y - 4.0, 4.0) + 6.0 * _g(x, 17.0) * _g(
+    y - MOUTH_Y + 5.0, 4.5
+  )
   chin = 7.0 * _g(x, 16.0) * _g(y + 92.0, 12.0)
   return nose + wings + brow + socket + eyeball + cheekbone + lips + chin
 
@@ -288,8 +370,10 @@ def _wrap(x, y, h):
   rx, ry, rz = RADII
   taper = 1.0 - 0.2 * jnp.maximum(-jnp.sin(phi), 0.0) ** 1.5
   rx = rx * taper
-  p = jnp.stack([rx * jnp.cos(phi) * jnp.sin(theta), ry * jnp.sin(phi), rz * jnp.cos(phi) * jnp.cos(theta)], -1)
-  n = p / jnp.stack([rx ** 2, jnp.full_like(rx, ry ** 2), jnp.full_like(rx, rz ** 2)], -1)
+  p = jnp.stack(
+    [rx * jnp.cos(phi) * jnp.sin(theta), ry * jnp.sin(phi), rz * jnp.cos(phi) * jnp.cos(theta)], -1
+  )
+  n = p / jnp.stack([rx**2, jnp.full_like(rx, ry**2), jnp.full_like(rx, rz**2)], -1)
   n = n / jnp.linalg.norm(n, axis=-1, keepdims=True)
   return p + h[..., None] * n
 
@@ -323,7 +407,7 @@ def deform(plane, factors):
     dy = dy + 7.0 * b * _g(ddx, 17.0) * _g(y0 - 44.0, 13.0) * jax.nn.sigmoid((y0 - 34.0) / 2.5)
     # Lip corners: out and up, slightly back.
     s = f(f"lip_corner_{side}")
-    gc = jnp.exp(-((x0 - sx * MOUTH_HW) ** 2 + (y0 - MOUTH_Y) ** 2) / (2.0 * 11.0 ** 2))
+    gc = jnp.exp(-((x0 - sx * MOUTH_HW) ** 2 + (y0 - MOUTH_Y) ** 2) / (2.0 * 11.0**2))
     dx = dx + sx * 6.0 * s * gc
     dy = dy + 4.5 * s * gc
     h = h - 2.0 * s * gc
@@ -350,7 +434,8 @@ def deform(plane, factors):
   return _wrap(x0 + dx, y0 + dy, h).astype(jnp.float32)
 
 
-# ---------------------------------------------------------------------------------------- appearance
+# ----------------------------------------------------------------------------------------
+# appearance
 def _mix(base, colour, w):
   return base * (1.0 - w[..., None]) + jnp.asarray(colour, jnp.float32) * w[..., None]
 
@@ -370,18 +455,24 @@ def albedo(plane, factors, person):
   blot = person[:48].reshape(12, 4)
   noise = jnp.zeros_like(x)
   for k in range(12):
-    noise = noise + blot[k, 3] * jnp.exp(-((x - blot[k, 0]) ** 2 + (y - blot[k, 1]) ** 2) / (2 * blot[k, 2] ** 2))
+    noise = noise + blot[k, 3] * jnp.exp(
+      -((x - blot[k, 0]) ** 2 + (y - blot[k, 1]) ** 2) / (2 * blot[k, 2] ** 2)
+    )
   iris_rgb, tone = person[48:51], person[51]
   skin = jnp.asarray([0.80, 0.60, 0.50], jnp.float32) * tone * (1.0 + noise[..., None])
   # Fine person-specific pattern (pores/freckles stand-in) so that textures have detail to learn.
-  pattern = 0.035 * jnp.sin(x * 0.9 + 1.3 * jnp.sin(y * 0.35)) * jnp.sin(y * 0.8 + 0.7 * jnp.sin(x * 0.3))
+  pattern = (
+    0.035 * jnp.sin(x * 0.9 + 1.3 * jnp.sin(y * 0.35)) * jnp.sin(y * 0.8 + 0.7 * jnp.sin(x * 0.3))
+  )
   rgb = skin * (1.0 + pattern[..., None])
   ks = jnp.full_like(x, 0.16)
   shin = jnp.full_like(x, 18.0)
   # Flush (hidden): redder cheeks and a slight global tint.
   fl = f("flush")
   cheeks = _g(ax - 45.0, 17.0) * _g(y + 10.0, 17.0)
-  rgb = rgb + fl * (cheeks[..., None] * jnp.array([0.10, -0.04, -0.04]) + jnp.array([0.02, 0.0, -0.01]))
+  rgb = rgb + fl * (
+    cheeks[..., None] * jnp.array([0.10, -0.04, -0.04]) + jnp.array([0.02, 0.0, -0.01])
+  )
   # Wrinkles (hidden, correlated with brow raise): horizontal forehead lines.
   stripes = (0.5 + 0.5 * jnp.cos(2.0 * jnp.pi * (y - 52.0) / 7.0)) ** 6
   fore = jax.nn.sigmoid((y - 50.0) / 2.0) * jax.nn.sigmoid((84.0 - y) / 2.0) * _g(x, 35.0)
@@ -395,8 +486,12 @@ def albedo(plane, factors, person):
   rgb = _mix(rgb, [0.25, 0.13, 0.11], nos)
   # Mouth interior (the folded band): dark, teeth at the top, tongue at the bottom.
   t = (MOUTH_Y + MOUTH_BAND - y) / (2.0 * MOUTH_BAND)
-  band = jax.nn.sigmoid((0.5 - jnp.abs(t - 0.5)) * 30.0) * jax.nn.sigmoid((1.0 - (x / MOUTH_HW) ** 2) * 10.0)
-  interior = jnp.where((t < 0.28)[..., None], jnp.array([0.90, 0.88, 0.80]), jnp.array([0.32, 0.07, 0.08]))
+  band = jax.nn.sigmoid((0.5 - jnp.abs(t - 0.5)) * 30.0) * jax.nn.sigmoid(
+    (1.0 - (x / MOUTH_HW) ** 2) * 10.0
+  )
+  interior = jnp.where(
+    (t < 0.28)[..., None], jnp.array([0.90, 0.88, 0.80]), jnp.array([0.32, 0.07, 0.08])
+  )
   tongue = f("tongue")
   tc = 0.88 - 0.35 * tongue
   tw = jnp.sqrt((x / (12.0 + 6.0 * tongue)) ** 2 + ((t - tc) / (0.22 + 0.18 * tongue)) ** 2)
@@ -420,18 +515,23 @@ def albedo(plane, factors, person):
     ks = ks + 0.5 * inside
     shin = shin + 50.0 * inside
     brow_y = BROW_Y + 3.0 * (1.0 - (dx / 20.0) ** 2)
-    brow = jax.nn.sigmoid((2.6 - jnp.abs(y - brow_y)) * 2.0) * jax.nn.sigmoid((20.0 - jnp.abs(dx)) * 0.8)
+    brow = jax.nn.sigmoid((2.6 - jnp.abs(y - brow_y)) * 2.0) * jax.nn.sigmoid(
+      (20.0 - jnp.abs(dx)) * 0.8
+    )
     rgb = _mix(rgb, [0.24, 0.16, 0.11], brow)
   # Hair: top of the head and the sides.
-  hair = jnp.maximum(jax.nn.sigmoid((y - 88.0 - 8.0 * jnp.cos(x / 45.0)) * 0.8),
-                     jax.nn.sigmoid((ax - 118.0 + 0.15 * jnp.maximum(y, 0.0)) * 0.6))
+  hair = jnp.maximum(
+    jax.nn.sigmoid((y - 88.0 - 8.0 * jnp.cos(x / 45.0)) * 0.8),
+    jax.nn.sigmoid((ax - 118.0 + 0.15 * jnp.maximum(y, 0.0)) * 0.6),
+  )
   rgb = _mix(rgb, [0.22, 0.15, 0.10], hair)
   ks = ks * (1.0 - 0.8 * hair)
   return jnp.clip(rgb, 0.0, 1.0), ks, shin
 
 
 def shade(rgb, ks, shin, points, normals, eye):
-  """Colour seen from ``eye``: Lambert + Blinn-Phong specular + rim, lights fixed in head coordinates.
+  """Colour seen from ``eye``: Lambert + Blinn-Phong specular + rim, lights fixed in head
+  coordinates.
 
   Args:
     rgb: [..., 3] albedo; ks, shin: [...] specular strength and exponent.
@@ -452,12 +552,15 @@ def shade(rgb, ks, shin, points, normals, eye):
     half = half / jnp.linalg.norm(half, axis=-1, keepdims=True)
     spec = spec + w * jnp.maximum(jnp.sum(normals * half, -1), 0.0) ** shin * (normals @ d > 0)
   rim = 0.12 * (1.0 - jnp.clip(ndv, 0.0, 1.0)) ** 3
-  out = rgb * diffuse[..., None] + (ks * spec)[..., None] + rim[..., None] * jnp.array([0.9, 0.9, 1.0])
+  out = (
+    rgb * diffuse[..., None] + (ks * spec)[..., None] + rim[..., None] * jnp.array([0.9, 0.9, 1.0])
+  )
   return jnp.clip(out, 2.0 / 255.0, 1.0)
 
 
 def texel_plane(size: int, supersample: int = 2):
-  """[size * s, size * s, 2] rest face-plane coordinates of (sub-)texel centres (image rows: row 0 = v = 1)."""
+  """[size * s, size * s, 2] rest face-plane coordinates of (sub-)texel centres (image rows: row
+  0 = v = 1)."""
   n = size * supersample
   c = (np.arange(n) + 0.5) / n
   uu, vv = np.meshgrid(c, 1.0 - c)

@@ -1,7 +1,8 @@
-"""UV-space rasterisation: which surface point every texel of a UV texture shows (numpy, computed once).
+"""UV-space rasterisation: which surface point every texel of a UV texture shows (numpy, computed
+once).
 
-Texel (row r, column c) of a [T, T] texture has its centre at u = (c + 0.5) / T, v = 1 - (r + 0.5) / T
-(row 0 at the top, v = 1), the convention of ``lipflow_jax.render.sample_texture``.
+Texel (row r, column c) of a [T, T] texture has its centre at u = (c + 0.5) / T, v = 1 - (r + 0.5) /
+T (row 0 at the top, v = 1), the convention of ``lipflow_jax.render.sample_texture``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import numpy as np
 
 
 class TexelMap(NamedTuple):
-  """Texel -> surface. face_id [T, T] int32 (-1: no face), bary [T, T, 3] float32 (vertex weights)."""
+  """Texel -> surface. face_id [T, T] int32 (-1: no face), bary [T, T, 3] float32 (vertex
+  weights)."""
+
   face_id: np.ndarray
   bary: np.ndarray
 
@@ -25,12 +28,15 @@ def rasterize_uv(uvs, uv_faces, size: int, eps: float = 1e-7) -> TexelMap:
     size: T.
     eps: tolerance on the barycentrics (texel centres on a shared edge go to the first face).
   Returns:
-    ``TexelMap``; barycentrics weight the face's three corners (``faces[face_id]`` for the vertices).
+    ``TexelMap``; barycentrics weight the face's three corners (``faces[face_id]`` for the
+    vertices).
   """
   uvs = np.asarray(uvs, np.float64)
   uv_faces = np.asarray(uv_faces, np.int64)
   t = int(size)
-  pix = np.stack([uvs[:, 0] * t, (1.0 - uvs[:, 1]) * t], -1)  # texel-grid coordinates (x right, y down)
+  pix = np.stack(
+    [uvs[:, 0] * t, (1.0 - uvs[:, 1]) * t], -1
+  )  # texel-grid coordinates (x right, y down)
   tri = pix[uv_faces]  # [F, 3, 2]
   face_id = np.full((t, t), -1, np.int32)
   bary = np.zeros((t, t, 3), np.float64)
@@ -60,7 +66,8 @@ def rasterize_uv(uvs, uv_faces, size: int, eps: float = 1e-7) -> TexelMap:
 
 
 def texel_points(texel_map: TexelMap, faces, verts):
-  """[T, T, 3] surface points of the texels (zeros where ``face_id < 0``). Works with numpy or jax arrays."""
+  """[T, T, 3] surface points of the texels (zeros where ``face_id < 0``). Works with numpy or
+  jax arrays."""
   fid = np.maximum(texel_map.face_id, 0)
   corners = verts[np.asarray(faces)[fid]]  # [T, T, 3, 3]
   pts = (corners * texel_map.bary[..., None]).sum(-2)

@@ -1,15 +1,18 @@
-"""Evaluation of latent codes on held-out frames: decode, render into every held-out dome view, compare.
+"""Evaluation of latent codes on held-out frames: decode, render into every held-out dome view,
+compare.
 
-An *evaluation set* is a dict of numpy arrays over N held-out frames (see ``lipflow_jax.data``'s eval helper):
+An *evaluation set* is a dict of numpy arrays over N held-out frames (see ``lipflow_jax.data``'s
+eval helper):
 
-  observations (fitting inputs):  keypoints [N, P, 2], keypoints_visible [N, P], frontal_K [N, 3, 3],
+  observations (fitting inputs): keypoints [N, P, 2], keypoints_visible [N, P], frontal_K [N, 3, 3],
       frontal_Rt [N, 3, 4], hmc [N, 3, h, w, 1], hmc_K [N, 3, 3, 3], hmc_Rt [N, 3, 3, 4]
-  ground truth:  verts [N, V, 3] (normalised), camera_K [N, C, 3, 3], camera_Rt [N, C, 3, 4] (head -> view),
+  ground truth: verts [N, V, 3] (normalised), camera_K [N, C, 3, 3], camera_Rt [N, C, 3, 4] (head ->
+    view),
       image [N, C, H, W, 3] in [0, 1], image_mask [N, C, H, W, 1]
   identity:  segment_index [N], frame_index [N]
 
-Methods produce codes for the N frames (and the bundle whose decoder reads them); ``evaluate_codes`` turns
-codes into per-frame metrics, ``summarize`` into a report row.
+Methods produce codes for the N frames (and the bundle whose decoder reads them); ``evaluate_codes``
+turns codes into per-frame metrics, ``summarize`` into a report row.
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax import data
-from lipflow_jax import fit
+from lipflow_jax import data, fit
 from lipflow_jax.evaluate import metrics
 from lipflow_jax.evaluate import report as report_lib
 
-OBSERVATION_KEYS = ("keypoints", "keypoints_visible", "frontal_K", "frontal_Rt", "hmc", "hmc_K", "hmc_Rt",
-                    "hmc_mask", "image_frontal")
+OBSERVATION_KEYS = (
+  "keypoints",
+  "keypoints_visible",
+  "frontal_K",
+  "frontal_Rt",
+  "hmc",
+  "hmc_K",
+  "hmc_Rt",
+  "hmc_mask",
+  "image_frontal",
+)
 
 
 def observations(eval_set: Dict[str, Any]) -> Dict[str, np.ndarray]:
@@ -39,15 +50,19 @@ def observations(eval_set: Dict[str, Any]) -> Dict[str, np.ndarray]:
 
 def take(eval_set: Dict[str, Any], index) -> Dict[str, Any]:
   """The frames ``index`` (slice or index array) of every [N, ...] entry."""
-  return {k: (v[index] if hasattr(v, "shape") and np.ndim(v) > 0 else v) for k, v in eval_set.items()}
+  return {
+    k: (v[index] if hasattr(v, "shape") and np.ndim(v) > 0 else v) for k, v in eval_set.items()
+  }
 
 
-# ---------------------------------------------------------------------------------------------- rendering
+# ----------------------------------------------------------------------------------------------
+# rendering
 def render_frames(bundle, z, K, Rt, settings, camera_index=None):
   """Each frame's code rendered into its views (``fit.render_views`` over frames).
 
   Args:
-    bundle: ``fit.ModelBundle``; z: [N, Z]; K: [N, C, 3, 3]; Rt: [N, C, 3, 4]; settings: ``RasterSettings``;
+    bundle: ``fit.ModelBundle``; z: [N, Z]; K: [N, C, 3, 3]; Rt: [N, C, 3, 4]; settings:
+      ``RasterSettings``;
     camera_index: optional [N, C] dome camera indices.
   Returns:
     (rgb [N, C, H, W, 3] in [0, 1], alpha [N, C, H, W, 1]).
@@ -55,13 +70,16 @@ def render_frames(bundle, z, K, Rt, settings, camera_index=None):
   if camera_index is None:
     out = jax.vmap(lambda a, k, r: fit.render_views(bundle, a, k, r, settings))(z, K, Rt)
   else:
-    out = jax.vmap(lambda a, k, r, c: fit.render_views(bundle, a, k, r, settings, c))(z, K, Rt, camera_index)
+    out = jax.vmap(lambda a, k, r, c: fit.render_views(bundle, a, k, r, settings, c))(
+      z, K, Rt, camera_index
+    )
   return out.rgb, out.alpha
 
 
 @jax.jit
 def geometry_errors(bundle, z, verts_gt):
-  """[N] mean per-vertex distance (dataset units) of the meshes decoded from z [N, Z] to ``verts_gt`` [N, V, 3]
+  """[N] mean per-vertex distance (dataset units) of the meshes decoded from z [N, Z] to
+  ``verts_gt`` [N, V, 3]
   (normalised, as stored)."""
   verts = jax.vmap(lambda a: fit.decode_verts(bundle, a))(z)
   return metrics.geometry_error(verts, data.denormalize_verts(verts_gt, bundle.meta))
@@ -75,8 +93,9 @@ def _frame_metrics(bundle, z, verts_gt, K, Rt, camera_index, image, mask, settin
   return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}, rgb
 
 
-def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8,
-                   keep_images: Sequence[int] = ()) -> Dict[str, np.ndarray]:
+def evaluate_codes(
+  bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8, keep_images: Sequence[int] = ()
+) -> Dict[str, np.ndarray]:
   """Per-frame metrics of codes on an evaluation set.
 
   Args:
@@ -87,8 +106,8 @@ def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8
     chunk: frames rendered per call (bounds memory).
     keep_images: frame indices whose renders are returned (for figures).
   Returns:
-    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view); with ``keep_images``
-    also images [len(keep_images), C, H, W, 3].
+    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view); with
+    ``keep_images`` also images [len(keep_images), C, H, W, 3].
   """
   bundle = fit.decoder_only(bundle)  # one compilation for every model with this decoder
   n = z.shape[0]
@@ -98,12 +117,19 @@ def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8
     e = slice(s, min(n, s + chunk))
     pad = chunk - (e.stop - e.start)  # pad the last chunk to the chunk size: one compiled shape
     sel = lambda x: np.concatenate([x[e], np.repeat(x[e][-1:], pad, axis=0)]) if pad else x[e]
-    out = _frame_metrics(bundle, jnp.asarray(sel(np.asarray(z))), sel(eval_set["verts"]),
-                         sel(eval_set["camera_K"]), sel(eval_set["camera_Rt"]), sel(eval_set["camera_index"]),
-                         sel(eval_set["image"]),
-                         sel(eval_set["image_mask"]), settings)
+    out = _frame_metrics(
+      bundle,
+      jnp.asarray(sel(np.asarray(z))),
+      sel(eval_set["verts"]),
+      sel(eval_set["camera_K"]),
+      sel(eval_set["camera_Rt"]),
+      sel(eval_set["camera_index"]),
+      sel(eval_set["image"]),
+      sel(eval_set["image_mask"]),
+      settings,
+    )
     out, rgb = out
-    outs.append({k: np.asarray(v)[:chunk - pad] for k, v in out.items()})
+    outs.append({k: np.asarray(v)[: chunk - pad] for k, v in out.items()})
     for i in range(e.start, e.stop):
       if i in keep:
         kept[i] = np.asarray(rgb[i - e.start])
@@ -113,18 +139,32 @@ def evaluate_codes(bundle, z, eval_set: Dict[str, Any], settings, chunk: int = 8
   return result
 
 
-def summarize(method: str, input: str, per_frame: Dict[str, np.ndarray], seconds: float) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
-  """One report row: means over frames (and views) of the per-frame metrics; PSNR is the mean per-view PSNR."""
+def summarize(
+  method: str, input: str, per_frame: Dict[str, np.ndarray], seconds: float
+) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
+  """One report row: means over frames (and views) of the per-frame metrics; PSNR is the mean
+  per-view PSNR."""
   n = int(per_frame["geometry_error"].shape[0])
-  return report_lib.make_row(method, input, np.mean(per_frame["geometry_error"]), np.mean(per_frame["image_mse"]),
-                             np.mean(per_frame["psnr"]), np.mean(per_frame["ssim"]), 1000.0 * seconds / max(n, 1), n)
+  return report_lib.make_row(
+    method,
+    input,
+    np.mean(per_frame["geometry_error"]),
+    np.mean(per_frame["image_mse"]),
+    np.mean(per_frame["psnr"]),
+    np.mean(per_frame["ssim"]),
+    1000.0 * seconds / max(n, 1),
+    n,
+  )
 
 
-# ----------------------------------------------------------------------------------------------- methods
+# -----------------------------------------------------------------------------------------------
+# methods
 @dataclasses.dataclass
 class MethodOutput:
-  """Codes of one method on N frames: z [N, Z], the bundle that decodes them, and the wall time (seconds) of
+  """Codes of one method on N frames: z [N, Z], the bundle that decodes them, and the wall time
+  (seconds) of
   producing them (compilation excluded)."""
+
   z: np.ndarray
   bundle: Any
   seconds: float
@@ -135,14 +175,19 @@ _COMPILED: Dict[Any, Any] = {}
 
 
 def timed_call(fn: Callable, *args, cache_key=None):
-  """Compiles ``fn`` (a jitted function) ahead of time, then times one execution. Returns (out, seconds).
+  """Compiles ``fn`` (a jitted function) ahead of time, then times one execution. Returns (out,
+  seconds).
 
-  With a hashable ``cache_key`` that determines ``fn``, the executable is kept and reused for arguments of the
-  same structure, shapes and dtypes (``jit(...).lower().compile()`` alone compiles again every time).
+  With a hashable ``cache_key`` that determines ``fn``, the executable is kept and reused for
+  arguments of the same structure, shapes and dtypes (``jit(...).lower().compile()`` alone compiles
+  again every time).
   """
   leaves, treedef = jax.tree_util.tree_flatten(args)
-  key = None if cache_key is None else (cache_key, treedef,
-                                        tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+  key = (
+    None
+    if cache_key is None
+    else (cache_key, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+  )
   compiled = _COMPILED.get(key) if key is not None else None
   if compiled is None:
     compiled = fn.lower(*args).compile()
@@ -166,17 +211,23 @@ def _mode_jit(name):
   return jax.jit(lambda bundle, obs: fit.prior_mode(bundle, obs, name))
 
 
-def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, np.ndarray],  # pylint: disable=redefined-builtin
-               fit_options: Optional[Dict[str, Any]] = None) -> MethodOutput:
+def run_method(
+  method: str,
+  input: str,
+  bundles: Dict[str, Any],
+  obs: Dict[str, np.ndarray],  # pylint: disable=redefined-builtin
+  fit_options: Optional[Dict[str, Any]] = None,
+) -> MethodOutput:
   """Codes of a method of ``fit.METHODS`` for an input on a batch of observations.
 
   Args:
     method: a key of ``fit.METHODS``.
     input: 'keypoints' or 'hmc'.
-    bundles: {model name of the method table ('dam', 'lipflow', 'conditional_gaussian', 'direct_keypoints',
-      'direct_hmc')} -> ModelBundle (the 'dam' bundle carries the regressors).
+    bundles: {model name of the method table ('dam', 'lipflow', 'conditional_gaussian',
+      'direct_keypoints', 'direct_hmc')} -> ModelBundle (the 'dam' bundle carries the regressors).
     obs: fitting inputs [N, ...].
-    fit_options: ``fit.fit_config`` overrides for a fitted method (num_steps, lr, lambda_prior, ...).
+    fit_options: ``fit.fit_config`` overrides for a fitted method (num_steps, lr, lambda_prior,
+      ...).
   """
   spec = fit.METHODS[method]
   bundle = bundles[spec.model_for(input)]
@@ -191,7 +242,9 @@ def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, 
       z0 = jnp.zeros((next(iter(obs.values())).shape[0], bundle.latent_dim), jnp.float32)
     fn = jax.jit(lambda b, o, z, lam: fit.fit_jit(b, o, z, cfg, lam))
     res, sec = timed_call(fn, bundle, obs, z0, lambda_prior, cache_key=("fit", cfg))
-    return MethodOutput(np.asarray(res.z), bundle, sec, {k: np.asarray(v) for k, v in res.losses.items()})
+    return MethodOutput(
+      np.asarray(res.z), bundle, sec, {k: np.asarray(v) for k, v in res.losses.items()}
+    )
   if spec.codes == "regressor":
     z, sec = timed_call(_regress_jit(input), bundle, obs)
   elif spec.codes == "direct":
@@ -201,7 +254,8 @@ def run_method(method: str, input: str, bundles: Dict[str, Any], obs: Dict[str, 
   return MethodOutput(np.asarray(z), bundle, sec)
 
 
-# ------------------------------------------------------------------------------------------- evaluation set
+# -------------------------------------------------------------------------------------------
+# evaluation set
 def select_frames(frame_index: np.ndarray, max_frames: Optional[int]) -> np.ndarray:
   """Up to ``max_frames`` distinct frame ids of a split, spread evenly over it (sorted)."""
   frames = np.unique(np.asarray(frame_index))
@@ -211,10 +265,17 @@ def select_frames(frame_index: np.ndarray, max_frames: Optional[int]) -> np.ndar
   return frames[np.unique(pick)]
 
 
-def load_eval_set(source, meta, split: str = "test", frames: Optional[Sequence[int]] = None,
-                  max_frames: Optional[int] = None, view_stride: int = 1,
-                  cameras: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
-  """Held-out frames with every dome view (``lipflow_jax.data.load_frames``), frames spread over the split.
+def load_eval_set(
+  source,
+  meta,
+  split: str = "test",
+  frames: Optional[Sequence[int]] = None,
+  max_frames: Optional[int] = None,
+  view_stride: int = 1,
+  cameras: Optional[Sequence[str]] = None,
+) -> Dict[str, np.ndarray]:
+  """Held-out frames with every dome view (``lipflow_jax.data.load_frames``), frames spread over the
+  split.
 
   Args:
     source: data source of the split; meta: ``DatasetMeta``.
@@ -226,5 +287,7 @@ def load_eval_set(source, meta, split: str = "test", frames: Optional[Sequence[i
   if frames is None:
     frames = select_frames(meta.splits[split]["frame_index"], max_frames)
   if cameras is None:
-    cameras = list(meta.camera_names)[::max(1, int(view_stride))]
-  return data.load_frames(source, meta, split=split, cameras=list(cameras), frames=[int(f) for f in frames])
+    cameras = list(meta.camera_names)[:: max(1, int(view_stride))]
+  return data.load_frames(
+    source, meta, split=split, cameras=list(cameras), frames=[int(f) for f in frames]
+  )

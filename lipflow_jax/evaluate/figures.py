@@ -29,8 +29,11 @@ def resize(image: np.ndarray, height: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST))
 
 
-def draw_keypoints(image, keypoints, visible=None, color=(255, 40, 40), radius: int = 1, scale: float = 1.0):
-  """Draws visible (finite) keypoints [P, 2] (pixels of ``image`` before ``scale``) on a uint8 image copy."""
+def draw_keypoints(
+  image, keypoints, visible=None, color=(255, 40, 40), radius: int = 1, scale: float = 1.0
+):
+  """Draws visible (finite) keypoints [P, 2] (pixels of ``image`` before ``scale``) on a uint8
+  image copy."""
   img = Image.fromarray(np.ascontiguousarray(image))
   draw = ImageDraw.Draw(img)
   kp = np.asarray(keypoints, np.float32) * scale
@@ -41,21 +44,42 @@ def draw_keypoints(image, keypoints, visible=None, color=(255, 40, 40), radius: 
   return np.asarray(img)
 
 
-def grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Optional[Sequence[str]] = None,
-         col_labels: Optional[Sequence[str]] = None, cell_height: int = 96, pad: int = 2,
-         label_width: int = 130, title: Optional[str] = None) -> np.ndarray:
+def grid(
+  rows: Sequence[Sequence[np.ndarray]],
+  row_labels: Optional[Sequence[str]] = None,
+  col_labels: Optional[Sequence[str]] = None,
+  cell_height: int = 96,
+  pad: int = 2,
+  label_width: int = 130,
+  title: Optional[str] = None,
+) -> np.ndarray:
   """A labelled grid of images.
 
   Args:
-    rows: rows of images (float [H, W, C] in [0, 1] or uint8 [H, W, 3]); cells are resized to cell_height.
+    rows: rows of images (float [H, W, C] in [0, 1] or uint8 [H, W, 3]); cells are resized to
+      cell_height.
     row_labels: text left of each row. col_labels: text above each column.
   Returns:
     uint8 [H, W, 3].
   """
-  cells = [[resize(c if np.asarray(c).dtype == np.uint8 and np.asarray(c).ndim == 3 and
-                   np.asarray(c).shape[-1] == 3 else to_uint8(c), cell_height) for c in row] for row in rows]
+  cells = [
+    [
+      resize(
+        c
+        if np.asarray(c).dtype == np.uint8
+        and np.asarray(c).ndim == 3
+        and np.asarray(c).shape[-1] == 3
+        else to_uint8(c),
+        cell_height,
+      )
+      for c in row
+    ]
+    for row in rows
+  ]
   ncol = max(len(r) for r in cells)
-  col_w = [max((r[j].shape[1] for r in cells if j < len(r)), default=cell_height) for j in range(ncol)]
+  col_w = [
+    max((r[j].shape[1] for r in cells if j < len(r)), default=cell_height) for j in range(ncol)
+  ]
   lw = label_width if row_labels else 0
   top = (14 if col_labels else 0) + (16 if title else 0)
   width = lw + sum(col_w) + pad * (ncol + 1)
@@ -92,6 +116,11 @@ def save_gif(frames: Sequence[np.ndarray], path: str, duration_ms: int = 120) ->
   if not frames:
     raise ValueError("save_gif: no frames")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  imgs = [Image.fromarray(np.asarray(f, np.uint8)).convert("P", palette=Image.ADAPTIVE, colors=255) for f in frames]
-  imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0, optimize=False)
+  imgs = [
+    Image.fromarray(np.asarray(f, np.uint8)).convert("P", palette=Image.ADAPTIVE, colors=255)
+    for f in frames
+  ]
+  imgs[0].save(
+    path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0, optimize=False
+  )
   return path

@@ -1,7 +1,8 @@
 """Reconstruction metrics: geometry error, masked image MSE, PSNR and SSIM.
 
-All functions are pure JAX, batched over leading axes, and jit/vmap friendly. Images are float32 in [0, 1]
-with channels last (``[..., H, W, C]``); masks are ``[..., H, W, 1]`` (or ``[..., H, W]``) in {0, 1} or soft.
+All functions are pure JAX, batched over leading axes, and jit/vmap friendly. Images are float32 in
+[0, 1] with channels last (``[..., H, W, C]``); masks are ``[..., H, W, 1]`` (or ``[..., H, W]``) in
+{0, 1} or soft.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def geometry_error(verts, verts_gt):
 
 
 def mse_to_psnr(mse, max_value: float = 1.0, min_mse: float = 1e-10):
-  """PSNR in dB from an MSE: 10 log10(max^2 / mse); the MSE is clamped at ``min_mse`` (100 dB for max 1)."""
-  return 10.0 * jnp.log10(max_value ** 2 / jnp.maximum(mse, min_mse))
+  """PSNR in dB from an MSE: 10 log10(max^2 / mse); the MSE is clamped at ``min_mse`` (100 dB for
+  max 1)."""
+  return 10.0 * jnp.log10(max_value**2 / jnp.maximum(mse, min_mse))
 
 
 def psnr(pred, target, mask=None, max_value: float = 1.0):
@@ -36,7 +38,8 @@ def psnr(pred, target, mask=None, max_value: float = 1.0):
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5):
-  """[size] normalised 1D Gaussian; its outer product is the 2D SSIM window of Wang et al. (2004)."""
+  """[size] normalised 1D Gaussian; its outer product is the 2D SSIM window of Wang et al.
+  (2004)."""
   x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
   w = np.exp(-0.5 * (x / sigma) ** 2)
   return (w / w.sum()).astype(np.float32)
@@ -47,12 +50,19 @@ def _filter_valid(x, w):
   k = w.shape[0]
   h, wd = x.shape[-2], x.shape[-1]
   # Sum of shifted slices: exact, differentiable, and cheap for an 11-tap window.
-  y = sum(w[i] * x[:, i:h - k + 1 + i, :] for i in range(k))
-  return sum(w[i] * y[:, :, i:wd - k + 1 + i] for i in range(k))
+  y = sum(w[i] * x[:, i : h - k + 1 + i, :] for i in range(k))
+  return sum(w[i] * y[:, :, i : wd - k + 1 + i] for i in range(k))
 
 
-def ssim_map(a, b, max_value: float = 1.0, window_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
-             k2: float = 0.03):
+def ssim_map(
+  a,
+  b,
+  max_value: float = 1.0,
+  window_size: int = 11,
+  sigma: float = 1.5,
+  k1: float = 0.01,
+  k2: float = 0.03,
+):
   """The SSIM map of Wang et al. (2004), Gaussian window, 'valid' region, per channel.
 
   Args:
@@ -73,17 +83,17 @@ def ssim_map(a, b, max_value: float = 1.0, window_size: int = 11, sigma: float =
   win = win / jnp.sum(win)
   filt = lambda t: _filter_valid(t, win)
   mu_x, mu_y = filt(x), filt(y)
-  # Second moments of per-plane centred copies (shift invariant; far less float32 cancellation), with the
-  # variances clamped at 0.
+  # Second moments of per-plane centred copies (shift invariant; far less float32 cancellation),
+  # with the variances clamped at 0.
   xc = x - jnp.mean(x, axis=(-2, -1), keepdims=True)
   yc = y - jnp.mean(y, axis=(-2, -1), keepdims=True)
   mxc, myc = filt(xc), filt(yc)
-  var_x = jnp.maximum(filt(xc * xc) - mxc ** 2, 0.0)
-  var_y = jnp.maximum(filt(yc * yc) - myc ** 2, 0.0)
+  var_x = jnp.maximum(filt(xc * xc) - mxc**2, 0.0)
+  var_y = jnp.maximum(filt(yc * yc) - myc**2, 0.0)
   cov = filt(xc * yc) - mxc * myc
   c1, c2 = (k1 * max_value) ** 2, (k2 * max_value) ** 2
   num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-  den = (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)
+  den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
   s = num / den
   hv, wv = s.shape[-2:]
   return jnp.moveaxis(s.reshape(batch + (c, hv, wv)), -3, -1)
@@ -92,8 +102,8 @@ def ssim_map(a, b, max_value: float = 1.0, window_size: int = 11, sigma: float =
 def ssim(a, b, mask=None, max_value: float = 1.0, window_size: int = 11, sigma: float = 1.5):
   """Mean SSIM of each image pair.
 
-  With a mask, both images are first multiplied by it (so the background cannot differ) and the SSIM map is
-  averaged over the windows whose centre pixel lies in the mask.
+  With a mask, both images are first multiplied by it (so the background cannot differ) and the SSIM
+  map is averaged over the windows whose centre pixel lies in the mask.
 
   Args:
     a, b: [..., H, W, C] images in [0, max_value].
@@ -109,7 +119,7 @@ def ssim(a, b, mask=None, max_value: float = 1.0, window_size: int = 11, sigma: 
     return jnp.mean(s, axis=(-3, -2, -1))
   r = window_size // 2
   h, w = a.shape[-3:-1]
-  mc = m[..., r:h - r, r:w - r, :]
+  mc = m[..., r : h - r, r : w - r, :]
   num = jnp.sum(s * mc, axis=(-3, -2, -1))
   den = jnp.sum(mc, axis=(-3, -2, -1)) * s.shape[-1]
   return jnp.where(den > 0, num / jnp.maximum(den, 1e-8), 1.0)

@@ -1,16 +1,17 @@
-"""The main job, ``run(config, workdir)``: data -> train every model -> tune -> fit -> evaluate -> report, as one
-linear sequence of labelled blocks.
+"""The main job, ``run(config, workdir)``: data -> train every model -> tune -> fit -> evaluate ->
+report, as one linear sequence of labelled blocks.
 
 Workdir layout:
   config.json                 the resolved config
   models/<name>/              one ``lipflow_jax.train`` workdir per model (DONE.json once finished)
-  tuning.json                 lambda_prior per fitted method and input, chosen on the validation split
+  tuning.json                 lambda_prior per fitted method and input (on the validation split)
   fits/<method>_<input>.npz   codes, timings and per-frame metrics of each evaluated method (cache)
   report.json, report.md      the results table (see ``lipflow_jax.evaluate.report``)
   figures/*.png, figures/sequence.gif
 
-Running it again on the same workdir reuses finished trainings, fits and metrics whose inputs are unchanged
-(each cache entry records a fingerprint of the config parts and checkpoints it was made from).
+Running it again on the same workdir reuses finished trainings, fits and metrics whose inputs are
+unchanged (each cache entry records a fingerprint of the config parts and checkpoints it was made
+from).
 """
 
 from __future__ import annotations
@@ -23,18 +24,14 @@ from typing import Any, Dict
 import ml_collections
 import numpy as np
 
-from lipflow_jax import evaluate
-from lipflow_jax import fit
-from lipflow_jax import render
-from lipflow_jax import train
-from lipflow_jax.data import input_pipeline
-from lipflow_jax.data import schema
-from lipflow_jax.experiment import figures
-from lipflow_jax.experiment import tuning
+from lipflow_jax import evaluate, fit, render, train
+from lipflow_jax.data import input_pipeline, schema
+from lipflow_jax.experiment import figures, tuning
 from lipflow_jax.experiment import workdir as workdir_lib
 from lipflow_jax.experiment.workdir import fingerprint, log
 
-# The trained models whose decoders (and encoders) the methods read; 'dam' also carries the regressors.
+# The trained models whose decoders (and encoders) the methods read; 'dam' also carries the
+# regressors.
 BUNDLE_MODELS = ("dam", "lipflow", "conditional_gaussian", "flow", "direct_keypoints", "direct_hmc")
 
 
@@ -49,27 +46,46 @@ def model_config(config, name: str, workdirs: Dict[str, str]) -> ml_collections.
 
 
 def train_models(config, workdir: str) -> Dict[str, str]:
-  """Trains every model of ``config.train_order`` into ``workdir/models/<name>`` (skipping finished ones)."""
+  """Trains every model of ``config.train_order`` into ``workdir/models/<name>`` (skipping
+  finished ones)."""
   workdirs: Dict[str, str] = {}
   order = list(config.train_order)
   for i, name in enumerate(order):
     sub_dir = os.path.join(workdir, "models", name)
     workdirs[name] = sub_dir
     sub = model_config(config, name, workdirs)
-    key = fingerprint(sub, workdir_lib.fingerprint_of_done(workdirs["dam"]) if name == "regressor" else "")
+    key = fingerprint(
+      sub, workdir_lib.fingerprint_of_done(workdirs["dam"]) if name == "regressor" else ""
+    )
     done = os.path.join(sub_dir, workdir_lib.DONE_FILE)
     if os.path.exists(done) and workdir_lib.read_json(done).get("key") == key:
       log(f"[{i + 1}/{len(order)}] {name}: already trained ({sub.num_train_steps} steps), reusing")
       continue
-    kind = "regressor" if sub.task == "regressor" else f"prior {sub.model.prior}, encoder {sub.model.encoder_input}"
-    log(f"[{i + 1}/{len(order)}] training {name} ({kind}, {sub.num_train_steps} steps) in {sub_dir}")
+    kind = (
+      "regressor"
+      if sub.task == "regressor"
+      else f"prior {sub.model.prior}, encoder {sub.model.encoder_input}"
+    )
+    log(
+      f"[{i + 1}/{len(order)}] training {name} ({kind}, {sub.num_train_steps} steps) in {sub_dir}"
+    )
     t0 = time.time()
     result = train.train_and_evaluate(sub, sub_dir)
     if result.stopped == "preempted":
       raise SystemExit(f"training of {name} was interrupted; run the same command again to resume")
-    workdir_lib.write_json(done, {"key": key, "steps": int(result.step), "seconds": time.time() - t0,
-                                  "metrics": {k: float(v) for k, v in result.metrics.items()}})
-    log(f"[{i + 1}/{len(order)}] {name} done in {time.time() - t0:.1f} s; loss {result.metrics.get('loss', 'n/a')}")
+    workdir_lib.write_json(
+      done,
+      {
+        "key": key,
+        "steps": int(result.step),
+        "seconds": time.time() - t0,
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+      },
+    )
+    log(
+      f"[{i + 1}/{len(order)}] {name} done in {time.time() - t0:.1f} s; loss "
+      f"{result.metrics.get('loss', 'n/a')}"
+    )
   return workdirs
 
 
@@ -86,10 +102,14 @@ def load_bundles(workdirs: Dict[str, str], meta) -> Dict[str, fit.ModelBundle]:
 
 def eval_settings(image_size) -> render.RasterSettings:
   """Hard rasterisation of the dome views, as the synthetic capture renders its ground truth."""
-  return render.RasterSettings.hard(tuple(image_size), tile_size=4, max_faces_per_tile=128, cull_backfaces=True)
+  return render.RasterSettings.hard(
+    tuple(image_size), tile_size=4, max_faces_per_tile=128, cull_backfaces=True
+  )
 
 
-def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], lambdas=None):
+def run_methods(
+  config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], lambdas=None
+):
   """Codes and per-frame metrics of every (method, input), cached in ``workdir/fits``."""
   obs = evaluate.observations(eval_set)
   frames_key = fingerprint(eval_set["frame_index"].tolist(), eval_set["camera_index"].tolist())
@@ -99,8 +119,15 @@ def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: D
   for n, (method, inp) in enumerate(jobs):
     spec = fit.METHODS[method]
     options = tuning.fit_options(config, method, inp, lambdas) if spec.fitted else {}
-    key = fingerprint(method, inp, options, frames_key, keep.tolist(), model_keys.get(spec.model_for(inp), ""),
-                      model_keys.get("regressor", "") if spec.codes == "regressor" else "")
+    key = fingerprint(
+      method,
+      inp,
+      options,
+      frames_key,
+      keep.tolist(),
+      model_keys.get(spec.model_for(inp), ""),
+      model_keys.get("regressor", "") if spec.codes == "regressor" else "",
+    )
     path = os.path.join(workdir, "fits", f"{method}_{inp}.npz")
     if os.path.exists(path):
       with np.load(path, allow_pickle=False) as f:
@@ -111,8 +138,9 @@ def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: D
     t0 = time.time()
     out = evaluate.run_method(method, inp, bundles, obs, options or None)
     t1 = time.time()
-    per_frame = evaluate.evaluate_codes(out.bundle, out.z, eval_set, settings, chunk=config.eval.chunk,
-                                        keep_images=keep)
+    per_frame = evaluate.evaluate_codes(
+      out.bundle, out.z, eval_set, settings, chunk=config.eval.chunk, keep_images=keep
+    )
     res = dict(key=np.asarray(key), z=out.z, seconds=np.asarray(out.seconds), **per_frame)
     if out.losses is not None:
       res.update({f"loss_{k}": v for k, v in out.losses.items()})
@@ -120,10 +148,12 @@ def run_methods(config, bundles, eval_set, workdir: str, settings, model_keys: D
     np.savez(path, **res)
     results[(method, inp)] = res
     row = evaluate.summarize(method, inp, per_frame, out.seconds)
-    log(f"[{n + 1}/{len(jobs)}] {method} / {inp}: geometry {row['geometry_error']:.3f}, image MSE "
-        f"{row['image_mse']:.5f}, PSNR {row['psnr']:.2f}, SSIM {row['ssim']:.3f}; "
-        f"{row['fit_ms_per_frame']:.1f} ms/frame (codes {t1 - t0:.1f} s incl. compile, metrics "
-        f"{time.time() - t1:.1f} s)")
+    log(
+      f"[{n + 1}/{len(jobs)}] {method} / {inp}: geometry {row['geometry_error']:.3f}, image MSE "
+      f"{row['image_mse']:.5f}, PSNR {row['psnr']:.2f}, SSIM {row['ssim']:.3f}; "
+      f"{row['fit_ms_per_frame']:.1f} ms/frame (codes {t1 - t0:.1f} s incl. compile, metrics "
+      f"{time.time() - t1:.1f} s)"
+    )
   return results
 
 
@@ -135,63 +165,95 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   timings = {}
 
-  # ------------------------------------------------------------------------------------------------ data
+  # ------------------------------------------------------------------------------------------------
+  # data
   t0 = time.time()
   ds = config.dataset
   builder = input_pipeline.prepare(ds.name, ds.get("builder_config"), ds.get("data_dir"))
   meta = schema.load_meta(builder)
-  log(f"data {ds.name}/{ds.get('builder_config')} ready in {time.time() - t0:.1f} s "
-      f"(V={meta.num_verts}, T={meta.texture_size}, {meta.num_cameras} cameras)")
+  log(
+    f"data {ds.name}/{ds.get('builder_config')} ready in {time.time() - t0:.1f} s "
+    f"(V={meta.num_verts}, T={meta.texture_size}, {meta.num_cameras} cameras)"
+  )
   timings["data_s"] = time.time() - t0
 
-  # ------------------------------------------------------------------------------------------------ train
+  # ------------------------------------------------------------------------------------------------
+  # train
   t0 = time.time()
   workdirs = train_models(config, workdir)
   timings["train_s"] = time.time() - t0
   model_keys = {name: workdir_lib.fingerprint_of_done(d) for name, d in workdirs.items()}
 
-  # ------------------------------------------------------------------------------------------------ load
+  # ------------------------------------------------------------------------------------------------
+  # load
   t0 = time.time()
   bundles = load_bundles(workdirs, meta)
   source = input_pipeline.open_split(builder, config.eval.split)
-  eval_set = evaluate.load_eval_set(source, meta, config.eval.split, max_frames=config.eval.max_frames,
-                                    view_stride=config.eval.view_stride)
+  eval_set = evaluate.load_eval_set(
+    source,
+    meta,
+    config.eval.split,
+    max_frames=config.eval.max_frames,
+    view_stride=config.eval.view_stride,
+  )
   settings = eval_settings(meta.image_size)
-  log(f"evaluation set: {eval_set['verts'].shape[0]} held-out frames x {eval_set['camera_K'].shape[1]} dome views")
+  log(
+    f"evaluation set: {eval_set['verts'].shape[0]} held-out frames x "
+    f"{eval_set['camera_K'].shape[1]} dome views"
+  )
   timings["load_s"] = time.time() - t0
 
-  # ------------------------------------------------------------------------------------------------ tune
+  # ------------------------------------------------------------------------------------------------
+  # tune
   t0 = time.time()
   lambdas, sweep = tuning.tune_lambda_prior(config, bundles, builder, meta, workdir, model_keys)
   timings["tune_s"] = time.time() - t0
 
-  # ------------------------------------------------------------------------------------------------ fit + evaluate
+  # ------------------------------------------------------------------------------------------------
+  # fit + evaluate
   t0 = time.time()
   results = run_methods(config, bundles, eval_set, workdir, settings, model_keys, lambdas)
   timings["fit_eval_s"] = time.time() - t0
-  rows = [evaluate.summarize(m, i, {k: results[(m, i)][k] for k in ("geometry_error", "image_mse", "psnr", "ssim")},
-                             float(results[(m, i)]["seconds"])) for (m, i) in results]
+  rows = [
+    evaluate.summarize(
+      m,
+      i,
+      {k: results[(m, i)][k] for k in ("geometry_error", "image_mse", "psnr", "ssim")},
+      float(results[(m, i)]["seconds"]),
+    )
+    for (m, i) in results
+  ]
 
-  # ------------------------------------------------------------------------------------------------ figures
+  # ------------------------------------------------------------------------------------------------
+  # figures
   t0 = time.time()
   figs = []
   if config.eval.get("figures", True):
     figs = figures.make_figures(config, bundles, eval_set, results, meta, settings, workdir)
     view_camera = int(eval_set["camera_index"][0, figures.frontal_view(eval_set)])
-    figs.append(figures.make_sequence_gif(config, bundles, source, meta, settings, workdir, view_camera, lambdas))
+    figs.append(
+      figures.make_sequence_gif(
+        config, bundles, source, meta, settings, workdir, view_camera, lambdas
+      )
+    )
     log(f"figures written to {workdir}/figures in {time.time() - t0:.1f} s")
   timings["figures_s"] = time.time() - t0
   timings["total_s"] = time.time() - t_start
 
-  # ------------------------------------------------------------------------------------------------ report
+  # ------------------------------------------------------------------------------------------------
+  # report
   report_config = dict(config.to_dict())
   report_config["timings"] = timings
   report_config["eval_frames"] = eval_set["frame_index"].tolist()
   report_config["eval_cameras"] = eval_set["camera_index"][0].tolist()
   report_config["lambda_prior_used"] = lambdas
   report_config["lambda_prior_sweep"] = sweep
-  notes = ("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) +
-           ". fit_ms_per_frame: wall time of producing the codes (jitted, compilation excluded) / frames.")
+  notes = (
+    "Timings (s): "
+    + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+    + ". fit_ms_per_frame: wall time of producing the codes (jitted, compilation excluded) / "
+    "frames."
+  )
   if sweep:
     notes += "\n\n" + tuning.sweep_table(sweep, lambdas)
   report = evaluate.write_report(workdir, rows, report_config, figures=figs, notes=notes)

@@ -1,4 +1,5 @@
-"""Bookkeeping of the main job's workdir: the progress log, JSON files written atomically, and the fingerprints
+"""Bookkeeping of the main job's workdir: the progress log, JSON files written atomically, and the
+fingerprints
 that let a re-run reuse finished trainings, fits and sweeps whose inputs are unchanged."""
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import time
 
 import ml_collections
 
-DONE_FILE = "DONE.json"  # in a model's sub-workdir once its training finished: {"key", "steps", ...}
+DONE_FILE = (
+  "DONE.json"  # in a model's sub-workdir once its training finished: {"key", "steps", ...}
+)
 
 
 def log(msg: str):

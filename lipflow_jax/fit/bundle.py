@@ -1,11 +1,13 @@
-"""What fitting needs from a trained model: the module, its variables and the mesh/normalisation constants.
+"""What fitting needs from a trained model: the module, its variables and the mesh/normalisation
+constants.
 
-A ``ModelBundle`` is a pytree (variables and constants are leaves; modules and render settings are static),
-so it is passed *into* jitted functions instead of being baked into them as constants. Objectives and priors
-receive the bundle as their "model parts" and reach the model only through the small functions below, which
-follow the ``LipFlowModel`` method protocol (``decode``, ``encode_condition``, ``flow_forward``,
-``flow_inverse``) with a batch axis of one. Any Flax module implementing the methods a given objective or
-prior uses can stand in (the tests use a small random decoder).
+A ``ModelBundle`` is a pytree (variables and constants are leaves; modules and render settings are
+static), so it is passed *into* jitted functions instead of being baked into them as constants.
+Objectives and priors receive the bundle as their "model parts" and reach the model only through the
+small functions below, which follow the ``LipFlowModel`` method protocol (``decode``,
+``encode_condition``, ``flow_forward``, ``flow_inverse``) with a batch axis of one. Any Flax module
+implementing the methods a given objective or prior uses can stand in (the tests use a small random
+decoder).
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lipflow_jax import geometry
-from lipflow_jax import models
+from lipflow_jax import geometry, models
 from lipflow_jax.data import schema
 
 
@@ -29,14 +30,15 @@ class ModelBundle:
     model: the Flax module (static), e.g. ``lipflow_jax.models.LipFlowModel``.
     variables: its variables (``{'params': ...}``).
     meta: ``lipflow_jax.data.MeshMeta``.
-    hmc_settings: ``lipflow_jax.render.RasterSettings`` for rendering into the HMC cameras (static; None if
-      HMC fitting is not used).
-    regressors: optional static tuple of (condition name, module) pairs, each module mapping a condition
-      batch to codes (``lipflow_jax.models.Regressor``), used for ``init='regressor'``;
+    hmc_settings: ``lipflow_jax.render.RasterSettings`` for rendering into the HMC cameras (static;
+      None if HMC fitting is not used).
+    regressors: optional static tuple of (condition name, module) pairs, each module mapping a
+      condition batch to codes (``lipflow_jax.models.Regressor``), used for ``init='regressor'``;
       ``regressor_variables`` a dict {condition name: variables}.
     prior: the model's prior type ('gaussian', 'conditional_gaussian', 'lipflow', 'flow'), static.
     latent_dim: Z, static.
   """
+
   model: Any = flax.struct.field(pytree_node=False)
   variables: Any
   meta: schema.MeshMeta
@@ -52,18 +54,21 @@ def _one(x):
 
 
 def decode(bundle: ModelBundle, z, view, camera_index=None):
-  """Decodes one code. z: [Z], view: [3], camera_index: [] int (dome camera colour response) or None ->
+  """Decodes one code. z: [Z], view: [3], camera_index: [] int (dome camera colour response) or None
+  ->
   (texture [T, T, 3] normalised, verts [V, 3] normalised)."""
   if camera_index is None:
     tex, verts = bundle.model.apply(bundle.variables, z[None], view[None], method="decode")
   else:
-    tex, verts = bundle.model.apply(bundle.variables, z[None], view[None], jnp.reshape(camera_index, (1,)),
-                                    method="decode")
+    tex, verts = bundle.model.apply(
+      bundle.variables, z[None], view[None], jnp.reshape(camera_index, (1,)), method="decode"
+    )
   return tex[0], verts[0]
 
 
 def decode_verts(bundle: ModelBundle, z, view=None):
-  """[Z] -> [V, 3] de-normalised vertices (the texture branch is dead code under jit and is removed)."""
+  """[Z] -> [V, 3] de-normalised vertices (the texture branch is dead code under jit and is
+  removed)."""
   if view is None:
     view = jnp.array([0.0, 0.0, 1.0], z.dtype)
   _, verts = decode(bundle, z, view)
@@ -77,15 +82,19 @@ def render_views(bundle: ModelBundle, z, K, Rt, settings, camera_index=None):
     bundle: ``ModelBundle``.
     z: [Z]; K: [C, 3, 3]; Rt: [C, 3, 4] (head coordinates -> camera).
     settings: ``render.RasterSettings`` (static).
-    camera_index: optional [C] int32 dome camera indices (the decoder's per-camera colour gain/bias).
+    camera_index: optional [C] int32 dome camera indices (the decoder's per-camera colour
+      gain/bias).
   Returns:
-    ``render.Rendered`` with a leading view axis (rgb [C, H, W, 3] in [0, 1], alpha [C, H, W, 1], ...).
+    ``render.Rendered`` with a leading view axis (rgb [C, H, W, 3] in [0, 1], alpha [C, H, W, 1],
+    ...).
   """
 
   def one(k, rt, ci):
     camera = geometry.Camera(K=k, Rt=rt)
     tex, verts = decode(bundle, z, geometry.view_direction(camera), ci)
-    return models.render_avatar(bundle.meta, verts, schema.denormalize_tex(tex, bundle.meta), camera, settings)
+    return models.render_avatar(
+      bundle.meta, verts, schema.denormalize_tex(tex, bundle.meta), camera, settings
+    )
 
   if camera_index is None:
     return jax.vmap(lambda k, rt: one(k, rt, None))(K, Rt)
@@ -93,7 +102,8 @@ def render_views(bundle: ModelBundle, z, K, Rt, settings, camera_index=None):
 
 
 def encode_condition(bundle: ModelBundle, obs, name: str):
-  """Batched conditional prior stats. obs: dict of [B, ...] -> (mu [B, Z], logstd [B, Z], h [B, H] or None)."""
+  """Batched conditional prior stats. obs: dict of [B, ...] -> (mu [B, Z], logstd [B, Z], h [B,
+  H] or None)."""
   return bundle.model.apply(bundle.variables, obs, name, method="encode_condition")
 
 
@@ -117,27 +127,42 @@ def regress(bundle: ModelBundle, obs, name: str):
   """Regressor codes for a batch: obs dict of [B, ...] -> [B, Z]."""
   modules = dict(bundle.regressors)
   if name not in modules:
-    raise ValueError(f"init='regressor' needs a regressor for {name!r} in the bundle; it has "
-                     f"{sorted(modules)} (see load_fitter(..., regressor_workdirs=))")
+    raise ValueError(
+      f"init='regressor' needs a regressor for {name!r} in the bundle; it has "
+      f"{sorted(modules)} (see load_fitter(..., regressor_workdirs=))"
+    )
   return modules[name].apply(bundle.regressor_variables[name], obs)
 
 
 def prior_mode(bundle: ModelBundle, obs, name: str):
-  """Batched prior mode: f(mu_c) (lipflow), mu_c (conditional Gaussian), f(0) (flow), 0 (gaussian); [B, Z]."""
+  """Batched prior mode: f(mu_c) (lipflow), mu_c (conditional Gaussian), f(0) (flow), 0
+  (gaussian); [B, Z]."""
   return bundle.model.apply(bundle.variables, obs, name, method="prior_mode")
 
 
-_DECODER_FIELDS = ("num_vertices", "z_dim", "tex_size", "dec_z_features", "dec_view_features", "dec_start_size",
-                   "dec_start_channels", "dec_channels", "dec_upsample", "dec_untied_bias", "num_cameras",
-                   "weight_norm")
+_DECODER_FIELDS = (
+  "num_vertices",
+  "z_dim",
+  "tex_size",
+  "dec_z_features",
+  "dec_view_features",
+  "dec_start_size",
+  "dec_start_channels",
+  "dec_channels",
+  "dec_upsample",
+  "dec_untied_bias",
+  "num_cameras",
+  "weight_norm",
+)
 
 
 def decoder_only(bundle: ModelBundle) -> ModelBundle:
   """The same decoder without the encoders, flows and regressors.
 
-  Models that differ only in their prior or encoder (DAM, LiP-Flow, conditional Gaussian, direct encoders)
-  then share one static module and one variables structure, so jitted decode-and-render functions compile
-  once for all of them. Bundles whose model is not a ``LipFlowModel`` are returned unchanged.
+  Models that differ only in their prior or encoder (DAM, LiP-Flow, conditional Gaussian, direct
+  encoders) then share one static module and one variables structure, so jitted decode-and-render
+  functions compile once for all of them. Bundles whose model is not a ``LipFlowModel`` are returned
+  unchanged.
   """
   model = bundle.model
   params = bundle.variables.get("params", {}) if isinstance(bundle.variables, dict) else {}
@@ -146,5 +171,11 @@ def decoder_only(bundle: ModelBundle) -> ModelBundle:
   fields = {f: getattr(model, f) for f in _DECODER_FIELDS}
   fields["dec_channels"] = tuple(fields["dec_channels"])
   canonical = models.LipFlowModel(prior="gaussian", conditions=(), encoder_input="x", **fields)
-  return ModelBundle(model=canonical, variables={"params": {"decoder": params["decoder"]}}, meta=bundle.meta,
-                     hmc_settings=bundle.hmc_settings, prior="gaussian", latent_dim=bundle.latent_dim)
+  return ModelBundle(
+    model=canonical,
+    variables={"params": {"decoder": params["decoder"]}},
+    meta=bundle.meta,
+    hmc_settings=bundle.hmc_settings,
+    prior="gaussian",
+    latent_dim=bundle.latent_dim,
+  )

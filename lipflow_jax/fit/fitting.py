@@ -1,8 +1,9 @@
-"""The fitting loop: z* = argmin_z  sum_i w_i L_i(D(z), c) + lambda_prior * (-log p(z | c)), by Adam.
+"""The fitting loop: z* = argmin_z sum_i w_i L_i(D(z), c) + lambda_prior * (-log p(z | c)), by Adam.
 
-One jitted function: the condition statistics and initial codes are computed for the whole batch, then
-``lax.scan`` runs the Adam steps of one frame and ``vmap`` maps that over the frames. In sequence mode a
-second ``lax.scan`` runs over the frames in order and starts each from the previous frame's result.
+One jitted function: the condition statistics and initial codes are computed for the whole batch,
+then ``lax.scan`` runs the Adam steps of one frame and ``vmap`` maps that over the frames. In
+sequence mode a second ``lax.scan`` runs over the frames in order and starts each from the previous
+frame's result.
 """
 
 from __future__ import annotations
@@ -22,24 +23,28 @@ from lipflow_jax.fit import priors as priors_lib
 
 ObjectiveSpec = Tuple[Union[str, Callable], float, Tuple[Tuple[str, Any], ...]]
 
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
   """Static description of one fitting problem (hashable; a jit static argument).
 
   Attributes:
-    objectives: tuple of (objective name in ``objectives.OBJECTIVES`` or a callable ``(z, obs, bundle, **kw)``,
-      weight, tuple of (keyword, value) options).
+    objectives: tuple of (objective name in ``objectives.OBJECTIVES`` or a callable ``(z, obs,
+      bundle, **kw)``, weight, tuple of (keyword, value) options).
     prior: name in ``priors.PRIORS`` or a callable ``(z, obs, bundle) -> -log p``.
     condition: the condition whose encoder/flow the prior uses ('keypoints' or 'hmc').
     lambda_prior: weight of the prior term.
-    space: 'z' (optimise the code) or 'y' (optimise the flow's base variable, z = f(y); conditional priors).
-    init: 'zeros', 'prior_mode' (f(mu_c) or mu_c), 'regressor', or 'given' (``z0`` passed to the fit).
+    space: 'z' (optimise the code) or 'y' (optimise the flow's base variable, z = f(y); conditional
+      priors).
+    init: 'zeros', 'prior_mode' (f(mu_c) or mu_c), 'regressor', or 'given' (``z0`` passed to the
+      fit).
     num_steps: Adam steps per frame.
     lr: Adam learning rate.
     schedule: 'constant' or 'cosine' (decay to 10% of lr).
     sequence: fit the frames in order, each warm-started from the previous one's result.
     warm_steps: Adam steps for warm-started frames in sequence mode (None = num_steps).
   """
+
   objectives: Tuple[ObjectiveSpec, ...] = (("keypoints", 1.0, ()),)
   prior: Union[str, Callable] = "gaussian"
   condition: str = "keypoints"
@@ -56,27 +61,39 @@ class FitConfig:
     if self.space not in ("z", "y"):
       raise ValueError(f"FitConfig.space must be 'z' or 'y', got {self.space!r}")
     if self.init not in ("zeros", "prior_mode", "regressor", "given"):
-      raise ValueError(f"FitConfig.init must be zeros/prior_mode/regressor/given, got {self.init!r}")
+      raise ValueError(
+        f"FitConfig.init must be zeros/prior_mode/regressor/given, got {self.init!r}"
+      )
     if self.schedule not in ("constant", "cosine"):
       raise ValueError(f"FitConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
     if isinstance(self.prior, str) and self.prior not in priors_lib.PRIORS:
-      raise ValueError(f"FitConfig.prior: unknown {self.prior!r}; one of {sorted(priors_lib.PRIORS)}")
+      raise ValueError(
+        f"FitConfig.prior: unknown {self.prior!r}; one of {sorted(priors_lib.PRIORS)}"
+      )
     if self.space == "y" and self.prior not in priors_lib.CONDITIONAL:
-      raise ValueError("FitConfig.space='y' needs a conditional prior (lipflow or conditional_gaussian)")
+      raise ValueError(
+        "FitConfig.space='y' needs a conditional prior (lipflow or conditional_gaussian)"
+      )
     if self.num_steps < 0:
       raise ValueError(f"FitConfig.num_steps must be >= 0, got {self.num_steps}")
     if self.warm_steps is not None and not 1 <= self.warm_steps <= self.num_steps:
       raise ValueError(f"FitConfig.warm_steps must be in [1, num_steps], got {self.warm_steps}")
     for spec in self.objectives:
       if len(spec) != 3:
-        raise ValueError(f"FitConfig.objectives entries are (objective, weight, options), got {spec!r}")
+        raise ValueError(
+          f"FitConfig.objectives entries are (objective, weight, options), got {spec!r}"
+        )
       if isinstance(spec[0], str) and spec[0] not in objectives_lib.OBJECTIVES:
-        raise ValueError(f"unknown objective {spec[0]!r}; one of {sorted(objectives_lib.OBJECTIVES)}")
+        raise ValueError(
+          f"unknown objective {spec[0]!r}; one of {sorted(objectives_lib.OBJECTIVES)}"
+        )
 
 
 class FitResult(NamedTuple):
-  """z: [B, Z] fitted codes; y: [B, Z] the optimised variable (= z for space 'z'); losses: dict of [B, steps]
+  """z: [B, Z] fitted codes; y: [B, Z] the optimised variable (= z for space 'z'); losses: dict of
+  [B, steps]
   traces ('total', 'obs', 'prior') of the loss at each step's start; init: [B, Z] initial codes."""
+
   z: jax.Array
   y: jax.Array
   losses: dict
@@ -92,7 +109,8 @@ def _flow_prior(cfg: FitConfig) -> bool:
 
 
 def to_code(bundle, cfg: FitConfig, v, obs):
-  """Optimisation variable -> code for one frame: z = f(y | h) in space 'y' with the flow, else v."""
+  """Optimisation variable -> code for one frame: z = f(y | h) in space 'y' with the flow, else
+  v."""
   if cfg.space == "y" and cfg.prior == "lipflow":
     return bundle_lib.flow_forward(bundle, v, obs.get("prior_h"), cfg.condition)
   return v
@@ -117,7 +135,8 @@ def loss_terms(v, obs, bundle, cfg: FitConfig):
 
 
 def make_loss(cfg: FitConfig, lambda_prior=None):
-  """The per-frame loss ``(v [Z], obs, bundle) -> (total, (obs_term, prior_term))``; ``lambda_prior`` (a float
+  """The per-frame loss ``(v [Z], obs, bundle) -> (total, (obs_term, prior_term))``;
+  ``lambda_prior`` (a float
   or a traced scalar) replaces ``cfg.lambda_prior`` when given."""
   lam = cfg.lambda_prior if lambda_prior is None else lambda_prior
 
@@ -136,8 +155,9 @@ def _optimizer(cfg: FitConfig, num_steps: int):
 
 
 def adam_step(grad_fn, opt, v, state, obs, bundle):
-  """One optimiser step on one frame's variable v [Z]: -> (v, state, {'total', 'obs', 'prior'} at the step's
-  start). ``grad_fn`` is ``value_and_grad(make_loss(...), has_aux=True)``; non-finite gradient entries are
+  """One optimiser step on one frame's variable v [Z]: -> (v, state, {'total', 'obs', 'prior'} at
+  the step's start). ``grad_fn`` is ``value_and_grad(make_loss(...), has_aux=True)``; non-finite
+  gradient entries are
   zeroed, so they never enter the code."""
   (total, (o, p)), g = grad_fn(v, obs, bundle)
   g = jnp.where(jnp.isfinite(g), g, 0.0)
@@ -145,7 +165,9 @@ def adam_step(grad_fn, opt, v, state, obs, bundle):
   return optax.apply_updates(v, updates), state, {"total": total, "obs": o, "prior": p}
 
 
-def optimize_frame(v0, obs, bundle, cfg: FitConfig, num_steps: Optional[int] = None, lambda_prior=None):
+def optimize_frame(
+  v0, obs, bundle, cfg: FitConfig, num_steps: Optional[int] = None, lambda_prior=None
+):
   """Adam on one frame, as a ``lax.scan``. v0: [Z] -> (v [Z], traces dict of [num_steps])."""
   num_steps = cfg.num_steps if num_steps is None else num_steps
   opt = _optimizer(cfg, num_steps)
@@ -172,7 +194,8 @@ def _numeric(obs):
 
 
 def initial_values(bundle, obs, cfg: FitConfig, z0=None):
-  """Batched initial variables [B, Z] and codes [B, Z] for a (condition-augmented) observation batch."""
+  """Batched initial variables [B, Z] and codes [B, Z] for a (condition-augmented) observation
+  batch."""
   to_z = jax.vmap(lambda v, o: to_code(bundle, cfg, v, o))
   flow_y = cfg.space == "y" and cfg.prior == "lipflow"
   if cfg.init == "prior_mode":
@@ -223,10 +246,13 @@ def _fit_impl(bundle, obs, z0, cfg: FitConfig, lambda_prior=None):
   to_z = jax.vmap(lambda v, o: to_code(bundle, cfg, v, o))
 
   if not cfg.sequence:
-    v, traces = jax.vmap(lambda a, o: optimize_frame(a, o, bundle, cfg, lambda_prior=lambda_prior))(v0, obs)
+    v, traces = jax.vmap(lambda a, o: optimize_frame(a, o, bundle, cfg, lambda_prior=lambda_prior))(
+      v0, obs
+    )
     return FitResult(z=to_z(v, obs), y=v, losses=traces, init=z_init)
 
-  # Sequence mode: frame 0 from its initial value, each later frame from the previous frame's result.
+  # Sequence mode: frame 0 from its initial value, each later frame from the previous frame's
+  # result.
   first = jax.tree_util.tree_map(lambda x: x[0], obs)
   rest = jax.tree_util.tree_map(lambda x: x[1:], obs)
   v_first, tr_first = optimize_frame(v0[0], first, bundle, cfg, lambda_prior=lambda_prior)
@@ -238,35 +264,46 @@ def _fit_impl(bundle, obs, z0, cfg: FitConfig, lambda_prior=None):
 
   _, (v_rest, tr_rest) = jax.lax.scan(frame, v_first, rest)
   v = jnp.concatenate([v_first[None], v_rest], axis=0)
-  if 0 < warm < cfg.num_steps:  # pad the shorter traces with their last value so that all have num_steps
-    pad = lambda t: jnp.concatenate([t, jnp.repeat(t[:, -1:], cfg.num_steps - warm, axis=1)], axis=1)
+  if (
+    0 < warm < cfg.num_steps
+  ):  # pad the shorter traces with their last value so that all have num_steps
+    pad = lambda t: jnp.concatenate(
+      [t, jnp.repeat(t[:, -1:], cfg.num_steps - warm, axis=1)], axis=1
+    )
     tr_rest = jax.tree_util.tree_map(pad, tr_rest)
-  traces = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b], axis=0), tr_first, tr_rest)
+  traces = jax.tree_util.tree_map(
+    lambda a, b: jnp.concatenate([a[None], b], axis=0), tr_first, tr_rest
+  )
   return FitResult(z=to_z(v, obs), y=v, losses=traces, init=z_init)
 
 
-# ``lambda_prior`` (a scalar array) overrides ``cfg.lambda_prior`` without a recompilation (prior-weight sweeps).
+# ``lambda_prior`` (a scalar array) overrides ``cfg.lambda_prior`` without a recompilation
+# (prior-weight sweeps).
 fit_jit = jax.jit(_fit_impl, static_argnames=("cfg",))
 
 
-def fit_config(method: str = "lipflow", input: str = "keypoints", **overrides) -> FitConfig:  # pylint: disable=redefined-builtin
+# pylint: disable=redefined-builtin
+def fit_config(method: str = "lipflow", input: str = "keypoints", **overrides) -> FitConfig:
   """A ``FitConfig`` for a named method and input.
 
   Args:
-    method: a fitted method of ``methods.METHODS`` ('dam_fit', 'lipflow_fit', 'conditional_gaussian_fit'),
-      or a prior of ``priors.PRIORS`` ('gaussian', 'lipflow', 'conditional_gaussian', 'flow', 'none'),
-      initialised at the prior's mode for conditional priors and at zeros otherwise.
+    method: a fitted method of ``methods.METHODS`` ('dam_fit', 'lipflow_fit',
+      'conditional_gaussian_fit'), or a prior of ``priors.PRIORS`` ('gaussian', 'lipflow',
+      'conditional_gaussian', 'flow', 'none'), initialised at the prior's mode for conditional
+      priors and at zeros otherwise.
     input: 'keypoints' or 'hmc' (the objective and the condition).
-    **overrides: any ``FitConfig`` field, plus ``objective_options`` (a dict of options for the input's
-      objective, e.g. ``{'robust': 'huber', 'scale': 2.0}``).
+    **overrides: any ``FitConfig`` field, plus ``objective_options`` (a dict of options for the
+      input's objective, e.g. ``{'robust': 'huber', 'scale': 2.0}``).
   """
   if method in methods_lib.FITTED:
     prior, init = methods_lib.METHODS[method].prior, methods_lib.METHODS[method].init
   elif method in priors_lib.PRIORS:
     prior, init = method, ("prior_mode" if method in priors_lib.CONDITIONAL else "zeros")
   else:
-    raise ValueError(f"fit: unknown method {method!r}; one of {sorted(methods_lib.FITTED)} or a prior of "
-                     f"{sorted(priors_lib.PRIORS)}")
+    raise ValueError(
+      f"fit: unknown method {method!r}; one of {sorted(methods_lib.FITTED)} or a prior of "
+      f"{sorted(priors_lib.PRIORS)}"
+    )
   if input not in objectives_lib.OBJECTIVES:
     raise ValueError(f"fit: unknown input {input!r}; one of {sorted(objectives_lib.OBJECTIVES)}")
   options = tuple(sorted(dict(overrides.pop("objective_options", None) or {}).items()))
@@ -275,8 +312,15 @@ def fit_config(method: str = "lipflow", input: str = "keypoints", **overrides) -
   return FitConfig(**kwargs)
 
 
-def fit_latents(bundle, observations, method: str = "lipflow", input: str = "keypoints", z0=None,  # pylint: disable=redefined-builtin
-                config: Optional[FitConfig] = None, **overrides) -> FitResult:
+def fit_latents(
+  bundle,
+  observations,
+  method: str = "lipflow",
+  input: str = "keypoints",
+  z0=None,  # pylint: disable=redefined-builtin
+  config: Optional[FitConfig] = None,
+  **overrides,
+) -> FitResult:
   """Fits latent codes to a batch of observations (one jitted call).
 
   Args:
@@ -297,7 +341,8 @@ def fit_latents(bundle, observations, method: str = "lipflow", input: str = "key
 
 
 def fit_unjitted(bundle, observations, cfg: FitConfig, z0=None) -> FitResult:
-  """The same optimisation frame by frame and step by step, without jit (a slow reference and benchmark)."""
+  """The same optimisation frame by frame and step by step, without jit (a slow reference and
+  benchmark)."""
   obs = _numeric(observations)
   obs = jax.tree_util.tree_map(jnp.asarray, obs)
   if _needs_condition(cfg):
@@ -309,7 +354,9 @@ def fit_unjitted(bundle, observations, cfg: FitConfig, z0=None) -> FitResult:
   v_prev = None
   for i in range(n):
     o = jax.tree_util.tree_map(lambda x: x[i], obs)
-    steps = cfg.num_steps if (not cfg.sequence or i == 0 or cfg.warm_steps is None) else cfg.warm_steps
+    steps = (
+      cfg.num_steps if (not cfg.sequence or i == 0 or cfg.warm_steps is None) else cfg.warm_steps
+    )
     opt = _optimizer(cfg, steps)
     v = v0[i] if (not cfg.sequence or i == 0) else v_prev
     state = opt.init(v)
@@ -323,7 +370,12 @@ def fit_unjitted(bundle, observations, cfg: FitConfig, z0=None) -> FitResult:
     zs.append(to_code(bundle, cfg, v, o))
     traces.append({k: jnp.stack(t) if t else jnp.zeros((0,)) for k, t in tr.items()})
   if cfg.sequence and cfg.warm_steps is not None and cfg.warm_steps < cfg.num_steps:
-    traces = [{k: jnp.concatenate([t, jnp.repeat(t[-1:], cfg.num_steps - t.shape[0])]) for k, t in tr.items()}
-              for tr in traces]
+    traces = [
+      {
+        k: jnp.concatenate([t, jnp.repeat(t[-1:], cfg.num_steps - t.shape[0])])
+        for k, t in tr.items()
+      }
+      for tr in traces
+    ]
   stacked = {k: jnp.stack([t[k] for t in traces]) for k in traces[0]}
   return FitResult(z=jnp.stack(zs), y=jnp.stack(vs), losses=stacked, init=z_init)

@@ -5,44 +5,64 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from lipflow_jax import render
-from lipflow_jax import train
-from lipflow_jax.data import input_pipeline
-from lipflow_jax.data import schema
+from lipflow_jax import render, train
+from lipflow_jax.data import input_pipeline, schema
 from lipflow_jax.fit import bundle as bundle_lib
 
-# Rasterisation for fitting into the headset cameras. Hard (K = 1, sigma = 0) by default: the crops are filled
-# by the face, so the photometric gradient through the texture and the barycentrics (which move with the
-# vertices) is what matters, and it is the cheapest. sigma > 0 adds soft-silhouette gradients but blurs: on
-# the default capture, sigma = 0.5 renders the crops at MSE 0.01 from the hard (ground-truth) rendering, more
-# than the fit's whole residual (~0.003), and needs ~1024 candidates per 4 x 4 tile (the blur radius of 3.8 px
-# in these close-ups covers many faces; 64 overflowed and dropped faces, 256 still did in the mouth crop).
-# Small tiles with few candidates: the rasterizer's cost grows with tile pixels x candidates per tile; on the
-# default synthetic mesh (4888 faces, 32 x 32 crops) hard 4 x 4 tiles with 64 candidates render 10x faster than
-# 8 x 8 tiles with 256 and never overflowed.
+# Rasterisation for fitting into the headset cameras. Hard (K = 1, sigma = 0) by default: the crops
+# are filled by the face, so the photometric gradient through the texture and the barycentrics
+# (which move with the vertices) is what matters, and it is the cheapest. sigma > 0 adds
+# soft-silhouette gradients but blurs: on the default capture, sigma = 0.5 renders the crops at MSE
+# 0.01 from the hard (ground-truth) rendering, more than the fit's whole residual (~0.003), and
+# needs ~1024 candidates per 4 x 4 tile (the blur radius of 3.8 px in these close-ups covers many
+# faces; 64 overflowed and dropped faces, 256 still did in the mouth crop). Small tiles with few
+# candidates: the rasterizer's cost grows with tile pixels x candidates per tile; on the default
+# synthetic mesh (4888 faces, 32 x 32 crops) hard 4 x 4 tiles with 64 candidates render 10x faster
+# than 8 x 8 tiles with 256 and never overflowed.
 HMC_FIT_SIGMA = 0.0
 HMC_FIT_FACES_PER_PIXEL = 1
 
 
-def hmc_fit_settings(hmc_size, sigma: float = HMC_FIT_SIGMA, faces_per_pixel: int = HMC_FIT_FACES_PER_PIXEL,
-                     max_faces_per_tile: Optional[int] = None, tile_size: int = 4, gamma: float = 1e-3):
-  """``RasterSettings`` for HMC fitting, back faces culled (the face mesh is open); sigma = 0 is hard.
+def hmc_fit_settings(
+  hmc_size,
+  sigma: float = HMC_FIT_SIGMA,
+  faces_per_pixel: int = HMC_FIT_FACES_PER_PIXEL,
+  max_faces_per_tile: Optional[int] = None,
+  tile_size: int = 4,
+  gamma: float = 1e-3,
+):
+  """``RasterSettings`` for HMC fitting, back faces culled (the face mesh is open); sigma = 0 is
+  hard.
   ``max_faces_per_tile`` defaults to 64 (hard) or 1024 (soft)."""
   if max_faces_per_tile is None:
     max_faces_per_tile = 64 if sigma == 0.0 else 1024
   if sigma == 0.0:
-    return render.RasterSettings.hard(tuple(int(s) for s in hmc_size), tile_size=tile_size,
-                                      max_faces_per_tile=max_faces_per_tile, cull_backfaces=True)
-  return render.RasterSettings(image_size=tuple(int(s) for s in hmc_size), faces_per_pixel=faces_per_pixel,
-                               sigma=sigma, gamma=gamma, tile_size=tile_size, max_faces_per_tile=max_faces_per_tile,
-                               cull_backfaces=True)
+    return render.RasterSettings.hard(
+      tuple(int(s) for s in hmc_size),
+      tile_size=tile_size,
+      max_faces_per_tile=max_faces_per_tile,
+      cull_backfaces=True,
+    )
+  return render.RasterSettings(
+    image_size=tuple(int(s) for s in hmc_size),
+    faces_per_pixel=faces_per_pixel,
+    sigma=sigma,
+    gamma=gamma,
+    tile_size=tile_size,
+    max_faces_per_tile=max_faces_per_tile,
+    cull_backfaces=True,
+  )
 
 
 def dataset_meta_from_config(config: Mapping[str, Any]):
   """The ``DatasetMeta`` of the dataset a run's ``config.json`` names (builds it if missing)."""
   ds = dict(config.get("dataset", {}))
-  builder = input_pipeline.prepare(ds.get("name", "synthetic_capture"), ds.get("builder_config"),
-                                   ds.get("data_dir"), ds.get("builder_kwargs") or None)
+  builder = input_pipeline.prepare(
+    ds.get("name", "synthetic_capture"),
+    ds.get("builder_config"),
+    ds.get("data_dir"),
+    ds.get("builder_kwargs") or None,
+  )
   return schema.load_meta(builder)
 
 
@@ -54,8 +74,11 @@ def hmc_size_of(meta) -> Optional[Sequence[int]]:
   return None
 
 
-def bundle_from_trained(trained, meta, hmc_settings=None, regressors=None) -> bundle_lib.ModelBundle:
-  """A bundle from ``lipflow_jax.train.Trained`` objects (a LipFlowModel run and optionally a regressor run)."""
+def bundle_from_trained(
+  trained, meta, hmc_settings=None, regressors=None
+) -> bundle_lib.ModelBundle:
+  """A bundle from ``lipflow_jax.train.Trained`` objects (a LipFlowModel run and optionally a
+  regressor run)."""
   if trained.kind != "avatar":
     raise ValueError(f"load_fitter: expected a LipFlowModel run, got a {trained.kind!r} run")
   if hmc_settings is None and hmc_size_of(meta) is not None:
@@ -63,25 +86,40 @@ def bundle_from_trained(trained, meta, hmc_settings=None, regressors=None) -> bu
   reg_modules, reg_vars = (), None
   if regressors is not None:
     if regressors.kind != "regressor":
-      raise ValueError(f"load_fitter: regressor_workdir holds a {regressors.kind!r} run, not a regressor run")
+      raise ValueError(
+        f"load_fitter: regressor_workdir holds a {regressors.kind!r} run, not a regressor run"
+      )
     reg_modules = tuple(sorted(regressors.model.items()))
     reg_vars = {c: {"params": p} for c, p in regressors.params.items()}
   model = trained.model
-  return bundle_lib.ModelBundle(model=model, variables={"params": trained.params},
-                                meta=schema.MeshMeta.from_dataset_meta(meta), hmc_settings=hmc_settings,
-                                regressors=reg_modules, regressor_variables=reg_vars, prior=model.prior,
-                                latent_dim=int(model.z_dim))
+  return bundle_lib.ModelBundle(
+    model=model,
+    variables={"params": trained.params},
+    meta=schema.MeshMeta.from_dataset_meta(meta),
+    hmc_settings=hmc_settings,
+    regressors=reg_modules,
+    regressor_variables=reg_vars,
+    prior=model.prior,
+    latent_dim=int(model.z_dim),
+  )
 
 
-def load_fitter(workdir: str, regressor_workdir: Optional[str] = None, meta=None, hmc_settings=None,
-                step: Optional[int] = None) -> bundle_lib.ModelBundle:
+def load_fitter(
+  workdir: str,
+  regressor_workdir: Optional[str] = None,
+  meta=None,
+  hmc_settings=None,
+  step: Optional[int] = None,
+) -> bundle_lib.ModelBundle:
   """Loads a trained model (and optionally its DAM-regressor) for fitting.
 
   Args:
-    workdir: a ``lipflow_jax.train`` workdir of a LipFlowModel run (DAM, LiP-Flow, conditional Gaussian, ...).
+    workdir: a ``lipflow_jax.train`` workdir of a LipFlowModel run (DAM, LiP-Flow, conditional
+      Gaussian, ...).
     regressor_workdir: optional workdir of a regressor run (enables ``init='regressor'``).
     meta: the ``DatasetMeta`` (default: loaded from the dataset named in the run's config).
-    hmc_settings: ``RasterSettings`` for HMC fitting (default: ``hmc_fit_settings`` at the HMC crop size).
+    hmc_settings: ``RasterSettings`` for HMC fitting (default: ``hmc_fit_settings`` at the HMC crop
+      size).
     step: checkpoint step (default: the latest).
   Returns:
     ``ModelBundle``.

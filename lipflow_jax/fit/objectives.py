@@ -1,11 +1,11 @@
 """Observation objectives for inference-time fitting.
 
-Each objective is a pure function ``(z [Z], observation, bundle, **options) -> scalar`` for one frame; they
-compose by addition (``fit.make_loss``). An observation is a dict holding the batch keys of
-``lipflow_jax.data`` for one frame (no batch axis):
+Each objective is a pure function ``(z [Z], observation, bundle, **options) -> scalar`` for one
+frame; they compose by addition (``fit.make_loss``). An observation is a dict holding the batch keys
+of ``lipflow_jax.data`` for one frame (no batch axis):
 
-  keypoints:  ``keypoints`` [P, 2] pixels, ``keypoints_visible`` [P] (optional), ``frontal_K`` [3, 3],
-              ``frontal_Rt`` [3, 4]. Missing (NaN / inf) keypoints count as invisible.
+  keypoints:  ``keypoints`` [P, 2] pixels, ``keypoints_visible`` [P] (optional), ``frontal_K``
+              [3, 3], ``frontal_Rt`` [3, 4]. Missing (NaN / inf) keypoints count as invisible.
   hmc:        ``hmc`` [3, h, w, 1] in [0, 1], ``hmc_K`` [3, 3, 3], ``hmc_Rt`` [3, 3, 4], optional
               ``hmc_mask`` [3, h, w, 1].
 
@@ -21,15 +21,17 @@ from lipflow_jax.fit import bundle as bundle_lib
 from lipflow_jax.numerics import safe_sqrt
 
 
-# ----------------------------------------------------------------------------------------------- robust costs
+# -----------------------------------------------------------------------------------------------
+# robust costs
 def l2_cost(d2, scale: float = 1.0):
   """Squared error: d2 / scale^2."""
-  return d2 / scale ** 2
+  return d2 / scale**2
 
 
 def huber_cost(d2, scale: float = 1.0):
-  """Huber on the distance d = sqrt(d2), in units of ``scale``: d^2 for d <= 1, 2 d - 1 beyond (C1)."""
-  u2 = d2 / scale ** 2
+  """Huber on the distance d = sqrt(d2), in units of ``scale``: d^2 for d <= 1, 2 d - 1 beyond
+  (C1)."""
+  u2 = d2 / scale**2
   far = u2 > 1.0
   u = safe_sqrt(jnp.where(far, u2, 1.0), 1e-12)  # sqrt only where it is used: no NaN gradient at 0
   return jnp.where(far, 2.0 * u - 1.0, u2)
@@ -37,14 +39,15 @@ def huber_cost(d2, scale: float = 1.0):
 
 def geman_mcclure_cost(d2, scale: float = 1.0):
   """Geman-McClure: u2 / (1 + u2) with u2 = d2 / scale^2 (bounded by 1; ~ u2 near 0)."""
-  u2 = d2 / scale ** 2
+  u2 = d2 / scale**2
   return u2 / (1.0 + u2)
 
 
 ROBUST_COSTS = {"l2": l2_cost, "huber": huber_cost, "geman_mcclure": geman_mcclure_cost}
 
 
-# ------------------------------------------------------------------------------------------------- keypoints
+# -------------------------------------------------------------------------------------------------
+# keypoints
 def sanitize_keypoints(keypoints, visible=None):
   """Masks missing keypoints before any arithmetic.
 
@@ -73,13 +76,13 @@ def project_keypoints(bundle, z, camera: geometry.Camera):
 def keypoint_objective(z, obs, bundle, robust: str = "l2", scale: float = 1.0):
   """Keypoint reprojection error in the frontal camera, over visible keypoints.
 
-  mean_{p visible} rho(||project(D_verts(z)[kp_p]) - keypoint_p||^2) with rho one of ``ROBUST_COSTS``
-  (``scale`` in pixels). 0 when no keypoint is visible.
+  mean_{p visible} rho(||project(D_verts(z)[kp_p]) - keypoint_p||^2) with rho one of
+  ``ROBUST_COSTS`` (``scale`` in pixels). 0 when no keypoint is visible.
 
   Args:
     z: [Z] latent code.
-    obs: per-frame dict with ``keypoints`` [P, 2], optional ``keypoints_visible`` [P], ``frontal_K``,
-      ``frontal_Rt``.
+    obs: per-frame dict with ``keypoints`` [P, 2], optional ``keypoints_visible`` [P],
+      ``frontal_K``, ``frontal_Rt``.
     bundle: ``ModelBundle``.
   Returns:
     scalar float32.
@@ -92,7 +95,8 @@ def keypoint_objective(z, obs, bundle, robust: str = "l2", scale: float = 1.0):
   return jnp.sum(cost * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-# ------------------------------------------------------------------------------------------------------- HMC
+# --------------------------------------------------------------------------------------------------
+# HMC
 def to_grey(rgb):
   """[..., 3] -> [..., 1] luminance (ITU-R BT.601 weights), as the HMC crops are made."""
   w = jnp.array([0.299, 0.587, 0.114], rgb.dtype)
@@ -118,8 +122,8 @@ def hmc_objective(z, obs, bundle, mask_key: str = "hmc_mask"):
 
   Args:
     z: [Z].
-    obs: per-frame dict with ``hmc`` [C, h, w, 1] in [0, 1], ``hmc_K`` [C, 3, 3], ``hmc_Rt`` [C, 3, 4] and
-      optionally a mask under ``mask_key`` [C, h, w, 1] (default: all pixels).
+    obs: per-frame dict with ``hmc`` [C, h, w, 1] in [0, 1], ``hmc_K`` [C, 3, 3], ``hmc_Rt`` [C, 3,
+      4] and optionally a mask under ``mask_key`` [C, h, w, 1] (default: all pixels).
   Returns:
     scalar: sum(mask * (grey - hmc)^2) / sum(mask).
   """

@@ -1,9 +1,9 @@
 """Latent priors for inference-time fitting, as negative log densities.
 
-Each prior is a pure function ``(z [Z], observation, bundle) -> scalar`` = -log p(z | c) for one frame, added
-to the observation objectives with a weight ``lambda_prior``. Conditional priors read the per-frame condition
-statistics that ``condition_stats`` adds to the observation once, before the optimisation loop (the
-inference-time encoder does not depend on z):
+Each prior is a pure function ``(z [Z], observation, bundle) -> scalar`` = -log p(z | c) for one
+frame, added to the observation objectives with a weight ``lambda_prior``. Conditional priors read
+the per-frame condition statistics that ``condition_stats`` adds to the observation once, before the
+optimisation loop (the inference-time encoder does not depend on z):
 
   ``prior_mu`` [Z], ``prior_logstd`` [Z]  the Gaussian p(y | c) = N(mu_c, sigma_c^2),
   ``prior_h`` [H]                       the context vector h_c read by the flow's conditioner.
@@ -14,7 +14,8 @@ Priors:
   conditional_gaussian  N(mu_c, sigma_c^2) on z (ablation without the flow).
   lipflow               log p(z|c) = log N(f^-1(z); mu_c, sigma_c) + log|det d f^-1 / dz|.
   flow                  the same with base N(0, I) and no condition.
-For optimisation in the flow's base space (z = f(y)) the prior is on y: ``base_gaussian`` (N(mu_c, sigma_c)).
+For optimisation in the flow's base space (z = f(y)) the prior is on y: ``base_gaussian`` (N(mu_c,
+sigma_c)).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lipflow_jax.models import layers
 
 
 def gaussian_nll(x, mu=0.0, logstd=0.0):
-  """-log N(x; mu, exp(logstd)^2), summed over the last axis (``models.gaussian_log_prob``, negated)."""
+  """-log N(x; mu, exp(logstd)^2), summed over the last axis (``models.gaussian_log_prob``,
+  negated)."""
   return -layers.gaussian_log_prob(x, mu, logstd)
 
 
@@ -66,18 +68,19 @@ def base_gaussian_prior(y, obs, bundle):
 
 
 PRIORS = {
-    "none": no_prior,
-    "gaussian": standard_normal_prior,
-    "conditional_gaussian": conditional_gaussian_prior,
-    "lipflow": lipflow_prior,
-    "flow": flow_prior,
+  "none": no_prior,
+  "gaussian": standard_normal_prior,
+  "conditional_gaussian": conditional_gaussian_prior,
+  "lipflow": lipflow_prior,
+  "flow": flow_prior,
 }
 
 CONDITIONAL = ("conditional_gaussian", "lipflow")
 
 
 def condition_stats(bundle, obs, name: str):
-  """Adds ``prior_mu``, ``prior_logstd`` and ``prior_h`` to a batched observation dict ([B, ...] leaves)."""
+  """Adds ``prior_mu``, ``prior_logstd`` and ``prior_h`` to a batched observation dict ([B, ...]
+  leaves)."""
   mu, logstd, h = bundle_lib.encode_condition(bundle, obs, name)
   out = dict(obs, prior_mu=mu, prior_logstd=logstd)
   if h is not None:

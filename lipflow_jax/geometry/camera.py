@@ -5,11 +5,11 @@ A camera maps a point ``x`` (world or head coordinates, millimetres in Multiface
     x_cam = R @ x + t                      (Rt: [3, 4], world -> camera, camera looks along +z)
     [u*w, v*w, w] = K @ x_cam              (K: [3, 3] intrinsics in pixels)
 
-Pixel coordinates: x to the right, y down, origin at the top-left corner of the top-left pixel, so the
-centre of pixel (row i, column j) is (j + 0.5, i + 0.5).
+Pixel coordinates: x to the right, y down, origin at the top-left corner of the top-left pixel, so
+the centre of pixel (row i, column j) is (j + 0.5, i + 0.5).
 
-Every function is pure, vectorised and jit/vmap friendly. A batch of cameras is a ``Camera`` whose leaves
-have leading batch axes (``K [..., 3, 3]``, ``Rt [..., 3, 4]``); use ``jax.vmap`` over it.
+Every function is pure, vectorised and jit/vmap friendly. A batch of cameras is a ``Camera`` whose
+leaves have leading batch axes (``K [..., 3, 3]``, ``Rt [..., 3, 4]``); use ``jax.vmap`` over it.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import numpy as np
 
 @chex.dataclass(frozen=True, mappable_dataclass=False)
 class Camera:
-  """A pinhole camera: ``K [3, 3]`` intrinsics (pixels) and ``Rt [3, 4]`` world-to-camera extrinsics.
+  """A pinhole camera: ``K [3, 3]`` intrinsics (pixels) and ``Rt [3, 4]`` world-to-camera
+  extrinsics.
 
-  ``Camera(K, Rt)`` or ``Camera(K=K, Rt=Rt)``. A JAX pytree (leaves ``K``, ``Rt``), so it passes through
-  ``jax.jit`` and ``jax.vmap``. Not a mapping (chex's default would make it one and refuse positional
-  arguments).
+  ``Camera(K, Rt)`` or ``Camera(K=K, Rt=Rt)``. A JAX pytree (leaves ``K``, ``Rt``), so it passes
+  through ``jax.jit`` and ``jax.vmap``. Not a mapping (chex's default would make it one and refuse
+  positional arguments).
   """
 
   K: chex.Array
@@ -70,7 +71,8 @@ def project(camera: Camera, points, eps: float = 1e-8):
 
 
 def project_with_depth(camera: Camera, points, eps: float = 1e-8):
-  """Like ``project`` but also returns the camera-space depth. Returns ([N, 2] pixels, [N] depth)."""
+  """Like ``project`` but also returns the camera-space depth. Returns ([N, 2] pixels, [N]
+  depth)."""
   cam = world_to_camera(camera, points)
   p = cam @ camera.K.T
   w = p[:, 2:3]
@@ -109,8 +111,8 @@ def compose_rigid(a, b):
 def compose_head_pose(camera: Camera, head_pose) -> Camera:
   """The camera seen from head coordinates.
 
-  Multiface's ``<frame>_transform.txt`` is a head-to-world pose, x_world = R x_head + t. The returned camera
-  projects head-coordinate points (the tracked mesh) directly: Rt' = Rt o head_pose.
+  Multiface's ``<frame>_transform.txt`` is a head-to-world pose, x_world = R x_head + t. The
+  returned camera projects head-coordinate points (the tracked mesh) directly: Rt' = Rt o head_pose.
 
   Args:
     camera: world camera.
@@ -122,8 +124,9 @@ def compose_head_pose(camera: Camera, head_pose) -> Camera:
 def view_direction(camera: Camera, head_pose=None):
   """Unit view direction in head coordinates, as in Multiface's loader.
 
-  normalize(R_pose^T (camera_centre - t_pose)): the direction from the head origin towards the camera.
-  With ``head_pose=None`` the camera is already in head coordinates (e.g. after ``compose_head_pose``).
+  normalize(R_pose^T (camera_centre - t_pose)): the direction from the head origin towards the
+  camera. With ``head_pose=None`` the camera is already in head coordinates (e.g. after
+  ``compose_head_pose``).
 
   Returns:
     [3] unit vector.
@@ -137,8 +140,8 @@ def view_direction(camera: Camera, head_pose=None):
 def look_at(eye, target, up=(0.0, 1.0, 0.0)):
   """World-to-camera [3, 4] extrinsics of a camera at ``eye`` looking at ``target``.
 
-  Camera axes follow the image convention: +x right, +y down (image rows), +z forward. ``up`` is the world
-  direction that should appear upwards in the image.
+  Camera axes follow the image convention: +x right, +y down (image rows), +z forward. ``up`` is the
+  world direction that should appear upwards in the image.
   """
   eye = jnp.asarray(eye, jnp.float32)
   target = jnp.asarray(target, jnp.float32)
@@ -167,12 +170,21 @@ def focal_for_fov(fov_degrees, size):
   return 0.5 * size / np.tan(np.deg2rad(fov_degrees) / 2.0)
 
 
-def dome_cameras(num_cameras, radius, image_size, fov_degrees=30.0, target=(0.0, 0.0, 0.0),
-                 max_azimuth_degrees=90.0, elevations_degrees=(-25.0, 0.0, 25.0), up=(0.0, 1.0, 0.0)):
-  """A capture dome: ``num_cameras`` cameras on a spherical cap in front of the subject, looking at ``target``.
+def dome_cameras(
+  num_cameras,
+  radius,
+  image_size,
+  fov_degrees=30.0,
+  target=(0.0, 0.0, 0.0),
+  max_azimuth_degrees=90.0,
+  elevations_degrees=(-25.0, 0.0, 25.0),
+  up=(0.0, 1.0, 0.0),
+):
+  """A capture dome: ``num_cameras`` cameras on a spherical cap in front of the subject, looking at
+  ``target``.
 
-  The subject faces +z. Cameras are spread over azimuths in [-max_azimuth, max_azimuth] (0 = frontal) and
-  the given elevation rings, ordered ring by ring (deterministic).
+  The subject faces +z. Cameras are spread over azimuths in [-max_azimuth, max_azimuth] (0 =
+  frontal) and the given elevation rings, ordered ring by ring (deterministic).
 
   Returns:
     A batched ``Camera`` with K [N, 3, 3] and Rt [N, 3, 4].
@@ -189,7 +201,9 @@ def dome_cameras(num_cameras, radius, image_size, fov_degrees=30.0, target=(0.0,
     azs = np.linspace(-max_azimuth_degrees, max_azimuth_degrees, n) if n > 1 else np.zeros(1)
     for az in azs:
       a, e = np.deg2rad(az), np.deg2rad(elev)
-      eyes.append(target + radius * np.array([np.sin(a) * np.cos(e), np.sin(e), np.cos(a) * np.cos(e)]))
+      eyes.append(
+        target + radius * np.array([np.sin(a) * np.cos(e), np.sin(e), np.cos(a) * np.cos(e)])
+      )
   K = intrinsics(focal_for_fov(fov_degrees, min(image_size)), image_size)
   Rts = jnp.stack([look_at(eye, target, up) for eye in eyes])
   return Camera(K=jnp.broadcast_to(K, (len(eyes), 3, 3)), Rt=Rts)

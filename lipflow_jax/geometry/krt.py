@@ -6,7 +6,7 @@ Per camera a 9-line block::
     fx 0 cx                \
     0 fy cy                 K, pixels
     0 0 1                  /
-    k1 k2 p1 p2 k3         distortion (OpenCV order; zeros in practice, ignored by the pinhole model)
+    k1 k2 p1 p2 k3        distortion (OpenCV order; zeros in practice; the pinhole model ignores it)
     r11 r12 r13 t1         \
     r21 r22 r23 t2          [R|t], world to camera, translation in mm
     r31 r32 r33 t3         /
@@ -30,7 +30,9 @@ class KRTFormatError(ValueError):
 def _floats(path, lineno, line, count, what):
   parts = line.split()
   if len(parts) != count:
-    raise KRTFormatError(f"{path}:{lineno}: expected {count} numbers for {what}, got {len(parts)}: {line!r}")
+    raise KRTFormatError(
+      f"{path}:{lineno}: expected {count} numbers for {what}, got {len(parts)}: {line!r}"
+    )
   try:
     return [float(p) for p in parts]
   except ValueError as e:
@@ -49,7 +51,7 @@ def read_krt(path) -> Tuple[Dict[str, Camera], Dict[str, np.ndarray]]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"KRT file not found: {path}")
   with open(path) as f:
-    lines = [(i + 1, l.rstrip("\n")) for i, l in enumerate(f)]
+    lines = [(i + 1, text.rstrip("\n")) for i, text in enumerate(f)]
   cameras, dist = {}, {}
   i = 0
   while i < len(lines):
@@ -64,13 +66,14 @@ def read_krt(path) -> Tuple[Dict[str, Camera], Dict[str, np.ndarray]]:
     name = name.strip()
     if len(block) != 8:
       raise KRTFormatError(
-          f"{path}:{lineno}: camera {name!r} has {len(block) - 1} lines after its name, expected 7 "
-          "(3 of K, 1 of distortion, 3 of [R|t])")
+        f"{path}:{lineno}: camera {name!r} has {len(block) - 1} lines after its name, expected 7 "
+        "(3 of K, 1 of distortion, 3 of [R|t])"
+      )
     if len(name.split()) != 1:
       raise KRTFormatError(f"{path}:{lineno}: expected a camera name, got {name!r}")
-    K = np.array([_floats(path, n, l, 3, "K") for n, l in block[1:4]], np.float32)
+    K = np.array([_floats(path, n, text, 3, "K") for n, text in block[1:4]], np.float32)
     d = np.array(_floats(path, block[4][0], block[4][1], 5, "distortion"), np.float32)
-    Rt = np.array([_floats(path, n, l, 4, "[R|t]") for n, l in block[5:8]], np.float32)
+    Rt = np.array([_floats(path, n, text, 4, "[R|t]") for n, text in block[5:8]], np.float32)
     if name in cameras:
       raise KRTFormatError(f"{path}:{lineno}: camera {name!r} appears twice")
     cameras[name] = Camera(K=K, Rt=Rt)

@@ -14,6 +14,7 @@ class Mesh(NamedTuple):
 
   UV (0, 0) is the bottom-left of the texture image, as in OBJ.
   """
+
   verts: np.ndarray
   faces: np.ndarray
   uvs: np.ndarray
@@ -66,8 +67,12 @@ def read_obj(path) -> Mesh:
     raise OBJFormatError(f"{path}: face vertex index out of range [1, {len(verts)}]")
   if uvs and (uv_faces.min() < 0 or uv_faces.max() >= len(uvs)):
     raise OBJFormatError(f"{path}: face UV index out of range [1, {len(uvs)}]")
-  return Mesh(np.asarray(verts, np.float32), faces.astype(np.int32),
-              np.asarray(uvs, np.float32).reshape(-1, 2), uv_faces.astype(np.int32))
+  return Mesh(
+    np.asarray(verts, np.float32),
+    faces.astype(np.int32),
+    np.asarray(uvs, np.float32).reshape(-1, 2),
+    uv_faces.astype(np.int32),
+  )
 
 
 def write_obj(path, mesh: Mesh):
@@ -91,7 +96,8 @@ def face_normals(verts, faces, normalize=True):
 
 
 def vertex_normals(verts, faces):
-  """[V, 3] unit vertex normals: area-weighted sum of adjacent face normals. Pure JAX, jit/vmap friendly."""
+  """[V, 3] unit vertex normals: area-weighted sum of adjacent face normals. Pure JAX, jit/vmap
+  friendly."""
   n = face_normals(verts, faces, normalize=False)  # length = 2 * area: area weighting
   acc = jnp.zeros_like(verts)
   for k in range(3):

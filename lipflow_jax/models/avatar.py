@@ -1,13 +1,12 @@
-"""The decoded avatar rendered into cameras: one home for "normalised mesh + texture -> image", used by the
-screen loss (train), the headset objective (fit) and the evaluation's dome views.
+"""The decoded avatar rendered into cameras: one home for "normalised mesh + texture -> image", used
+by the screen loss (train), the headset objective (fit) and the evaluation's dome views.
 """
 
 from __future__ import annotations
 
 import jax
 
-from lipflow_jax import geometry
-from lipflow_jax import render
+from lipflow_jax import geometry, render
 from lipflow_jax.data import schema
 
 
@@ -23,12 +22,20 @@ def render_avatar(mesh: schema.MeshMeta, verts, texture, camera: geometry.Camera
   Returns:
     ``render.Rendered`` (rgb [H, W, 3], alpha [H, W, 1], ...).
   """
-  return render.render_mesh(schema.denormalize_verts(verts, mesh), mesh.faces, mesh.uvs, mesh.uv_faces, texture,
-                            camera, settings)
+  return render.render_mesh(
+    schema.denormalize_verts(verts, mesh),
+    mesh.faces,
+    mesh.uvs,
+    mesh.uv_faces,
+    texture,
+    camera,
+    settings,
+  )
 
 
 def render_batch(mesh: schema.MeshMeta, verts, texture, camera_K, camera_Rt, settings):
-  """``render_avatar`` over a batch: verts [B, V, 3], texture [B, T, T, 3], K [B, 3, 3], Rt [B, 3, 4] ->
+  """``render_avatar`` over a batch: verts [B, V, 3], texture [B, T, T, 3], K [B, 3, 3], Rt [B, 3,
+  4] ->
   ``render.Rendered`` with a leading batch axis (rgb [B, H, W, 3])."""
 
   def one(v, tex, K, Rt):

@@ -17,26 +17,30 @@ def check_sizes(tex_size: int, start_size: int, channels: Sequence[int]):
   n = layers.num_doublings(tex_size, start_size)
   if n != len(channels) + 1:
     raise ValueError(
-        f"Decoder: tex_size {tex_size} = start_size {start_size} * 2^{n} needs {n} upsampling convs, i.e. "
-        f"len(channels) == {n - 1}, got channels={tuple(channels)}.")
+      f"Decoder: tex_size {tex_size} = start_size {start_size} * 2^{n} needs {n} upsampling convs, "
+      "i.e. "
+      f"len(channels) == {n - 1}, got channels={tuple(channels)}."
+    )
 
 
 class Decoder(nn.Module):
   """DAM decoder.
 
   z -> z code = LeakyReLU(dense ``z_features``); view -> LeakyReLU(dense ``view_features``);
-  texture: [z code, view code] -> dense -> [start_size, start_size, start_channels] -> one 2x upsampling
-  conv per entry of ``channels`` (LeakyReLU 0.2) -> a last 2x upsampling conv to 3 channels (no activation)
-  -> optional per-texel untied bias -> optional per-camera colour gain and bias;
+  texture: [z code, view code] -> dense -> [start_size, start_size, start_channels] -> one 2x
+    upsampling
+  conv per entry of ``channels`` (LeakyReLU 0.2) -> a last 2x upsampling conv to 3 channels (no
+  activation) -> optional per-texel untied bias -> optional per-camera colour gain and bias;
   vertices: dense from the z code only -> [V, 3].
 
-  Upsampling: 'resize' = nearest 2x resize + 3x3 conv (about 4x faster than transposed convs on CPU);
-  'transpose' = 4x4 stride-2 ``ConvTranspose`` (Multiface). The number of 2x steps is ``len(channels) + 1``
-  and must take ``start_size`` to ``tex_size``.
+  Upsampling: 'resize' = nearest 2x resize + 3x3 conv (about 4x faster than transposed convs on
+    CPU);
+  'transpose' = 4x4 stride-2 ``ConvTranspose`` (Multiface). The number of 2x steps is
+  ``len(channels) + 1`` and must take ``start_size`` to ``tex_size``.
 
-  Multiface full size: tex_size=1024, num_vertices=7306, z_features=256, view_features=8, start_size=4,
-  start_channels=Z, channels=(256, 64, 64, 32, 32, 16, 16), upsample='transpose', num_cameras=#cameras,
-  weight_norm=True.
+  Multiface full size: tex_size=1024, num_vertices=7306, z_features=256, view_features=8,
+  start_size=4, start_channels=Z, channels=(256, 64, 64, 32, 32, 16, 16), upsample='transpose',
+  num_cameras=#cameras, weight_norm=True.
 
   Attributes:
     tex_size: T, the output texture is [T, T, 3].
@@ -65,7 +69,9 @@ class Decoder(nn.Module):
   def __post_init__(self):
     super().__post_init__()
     if self.upsample not in UPSAMPLE_MODES:
-      raise ValueError(f"Unknown upsample mode {self.upsample!r}; expected one of {UPSAMPLE_MODES}.")
+      raise ValueError(
+        f"Unknown upsample mode {self.upsample!r}; expected one of {UPSAMPLE_MODES}."
+      )
     check_sizes(self.tex_size, self.start_size, self.channels)
     if self.num_vertices <= 0:
       raise ValueError(f"num_vertices must be positive, got {self.num_vertices}.")
@@ -97,7 +103,9 @@ class Decoder(nn.Module):
     zc = layers.leaky_relu(layers.dense(self.z_features, wn, name="z_code")(z))
     vc = layers.leaky_relu(layers.dense(self.view_features, wn, name="view_code")(view))
 
-    verts = layers.dense(self.num_vertices * 3, wn, name="verts")(zc).reshape(b, self.num_vertices, 3)
+    verts = layers.dense(self.num_vertices * 3, wn, name="verts")(zc).reshape(
+      b, self.num_vertices, 3
+    )
 
     s, c0 = self.start_size, self.start_channels
     x = layers.dense(s * s * c0, wn, name="tex_start")(jnp.concatenate([zc, vc], axis=-1))

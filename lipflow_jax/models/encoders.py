@@ -1,6 +1,7 @@
 """Encoders: the training-time encoder E_x and the inference-time encoders E_c.
 
-- ``TexVertEncoder`` (E_x, DAM): x = (average texture, vertices) -> q(z|x) = N(mu_x, diag exp(logstd_x)^2).
+- ``TexVertEncoder`` (E_x, DAM): x = (average texture, vertices) -> q(z|x) = N(mu_x, diag
+exp(logstd_x)^2).
 - ``ConditionNet``: an impoverished signal c -> features h [B, H] (one network per condition name):
   ``keypoints`` (MLP), ``hmc`` (a CNN branch per crop), ``image_frontal`` (CNN).
 - ``ConditionEncoder`` (E_c): c -> (mu_c, logstd_c, h), the Gaussian p(y|c) and the flow context h.
@@ -21,9 +22,9 @@ from lipflow_jax.models import layers
 
 CONDITIONS = ("keypoints", "hmc", "image_frontal")
 CONDITION_KEYS = {
-    "keypoints": ("keypoints", "keypoints_visible"),
-    "hmc": ("hmc",),
-    "image_frontal": ("image_frontal",),
+  "keypoints": ("keypoints", "keypoints_visible"),
+  "hmc": ("hmc",),
+  "image_frontal": ("image_frontal",),
 }
 
 # Small init of the Gaussian heads of E_c: p(y|c) starts close to N(0, I) without being degenerate.
@@ -38,7 +39,9 @@ def check_condition(condition: str):
 def _require_keys(batch, condition):
   missing = [k for k in CONDITION_KEYS[condition] if k not in batch]
   if missing:
-    raise ValueError(f"Condition {condition!r} needs batch keys {missing} (batch has {sorted(batch)}).")
+    raise ValueError(
+      f"Condition {condition!r} needs batch keys {missing} (batch has {sorted(batch)})."
+    )
 
 
 class TexVertEncoder(nn.Module):
@@ -49,8 +52,8 @@ class TexVertEncoder(nn.Module):
 
   Attributes:
     z_dim: latent size Z.
-    channels: output channels of each stride-2 conv (Multiface full size: 16, 16, 32, 32, 64, 64, 128, 128
-      on 1024x1024 textures -> 4x4x128).
+    channels: output channels of each stride-2 conv (Multiface full size: 16, 16, 32, 32, 64, 64,
+      128, 128 on 1024x1024 textures -> 4x4x128).
     tex_features: width of the texture code (256 in Multiface).
     vert_features: width of the vertex code (256 in Multiface).
     weight_norm: weight-normalise every layer.
@@ -71,7 +74,9 @@ class TexVertEncoder(nn.Module):
   def __call__(self, avg_tex, verts):
     """avg_tex: [B, T, T, 3], verts: [B, V, 3] -> (mu [B, Z], logstd [B, Z])."""
     wn = self.weight_norm
-    t = layers.ConvTower(self.channels, self.tex_features, kernel=4, weight_norm=wn, name="tex")(avg_tex)
+    t = layers.ConvTower(self.channels, self.tex_features, kernel=4, weight_norm=wn, name="tex")(
+      avg_tex
+    )
     v = verts.reshape(verts.shape[0], -1)
     v = layers.leaky_relu(layers.dense(self.vert_features, wn, name="verts")(v))
     out = layers.dense(2 * self.z_dim, wn, name="head")(jnp.concatenate([t, v], axis=-1))
@@ -82,8 +87,9 @@ class TexVertEncoder(nn.Module):
 class KeypointNet(nn.Module):
   """MLP on 2D keypoints with their visibility.
 
-  Keypoints are normalised to [-1, 1] by the frontal image size; invisible keypoints (visibility < 0.5 or
-  non-finite coordinates) are set to 0, so their values never reach the network; the visibility mask is
+  Keypoints are normalised to [-1, 1] by the frontal image size; invisible keypoints (visibility <
+  0.5 or non-finite coordinates) are set to 0, so their values never reach the network; the
+  visibility mask is
   concatenated: input [B, 3P] = [normalised xy (2P), visibility (P)].
 
   Attributes:
@@ -100,8 +106,10 @@ class KeypointNet(nn.Module):
   def __post_init__(self):
     super().__post_init__()
     if self.image_size is None or len(self.image_size) != 2 or min(self.image_size) <= 0:
-      raise ValueError("KeypointNet needs image_size = (H, W) of the frontal image in pixels, got "
-                       f"{self.image_size!r}.")
+      raise ValueError(
+        "KeypointNet needs image_size = (H, W) of the frontal image in pixels, got "
+        f"{self.image_size!r}."
+      )
 
   @nn.compact
   def __call__(self, keypoints, visible):
@@ -113,12 +121,17 @@ class KeypointNet(nn.Module):
     vis = (visible > 0.5) & jnp.all(jnp.isfinite(keypoints), axis=-1)
     kp = jnp.where(vis[..., None], keypoints * scale - 1.0, 0.0)
     x = jnp.concatenate([kp.reshape(kp.shape[0], -1), vis.astype(jnp.float32)], axis=-1)
-    return layers.MLP(tuple(self.hidden) + (self.features,), activate_last=True,
-                      weight_norm=self.weight_norm, name="mlp")(x)
+    return layers.MLP(
+      tuple(self.hidden) + (self.features,),
+      activate_last=True,
+      weight_norm=self.weight_norm,
+      name="mlp",
+    )(x)
 
 
 class HMCNet(nn.Module):
-  """CNN on headset-style crops with one branch (own weights) per crop; branch features concatenated.
+  """CNN on headset-style crops with one branch (own weights) per crop; branch features
+  concatenated.
 
   Attributes:
     channels: stride-2 conv channels of each branch.
@@ -139,9 +152,14 @@ class HMCNet(nn.Module):
     if hmc.ndim != 5 or hmc.shape[1] != self.num_crops:
       raise ValueError(f"hmc must be [B, {self.num_crops}, h, w, C], got {hmc.shape}.")
     feats = [
-        layers.ConvTower(self.channels, self.branch_features, kernel=3, weight_norm=self.weight_norm,
-                         name=f"branch_{i}")(hmc[:, i] * 2.0 - 1.0)
-        for i in range(self.num_crops)
+      layers.ConvTower(
+        self.channels,
+        self.branch_features,
+        kernel=3,
+        weight_norm=self.weight_norm,
+        name=f"branch_{i}",
+      )(hmc[:, i] * 2.0 - 1.0)
+      for i in range(self.num_crops)
     ]
     x = jnp.concatenate(feats, axis=-1)
     return layers.leaky_relu(layers.dense(self.features, self.weight_norm, name="dense")(x))
@@ -156,8 +174,9 @@ class ImageNet(nn.Module):
 
   @nn.compact
   def __call__(self, image):
-    return layers.ConvTower(self.channels, self.features, kernel=3, weight_norm=self.weight_norm,
-                            name="tower")(image * 2.0 - 1.0)
+    return layers.ConvTower(
+      self.channels, self.features, kernel=3, weight_norm=self.weight_norm, name="tower"
+    )(image * 2.0 - 1.0)
 
 
 class ConditionNet(nn.Module):
@@ -185,7 +204,9 @@ class ConditionNet(nn.Module):
     super().__post_init__()
     check_condition(self.condition)
     if self.condition == "keypoints" and self.keypoint_image_size is None:
-      raise ValueError("The 'keypoints' condition needs keypoint_image_size = (H, W) of the frontal image.")
+      raise ValueError(
+        "The 'keypoints' condition needs keypoint_image_size = (H, W) of the frontal image."
+      )
 
   @nn.compact
   def __call__(self, batch):
@@ -193,16 +214,19 @@ class ConditionNet(nn.Module):
     _require_keys(batch, self.condition)
     wn = self.weight_norm
     if self.condition == "keypoints":
-      return KeypointNet(tuple(self.keypoint_image_size), self.keypoint_hidden, self.features, wn,
-                         name="net")(batch["keypoints"], batch["keypoints_visible"])
+      return KeypointNet(
+        tuple(self.keypoint_image_size), self.keypoint_hidden, self.features, wn, name="net"
+      )(batch["keypoints"], batch["keypoints_visible"])
     if self.condition == "hmc":
-      return HMCNet(self.hmc_channels, self.hmc_features, self.features, weight_norm=wn,
-                    name="net")(batch["hmc"])
+      return HMCNet(
+        self.hmc_channels, self.hmc_features, self.features, weight_norm=wn, name="net"
+      )(batch["hmc"])
     return ImageNet(self.image_channels, self.features, wn, name="net")(batch["image_frontal"])
 
 
 class _ConditionHead(nn.Module):
-  """Base of the modules that read one signal with a ``ConditionNet`` (named 'net') and map its features to
+  """Base of the modules that read one signal with a ``ConditionNet`` (named 'net') and map its
+  features to
   the latent space with a dense head: the ``ConditionNet`` attributes plus ``z_dim``."""
 
   condition: str
@@ -222,11 +246,19 @@ class _ConditionHead(nn.Module):
       raise ValueError(f"z_dim must be positive, got {self.z_dim}.")
 
   def condition_net(self) -> ConditionNet:
-    """A new ``ConditionNet`` with this module's attributes (call it inside the compact ``__call__``)."""
-    return ConditionNet(self.condition, features=self.features, keypoint_image_size=self.keypoint_image_size,
-                        keypoint_hidden=self.keypoint_hidden, hmc_channels=self.hmc_channels,
-                        hmc_features=self.hmc_features, image_channels=self.image_channels,
-                        weight_norm=self.weight_norm, name="net")
+    """A new ``ConditionNet`` with this module's attributes (call it inside the compact
+    ``__call__``)."""
+    return ConditionNet(
+      self.condition,
+      features=self.features,
+      keypoint_image_size=self.keypoint_image_size,
+      keypoint_hidden=self.keypoint_hidden,
+      hmc_channels=self.hmc_channels,
+      hmc_features=self.hmc_features,
+      image_channels=self.image_channels,
+      weight_norm=self.weight_norm,
+      name="net",
+    )
 
 
 class ConditionEncoder(_ConditionHead):
@@ -250,7 +282,8 @@ class ConditionEncoder(_ConditionHead):
 
 
 class Regressor(_ConditionHead):
-  """DAM-Regressor baseline: c -> z_hat [B, Z] (ConditionNet + dense), trained by MSE to a frozen mu_x.
+  """DAM-Regressor baseline: c -> z_hat [B, Z] (ConditionNet + dense), trained by MSE to a frozen
+  mu_x.
 
   Attributes: as ``ConditionNet`` plus ``z_dim``.
   """
@@ -262,7 +295,8 @@ class Regressor(_ConditionHead):
 
 
 class DirectEncoder(_ConditionHead):
-  """Direct-encoder baseline's encoder: c -> q(z|c), same output scaling as DAM (0.1 mean, 0.01 log-std).
+  """Direct-encoder baseline's encoder: c -> q(z|c), same output scaling as DAM (0.1 mean, 0.01
+  log-std).
 
   Attributes: as ``ConditionNet`` plus ``z_dim``.
   """

@@ -1,8 +1,9 @@
-"""The latent flow f: Y -> Z, a distrax chain of masked coupling layers whose conditioners are Flax MLPs.
+"""The latent flow f: Y -> Z, a distrax chain of masked coupling layers whose conditioners are Flax
+MLPs.
 
-distrax bijectors are plain Python objects that take their parameters as arrays, so the chain is built
-inside a method of a Flax module (``LatentFlow.bijector``): the conditioners are the module's submodules and
-are called from within the distrax ``MaskedCoupling`` layers.
+distrax bijectors are plain Python objects that take their parameters as arrays, so the chain is
+built inside a method of a Flax module (``LatentFlow.bijector``): the conditioners are the module's
+submodules and are called from within the distrax ``MaskedCoupling`` layers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ MASKS = ("checkerboard", "half")
 def coupling_masks(z_dim: int, num_layers: int, kind: str = "checkerboard"):
   """Boolean masks [num_layers, Z]; True = passed through unchanged (and read by the conditioner).
 
-  'checkerboard': even/odd dimensions, alternating per layer; 'half': first/second half, alternating.
+  'checkerboard': even/odd dimensions, alternating per layer; 'half': first/second half,
+  alternating.
   """
   if kind not in MASKS:
     raise ValueError(f"Unknown mask {kind!r}; expected one of {MASKS}.")
@@ -42,12 +44,13 @@ class LatentFlow(nn.Module):
     log-det:  log|det df/dy| = sum_{i: m_i = 0} log|g'(y_i; theta_k,i)|,   summed over layers;
               the inverse's log-det is its negative.
 
-  g is elementwise: a rational-quadratic spline on [-range_bound, range_bound] with ``num_bins`` bins
-  (``bijector='spline'``; outside that interval g is the identity, and with ``boundary_slopes='identity'``
-  the spline's end slopes are 1, so g is C^1 across the boundary), or an affine map
-  g(x) = exp(s) * x + t with s = max_log_scale * tanh(raw / max_log_scale) (``bijector='affine'``).
-  theta_k is an MLP on the masked input concatenated with the context h (when ``use_context``); its last
-  layer is zero-initialised, so f is exactly the identity at initialisation.
+  g is elementwise: a rational-quadratic spline on [-range_bound, range_bound] with ``num_bins``
+  bins (``bijector='spline'``; outside that interval g is the identity, and with
+  ``boundary_slopes='identity'`` the spline's end slopes are 1, so g is C^1 across the boundary), or
+  an affine map g(x) = exp(s) * x + t with s = max_log_scale * tanh(raw / max_log_scale)
+  (``bijector='affine'``). theta_k is an MLP on the masked input concatenated with the context h
+  (when ``use_context``); its last layer is zero-initialised, so f is exactly the identity at
+  initialisation.
 
   Attributes:
     z_dim: Z.
@@ -60,8 +63,9 @@ class LatentFlow(nn.Module):
     use_context: conditioners read h (a conditional flow); False: h is ignored (must be None).
     max_log_scale: bound of the affine log-scale.
     max_spline_param: the raw spline parameters (bin-width/height logits, slope pre-activations) are
-      soft-clipped to (-max_spline_param, max_spline_param) (0: no clipping); this keeps bins and slopes
-      away from float32-degenerate values (ratios of bin sizes <= e^(2 max)) and leaves the identity at 0.
+      soft-clipped to (-max_spline_param, max_spline_param) (0: no clipping); this keeps bins and
+      slopes away from float32-degenerate values (ratios of bin sizes <= e^(2 max)) and leaves the
+      identity at 0.
   """
 
   z_dim: int
@@ -86,8 +90,9 @@ class LatentFlow(nn.Module):
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
     if self.bijector == "spline" and (self.num_bins < 1 or self.range_bound <= 0):
-      raise ValueError(f"Spline needs num_bins >= 1 and range_bound > 0, got {self.num_bins}, "
-                       f"{self.range_bound}.")
+      raise ValueError(
+        f"Spline needs num_bins >= 1 and range_bound > 0, got {self.num_bins}, {self.range_bound}."
+      )
 
   @property
   def params_per_dim(self) -> int:
@@ -96,16 +101,21 @@ class LatentFlow(nn.Module):
 
   def setup(self):
     self.conditioners = [
-        layers.MLP(tuple(self.hidden) + (self.z_dim * self.params_per_dim,), zero_init_last=True, name=f"coupling_{i}")
-        for i in range(self.num_layers)
+      layers.MLP(
+        tuple(self.hidden) + (self.z_dim * self.params_per_dim,),
+        zero_init_last=True,
+        name=f"coupling_{i}",
+      )
+      for i in range(self.num_layers)
     ]
 
   def _inner(self, params):
     if self.bijector == "spline":
       if self.max_spline_param > 0:
         params = layers.soft_clip(params, self.max_spline_param)
-      return distrax.RationalQuadraticSpline(params, range_min=-self.range_bound,
-                                             range_max=self.range_bound, boundary_slopes="identity")
+      return distrax.RationalQuadraticSpline(
+        params, range_min=-self.range_bound, range_max=self.range_bound, boundary_slopes="identity"
+      )
     shift, raw = params[..., 0], params[..., 1]
     return distrax.ScalarAffine(shift=shift, log_scale=layers.soft_clip(raw, self.max_log_scale))
 
@@ -129,12 +139,14 @@ class LatentFlow(nn.Module):
           x = jnp.concatenate([x, ctx], axis=-1)
         out = net(x)
         return out.reshape(out.shape[:-1] + (self.z_dim, self.params_per_dim))
+
       return conditioner
 
     couplings = [
-        distrax.MaskedCoupling(mask=jnp.asarray(m), conditioner=make_conditioner(net),
-                               bijector=self._inner, event_ndims=1)
-        for m, net in zip(masks, self.conditioners)
+      distrax.MaskedCoupling(
+        mask=jnp.asarray(m), conditioner=make_conditioner(net), bijector=self._inner, event_ndims=1
+      )
+      for m, net in zip(masks, self.conditioners)
     ]
     # distrax.Chain applies the last bijector first; reverse so that coupling_0 acts first on y.
     return distrax.Chain(couplings[::-1])

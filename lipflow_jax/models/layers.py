@@ -39,10 +39,12 @@ def gaussian_log_prob(x, mu, logstd):
 
 
 def gaussian_kl(mu_q, logstd_q, mu_p=0.0, logstd_p=0.0):
-  """KL(N(mu_q, exp(logstd_q)^2) || N(mu_p, exp(logstd_p)^2)) for diagonal Gaussians, summed over axis -1.
+  """KL(N(mu_q, exp(logstd_q)^2) || N(mu_p, exp(logstd_p)^2)) for diagonal Gaussians, summed over
+  axis -1.
 
   Args:
-    mu_q, logstd_q, mu_p, logstd_p: [..., Z] float32 (broadcastable; the defaults give the KL to N(0, I)).
+    mu_q, logstd_q, mu_p, logstd_p: [..., Z] float32 (broadcastable; the defaults give the KL to
+      N(0, I)).
   Returns:
     [...].
   """
@@ -52,7 +54,8 @@ def gaussian_kl(mu_q, logstd_q, mu_p=0.0, logstd_p=0.0):
 
 
 class WeightNormed(nn.Module):
-  """Weight normalisation (``nn.WeightNorm``: kernel = scale * v / ||v|| per output feature) of ``layer``.
+  """Weight normalisation (``nn.WeightNorm``: kernel = scale * v / ||v|| per output feature) of
+  ``layer``.
 
   Parameters: ``layer/{kernel, bias}`` (v and the bias) and ``WeightNorm_0/'layer/kernel/scale'``.
   """
@@ -65,14 +68,21 @@ class WeightNormed(nn.Module):
 
 
 def dense(features: int, weight_norm: bool = False, name: Optional[str] = None, **kwargs):
-  """A ``nn.Dense``, optionally weight-normalised (``nn.WeightNorm``, as in Multiface's ``LinearWN``)."""
+  """A ``nn.Dense``, optionally weight-normalised (``nn.WeightNorm``, as in Multiface's
+  ``LinearWN``)."""
   if weight_norm:
     return WeightNormed(nn.Dense(features, parent=None, **kwargs), name=name)
   return nn.Dense(features, name=name, **kwargs)
 
 
-def conv(features: int, kernel: int, stride: int = 1, weight_norm: bool = False,
-         name: Optional[str] = None, **kwargs):
+def conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  weight_norm: bool = False,
+  name: Optional[str] = None,
+  **kwargs,
+):
   """A SAME-padded ``nn.Conv``, optionally weight-normalised."""
   kwargs = dict(kernel_size=(kernel, kernel), strides=(stride, stride), padding="SAME", **kwargs)
   if weight_norm:
@@ -81,7 +91,8 @@ def conv(features: int, kernel: int, stride: int = 1, weight_norm: bool = False,
 
 
 def upsample_nearest(x):
-  """[B, H, W, C] -> [B, 2H, 2W, C] by nearest-neighbour repetition (broadcast + reshape, no gather)."""
+  """[B, H, W, C] -> [B, 2H, 2W, C] by nearest-neighbour repetition (broadcast + reshape, no
+  gather)."""
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
   return x.reshape(b, 2 * h, 2 * w, c)
@@ -121,8 +132,8 @@ class MLP(nn.Module):
 class ConvTower(nn.Module):
   """Stride-2 convolutions with LeakyReLU(0.2), then flatten and a dense layer.
 
-  Every entry of ``channels`` is one ``kernel x kernel`` stride-2 SAME convolution, so the spatial size
-  shrinks by 2 per entry (rounded up for odd sizes).
+  Every entry of ``channels`` is one ``kernel x kernel`` stride-2 SAME convolution, so the spatial
+  size shrinks by 2 per entry (rounded up for odd sizes).
 
   Attributes:
     channels: output channels of each stride-2 convolution.
@@ -150,7 +161,8 @@ class ConvTower(nn.Module):
 
 
 class UntiedBias(nn.Module):
-  """Adds a learned bias per position and channel (``[H, W, C]``, zero-initialised), as in DAM's decoder."""
+  """Adds a learned bias per position and channel (``[H, W, C]``, zero-initialised), as in DAM's
+  decoder."""
 
   @nn.compact
   def __call__(self, x):
@@ -160,7 +172,8 @@ class UntiedBias(nn.Module):
 
 
 def num_doublings(size: int, start: int) -> int:
-  """Number of 2x steps from ``start`` to ``size``; raises ValueError if ``size != start * 2**n``."""
+  """Number of 2x steps from ``start`` to ``size``; raises ValueError if ``size != start *
+  2**n``."""
   if start <= 0 or size < start or size % start:
     raise ValueError(f"Texture size {size} is not the start grid {start} times a power of 2.")
   ratio = size // start

@@ -1,12 +1,14 @@
-"""Losses of the models: pure functions of arrays, plus ``model_loss`` / ``regressor_loss`` for training.
+"""Losses of the models: pure functions of arrays, plus ``model_loss`` / ``regressor_loss`` for
+training.
 
 Objective per frame (DESIGN section 2):
 
   L = w_tex * masked_mse(tex) + w_geo * mse(verts) [+ w_screen * screen loss]
       + w_kl * mean_c (log q(z|x) - log p(z|c)) / Z,     z ~ q(z|x),
 
-the latent term averaged over conditions and over the Z latent dimensions (as DAM averages its KL); it is
-the analytic KL for the Gaussian priors and the one-sample Monte-Carlo estimate through the flow otherwise.
+the latent term averaged over conditions and over the Z latent dimensions (as DAM averages its KL);
+it is the analytic KL for the Gaussian priors and the one-sample Monte-Carlo estimate through the
+flow otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import jax.numpy as jnp
 
 from lipflow_jax import render
 from lipflow_jax.data import schema
-from lipflow_jax.models import avatar
-from lipflow_jax.models import layers
+from lipflow_jax.models import avatar, layers
 
 gaussian_kl = layers.gaussian_kl
 gaussian_log_prob = layers.gaussian_log_prob
@@ -28,7 +29,8 @@ DEFAULT_LOSS_WEIGHTS = {"tex": 1.0, "geo": 1.0, "kl": 0.01, "screen": 0.0}
 
 
 def mask_like(mask, image):
-  """A [..., H, W, 1] or [..., H, W] mask as [..., H, W, 1] in ``image``'s dtype (broadcast over channels)."""
+  """A [..., H, W, 1] or [..., H, W] mask as [..., H, W, 1] in ``image``'s dtype (broadcast over
+  channels)."""
   mask = jnp.asarray(mask, image.dtype)
   if mask.ndim == image.ndim - 1:
     mask = mask[..., None]
@@ -36,7 +38,8 @@ def mask_like(mask, image):
 
 
 def masked_mse(pred, target, mask=None, *, per_image: bool = False, eps: float = 1e-8):
-  """Mean squared error over the masked pixels (the texture loss, the screen loss and the image metric).
+  """Mean squared error over the masked pixels (the texture loss, the screen loss and the image
+  metric).
 
   Args:
     pred, target: [..., H, W, C] float.
@@ -56,33 +59,50 @@ def masked_mse(pred, target, mask=None, *, per_image: bool = False, eps: float =
   return num / jnp.maximum(den, eps)
 
 
-# Soft rasterisation for the screen loss (pixels): K faces per pixel blended, coverage width sigma. The blur
-# radius is kept at 1 px (not derived from sigma, ~3.8 px): the candidates per tile, and so the cost and the risk
-# of overflow (faces dropped; check ``overflow``), grow with it, and coverage below 2 * sigmoid(-1 / sigma) =
-# 0.24 at 1 px outside a silhouette is what it drops.
-SCREEN_RASTER_DEFAULTS = dict(faces_per_pixel=4, sigma=0.5, blur_radius=1.0, tile_size=8, max_faces_per_tile=256,
-                              cull_backfaces=True)
+# Soft rasterisation for the screen loss (pixels): K faces per pixel blended, coverage width sigma.
+# The blur radius is kept at 1 px (not derived from sigma, ~3.8 px): the candidates per tile, and so
+# the cost and the risk of overflow (faces dropped; check ``overflow``), grow with it, and coverage
+# below 2 * sigmoid(-1 / sigma) = 0.24 at 1 px outside a silhouette is what it drops.
+SCREEN_RASTER_DEFAULTS = dict(
+  faces_per_pixel=4,
+  sigma=0.5,
+  blur_radius=1.0,
+  tile_size=8,
+  max_faces_per_tile=256,
+  cull_backfaces=True,
+)
 
 
 def screen_raster_settings(image_size, **kwargs) -> render.RasterSettings:
-  """Soft ``RasterSettings`` of the screen loss at ``image_size`` (H, W); kwargs override the defaults."""
-  return render.RasterSettings(image_size=tuple(int(s) for s in image_size),
-                               **dict(SCREEN_RASTER_DEFAULTS, **kwargs))
+  """Soft ``RasterSettings`` of the screen loss at ``image_size`` (H, W); kwargs override the
+  defaults."""
+  return render.RasterSettings(
+    image_size=tuple(int(s) for s in image_size), **dict(SCREEN_RASTER_DEFAULTS, **kwargs)
+  )
 
 
 def screen_loss(outputs, batch, *, mesh: schema.MeshMeta, settings):
-  """Masked MSE between the decoded avatar rendered into each example's camera and the example's photo.
+  """Masked MSE between the decoded avatar rendered into each example's camera and the example's
+  photo.
 
   Args:
-    outputs: the model's outputs; reads ``verts`` [B, V, 3] and ``tex`` [B, T, T, 3] (both normalised).
-    batch: reads ``image`` [B, H, W, 3] in [0, 1], ``image_mask`` [B, H, W, 1], ``camera_K``, ``camera_Rt``.
+    outputs: the model's outputs; reads ``verts`` [B, V, 3] and ``tex`` [B, T, T, 3] (both
+      normalised).
+    batch: reads ``image`` [B, H, W, 3] in [0, 1], ``image_mask`` [B, H, W, 1], ``camera_K``,
+      ``camera_Rt``.
     mesh: the dataset's ``MeshMeta``.
     settings: ``RasterSettings`` at the photo's size (soft, for gradients w.r.t. the vertices).
   Returns:
     ``masked_mse`` of the render against the photo over the whole batch, a scalar.
   """
-  rendered = avatar.render_batch(mesh, outputs["verts"], schema.denormalize_tex(outputs["tex"], mesh),
-                                 batch["camera_K"], batch["camera_Rt"], settings)
+  rendered = avatar.render_batch(
+    mesh,
+    outputs["verts"],
+    schema.denormalize_tex(outputs["tex"], mesh),
+    batch["camera_K"],
+    batch["camera_Rt"],
+    settings,
+  )
   dtype = rendered.rgb.dtype
   return masked_mse(rendered.rgb, batch["image"].astype(dtype), batch["image_mask"].astype(dtype))
 
@@ -93,7 +113,8 @@ def mse(pred, target):
 
 
 def latent_term(outputs, z_dim: int):
-  """Latent term per latent dimension: mean over priors and batch of outputs['kl'][name], divided by Z."""
+  """Latent term per latent dimension: mean over priors and batch of outputs['kl'][name], divided
+  by Z."""
   kls = [jnp.mean(v) for v in outputs["kl"].values()]
   return sum(kls) / (len(kls) * z_dim)
 
@@ -114,8 +135,16 @@ def _resolve_weights(weights):
   return w
 
 
-def model_loss(model, params, batch, rng, *, weights: Optional[Mapping[str, Any]] = None,
-               screen_loss_fn: Optional[Callable[[dict, dict], Any]] = None, train: bool = True):
+def model_loss(
+  model,
+  params,
+  batch,
+  rng,
+  *,
+  weights: Optional[Mapping[str, Any]] = None,
+  screen_loss_fn: Optional[Callable[[dict, dict], Any]] = None,
+  train: bool = True,
+):
   """The training loss of a ``LipFlowModel``.
 
   Args:
@@ -123,14 +152,15 @@ def model_loss(model, params, batch, rng, *, weights: Optional[Mapping[str, Any]
     params: its 'params' collection (``variables['params']``).
     batch: dict of [B, ...] arrays (the batch contract).
     rng: PRNG key for the posterior sample.
-    weights: loss weights, keys from ``DEFAULT_LOSS_WEIGHTS`` (tex, geo, kl, screen); missing keys take the
-      defaults (1, 1, 0.01, 0).
-    screen_loss_fn: ``(outputs, batch) -> scalar``, e.g. a masked MSE of the decoded avatar rendered into
-      the batch's camera; required when the 'screen' weight is non-zero (the hook for the rasterizer).
+    weights: loss weights, keys from ``DEFAULT_LOSS_WEIGHTS`` (tex, geo, kl, screen); missing keys
+      take the defaults (1, 1, 0.01, 0).
+    screen_loss_fn: ``(outputs, batch) -> scalar``, e.g. a masked MSE of the decoded avatar rendered
+      into the batch's camera; required when the 'screen' weight is non-zero (the hook for the
+      rasterizer).
     train: sample z ~ q(z|x) (True) or use z = mu.
   Returns:
-    (loss scalar, metrics dict of scalars: tex_mse, geo_mse, kl (latent term per dimension, averaged over
-    priors), latent_nll, kl_<prior name> for each prior, screen (if used), total).
+    (loss scalar, metrics dict of scalars: tex_mse, geo_mse, kl (latent term per dimension, averaged
+    over priors), latent_nll, kl_<prior name> for each prior, screen (if used), total).
   """
   w = _resolve_weights(weights)
   screen_w = w["screen"]
@@ -153,7 +183,8 @@ def model_loss(model, params, batch, rng, *, weights: Optional[Mapping[str, Any]
 
 
 def regressor_loss(regressor, params, batch, target_mu):
-  """DAM-Regressor loss: MSE between ``regressor(batch)`` [B, Z] and the frozen posterior mean ``target_mu``.
+  """DAM-Regressor loss: MSE between ``regressor(batch)`` [B, Z] and the frozen posterior mean
+  ``target_mu``.
 
   Returns (loss scalar, {'regressor_mse': loss}).
   """

@@ -1,22 +1,27 @@
-"""``LipFlowModel``: encoders, decoder, inference-time encoders and latent flows composed into one module.
+"""``LipFlowModel``: encoders, decoder, inference-time encoders and latent flows composed into one
+module.
 
 Priors (attribute ``prior``), all sharing the encoder/decoder code:
 
 - ``gaussian`` (DAM): p(z) = N(0, I); latent term = analytic KL(q(z|x) || N(0, I)).
 - ``conditional_gaussian`` (ablation): p(z|c) = N(mu_c, sigma_c); analytic KL(q || p).
-- ``lipflow``: log p(z|c) = log N(f^-1(z; h_c); mu_c, sigma_c) + log|det d f^-1/dz|; one-sample Monte-Carlo
+- ``lipflow``: log p(z|c) = log N(f^-1(z; h_c); mu_c, sigma_c) + log|det d f^-1/dz|; one-sample
+Monte-Carlo
   KL = log q(z|x) - log p(z|c) with z ~ q(z|x) reparameterised.
-- ``flow``: unconditional flow prior, log p(z) = log N(f^-1(z); 0, I) + log|det d f^-1/dz|; Monte-Carlo KL.
+- ``flow``: unconditional flow prior, log p(z) = log N(f^-1(z); 0, I) + log|det d f^-1/dz|;
+Monte-Carlo KL.
 
-Conditions (attribute ``conditions``, used by the two conditional priors): one inference-time encoder E_c
-(and, for ``lipflow``, one flow) per condition name in {'keypoints', 'hmc', 'image_frontal'}. All are trained
-jointly on the same posterior samples and the latent term is the mean over conditions,
+Conditions (attribute ``conditions``, used by the two conditional priors): one inference-time
+encoder E_c (and, for ``lipflow``, one flow) per condition name in {'keypoints', 'hmc',
+'image_frontal'}. All are trained jointly on the same posterior samples and the latent term is the
+mean over conditions,
   beta * mean_c (log q(z|x) - log p(z|c)),
-so one model carries e.g. both a keypoint prior and an HMC prior sharing one decoder. The unconditional
-priors have a single prior, keyed ``UNCONDITIONAL`` in the output dicts, and ignore ``conditions``.
+so one model carries e.g. both a keypoint prior and an HMC prior sharing one decoder. The
+unconditional priors have a single prior, keyed ``UNCONDITIONAL`` in the output dicts, and ignore
+``conditions``.
 
-Direct-encoder baseline: ``encoder_input='keypoints'|'hmc'|'image_frontal'`` replaces E_x by an encoder of
-that signal (``DirectEncoder``, DAM output scaling); use it with ``prior='gaussian'``.
+Direct-encoder baseline: ``encoder_input='keypoints'|'hmc'|'image_frontal'`` replaces E_x by an
+encoder of that signal (``DirectEncoder``, DAM output scaling); use it with ``prior='gaussian'``.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lipflow_jax.models import encoders as enc
-from lipflow_jax.models import layers
 from lipflow_jax.models import decoder as dec
-from lipflow_jax.models.decoder import Decoder
+from lipflow_jax.models import encoders as enc
 from lipflow_jax.models import flow as flw
+from lipflow_jax.models import layers
+from lipflow_jax.models.decoder import Decoder
 from lipflow_jax.models.flow import LatentFlow
 
 PRIORS = ("gaussian", "conditional_gaussian", "lipflow", "flow")
@@ -43,22 +48,25 @@ UNCONDITIONAL = "unconditional"
 class LipFlowModel(nn.Module):
   """LiP-Flow and its baselines (see the module docstring).
 
-  Sizes are plain attributes; defaults are the small CPU model (64x64 textures). The Multiface full size is
-  z_dim=256, tex_size=1024, num_vertices=7306, enc_channels=(16, 16, 32, 32, 64, 64, 128, 128),
-  enc_tex_features=enc_vert_features=dec_z_features=256, dec_start_channels=256,
-  dec_channels=(256, 64, 64, 32, 32, 16, 16), dec_upsample='transpose', num_cameras=#cameras, weight_norm=True.
+  Sizes are plain attributes; defaults are the small CPU model (64x64 textures). The Multiface full
+  size is z_dim=256, tex_size=1024, num_vertices=7306, enc_channels=(16, 16, 32, 32, 64, 64, 128,
+  128), enc_tex_features=enc_vert_features=dec_z_features=256, dec_start_channels=256,
+  dec_channels=(256, 64, 64, 32, 32, 16, 16), dec_upsample='transpose', num_cameras=#cameras,
+  weight_norm=True.
 
   Attributes:
     num_vertices: V (required).
     z_dim: Z.
     tex_size: T.
     prior: one of ``PRIORS``.
-    conditions: condition names for the conditional priors (a subset of 'keypoints', 'hmc', 'image_frontal').
+    conditions: condition names for the conditional priors (a subset of 'keypoints', 'hmc',
+      'image_frontal').
     encoder_input: 'x' (E_x on avg_tex + verts) or a condition name (direct-encoder baseline).
     enc_*: E_x (see ``TexVertEncoder``). dec_*, num_cameras: the decoder (see ``Decoder``).
     context_dim, keypoint_*, hmc_*, image_channels: inference-time encoders (see ``ConditionNet``).
     flow_*: the latent flows (see ``LatentFlow``); flow_context: conditioners read h_c.
-    weight_norm: weight-normalise the layers of E_x, the decoder and E_c (not the flows' conditioners).
+    weight_norm: weight-normalise the layers of E_x, the decoder and E_c (not the flows'
+      conditioners).
   """
 
   num_vertices: int
@@ -103,9 +111,13 @@ class LipFlowModel(nn.Module):
     if self.prior not in PRIORS:
       raise ValueError(f"Unknown prior {self.prior!r}; expected one of {PRIORS}.")
     if self.encoder_input not in ENCODER_INPUTS:
-      raise ValueError(f"Unknown encoder_input {self.encoder_input!r}; expected one of {ENCODER_INPUTS}.")
+      raise ValueError(
+        f"Unknown encoder_input {self.encoder_input!r}; expected one of {ENCODER_INPUTS}."
+      )
     if isinstance(self.conditions, str):
-      raise ValueError(f"conditions must be a sequence of names, got the string {self.conditions!r}.")
+      raise ValueError(
+        f"conditions must be a sequence of names, got the string {self.conditions!r}."
+      )
     for c in self.conditions:
       enc.check_condition(c)
     if len(set(self.conditions)) != len(tuple(self.conditions)):
@@ -113,44 +125,84 @@ class LipFlowModel(nn.Module):
     if self.prior in CONDITIONAL_PRIORS and not self.conditions:
       raise ValueError(f"Prior {self.prior!r} needs at least one condition.")
     if self.dec_upsample not in dec.UPSAMPLE_MODES:
-      raise ValueError(f"Unknown dec_upsample {self.dec_upsample!r}; expected one of {dec.UPSAMPLE_MODES}.")
+      raise ValueError(
+        f"Unknown dec_upsample {self.dec_upsample!r}; expected one of {dec.UPSAMPLE_MODES}."
+      )
     dec.check_sizes(self.tex_size, self.dec_start_size, self.dec_channels)
     if self.flow_bijector not in flw.BIJECTORS:
-      raise ValueError(f"Unknown flow_bijector {self.flow_bijector!r}; expected one of {flw.BIJECTORS}.")
+      raise ValueError(
+        f"Unknown flow_bijector {self.flow_bijector!r}; expected one of {flw.BIJECTORS}."
+      )
     if self.flow_mask not in flw.MASKS:
       raise ValueError(f"Unknown flow_mask {self.flow_mask!r}; expected one of {flw.MASKS}.")
     if self.z_dim <= 0 or self.num_vertices is None or self.num_vertices <= 0:
-      raise ValueError(f"z_dim and num_vertices must be positive, got {self.z_dim}, {self.num_vertices}.")
-    if (self.prior in CONDITIONAL_PRIORS and "keypoints" in self.conditions or
-        self.encoder_input == "keypoints") and self.keypoint_image_size is None:
-      raise ValueError("The 'keypoints' condition needs keypoint_image_size = (H, W) of the frontal image.")
+      raise ValueError(
+        f"z_dim and num_vertices must be positive, got {self.z_dim}, {self.num_vertices}."
+      )
+    if (
+      self.prior in CONDITIONAL_PRIORS
+      and "keypoints" in self.conditions
+      or self.encoder_input == "keypoints"
+    ) and self.keypoint_image_size is None:
+      raise ValueError(
+        "The 'keypoints' condition needs keypoint_image_size = (H, W) of the frontal image."
+      )
 
   # ----------------------------------------------------------------------------------------- set-up
 
   def _condition_kwargs(self):
-    return dict(features=self.context_dim, keypoint_image_size=self.keypoint_image_size,
-                keypoint_hidden=tuple(self.keypoint_hidden), hmc_channels=tuple(self.hmc_channels),
-                hmc_features=self.hmc_features, image_channels=tuple(self.image_channels),
-                weight_norm=self.weight_norm)
+    return dict(
+      features=self.context_dim,
+      keypoint_image_size=self.keypoint_image_size,
+      keypoint_hidden=tuple(self.keypoint_hidden),
+      hmc_channels=tuple(self.hmc_channels),
+      hmc_features=self.hmc_features,
+      image_channels=tuple(self.image_channels),
+      weight_norm=self.weight_norm,
+    )
 
   def _flow(self, use_context):
-    return LatentFlow(self.z_dim, self.flow_layers, tuple(self.flow_hidden), self.flow_bijector,
-                      self.flow_bins, self.flow_range, self.flow_mask, use_context)
+    return LatentFlow(
+      self.z_dim,
+      self.flow_layers,
+      tuple(self.flow_hidden),
+      self.flow_bijector,
+      self.flow_bins,
+      self.flow_range,
+      self.flow_mask,
+      use_context,
+    )
 
   def setup(self):
     if self.encoder_input == "x":
-      self.encoder = enc.TexVertEncoder(self.z_dim, tuple(self.enc_channels), self.enc_tex_features,
-                                        self.enc_vert_features, self.weight_norm)
+      self.encoder = enc.TexVertEncoder(
+        self.z_dim,
+        tuple(self.enc_channels),
+        self.enc_tex_features,
+        self.enc_vert_features,
+        self.weight_norm,
+      )
     else:
       self.encoder = enc.DirectEncoder(self.encoder_input, self.z_dim, **self._condition_kwargs())
-    self.decoder = Decoder(self.tex_size, self.num_vertices, self.dec_z_features, self.dec_view_features,
-                           self.dec_start_size, self.dec_start_channels, tuple(self.dec_channels),
-                           self.dec_upsample, self.dec_untied_bias, self.num_cameras, self.weight_norm)
+    self.decoder = Decoder(
+      self.tex_size,
+      self.num_vertices,
+      self.dec_z_features,
+      self.dec_view_features,
+      self.dec_start_size,
+      self.dec_start_channels,
+      tuple(self.dec_channels),
+      self.dec_upsample,
+      self.dec_untied_bias,
+      self.num_cameras,
+      self.weight_norm,
+    )
     if self.is_conditional:
       self.condition_encoders = {
-          c: enc.ConditionEncoder(c, self.z_dim, max_logstd=self.prior_max_logstd,
-                                  **self._condition_kwargs())
-          for c in self.conditions
+        c: enc.ConditionEncoder(
+          c, self.z_dim, max_logstd=self.prior_max_logstd, **self._condition_kwargs()
+        )
+        for c in self.conditions
       }
     if self.prior == "lipflow":
       self.flows = {c: self._flow(self.flow_context) for c in self.conditions}
@@ -169,7 +221,9 @@ class LipFlowModel(nn.Module):
   def _check_name(self, name):
     if self.is_conditional:
       if name not in self.conditions:
-        raise ValueError(f"Prior {self.prior!r}: name must be one of {tuple(self.conditions)}, got {name!r}.")
+        raise ValueError(
+          f"Prior {self.prior!r}: name must be one of {tuple(self.conditions)}, got {name!r}."
+        )
       return name
     return UNCONDITIONAL  # Unconditional priors ignore the name.
 
@@ -178,17 +232,21 @@ class LipFlowModel(nn.Module):
   def encode(self, avg_tex, verts):
     """E_x: avg_tex [B, T, T, 3], verts [B, V, 3] -> (mu [B, Z], logstd [B, Z])."""
     if self.encoder_input != "x":
-      raise ValueError(f"This model's encoder reads {self.encoder_input!r}; use encode_input(batch).")
+      raise ValueError(
+        f"This model's encoder reads {self.encoder_input!r}; use encode_input(batch)."
+      )
     return self.encoder(avg_tex, verts)
 
   def encode_input(self, batch):
-    """The posterior q(z|.) from a batch dict, whatever ``encoder_input`` is -> (mu [B, Z], logstd [B, Z])."""
+    """The posterior q(z|.) from a batch dict, whatever ``encoder_input`` is -> (mu [B, Z],
+    logstd [B, Z])."""
     if self.encoder_input == "x":
       return self.encoder(batch["avg_tex"], batch["verts"])
     return self.encoder(batch)
 
   def decode(self, z, view, camera_index=None):
-    """D: z [B, Z], view [B, 3], camera_index [B] int32 or None -> (tex [B, T, T, 3], verts [B, V, 3])."""
+    """D: z [B, Z], view [B, 3], camera_index [B] int32 or None -> (tex [B, T, T, 3], verts [B,
+    V, 3])."""
     return self.decoder(z, view, camera_index)
 
   def encode_condition(self, batch, name):
@@ -200,7 +258,8 @@ class LipFlowModel(nn.Module):
   # ------------------------------------------------------------------------------------------ flows
 
   def flow_forward(self, y, h, name=None):
-    """z = f(y; h): y [..., B, Z], h [B, H] (None for the 'flow' prior) -> (z, log|det dz/dy| [..., B])."""
+    """z = f(y; h): y [..., B, Z], h [B, H] (None for the 'flow' prior) -> (z, log|det dz/dy|
+    [..., B])."""
     if self.prior not in ("lipflow", "flow"):
       raise ValueError(f"Prior {self.prior!r} has no flow.")
     flow = self.flows[self._check_name(name)]
@@ -250,8 +309,8 @@ class LipFlowModel(nn.Module):
   def prior_mode(self, batch, name=None):
     """The prior's 'mode', to initialise fitting -> [B, Z].
 
-    f(mu_c; h) ('lipflow'), mu_c ('conditional_gaussian'), f(0) ('flow'), 0 ('gaussian'). For the flows this
-    is the image of the base distribution's mode (not necessarily the mode of p(z|c)).
+    f(mu_c; h) ('lipflow'), mu_c ('conditional_gaussian'), f(0) ('flow'), 0 ('gaussian'). For the
+    flows this is the image of the base distribution's mode (not necessarily the mode of p(z|c)).
     """
     mu, _, h = self.prior_base(batch, name)
     if self.prior in ("lipflow", "flow"):
@@ -272,8 +331,8 @@ class LipFlowModel(nn.Module):
   def __call__(self, batch, train: bool = True):
     """One training forward pass.
 
-    Draws z = mu + sigma * eps ~ q(z|x) with the 'sample' rng when ``train`` (z = mu otherwise), decodes it
-    for this batch's view and camera, and evaluates every prior on z.
+    Draws z = mu + sigma * eps ~ q(z|x) with the 'sample' rng when ``train`` (z = mu otherwise),
+    decodes it for this batch's view and camera, and evaluates every prior on z.
 
     Args:
       batch: dict of [B, ...] arrays (see the batch contract; unknown keys are ignored).

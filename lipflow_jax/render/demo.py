@@ -1,6 +1,6 @@
 """A procedural textured head-like mesh, and a demo that renders it to a PNG.
 
-    python -m lipflow_jax.render.demo --out /tmp/render.png [--size 512] [--faces 15000] [--soft]
+python -m lipflow_jax.render.demo --out /tmp/render.png [--size 512] [--faces 15000] [--soft]
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from lipflow_jax.geometry.mesh import Mesh
 def head_mesh(num_faces: int = 15000, nose: float = 0.25) -> Mesh:
   """A UV-sphere deformed into a head-like shape (ellipsoid with a nose bump) facing +z, up = +y.
 
-  ``2 * n_lat * n_lon ~= num_faces`` faces (the poles keep degenerate triangles, which the rasterizer
-  culls). Vertices on the seam are duplicated, so ``uv_faces == faces``. u runs with longitude
-  (u = 0.5 faces +z), v with latitude (v = 1 at the top, y = +1).
+  ``2 * n_lat * n_lon ~= num_faces`` faces (the poles keep degenerate triangles, which the
+  rasterizer culls). Vertices on the seam are duplicated, so ``uv_faces == faces``. u runs with
+  longitude (u = 0.5 faces +z), v with latitude (v = 1 at the top, y = +1).
   """
   n_lat = max(2, int(round(math.sqrt(num_faces / 2 / 1.333))))
   n_lon = max(3, int(round(num_faces / 2 / n_lat)))
@@ -38,14 +38,19 @@ def head_mesh(num_faces: int = 15000, nose: float = 0.25) -> Mesh:
   a, b = idx[:-1, :-1], idx[:-1, 1:]
   c, d = idx[1:, :-1], idx[1:, 1:]
   # Rows go top to bottom, columns with u: counter-clockwise seen from outside.
-  f = np.concatenate([np.stack([a, c, d], -1).reshape(-1, 3), np.stack([a, d, b], -1).reshape(-1, 3)])
+  f = np.concatenate(
+    [np.stack([a, c, d], -1).reshape(-1, 3), np.stack([a, d, b], -1).reshape(-1, 3)]
+  )
   uvs = np.stack([uu, vv], -1).reshape(-1, 2)
-  return Mesh(verts.astype(np.float32), f.astype(np.int32), uvs.astype(np.float32), f.astype(np.int32))
+  return Mesh(
+    verts.astype(np.float32), f.astype(np.int32), uvs.astype(np.float32), f.astype(np.int32)
+  )
 
 
 def demo_texture(size: int = 256) -> np.ndarray:
   """[size, size, 3] float32 in [0, 1]: red grows with u, green with v (row 0 = v = 1 is green), a
-  checkerboard in blue, and a dark marker block in the top-left quadrant of the image (u < 0.5, v > 0.5)."""
+  checkerboard in blue, and a dark marker block in the top-left quadrant of the image (u < 0.5, v >
+  0.5)."""
   r, c = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
   u = (c + 0.5) / size
   v = 1.0 - (r + 0.5) / size
@@ -75,20 +80,30 @@ def main(argv=None):
   tex = demo_texture(256)
   a = math.radians(args.azimuth)
   eye = (4.0 * math.sin(a), 0.8, 4.0 * math.cos(a))
-  cam = Camera(K=intrinsics(args.size * 1.6, (args.size, args.size)), Rt=look_at(eye, (0.0, 0.0, 0.0)))
+  cam = Camera(
+    K=intrinsics(args.size * 1.6, (args.size, args.size)), Rt=look_at(eye, (0.0, 0.0, 0.0))
+  )
   if args.soft:
     settings = RasterSettings((args.size, args.size), background=(1.0, 1.0, 1.0))
   else:
     settings = RasterSettings.hard((args.size, args.size), background=(1.0, 1.0, 1.0))
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
-  for _ in range(2):  # settings that fit this view (the default cap overflows where the sphere's faces meet)
-    settings = fit_budgets(settings, jax.jit(occupancy, static_argnums=3)(verts, faces, cam, settings))
+  for _ in range(
+    2
+  ):  # settings that fit this view (the default cap overflows where the sphere's faces meet)
+    settings = fit_budgets(
+      settings, jax.jit(occupancy, static_argnums=3)(verts, faces, cam, settings)
+    )
   fn = jax.jit(render_mesh, static_argnums=6)
-  out = fn(verts, faces, jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces), jnp.asarray(tex), cam, settings)
+  out = fn(
+    verts, faces, jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces), jnp.asarray(tex), cam, settings
+  )
   img = np.clip(np.asarray(out.rgb) * 255.0 + 0.5, 0, 255).astype(np.uint8)
   Image.fromarray(img).save(args.out)
-  print(f"wrote {args.out}: {len(mesh.faces)} faces, max_faces_per_tile {settings.max_faces_per_tile}, "
-        f"overflow {int(out.overflow)}")
+  print(
+    f"wrote {args.out}: {len(mesh.faces)} faces, max_faces_per_tile {settings.max_faces_per_tile}, "
+    f"overflow {int(out.overflow)}"
+  )
 
 
 if __name__ == "__main__":

@@ -1,34 +1,42 @@
 """Tile-binned, differentiable rasterization of triangle meshes (SoftRas / PyTorch3D style).
 
-Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels, cap M, K faces per pixel):
+Pipeline of ``rasterize`` (H x W image, F faces, tiles / chunks of T x T pixels, cap M, K faces per
+pixel):
 
-1. Project the vertices with the camera (pixels, x right, y down, origin at the top-left pixel's corner).
-2. Selection, without gradient. A face is *near* a pixel centre if the centre is within ``blur_radius`` of
-   each of its three edge lines (inner side) and of its bounding box (blur 0: inside the closed triangle).
-   Within a tile / chunk these tests and the face's inverse depth are affine in the pixel coordinates.
-   Slot 0 is the nearest face *covering* the pixel centre (inside the closed triangle) or, where none
-   does, the near face with the largest signed distance (highest coverage); slots 1 .. K - 1 take the other
-   near faces in order of minimum vertex depth; the K are then sorted nearest first (see ``select_faces``).
-   - K > 1 (``bin_faces`` + ``select_faces``): (face, tile) pairs from the faces' bounding boxes, in order
-     of minimum vertex depth, sorted by tile; each tile keeps M candidates ``[n_tiles, M]`` (more: the M with
-     the smallest minimum depth, counted in ``overflow``). All (candidate, pixel) tests of all tiles run in
-     one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (slot 0) and candidate bit masks. With
-     ``heavy_tile_budget`` < 1 it runs in two passes: every tile among its first M / 4 candidates, then only
-     the tiles with more (compacted) among all M.
-   - K = 1 (``select_nearest``): each face's bounding box is covered by T x T chunks; all chunks are tested
-     at once and a scatter-max of the same key picks slot 0 per pixel (no sort, no per-tile padding).
+1. Project the vertices with the camera (pixels, x right, y down, origin at the top-left pixel's
+corner).
+2. Selection, without gradient. A face is *near* a pixel centre if the centre is within
+``blur_radius`` of
+   each of its three edge lines (inner side) and of its bounding box (blur 0: inside the closed
+   triangle). Within a tile / chunk these tests and the face's inverse depth are affine in the pixel
+   coordinates. Slot 0 is the nearest face *covering* the pixel centre (inside the closed triangle)
+   or, where none does, the near face with the largest signed distance (highest coverage); slots 1
+   .. K - 1 take the other near faces in order of minimum vertex depth; the K are then sorted
+   nearest first (see ``select_faces``).
+   - K > 1 (``bin_faces`` + ``select_faces``): (face, tile) pairs from the faces' bounding boxes, in
+   order
+     of minimum vertex depth, sorted by tile; each tile keeps M candidates ``[n_tiles, M]`` (more:
+     the M with the smallest minimum depth, counted in ``overflow``). All (candidate, pixel) tests
+     of all tiles run in one fused pass ``[M, n_tiles, T*T]`` reduced to an integer max (slot 0) and
+     candidate bit masks. With ``heavy_tile_budget`` < 1 it runs in two passes: every tile among its
+     first M / 4 candidates, then only the tiles with more (compacted) among all M.
+   - K = 1 (``select_nearest``): each face's bounding box is covered by T x T chunks; all chunks are
+   tested
+     at once and a scatter-max of the same key picks slot 0 per pixel (no sort, no per-tile
+     padding).
 3. Evaluation, with gradient: only the K selected faces per pixel are evaluated from the projected
    vertices (one gather of 9 numbers per fragment, one scatter-add back, a hand-written backward):
    perspective-correct barycentrics, signed distance and depth. Memory is O(K * H * W).
-   With budgets below 1 (``RasterSettings.tile_budget``, ``fragment_budget``), selection runs over the tiles
-   that hold faces only, and evaluation, texturing and blending over the non-empty slots only, compacted
-   (``Slots``; ``render.occupancy`` measures what a view needs, ``fit_budgets`` turns that into settings).
+   With budgets below 1 (``RasterSettings.tile_budget``, ``fragment_budget``), selection runs over
+   the tiles that hold faces only, and evaluation, texturing and blending over the non-empty slots
+   only, compacted (``Slots``; ``render.occupancy`` measures what a view needs, ``fit_budgets``
+   turns that into settings).
 
 Numerics: divisions go through ``safe_div`` / ``safe_sqrt``; empty slots evaluate a harmless dummy
 triangle, degenerate and behind-the-camera faces are never selected, minima are pairwise (a
 min-reduction's gradient can divide by a zero tie count under XLA), and no quantity is clamped as
-1 / max(x, eps) with a tiny eps (its derivative overflows to inf, and inf times a zero cotangent is NaN), so
-gradients are finite everywhere, eagerly and under jit.
+1 / max(x, eps) with a tiny eps (its derivative overflows to inf, and inf times a zero cotangent is
+NaN), so gradients are finite everywhere, eagerly and under jit.
 Small reductions are written elementwise because XLA:CPU routes reductions to a slow library kernel.
 """
 
@@ -38,8 +46,8 @@ import math
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from lipflow_jax.geometry.camera import Camera, project_with_depth
 from lipflow_jax.numerics import safe_div, safe_sqrt
@@ -49,8 +57,8 @@ from lipflow_jax.render.settings import RasterSettings
 AREA_EPS = 1e-6
 # ``dists`` of empty fragment slots.
 EMPTY_DIST = -1e6
-# Safety margin (pixels) added to the blur radius when binning, so that binning never misses a face that
-# the exact per-pixel test keeps.
+# Safety margin (pixels) added to the blur radius when binning, so that binning never misses a face
+# that the exact per-pixel test keeps.
 _BIN_MARGIN = 1e-3
 
 
@@ -59,14 +67,15 @@ class Fragments(NamedTuple):
 
   Attributes:
     face_ids: [H, W, K] int32 face index, -1 for an empty slot.
-    bary: [H, W, K, 3] perspective-correct barycentrics. For pixels outside the face (within the blur
-      radius) the screen-space barycentrics are clipped to the face first, so they lie in [0, 1] and sum
-      to 1 everywhere; 0 for empty slots.
-    dists: [H, W, K] signed distance in pixels from the pixel centre to the face's boundary, positive
-      inside; ``EMPTY_DIST`` (-1e6) for empty slots.
+    bary: [H, W, K, 3] perspective-correct barycentrics. For pixels outside the face (within the
+      blur radius) the screen-space barycentrics are clipped to the face first, so they lie in [0,
+      1] and sum to 1 everywhere; 0 for empty slots.
+    dists: [H, W, K] signed distance in pixels from the pixel centre to the face's boundary,
+      positive inside; ``EMPTY_DIST`` (-1e6) for empty slots.
     zbuf: [H, W, K] camera depth of the fragment (at the clipped barycentrics), 0 for empty slots.
-    overflow: [] int32, 0 when no face was dropped: K > 1, the number of tiles that did not keep all their
-      candidates (``max_faces_per_tile``); K = 1, the number of pixel chunks beyond the chunk budget.
+    overflow: [] int32, 0 when no face was dropped: K > 1, the number of tiles that did not keep all
+      their candidates (``max_faces_per_tile``); K = 1, the number of pixel chunks beyond the chunk
+      budget.
   """
 
   face_ids: jax.Array
@@ -76,7 +85,7 @@ class Fragments(NamedTuple):
   overflow: jax.Array
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Numerically safe helpers.
 
 
@@ -84,8 +93,9 @@ def _cross2(a, b):
   return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
-# Small reductions (over 2 or 3 values) are written elementwise: XLA:CPU hands reductions to a library
-# kernel that materialises its (large) fused operands, which costs far more than the arithmetic.
+# Small reductions (over 2 or 3 values) are written elementwise: XLA:CPU hands reductions to a
+# library kernel that materialises its (large) fused operands, which costs far more than the
+# arithmetic.
 def _min3(a, b, c):
   return jnp.minimum(jnp.minimum(a, b), c)
 
@@ -97,30 +107,33 @@ def _max3(a, b, c):
 def materialize(*xs):
   """The arrays ``xs`` (one shape and dtype) computed once, through an identity dot product.
 
-  XLA:CPU has no multi-output fusion: arrays that several consumers read are fused into each of them and
-  recomputed per output element, and it removes optimization barriers. A dot's operand and result are
-  materialised, so the consumers read them from memory instead.
+  XLA:CPU has no multi-output fusion: arrays that several consumers read are fused into each of them
+  and recomputed per output element, and it removes optimization barriers. A dot's operand and
+  result are materialised, so the consumers read them from memory instead.
   """
   x = jnp.stack(xs)
-  x = jnp.tensordot(jnp.eye(len(xs), dtype=x.dtype), x, axes=(1, 0), precision=lax.Precision.HIGHEST)
+  x = jnp.tensordot(
+    jnp.eye(len(xs), dtype=x.dtype), x, axes=(1, 0), precision=lax.Precision.HIGHEST
+  )
   return tuple(x[i] for i in range(len(xs)))
 
 
-# Reductions over a short leading axis as halving trees of elementwise ops rather than reduce ops: XLA:CPU
-# hands such reduce ops to YNNPACK fusions that are several times slower, while the tree fuses with its
-# operand's producers, so the [N, ...] operand is never materialised (selection at 512 x 512, K = 8: the
-# [M, n_tiles, T*T] pass ~200 -> ~110 ms). XLA also fuses the tree into each consumer, recomputing it per
-# output element: use it only where the consumers are few and cheap (see ``shade._slot_sum`` otherwise).
+# Reductions over a short leading axis as halving trees of elementwise ops rather than reduce ops:
+# XLA:CPU hands such reduce ops to YNNPACK fusions that are several times slower, while the tree
+# fuses with its operand's producers, so the [N, ...] operand is never materialised (selection at
+# 512 x 512, K = 8: the [M, n_tiles, T*T] pass ~200 -> ~110 ms). XLA also fuses the tree into each
+# consumer, recomputing it per output element: use it only where the consumers are few and cheap
+# (see ``shade._slot_sum`` otherwise).
 def reduce_leading(x, op):
   """``op``-reduction of ``x [N, ...]`` over its leading axis (``op`` elementwise, associative)."""
   while x.shape[0] > 1:
     half = x.shape[0] // 2
-    y = op(x[:half], x[half:2 * half])
-    x = jnp.concatenate([y, x[2 * half:]]) if x.shape[0] % 2 else y
+    y = op(x[:half], x[half : 2 * half])
+    x = jnp.concatenate([y, x[2 * half :]]) if x.shape[0] % 2 else y
   return x[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Projection.
 
 
@@ -137,7 +150,8 @@ def _grid(settings: RasterSettings):
 
 
 def _face_validity(xy, z, settings: RasterSettings):
-  """[F] bool: in front of znear, non-degenerate, finite (and front-facing if culling back faces)."""
+  """[F] bool: in front of znear, non-degenerate, finite (and front-facing if culling back
+  faces)."""
   area2 = _cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])
   ok = (z[:, 0] > settings.znear) & (z[:, 1] > settings.znear) & (z[:, 2] > settings.znear)
   ok &= jnp.abs(area2) > AREA_EPS  # also False for NaN
@@ -147,7 +161,7 @@ def _face_validity(xy, z, settings: RasterSettings):
   return ok
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Binning (no gradient).
 
 
@@ -160,8 +174,9 @@ def _pair_budget(num_faces, settings: RasterSettings):
 
 
 def _face_boxes(xy, z, settings: RasterSettings):
-  """Per face: validity [F], pixel column/row ranges c0, c1 [F, 2] int32 (inclusive, clipped to the image)
-  of the pixel centres within the blur radius of its bounding box, and the order of increasing minimum
+  """Per face: validity [F], pixel column/row ranges c0, c1 [F, 2] int32 (inclusive, clipped to the
+  image) of the pixel centres within the blur radius of its bounding box, and the order of
+  increasing minimum
   vertex depth [F] int32 (invalid faces last)."""
   h, w = settings.image_size
   r = settings.blur_radius + _BIN_MARGIN
@@ -180,7 +195,8 @@ def _face_boxes(xy, z, settings: RasterSettings):
 
 
 def _enumerate(counts, budget):
-  """Enumerates ``counts [F]`` items per entry: for j < budget, (entry s, index within entry, in range)."""
+  """Enumerates ``counts [F]`` items per entry: for j < budget, (entry s, index within entry, in
+  range)."""
   incl = jnp.cumsum(counts)
   j = jnp.arange(budget, dtype=jnp.int32)
   s = jnp.minimum(jnp.searchsorted(incl, j, side="right"), counts.shape[0] - 1).astype(jnp.int32)
@@ -190,24 +206,25 @@ def _enumerate(counts, budget):
 def bin_faces(xy, z, settings: RasterSettings):
   """Candidate faces per screen tile (used when K > 1).
 
-  A face is a candidate of every tile that its screen bounding box, grown by the blur radius, touches.
-  (face, tile) pairs are generated face by face in order of the face's minimum vertex depth (at most
-  ``_pair_budget`` of them; the farthest faces are dropped first) and sorted by tile; each tile keeps its
-  first ``max_faces_per_tile``.
+  A face is a candidate of every tile that its screen bounding box, grown by the blur radius,
+  touches. (face, tile) pairs are generated face by face in order of the face's minimum vertex depth
+  (at most ``_pair_budget`` of them; the farthest faces are dropped first) and sorted by tile; each
+  tile keeps its first ``max_faces_per_tile``.
 
   Args:
     xy: [F, 3, 2] projected vertices (pixels); z: [F, 3] depths. Treated as constants.
     settings: raster settings.
   Returns:
-    (cand [n_tiles, M] int32 face ids in order of minimum depth, -1 padded; overflow [] int32 = the number
-    of tiles that did not keep all their candidate faces). Tiles are numbered row-major over the
-    (ceil(H / T), ceil(W / T)) tile grid.
+    (cand [n_tiles, M] int32 face ids in order of minimum depth, -1 padded; overflow [] int32 = the
+    number of tiles that did not keep all their candidate faces). Tiles are numbered row-major over
+    the (ceil(H / T), ceil(W / T)) tile grid.
   """
   return _bin_faces(xy, z, settings)[:2]
 
 
 def _bin_faces(xy, z, settings: RasterSettings):
-  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond the cap)."""
+  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond
+  the cap)."""
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   t, m = settings.tile_size, settings.max_faces_per_tile
   nty, ntx = _grid(settings)
@@ -239,7 +256,9 @@ def _bin_faces(xy, z, settings: RasterSettings):
     tile, face = packed // f, order[packed % f]
   else:
     tile, face = lax.sort((tile, face), num_keys=1, is_stable=True)
-  starts = jnp.searchsorted(tile, jnp.arange(n_tiles + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
+  starts = jnp.searchsorted(tile, jnp.arange(n_tiles + 1, dtype=jnp.int32), side="left").astype(
+    jnp.int32
+  )
   slot = jnp.arange(m, dtype=jnp.int32)
   idx = starts[:-1, None] + slot
   cand = jnp.where(idx < starts[1:, None], face[jnp.minimum(idx, budget - 1)], -1)
@@ -248,17 +267,18 @@ def _bin_faces(xy, z, settings: RasterSettings):
   return cand, overflow, demand
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Selection (no gradient).
 
 
 def _planes(xy, z, ids, origin, settings: RasterSettings):
-  """Constants of faces ``ids [...]`` (-1 = empty) in pixel coordinates relative to ``origin [..., 2]``.
+  """Constants of faces ``ids [...]`` (-1 = empty) in pixel coordinates relative to ``origin [...,
+  2]``.
 
-  Returns (abc, zlo, zhi, box), arrays of the shape of ``ids``: abc[i] = (a, b, c) with value a*x + b*y + c
-  for the signed edge distances i = 0, 1, 2 (pixels, positive inside) and the inverse depth i = 3;
-  [zlo, zhi] the face's inverse-depth range; box = (xlo, xhi, ylo, yhi) its bounding box grown by the blur
-  radius. Empty slots get an edge that excludes every pixel.
+  Returns (abc, zlo, zhi, box), arrays of the shape of ``ids``: abc[i] = (a, b, c) with value a*x +
+  b*y + c for the signed edge distances i = 0, 1, 2 (pixels, positive inside) and the inverse depth
+  i = 3; [zlo, zhi] the face's inverse-depth range; box = (xlo, xhi, ylo, yhi) its bounding box
+  grown by the blur radius. Empty slots get an edge that excludes every pixel.
   """
   valid = ids >= 0
   c = jnp.maximum(ids, 0)
@@ -287,19 +307,21 @@ def _planes(xy, z, ids, origin, settings: RasterSettings):
   return abc, _min3(*iz), _max3(*iz), box
 
 
-# Selection keys (int32, > 0 for a near face; larger = preferred): a face covering the pixel centre beats
-# every face that only comes within the blur radius; among covering faces the nearer (larger inverse depth)
-# wins, among the others the one closer to the pixel (larger signed distance). Bit layout: covering =
-# 2^30 + (float bits of the inverse depth >> 1), which orders like the inverse depth; not covering =
-# 2^20 + the signed distance quantised to 2^29 steps over [-blur_radius, 0]. The low 20 bits are free for
-# ``select_faces`` to pack a candidate index into (ties then go to the candidate with the smaller minimum depth).
+# Selection keys (int32, > 0 for a near face; larger = preferred): a face covering the pixel centre
+# beats every face that only comes within the blur radius; among covering faces the nearer (larger
+# inverse depth) wins, among the others the one closer to the pixel (larger signed distance). Bit
+# layout: covering = 2^30 + (float bits of the inverse depth >> 1), which orders like the inverse
+# depth; not covering = 2^20 + the signed distance quantised to 2^29 steps over [-blur_radius, 0].
+# The low 20 bits are free for ``select_faces`` to pack a candidate index into (ties then go to the
+# candidate with the smaller minimum depth).
 _COVER_BIT = 1 << 30
 _DIST_BASE = 1 << 20
 _DIST_STEPS = 1 << 29
 
 
 def _near_and_key(abc, zlo, zhi, box, x, y, settings: RasterSettings):
-  """The selection test and key at pixels (x, y) (broadcast against the constants' shape + a last axis).
+  """The selection test and key at pixels (x, y) (broadcast against the constants' shape + a last
+  axis).
 
   Returns (near bool, key int32: the selection key above where near, undefined elsewhere).
   """
@@ -333,16 +355,17 @@ def _chunk_budget(num_faces, settings: RasterSettings):
 def select_nearest(xy, z, settings: RasterSettings):
   """Slot 0 of ``select_faces`` per pixel (K = 1), face by face: a z-buffer built with scatter-max.
 
-  Each face covers its bounding box (grown by the blur radius) with T x T pixel chunks anchored at the box's
-  corner; the chunks of all faces (at most ``_chunk_budget``; faces in order of minimum depth, the farthest
-  dropped first) are tested at once and the per-pixel maximum of the selection key (``_near_and_key``:
-  nearest covering face, else the closest near face) is found with an integer scatter-max; a second scatter
-  picks, among the faces reaching it, the one first in minimum-depth order. Same rule as slot 0 of
-  ``select_faces``; much cheaper than the tile path for one face per pixel.
+  Each face covers its bounding box (grown by the blur radius) with T x T pixel chunks anchored at
+  the box's corner; the chunks of all faces (at most ``_chunk_budget``; faces in order of minimum
+  depth, the farthest dropped first) are tested at once and the per-pixel maximum of the selection
+  key (``_near_and_key``: nearest covering face, else the closest near face) is found with an
+  integer scatter-max; a second scatter picks, among the faces reaching it, the one first in
+  minimum-depth order. Same rule as slot 0 of ``select_faces``; much cheaper than the tile path for
+  one face per pixel.
 
   Returns:
-    (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped; chunks []
-    int32 = the number of chunks of all faces, what the chunk budget must hold).
+    (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped;
+    chunks [] int32 = the number of chunks of all faces, what the chunk budget must hold).
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   h, w = settings.image_size
@@ -365,21 +388,29 @@ def select_nearest(xy, z, settings: RasterSettings):
   row = origin[:, 1:2] + di
   near, key = _near_and_key(abc, zlo, zhi, box, jj.astype(xy.dtype), ii.astype(xy.dtype), settings)
   near &= (col <= c1[fc, 0:1]) & (row <= c1[fc, 1:2])
-  # One masked key and pixel index per test, shared by both scatters (the barrier is a hint to evaluate the
-  # tests once rather than inside each scatter's operand fusion).
-  key, pix = lax.optimization_barrier((jnp.where(near, key, 0), jnp.where(near, row * w + col, h * w)))
+  # One masked key and pixel index per test, shared by both scatters (the barrier is a hint to
+  # evaluate the tests once rather than inside each scatter's operand fusion).
+  key, pix = lax.optimization_barrier(
+    (jnp.where(near, key, 0), jnp.where(near, row * w + col, h * w))
+  )
   near = key > 0
-  zbuf = jnp.zeros((h * w,), jnp.int32).at[pix].max(key, mode="drop")  # out-of-bounds pix are dropped
+  zbuf = (
+    jnp.zeros((h * w,), jnp.int32).at[pix].max(key, mode="drop")
+  )  # out-of-bounds pix are dropped
   win = near & (key == zbuf[jnp.minimum(pix, h * w - 1)])
-  rank = jnp.full((h * w,), f, jnp.int32).at[jnp.where(win, pix, h * w)].min(
-      jnp.broadcast_to(s[:, None], pix.shape), mode="drop")
+  rank = (
+    jnp.full((h * w,), f, jnp.int32)
+    .at[jnp.where(win, pix, h * w)]
+    .min(jnp.broadcast_to(s[:, None], pix.shape), mode="drop")
+  )
   ids = jnp.where(rank < f, order[jnp.minimum(rank, f - 1)], -1).reshape(h, w)
   return ids, jnp.maximum(total - budget, 0).astype(jnp.int32), total
 
 
 def _select(xy, z, cand, settings: RasterSettings, tiles=None):
-  """``select_faces`` in one pass, or in two when ``settings.heavy_tile_budget`` < 1: all rows of ``cand``
-  among their first ``light_faces_per_tile`` candidates, then the rows with more (compacted to the heavy
+  """``select_faces`` in one pass, or in two when ``settings.heavy_tile_budget`` < 1: all rows of
+  ``cand`` among their first ``light_faces_per_tile`` candidates, then the rows with more (compacted
+  to the heavy
   budget) among all. Returns ([K, n, T*T] int32, dropped [] int32 heavy rows beyond the budget)."""
   n, m = cand.shape
   m1 = settings.light_faces_per_tile
@@ -404,27 +435,29 @@ def _tile_pixels(settings: RasterSettings, dtype):
 def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
   """Per pixel, up to K of the candidate faces near the pixel centre.
 
-  A face is *near* a pixel centre if the centre lies within ``blur_radius`` of each of the face's three edge
-  lines (on their inner side) and of its bounding box; with blur 0, if it lies in the closed triangle. It
-  *covers* the centre if the centre lies in the closed triangle. Rule:
+  A face is *near* a pixel centre if the centre lies within ``blur_radius`` of each of the face's
+  three edge lines (on their inner side) and of its bounding box; with blur 0, if it lies in the
+  closed triangle. It *covers* the centre if the centre lies in the closed triangle. Rule:
 
-  - slot 0: if some near face covers the centre, the nearest covering face (largest inverse depth of the face
-    plane at the centre, clamped to the face's vertex range); otherwise the near face with the largest signed
-    distance min_i(edge line distance_i) (the highest coverage; quantised to blur_radius / 2^29); remaining
-    ties to the smaller minimum vertex depth;
+  - slot 0: if some near face covers the centre, the nearest covering face (largest inverse depth of
+  the face
+    plane at the centre, clamped to the face's vertex range); otherwise the near face with the
+    largest signed distance min_i(edge line distance_i) (the highest coverage; quantised to
+    blur_radius / 2^29); remaining ties to the smaller minimum vertex depth;
   - slots 1 .. K - 1: the other near faces in order of minimum vertex depth (the candidate order);
   - then all K are sorted by inverse depth, nearest first; empty slots (-1) last.
 
-  This is exact (all near faces) whenever at most K faces are near the pixel; with more, the covering
-  face (or, for pixels no face covers, the closest one) is always kept.
+  This is exact (all near faces) whenever at most K faces are near the pixel; with more, the
+  covering face (or, for pixels no face covers, the closest one) is always kept.
 
-  The (candidate, tile, pixel) tests run in one fused pass over [M, n_tiles, T*T] whose reductions over
-  the candidates are an integer max (the selection key of ``_near_and_key`` with the candidate index in its
-  low bits) and bit masks.
+  The (candidate, tile, pixel) tests run in one fused pass over [M, n_tiles, T*T] whose reductions
+  over the candidates are an integer max (the selection key of ``_near_and_key`` with the candidate
+  index in its low bits) and bit masks.
 
   Args:
-    xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n, M] from ``bin_faces`` (all tiles, or
-      the rows of ``tiles``); tiles: optional [n] int32 tile index of each row of ``cand`` (default all).
+    xy: [F, 3, 2], z: [F, 3] projected faces (constants); cand: [n, M] from ``bin_faces`` (all
+      tiles, or the rows of ``tiles``); tiles: optional [n] int32 tile index of each row of ``cand``
+      (default all).
   Returns:
     [K, n, T*T] int32 face ids (slot-major), nearest first, -1 for empty slots (last).
   """
@@ -435,12 +468,14 @@ def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
   if tiles is None:
     tiles = jnp.arange(n, dtype=jnp.int32)
   origin = jnp.stack([(tiles % ntx) * t, (tiles // ntx) * t], -1).astype(xy.dtype)  # [n, 2]
-  abc, zlo, zhi, box = _planes(xy, z, cand.T, jnp.broadcast_to(origin, (m, n, 2)), settings)  # [M, n]
+  abc, zlo, zhi, box = _planes(
+    xy, z, cand.T, jnp.broadcast_to(origin, (m, n, 2)), settings
+  )  # [M, n]
   px, py = _tile_pixels(settings, xy.dtype)
   k = settings.faces_per_pixel
   valid, keys = _near_and_key(abc, zlo, zhi, box, px, py, settings)  # [M, n, P]
-  # Pack the candidate index into the key's low bits, so that one integer max gives slot 0 (ties to the
-  # lower index, i.e. the smaller minimum depth).
+  # Pack the candidate index into the key's low bits, so that one integer max gives slot 0 (ties to
+  # the lower index, i.e. the smaller minimum depth).
   nbits = max(1, (m - 1).bit_length())
   if (1 << nbits) > _DIST_BASE:
     raise ValueError(f"select_faces: max_faces_per_tile must be <= {_DIST_BASE}, got {m}")
@@ -451,13 +486,20 @@ def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
   m0 = low - (best & low)
   slots = [jnp.where(has, m0, -1)]
   if k > 1:
-    # Bit masks of the near slots, 32 per word, then the first K - 1 set bits other than the nearest.
+    # Bit masks of the near slots, 32 per word, then the first K - 1 set bits other than the
+    # nearest.
     words = []
     for g in range(-(-m // 32)):
-      bit = jnp.left_shift(jnp.uint32(1), lax.broadcasted_iota(jnp.uint32, (min(32, m - 32 * g), 1, 1), 0))
-      wg = reduce_leading(jnp.where(valid[32 * g:32 * (g + 1)], bit, jnp.uint32(0)), jnp.bitwise_or)
+      bit = jnp.left_shift(
+        jnp.uint32(1), lax.broadcasted_iota(jnp.uint32, (min(32, m - 32 * g), 1, 1), 0)
+      )
+      wg = reduce_leading(
+        jnp.where(valid[32 * g : 32 * (g + 1)], bit, jnp.uint32(0)), jnp.bitwise_or
+      )
       own = has & (m0 // 32 == g)
-      words.append(jnp.where(own, wg & ~jnp.left_shift(jnp.uint32(1), (m0 % 32).astype(jnp.uint32)), wg))
+      words.append(
+        jnp.where(own, wg & ~jnp.left_shift(jnp.uint32(1), (m0 % 32).astype(jnp.uint32)), wg)
+      )
     if len(words) <= _UNROLLED_WORDS:
       slots.extend(_next_bits_unrolled(words, k - 1))
     else:
@@ -476,16 +518,18 @@ def select_faces(xy, z, cand, settings: RasterSettings, tiles=None):
   return ids
 
 
-# The first set bits of the candidate bit masks, two ways. Unrolled, XLA fuses the steps into one another:
-# fastest for a few words (max_faces_per_tile <= 128: 512 x 512, K = 8 ~10 ms faster than the scan), but the
-# fused expressions grow exponentially with the words (compile: 2 s at 256 candidates, 17 s at 384, minutes
-# and 15 GB at 664; slower to run, too). The scan materialises the words between steps.
+# The first set bits of the candidate bit masks, two ways. Unrolled, XLA fuses the steps into one
+# another: fastest for a few words (max_faces_per_tile <= 128: 512 x 512, K = 8 ~10 ms faster than
+# the scan), but the fused expressions grow exponentially with the words (compile: 2 s at 256
+# candidates, 17 s at 384, minutes and 15 GB at 664; slower to run, too). The scan materialises the
+# words between steps.
 _UNROLLED_WORDS = 4
 
 
 def _next_bits_unrolled(words, count):
-  """``count`` times: the position of the lowest set bit of the first non-zero word of ``words`` (a list of
-  G uint32 [n, P]; bit b of word g is candidate 32 g + b), then clear it. Returns ``count`` [n, P] int32
+  """``count`` times: the position of the lowest set bit of the first non-zero word of ``words`` (a
+  list of G uint32 [n, P]; bit b of word g is candidate 32 g + b), then clear it. Returns ``count``
+  [n, P] int32
   (-1 when no bit is left)."""
   words, out = list(words), []
   for _ in range(count):
@@ -511,14 +555,17 @@ def _next_bits_scan(words, count):
     hit = group == first
     w = reduce_leading(jnp.where(hit, words, jnp.uint32(0)), jnp.bitwise_or)
     lsb = w & (~w + jnp.uint32(1))
-    idx = jnp.where(w != 0, lax.population_count(lsb - jnp.uint32(1)).astype(jnp.int32) + 32 * first, -1)
+    idx = jnp.where(
+      w != 0, lax.population_count(lsb - jnp.uint32(1)).astype(jnp.int32) + 32 * first, -1
+    )
     return jnp.where(hit, words ^ lsb, words), idx
 
   return lax.scan(step, words, None, length=count)[1]
 
 
 def _sort_by_key(key, ids):
-  """Sorts ``ids [K, ...]`` by ``key [K, ...]`` in descending order (odd-even transposition network)."""
+  """Sorts ``ids [K, ...]`` by ``key [K, ...]`` in descending order (odd-even transposition
+  network)."""
   k = key.shape[0]
   key, ids = list(key), list(ids)
   for rnd in range(k):
@@ -540,13 +587,14 @@ def _untile(x, settings: RasterSettings):
   return x[..., :h, :w]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Differentiable evaluation of the selected faces.
 #
-# Everything below works on lists of [S, H, W] arrays (one per fragment slot and component) so that the
-# forward and backward passes are elementwise fusions plus one gather / scatter-add per column. The backward
-# of ``eval_fragment`` is written by hand: JAX's autodiff of it is ~10x slower than its forward on XLA:CPU
-# (many unfused intermediates), and the chain rule simplifies a lot (see ``_eval_fragment_bwd``).
+# Everything below works on lists of [S, H, W] arrays (one per fragment slot and component) so that
+# the forward and backward passes are elementwise fusions plus one gather / scatter-add per column.
+# The backward of ``eval_fragment`` is written by hand: JAX's autodiff of it is ~10x slower than its
+# forward on XLA:CPU (many unfused intermediates), and the chain rule simplifies a lot (see
+# ``_eval_fragment_bwd``).
 
 
 def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
@@ -555,8 +603,8 @@ def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
   r = [(px - x0, py - y0), (px - x1, py - y1), (px - x2, py - y2)]
   cross = lambda a, b: a[0] * b[1] - a[1] * b[0]
   e_area = [cross(r[1], r[2]), cross(r[2], r[0]), cross(r[0], r[1])]  # doubled signed sub-areas
-  # The face's own doubled area, as culling computes it (not the sum of the sub-areas, which cancels badly
-  # for thin faces and distant pixels and can even change sign).
+  # The face's own doubled area, as culling computes it (not the sum of the sub-areas, which cancels
+  # badly for thin faces and distant pixels and can even change sign).
   area2 = cross((x1 - x0, y1 - y0), (x2 - x0, y2 - y0))
   sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(area2.dtype)
   edge, length, d, along, seg = [], [], [], [], []
@@ -571,14 +619,15 @@ def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
     edge.append((ex, ey)), length.append(li), d.append(di), along.append(al)
     seg.append(di * di + beyond * beyond)
   inside = (d[0] >= 0) & (d[1] >= 0) & (d[2] >= 0)
-  # Pairwise minima: the gradient of a min-reduction divides by the number of ties, which XLA can make 0
-  # when it recomputes the operands with different rounding (fused multiply-adds) -> NaN.
+  # Pairwise minima: the gradient of a min-reduction divides by the number of ties, which XLA can
+  # make 0 when it recomputes the operands with different rounding (fused multiply-adds) -> NaN.
   seg_min = _min3(*seg)
   dist = jnp.where(inside, _min3(*d), -safe_sqrt(seg_min))
-  # Clip the screen-space barycentrics to the face, then correct for perspective. Rounding can clip all three
-  # to 0 (thin faces): those fragments take the centroid instead, so that the normalised weights sum to 1 and
-  # the perspective denominator is >= 1 / max(z). (Clamping the sums instead, 1 / max(s, eps), has an
-  # overflowing derivative -1 / eps^2 that turns even a zero cotangent into NaN.)
+  # Clip the screen-space barycentrics to the face, then correct for perspective. Rounding can clip
+  # all three to 0 (thin faces): those fragments take the centroid instead, so that the normalised
+  # weights sum to 1 and the perspective denominator is >= 1 / max(z). (Clamping the sums instead, 1
+  # / max(s, eps), has an overflowing derivative -1 / eps^2 that turns even a zero cotangent into
+  # NaN.)
   inv_area2 = safe_div(1.0, area2)
   lam = [e * inv_area2 for e in e_area]  # screen-space barycentrics
   lam_c = [jnp.maximum(l, 0.0) for l in lam]
@@ -589,21 +638,41 @@ def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
   z = (z0, z1, z2)
   q = [nrm[i] / z[i] for i in range(3)]
   depth = 1.0 / (q[0] + q[1] + q[2])
-  return dict(v=v, r=r, sgn=sgn, edge=edge, length=length, d=d, along=along, seg=seg, seg_min=seg_min,
-              inside=inside, dist=dist, inv_area2=inv_area2, lam=lam, ok=ok, inv_total=inv_total, nrm=nrm, z=z,
-              q=q, depth=depth, bary=tuple(qi * depth for qi in q))
+  return dict(
+    v=v,
+    r=r,
+    sgn=sgn,
+    edge=edge,
+    length=length,
+    d=d,
+    along=along,
+    seg=seg,
+    seg_min=seg_min,
+    inside=inside,
+    dist=dist,
+    inv_area2=inv_area2,
+    lam=lam,
+    ok=ok,
+    inv_total=inv_total,
+    nrm=nrm,
+    z=z,
+    q=q,
+    depth=depth,
+    bary=tuple(qi * depth for qi in q),
+  )
 
 
 @jax.custom_vjp
 def eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
-  """Barycentrics, signed distance and depth of one face per pixel; all arguments are arrays of one shape.
+  """Barycentrics, signed distance and depth of one face per pixel; all arguments are arrays of one
+  shape.
 
   Args:
     x0 .. y2: projected vertices (pixels); z0 .. z2: camera depths (> 0); px, py: pixel coordinates.
   Returns:
-    ((b0, b1, b2) perspective-correct barycentrics, clipped to the face first in screen space; dist: signed
-    distance to the face's boundary, positive inside; depth). Gradients flow to the vertices and depths
-    (hand-written; ties between edges go to the first), not to ``px``, ``py``.
+    ((b0, b1, b2) perspective-correct barycentrics, clipped to the face first in screen space; dist:
+    signed distance to the face's boundary, positive inside; depth). Gradients flow to the vertices
+    and depths (hand-written; ties between edges go to the first), not to ``px``, ``py``.
   """
   t = _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py)
   return t["bary"], t["dist"], t["depth"]
@@ -621,9 +690,11 @@ def _first_min3(a, b, c):
 
 
 def _eval_fragment_bwd(args, cts):
-  """Chain rule in closed form. With lam_i the screen barycentrics of p (the pixel), d lam_i / d v_k =
-  -lam_k grad_p lam_i. The distance to a segment (or line) from p, at closest point c = a + t (b - a), has
-  gradient n, -(1 - t) n, -t n with respect to p, a, b (n the unit normal / direction from c to p)."""
+  """Chain rule in closed form. With lam_i the screen barycentrics of p (the pixel), d lam_i / d v_k
+  = -lam_k grad_p lam_i. The distance to a segment (or line) from p, at closest point c = a + t (b -
+  a), has
+  gradient n, -(1 - t) n, -t n with respect to p, a, b (n the unit normal / direction from c to
+  p)."""
   (gb0, gb1, gb2), g_dist, g_depth = cts
   gb0, gb1, gb2, g_dist, g_depth = materialize(gb0, gb1, gb2, g_dist, g_depth)  # not per output
   x = _fragment_terms(*args)
@@ -653,8 +724,8 @@ def _eval_fragment_bwd(args, cts):
     t = x["along"][i] * inv_l
     rel = x["r"][(i + 1) % 3]
     tc = jnp.clip(t, 0.0, 1.0)
-    # Inside: d_i = n_in . (p - a), n_in = sgn (-e_y, e_x) / L. Outside: dist = -|p - c| (the direction
-    # from c to p, divided by the distance).
+    # Inside: d_i = n_in . (p - a), n_in = sgn (-e_y, e_x) / L. Outside: dist = -|p - c| (the
+    # direction from c to p, divided by the distance).
     sgn_l = x["sgn"] * inv_l
     inv_dl = 1.0 / dist_len
     nx = jnp.where(inside, -ey * sgn_l, -(rel[0] - tc * ex) * inv_dl)
@@ -668,11 +739,24 @@ def _eval_fragment_bwd(args, cts):
   gx, gy, wnx, wny, tt_act, edge = materialize(gx, gy, wnx, wny, tt_act, edge)
   g_v = []
   for k in range(3):  # vertex k is the start of edge k + 2 and the end of edge k + 1 (mod 3)
-    c = jnp.where(edge == (k + 2) % 3, 1.0 - tt_act, 0.0) + jnp.where(edge == (k + 1) % 3, tt_act, 0.0)
+    c = jnp.where(edge == (k + 2) % 3, 1.0 - tt_act, 0.0) + jnp.where(
+      edge == (k + 1) % 3, tt_act, 0.0
+    )
     g_v.append([-lam[k] * gx - c * wnx, -lam[k] * gy - c * wny])
   zeros = jnp.zeros_like(args[9])
-  return (g_v[0][0], g_v[0][1], g_v[1][0], g_v[1][1], g_v[2][0], g_v[2][1], g_z[0], g_z[1], g_z[2], zeros,
-          zeros)
+  return (
+    g_v[0][0],
+    g_v[0][1],
+    g_v[1][0],
+    g_v[1][1],
+    g_v[2][0],
+    g_v[2][1],
+    g_z[0],
+    g_z[1],
+    g_z[2],
+    zeros,
+    zeros,
+  )
 
 
 eval_fragment.defvjp(_eval_fragment_fwd, _eval_fragment_bwd)
@@ -680,10 +764,12 @@ eval_fragment.defvjp(_eval_fragment_fwd, _eval_fragment_bwd)
 
 @jax.custom_vjp
 def gather_rows(table, ids):
-  """``tuple(table[j][ids] for j in range(D))`` for a column-major ``table [D, F]`` and integer ``ids``.
+  """``tuple(table[j][ids] for j in range(D))`` for a column-major ``table [D, F]`` and integer
+  ``ids``.
 
-  Column-major so that neither the gather nor its gradient (one scatter-add of D-vectors) interleaves the
-  columns (XLA:CPU's transposes to and from [..., D] cost more than the gather itself).
+  Column-major so that neither the gather nor its gradient (one scatter-add of D-vectors)
+  interleaves the columns (XLA:CPU's transposes to and from [..., D] cost more than the gather
+  itself).
   """
   return tuple(table[j][ids] for j in range(table.shape[0]))
 
@@ -695,10 +781,16 @@ def _gather_rows_fwd(table, ids):
 def _gather_rows_bwd(res, cts):
   ids, f = res
   g = jnp.stack(cts)  # [D, ...]
-  dn = lax.ScatterDimensionNumbers(update_window_dims=(0,), inserted_window_dims=(1,),
-                                   scatter_dims_to_operand_dims=(1,))
-  out = lax.scatter_add(jnp.zeros((g.shape[0], f), g.dtype), ids[..., None], g, dn,
-                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  dn = lax.ScatterDimensionNumbers(
+    update_window_dims=(0,), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1,)
+  )
+  out = lax.scatter_add(
+    jnp.zeros((g.shape[0], f), g.dtype),
+    ids[..., None],
+    g,
+    dn,
+    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
   return out, None
 
 
@@ -706,31 +798,42 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 class Slots(NamedTuple):
-  """Fragments slot-major (internal layout of ``rasterize_slots``): S <= K slots, nearest first, over pixel
-  columns of shape Q: the pixels (Q = (H, W)), or with a tile budget (``RasterSettings.tile_budget`` < 1) the
-  pixels of the tiles that hold faces (Q = (A * T * T,); ``to_image`` maps columns to the image).
+  """Fragments slot-major (internal layout of ``rasterize_slots``): S <= K slots, nearest first,
+  over pixel columns of shape Q: the pixels (Q = (H, W)), or with a tile budget
+  (``RasterSettings.tile_budget`` < 1) the pixels of the tiles that hold faces (Q = (A * T * T,);
+  ``to_image`` maps columns to the image).
 
-  ``ids`` and ``valid`` are dense [S, *Q]; the evaluated quantities are [S, *Q] too, or with a fragment
-  budget (``RasterSettings.fragment_budget`` < 1) flat [N] over the non-empty slots only, compacted
-  (``expand`` maps them to [S, *Q]).
+  ``ids`` and ``valid`` are dense [S, *Q]; the evaluated quantities are [S, *Q] too, or with a
+  fragment budget (``RasterSettings.fragment_budget`` < 1) flat [N] over the non-empty slots only,
+  compacted (``expand`` maps them to [S, *Q]).
   """
+
   ids: jax.Array  # [S, *Q] int32 face ids, -1 for empty slots
   valid: jax.Array  # [S, *Q] bool: non-empty and evaluated
   bary: tuple  # 3 x [S, *Q] or [N]
   dist: jax.Array  # [S, *Q] or [N]
   depth: jax.Array  # [S, *Q] or [N]
   attrs: tuple  # D x [S, *Q] or [N], the gathered extra face columns
-  rank: jax.Array  # [S * Q] int32 position in [N] of each slot's fragment (where valid); None when dense
-  pos: jax.Array  # [N] int32 flat slot index of each evaluated fragment (S * Q if unused); None when dense
-  pixel_column: jax.Array  # [H * W] int32 column of each image pixel, -1 if none; None when Q = (H, W)
-  column_pixel: jax.Array  # [Q] int32 image pixel of each column, H * W if none; None when Q = (H, W)
+  rank: (
+    jax.Array
+  )  # [S * Q] int32 position in [N] of each slot's fragment (where valid); None when dense
+  pos: (
+    jax.Array
+  )  # [N] int32 flat slot index of each evaluated fragment (S * Q if unused); None when dense
+  pixel_column: (
+    jax.Array
+  )  # [H * W] int32 column of each image pixel, -1 if none; None when Q = (H, W)
+  column_pixel: (
+    jax.Array
+  )  # [Q] int32 image pixel of each column, H * W if none; None when Q = (H, W)
   image_size: tuple  # (H, W)
 
 
 @jax.custom_vjp
 def _take_compact(x, rank, valid, pos):
-  """[N] -> [M]: x[rank] where valid, 0 elsewhere, for a ``rank [M]`` that maps the valid entries one to
-  one onto entries of x, whose inverse is ``pos [N]`` (>= M where unused). The gradient gathers back
+  """[N] -> [M]: x[rank] where valid, 0 elsewhere, for a ``rank [M]`` that maps the valid entries
+  one to one onto entries of x, whose inverse is ``pos [N]`` (>= M where unused). The gradient
+  gathers back
   through ``pos`` rather than scatter-adding (autodiff of the gather)."""
   return jnp.where(valid, x[jnp.clip(rank, 0, x.shape[0] - 1)], jnp.zeros((), x.dtype))
 
@@ -755,7 +858,8 @@ def expand(slots: Slots, x):
 
 
 def to_image(slots: Slots, x, fill=0.0):
-  """Per-column values ``x [..., *Q]`` as an image [..., H, W]; pixels outside the columns get ``fill`` (a
+  """Per-column values ``x [..., *Q]`` as an image [..., H, W]; pixels outside the columns get
+  ``fill`` (a
   number, or a sequence of one per leading entry of ``x``)."""
   h, w = slots.image_size
   if slots.pixel_column is None:
@@ -772,14 +876,18 @@ def to_image(slots: Slots, x, fill=0.0):
 
 
 def _compact(valid, budget):
-  """Compacts the entries where ``valid [T]`` (in order, so that a budget drops the last ones). Returns
-  (kept [T] bool, rank [T] position of each kept entry, pos [budget] index of each position, T if unused,
+  """Compacts the entries where ``valid [T]`` (in order, so that a budget drops the last ones).
+  Returns (kept [T] bool, rank [T] position of each kept entry, pos [budget] index of each position,
+  T if unused,
   dropped [] int32)."""
   total = valid.shape[0]
   rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
   kept = valid & (rank < budget)
-  pos = jnp.full((budget,), total, jnp.int32).at[jnp.where(kept, rank, budget)].set(
-      jnp.arange(total, dtype=jnp.int32), mode="drop", unique_indices=True)
+  pos = (
+    jnp.full((budget,), total, jnp.int32)
+    .at[jnp.where(kept, rank, budget)]
+    .set(jnp.arange(total, dtype=jnp.int32), mode="drop", unique_indices=True)
+  )
   return kept, rank, pos, jnp.maximum(rank[-1] + 1 - budget, 0).astype(jnp.int32)
 
 
@@ -795,13 +903,18 @@ def _active_tiles(cand, settings: RasterSettings):
   _, _, tiles, dropped = _compact(cand[:, 0] >= 0, budget)
   used = tiles < n_tiles
   cand = jnp.where(used[:, None], cand[jnp.minimum(tiles, n_tiles - 1)], -1)
-  local = jnp.arange(t * t, dtype=jnp.int32)  # [P] pixels of a tile, row-major (as ``_tile_pixels``)
+  local = jnp.arange(
+    t * t, dtype=jnp.int32
+  )  # [P] pixels of a tile, row-major (as ``_tile_pixels``)
   row = (tiles // ntx)[:, None] * t + local // t  # [A, P]
   col = (tiles % ntx)[:, None] * t + local % t
   inside = used[:, None] & (row < h) & (col < w)
   column_pixel = jnp.where(inside, row * w + col, h * w).reshape(-1)
-  pixel_column = jnp.full((h * w,), -1, jnp.int32).at[column_pixel].set(
-      jnp.arange(column_pixel.shape[0], dtype=jnp.int32), mode="drop", unique_indices=True)
+  pixel_column = (
+    jnp.full((h * w,), -1, jnp.int32)
+    .at[column_pixel]
+    .set(jnp.arange(column_pixel.shape[0], dtype=jnp.int32), mode="drop", unique_indices=True)
+  )
   return cand, tiles, pixel_column, column_pixel, dropped
 
 
@@ -816,15 +929,18 @@ def _check_mesh(verts, faces):
   return verts, faces
 
 
-def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=None, num_slots=None):
+def rasterize_slots(
+  verts, faces, camera, settings: RasterSettings, face_attrs=None, num_slots=None
+):
   """Shared core of ``rasterize`` and ``render_mesh``, slot-major.
 
   Args:
-    face_attrs: optional [F, D] extra per-face columns gathered per fragment along with the geometry.
+    face_attrs: optional [F, D] extra per-face columns gathered per fragment along with the
+      geometry.
     num_slots: evaluate only the first ``num_slots`` slots (default all K).
   Returns:
-    (``Slots``, overflow: ``Fragments.overflow`` plus the number of tiles beyond the tile budget and of
-    non-empty slots beyond the fragment budget).
+    (``Slots``, overflow: ``Fragments.overflow`` plus the number of tiles beyond the tile budget and
+    of non-empty slots beyond the fragment budget).
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
@@ -861,53 +977,92 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
       pixel = column_pixel[pixel]
     rows = jnp.where(pos < total, ids.reshape(-1)[jnp.minimum(pos, total - 1)], -1)
   else:  # every slot: [S, Q] (broadcasting the pixel centres)
-    pixel = jnp.arange(h * w, dtype=jnp.int32).reshape(h, w) if column_pixel is None else column_pixel
+    pixel = (
+      jnp.arange(h * w, dtype=jnp.int32).reshape(h, w) if column_pixel is None else column_pixel
+    )
     rows = ids
   px = (pixel % w).astype(xy.dtype) + 0.5
   py = (pixel // w).astype(xy.dtype) + 0.5
   rows = jnp.where(rows >= 0, rows, f)
-  cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
-          z[:, 2]]
+  cols = [
+    xy[:, 0, 0],
+    xy[:, 0, 1],
+    xy[:, 1, 0],
+    xy[:, 1, 1],
+    xy[:, 2, 0],
+    xy[:, 2, 1],
+    z[:, 0],
+    z[:, 1],
+    z[:, 2],
+  ]
   # Column F is a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
   dummy = jnp.array([[0.0], [0.0], [1.0], [0.0], [0.0], [1.0], [1.0], [1.0], [1.0]], xy.dtype)
   table = jnp.concatenate([jnp.stack(cols), dummy], axis=1)  # [9, F + 1]
   bary, dist, depth = eval_fragment(*gather_rows(table, rows), px, py)
   attrs = ()
   if face_attrs is not None:
-    attrs = gather_rows(jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T, rows)  # [D, F + 1]
-  slots = Slots(ids=ids, valid=valid, bary=bary, dist=dist, depth=depth, attrs=attrs, rank=rank, pos=pos,
-                pixel_column=pixel_column, column_pixel=column_pixel, image_size=(h, w))
+    attrs = gather_rows(
+      jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T, rows
+    )  # [D, F + 1]
+  slots = Slots(
+    ids=ids,
+    valid=valid,
+    bary=bary,
+    dist=dist,
+    depth=depth,
+    attrs=attrs,
+    rank=rank,
+    pos=pos,
+    pixel_column=pixel_column,
+    column_pixel=column_pixel,
+    image_size=(h, w),
+  )
   return slots, overflow
 
 
 class Occupancy(NamedTuple):
-  """What views need of the settings (``occupancy``): per field, the smallest value of the setting of the same
+  """What views need of the settings (``occupancy``): per field, the smallest value of the setting
+  of the same
   name with which nothing overflows. [] arrays, or batched under vmap."""
+
   fragment_budget: jax.Array  # float32 fraction of the K * H * W slots that are non-empty
-  tile_budget: jax.Array  # float32 fraction of the screen tiles that hold candidate faces (K > 1; else 1)
-  max_faces_per_tile: jax.Array  # int32: K > 1, the candidates of the fullest tile; K = 1, for the chunks
-  heavy_tile_budget: jax.Array  # float32 fraction of the tiles with more than light_faces_per_tile (K > 1)
+  tile_budget: (
+    jax.Array
+  )  # float32 fraction of the screen tiles that hold candidate faces (K > 1; else 1)
+  max_faces_per_tile: (
+    jax.Array
+  )  # int32: K > 1, the candidates of the fullest tile; K = 1, for the chunks
+  heavy_tile_budget: (
+    jax.Array
+  )  # float32 fraction of the tiles with more than light_faces_per_tile (K > 1)
 
 
 def occupancy(verts, faces, camera: Camera, settings: RasterSettings) -> Occupancy:
   """What a view needs of the budgets and of the per-tile cap (``Occupancy``).
 
-  Runs binning and selection only (one pass with all ``max_faces_per_tile`` candidates; no evaluation, no
-  gradient). Measure representative views (vmap over cameras and frames) and turn the maxima into settings
-  with ``fit_budgets`` (README shows the recipe). With K = 1 there are no tiles (tile_budget = 1,
-  heavy_tile_budget = 0) and ``max_faces_per_tile`` is what ``select_nearest``'s chunk budget needs.
+  Runs binning and selection only (one pass with all ``max_faces_per_tile`` candidates; no
+  evaluation, no gradient). Measure representative views (vmap over cameras and frames) and turn the
+  maxima into settings with ``fit_budgets`` (README shows the recipe). With K = 1 there are no tiles
+  (tile_budget = 1, heavy_tile_budget = 0) and ``max_faces_per_tile`` is what ``select_nearest``'s
+  chunk budget needs.
   """
   verts, faces = _check_mesh(verts, faces)
   xy, z = project_faces(verts, faces, camera)
   if settings.faces_per_pixel == 1:
     ids, _, chunks = select_nearest(xy, z, settings)
-    per_64 = _chunk_budget(xy.shape[0], settings.replace(max_faces_per_tile=64))  # the budget is linear in M
+    per_64 = _chunk_budget(
+      xy.shape[0], settings.replace(max_faces_per_tile=64)
+    )  # the budget is linear in M
     need = jnp.maximum(1, -(-64 * chunks // per_64)).astype(jnp.int32)
     return Occupancy(jnp.mean(ids >= 0), jnp.float32(1.0), need, jnp.float32(0.0))
   cand, _, demand = _bin_faces(xy, z, settings)
   ids = _untile(select_faces(xy, z, cand, settings), settings)
-  return Occupancy(jnp.mean(ids >= 0), jnp.mean(cand[:, 0] >= 0), jnp.max(demand).astype(jnp.int32),
-                   jnp.mean(demand > settings.light_faces_per_tile))
+  return Occupancy(
+    jnp.mean(ids >= 0),
+    jnp.mean(cand[:, 0] >= 0),
+    jnp.max(demand).astype(jnp.int32),
+    jnp.mean(demand > settings.light_faces_per_tile),
+  )
 
 
 def fit_budgets(settings: RasterSettings, occ: Occupancy, margin: float = 1.1) -> RasterSettings:
@@ -918,10 +1073,10 @@ def fit_budgets(settings: RasterSettings, occ: Occupancy, margin: float = 1.1) -
     occ: ``occupancy`` of the views (any batch shape; the maximum over it is used).
     margin: headroom factor on each measured maximum.
   Returns:
-    settings with ``fragment_budget``, ``tile_budget`` and ``heavy_tile_budget`` = min(1, margin * max), and
-    ``max_faces_per_tile`` = margin * max rounded up to a multiple of 8 (at least K). The heavy fraction
-    depends on the cap (it counts tiles with more than a quarter of it): when the cap changed, measure again
-    with the new settings and fit again.
+    settings with ``fragment_budget``, ``tile_budget`` and ``heavy_tile_budget`` = min(1, margin *
+    max), and ``max_faces_per_tile`` = margin * max rounded up to a multiple of 8 (at least K). The
+    heavy fraction depends on the cap (it counts tiles with more than a quarter of it): when the cap
+    changed, measure again with the new settings and fit again.
   """
   grab = lambda x: float(jnp.max(jnp.asarray(x)))
   h, w = settings.image_size
@@ -930,10 +1085,15 @@ def fit_budgets(settings: RasterSettings, occ: Occupancy, margin: float = 1.1) -
   frac = lambda x, n: min(1.0, max(margin * grab(x), 1.0 / n))
   cap = max(k, int(math.ceil(margin * grab(occ.max_faces_per_tile) / 8.0)) * 8)
   if k == 1:  # no tiles
-    return settings.replace(fragment_budget=frac(occ.fragment_budget, h * w), max_faces_per_tile=cap)
-  return settings.replace(fragment_budget=frac(occ.fragment_budget, k * h * w),
-                          tile_budget=frac(occ.tile_budget, n_tiles),
-                          heavy_tile_budget=frac(occ.heavy_tile_budget, n_tiles), max_faces_per_tile=cap)
+    return settings.replace(
+      fragment_budget=frac(occ.fragment_budget, h * w), max_faces_per_tile=cap
+    )
+  return settings.replace(
+    fragment_budget=frac(occ.fragment_budget, k * h * w),
+    tile_budget=frac(occ.tile_budget, n_tiles),
+    heavy_tile_budget=frac(occ.heavy_tile_budget, n_tiles),
+    max_faces_per_tile=cap,
+  )
 
 
 def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragments:
@@ -945,18 +1105,19 @@ def rasterize(verts, faces, camera: Camera, settings: RasterSettings) -> Fragmen
     camera: a single ``Camera`` (vmap over a batched one).
     settings: ``RasterSettings`` (static).
   Returns:
-    ``Fragments`` with up to K faces near each pixel centre (see ``select_faces``), nearest first. Faces with
-    a vertex at depth <= ``settings.znear`` and degenerate faces are culled. Gradients flow to ``verts``
-    (and the camera) through ``bary``, ``dists`` and ``zbuf``.
+    ``Fragments`` with up to K faces near each pixel centre (see ``select_faces``), nearest first.
+    Faces with a vertex at depth <= ``settings.znear`` and degenerate faces are culled. Gradients
+    flow to ``verts`` (and the camera) through ``bary``, ``dists`` and ``zbuf``.
   """
   s, overflow = rasterize_slots(verts, faces, camera, settings)
   image = lambda x, fill: jnp.moveaxis(to_image(s, x, fill), 0, -1)  # [K, Q] -> [H, W, K]
   return Fragments(
-      face_ids=image(jnp.where(s.valid, s.ids, -1), -1),
-      bary=jnp.stack([image(jnp.where(s.valid, expand(s, b), 0.0), 0.0) for b in s.bary], -1),
-      dists=image(jnp.where(s.valid, expand(s, s.dist), EMPTY_DIST), EMPTY_DIST),
-      zbuf=image(jnp.where(s.valid, expand(s, s.depth), 0.0), 0.0),
-      overflow=overflow)
+    face_ids=image(jnp.where(s.valid, s.ids, -1), -1),
+    bary=jnp.stack([image(jnp.where(s.valid, expand(s, b), 0.0), 0.0) for b in s.bary], -1),
+    dists=image(jnp.where(s.valid, expand(s, s.dist), EMPTY_DIST), EMPTY_DIST),
+    zbuf=image(jnp.where(s.valid, expand(s, s.depth), 0.0), 0.0),
+    overflow=overflow,
+  )
 
 
 def interpolate(fragments: Fragments, faces, attrs):
@@ -964,12 +1125,19 @@ def interpolate(fragments: Fragments, faces, attrs):
 
   Args:
     fragments: from ``rasterize``.
-    faces: [F, 3] int32 indices into ``attrs`` (e.g. the mesh faces, or UV faces for per-corner UVs).
+    faces: [F, 3] int32 indices into ``attrs`` (e.g. the mesh faces, or UV faces for per-corner
+      UVs).
     attrs: [V, D] per-vertex attributes.
   Returns:
     [H, W, K, D], 0 for empty slots.
   """
-  corner = jnp.asarray(attrs)[jnp.asarray(faces)][jnp.maximum(fragments.face_ids, 0)]  # [H, W, K, 3, D]
+  corner = jnp.asarray(attrs)[jnp.asarray(faces)][
+    jnp.maximum(fragments.face_ids, 0)
+  ]  # [H, W, K, 3, D]
   b = fragments.bary
-  out = b[..., 0:1] * corner[..., 0, :] + b[..., 1:2] * corner[..., 1, :] + b[..., 2:3] * corner[..., 2, :]
+  out = (
+    b[..., 0:1] * corner[..., 0, :]
+    + b[..., 1:2] * corner[..., 1, :]
+    + b[..., 2:3] * corner[..., 2, :]
+  )
   return jnp.where(fragments.face_ids[..., None] >= 0, out, 0.0)

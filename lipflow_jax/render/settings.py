@@ -6,7 +6,8 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-# Coverage below this probability counts as "not covered" when the blur radius is derived from sigma.
+# Coverage below this probability counts as "not covered" when the blur radius is derived from
+# sigma.
 _AUTO_BLUR_EPS = 1e-3
 
 
@@ -17,43 +18,50 @@ class RasterSettings:
   Attributes:
     image_size: (H, W) of the output image.
     faces_per_pixel: K, the number of faces kept per pixel among those within ``blur_radius`` of its
-      centre: the nearest face covering the centre (or, where none covers it, the closest face), then the
-      others in order of minimum vertex depth; sorted nearest first (see ``rasterize.select_faces``).
-    sigma: width of the soft coverage in pixels; coverage of a face at signed pixel distance ``d`` (positive
-      inside) is ``p = 2 * sigmoid(min(d, 0) / sigma)``: exactly 1 on and inside the face, decaying outside
-      it. ``sigma = 0`` gives hard (step) coverage.
-    gamma: depth-blending temperature, in *relative* depth (scale free): a fragment that is a fraction ``r``
-      farther than the pixel's nearest fragment has its colour weight multiplied by ``exp(-r / gamma)``.
-    blur_radius: faces farther than this from a pixel centre (from any of its edge lines or its bounding
-      box) are not considered for that pixel. ``None`` derives it from sigma: ``sigma * log(2 / 1e-3)``
-      (coverage below 1e-3 is dropped); 0 when sigma = 0.
+      centre: the nearest face covering the centre (or, where none covers it, the closest face),
+        then the
+      others in order of minimum vertex depth; sorted nearest first (see
+      ``rasterize.select_faces``).
+    sigma: width of the soft coverage in pixels; coverage of a face at signed pixel distance ``d``
+      (positive inside) is ``p = 2 * sigmoid(min(d, 0) / sigma)``: exactly 1 on and inside the face,
+      decaying outside it. ``sigma = 0`` gives hard (step) coverage.
+    gamma: depth-blending temperature, in *relative* depth (scale free): a fragment that is a
+      fraction ``r`` farther than the pixel's nearest fragment has its colour weight multiplied by
+      ``exp(-r / gamma)``.
+    blur_radius: faces farther than this from a pixel centre (from any of its edge lines or its
+      bounding box) are not considered for that pixel. ``None`` derives it from sigma: ``sigma *
+      log(2 / 1e-3)`` (coverage below 1e-3 is dropped); 0 when sigma = 0.
     tile_size: side of the square screen tiles used for binning.
-    max_faces_per_tile: cap on the candidate faces per tile when K > 1 (static shapes). A tile with more
-      candidates keeps the ones with the smallest minimum vertex depth and is counted in ``overflow``. With
-      K = 1 it scales the budget of pixel chunks instead (see ``rasterize.select_nearest``). Raise it when
-      ``overflow`` is not 0; the cost of the selection grows linearly with it.
-    fragment_budget: fraction of the K * H * W fragment slots evaluated differentiably. Below 1, only the
-      non-empty slots are evaluated (gathers, barycentrics, texture lookups and their gradients), compacted
-      into a buffer of ``ceil(fragment_budget * K * H * W)`` fragments; usually most slots are empty (a head
-      filling half of a 512 x 512 image at K = 8: ~35 % non-empty, ~18 % with back faces culled), so the
-      evaluation costs that much less. Non-empty slots beyond the budget are dropped, farthest slot first
-      (all pixels' slot K - 1, then slot K - 2, ...; within a slot, the last pixels in row-major / tile
-      order first), and counted in ``overflow``. ``render.occupancy`` measures what a view needs. 1 (the
-      default) evaluates every slot, empty or not (no compaction).
-    tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below 1, only
-      the tiles that hold candidate faces are processed (a head filling half of the image: about half of
-      the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with faces beyond the budget
-      (the last in row-major order) are dropped, rendered as background, and counted in ``overflow``. 1
-      (the default) processes every tile. No effect when K = 1 (see ``fragment_budget``).
-    heavy_tile_budget: fraction of the screen tiles that may use all ``max_faces_per_tile`` candidates when
-      K > 1. Below 1, selection runs in two passes: every tile first among its first ``light_faces_per_tile``
-      (= max(K, max_faces_per_tile // 4)) candidates, then the tiles with more candidates ("heavy", e.g. where
-      many small faces meet), compacted into ``ceil(heavy_tile_budget * n_tiles)`` tiles, again among all of
-      theirs. The result is the same as one pass when the heavy tiles fit (a head at 512 x 512 with 15k faces:
-      ~5 % of the tiles hold more than 32 candidates, a few over 100); heavy tiles beyond the budget (the last
-      in row-major order) keep their first-pass selection and are counted in ``overflow``. So a cap high
-      enough for the worst tile costs about a quarter of it elsewhere. ``render.occupancy`` measures both. 1
-      (the default) runs one pass with all candidates.
+    max_faces_per_tile: cap on the candidate faces per tile when K > 1 (static shapes). A tile with
+      more candidates keeps the ones with the smallest minimum vertex depth and is counted in
+      ``overflow``. With K = 1 it scales the budget of pixel chunks instead (see
+      ``rasterize.select_nearest``). Raise it when ``overflow`` is not 0; the cost of the selection
+      grows linearly with it.
+    fragment_budget: fraction of the K * H * W fragment slots evaluated differentiably. Below 1,
+      only the non-empty slots are evaluated (gathers, barycentrics, texture lookups and their
+      gradients), compacted into a buffer of ``ceil(fragment_budget * K * H * W)`` fragments;
+      usually most slots are empty (a head filling half of a 512 x 512 image at K = 8: ~35 %
+      non-empty, ~18 % with back faces culled), so the evaluation costs that much less. Non-empty
+      slots beyond the budget are dropped, farthest slot first (all pixels' slot K - 1, then slot K
+      - 2, ...; within a slot, the last pixels in row-major / tile order first), and counted in
+      ``overflow``. ``render.occupancy`` measures what a view needs. 1 (the default) evaluates every
+      slot, empty or not (no compaction).
+    tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below
+      1, only the tiles that hold candidate faces are processed (a head filling half of the image:
+      about half of the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with
+      faces beyond the budget (the last in row-major order) are dropped, rendered as background, and
+      counted in ``overflow``. 1 (the default) processes every tile. No effect when K = 1 (see
+      ``fragment_budget``).
+    heavy_tile_budget: fraction of the screen tiles that may use all ``max_faces_per_tile``
+      candidates when K > 1. Below 1, selection runs in two passes: every tile first among its first
+      ``light_faces_per_tile`` (= max(K, max_faces_per_tile // 4)) candidates, then the tiles with
+      more candidates ("heavy", e.g. where many small faces meet), compacted into
+      ``ceil(heavy_tile_budget * n_tiles)`` tiles, again among all of theirs. The result is the same
+      as one pass when the heavy tiles fit (a head at 512 x 512 with 15k faces: ~5 % of the tiles
+      hold more than 32 candidates, a few over 100); heavy tiles beyond the budget (the last in
+      row-major order) keep their first-pass selection and are counted in ``overflow``. So a cap
+      high enough for the worst tile costs about a quarter of it elsewhere. ``render.occupancy``
+      measures both. 1 (the default) runs one pass with all candidates.
     background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
     znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
     cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ
@@ -102,8 +110,10 @@ class RasterSettings:
     if int(self.max_faces_per_tile) != self.max_faces_per_tile or self.max_faces_per_tile < 1:
       fail(f"max_faces_per_tile must be an integer >= 1, got {self.max_faces_per_tile!r}")
     if self.max_faces_per_tile < self.faces_per_pixel:
-      fail(f"max_faces_per_tile ({self.max_faces_per_tile}) must be >= faces_per_pixel "
-           f"({self.faces_per_pixel})")
+      fail(
+        f"max_faces_per_tile ({self.max_faces_per_tile}) must be >= faces_per_pixel "
+        f"({self.faces_per_pixel})"
+      )
     for name in ("fragment_budget", "tile_budget", "heavy_tile_budget"):
       value = getattr(self, name)
       if not (math.isfinite(value) and 0 < value <= 1):
@@ -127,7 +137,8 @@ class RasterSettings:
 
   @property
   def is_hard(self) -> bool:
-    """True for step coverage (sigma = 0): colour, depth and face id of the nearest covering face."""
+    """True for step coverage (sigma = 0): colour, depth and face id of the nearest covering
+    face."""
     return self.sigma == 0.0
 
   @classmethod

@@ -7,11 +7,17 @@ import math
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from lipflow_jax.geometry.camera import Camera
-from lipflow_jax.render.rasterize import expand, materialize, rasterize_slots, reduce_leading, to_image
+from lipflow_jax.render.rasterize import (
+  expand,
+  materialize,
+  rasterize_slots,
+  reduce_leading,
+  to_image,
+)
 from lipflow_jax.render.settings import RasterSettings
 
 
@@ -21,8 +27,8 @@ class Rendered(NamedTuple):
   Attributes:
     rgb: [H, W, C] colour, composited over ``settings.background``.
     alpha: [H, W, 1] coverage in [0, 1] (exactly 0 or 1 in hard mode).
-    depth: [H, W] camera depth of the visible surface (soft: blended with the colour weights), 0 where no
-      face is near the pixel.
+    depth: [H, W] camera depth of the visible surface (soft: blended with the colour weights), 0
+      where no face is near the pixel.
     face_id: [H, W] int32 nearest face covering the pixel centre, -1 for background.
     overflow: [] int32, 0 when no face was dropped (see ``Fragments.overflow``).
   """
@@ -34,16 +40,18 @@ class Rendered(NamedTuple):
   overflow: jax.Array
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Bilinear texture sampling with a hand-written gradient: every sample reads one 2 x 2 texel block with a
-# single gather, and the texture gradient is one scatter-add of blocks (autodiff of four corner lookups would
-# scatter four times and add four texture-sized arrays). The texture is viewed as [Th, Tw * C], so that a
-# block is 2 rows of 2 * C contiguous values (XLA:CPU scatters [2, 2 C] windows ~1.5x faster than [2, 2, C]).
+# --------------------------------------------------------------------------------------------------
+# Bilinear texture sampling with a hand-written gradient: every sample reads one 2 x 2 texel block
+# with a single gather, and the texture gradient is one scatter-add of blocks (autodiff of four
+# corner lookups would scatter four times and add four texture-sized arrays). The texture is viewed
+# as [Th, Tw * C], so that a block is 2 rows of 2 * C contiguous values (XLA:CPU scatters [2, 2 C]
+# windows ~1.5x faster than [2, 2, C]).
 
 
 def _block_coords(th, tw, u, v):
   """Top-left (row, col) of the 2 x 2 block, the weights of its second column / row, and whether the
-  coordinate lies between the outermost texel centres (elsewhere the lookup is clamped, i.e. flat)."""
+  coordinate lies between the outermost texel centres (elsewhere the lookup is clamped, i.e.
+  flat)."""
   x = u * tw - 0.5
   y = (1.0 - v) * th - 0.5
   col = jnp.clip(jnp.floor(x), 0, tw - 2)
@@ -57,9 +65,12 @@ def _block_coords(th, tw, u, v):
 
 def _block_dnums(ndim):
   window = (ndim, ndim + 1)
-  return (lax.GatherDimensionNumbers(offset_dims=window, collapsed_slice_dims=(), start_index_map=(0, 1)),
-          lax.ScatterDimensionNumbers(update_window_dims=window, inserted_window_dims=(),
-                                      scatter_dims_to_operand_dims=(0, 1)))
+  return (
+    lax.GatherDimensionNumbers(offset_dims=window, collapsed_slice_dims=(), start_index_map=(0, 1)),
+    lax.ScatterDimensionNumbers(
+      update_window_dims=window, inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1)
+    ),
+  )
 
 
 @jax.custom_vjp
@@ -72,8 +83,13 @@ def _bilinear_fwd(texture, u, v):
   th, tw, nc = texture.shape
   row, col, fx, fy, inx, iny = _block_coords(th, tw, u, v)
   idx = jnp.stack([row, col * nc], -1)
-  t = lax.gather(texture.reshape(th, tw * nc), idx, _block_dnums(row.ndim)[0], slice_sizes=(2, 2 * nc),
-                 mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [..., 2, 2 C]: rows, (column, channel)
+  t = lax.gather(
+    texture.reshape(th, tw * nc),
+    idx,
+    _block_dnums(row.ndim)[0],
+    slice_sizes=(2, 2 * nc),
+    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )  # [..., 2, 2 C]: rows, (column, channel)
   out = []
   for c in range(nc):
     t00, t01, t10, t11 = t[..., 0, c], t[..., 0, nc + c], t[..., 1, c], t[..., 1, nc + c]
@@ -87,16 +103,27 @@ def _bilinear_bwd(res, cts):
   (th, tw, nc), t, idx, fx, fy, inx, iny = res
   g = jnp.stack(cts, -1)  # [..., C]
   wy = jnp.stack([1.0 - fy, fy], -1)[..., :, None]  # [..., 2, 1]
-  upd = jnp.concatenate([(1.0 - fx)[..., None, None] * g[..., None, :], fx[..., None, None] * g[..., None, :]],
-                        -1) * wy  # [..., 2, 2 C]
-  d_tex = lax.scatter_add(jnp.zeros((th, tw * nc), g.dtype), idx, upd, _block_dnums(fx.ndim)[1],
-                          mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  upd = (
+    jnp.concatenate(
+      [(1.0 - fx)[..., None, None] * g[..., None, :], fx[..., None, None] * g[..., None, :]], -1
+    )
+    * wy
+  )  # [..., 2, 2 C]
+  d_tex = lax.scatter_add(
+    jnp.zeros((th, tw * nc), g.dtype),
+    idx,
+    upd,
+    _block_dnums(fx.ndim)[1],
+    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
   du = dv = 0.0
   for c in range(nc):
     t00, t01, t10, t11 = t[..., 0, c], t[..., 0, nc + c], t[..., 1, c], t[..., 1, nc + c]
     du = du + cts[c] * ((t01 - t00) * (1 - fy) + (t11 - t10) * fy)
     dv = dv + cts[c] * ((t10 - t00) * (1 - fx) + (t11 - t01) * fx)
-  du, dv = materialize(jnp.where(inx, du * tw, 0.0), jnp.where(iny, dv * -th, 0.0))  # read by 3 + 6 grads
+  du, dv = materialize(
+    jnp.where(inx, du * tw, 0.0), jnp.where(iny, dv * -th, 0.0)
+  )  # read by 3 + 6 grads
   return d_tex.reshape(th, tw, nc), du, dv
 
 
@@ -116,8 +143,9 @@ def sample_texture(texture, uv):
 
   Args:
     texture: [Th, Tw, C]; row 0 is the *top* of the image (v = 1).
-    uv: [..., 2] texture coordinates; (0, 0) is the bottom-left corner of the image, (1, 1) the top-right
-      (OBJ convention). Texel (row r, column c) has its centre at u = (c + 0.5) / Tw, v = 1 - (r + 0.5) / Th.
+    uv: [..., 2] texture coordinates; (0, 0) is the bottom-left corner of the image, (1, 1) the
+      top-right (OBJ convention). Texel (row r, column c) has its centre at u = (c + 0.5) / Tw, v =
+      1 - (r + 0.5) / Th.
   Returns:
     [..., C] in the texture's dtype. Gradients flow to ``texture`` and ``uv``.
   """
@@ -127,23 +155,25 @@ def sample_texture(texture, uv):
   return jnp.stack(_sample_channels(texture, uv[..., 0], uv[..., 1]), -1)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Blending.
 
 
 def soft_coverage(dists, sigma):
   """Coverage probability of fragments: 2 * sigmoid(min(d, 0) / sigma); 1 inside, decaying outside.
 
-  Being exactly 1 inside a face (rather than sigmoid(d / sigma)) keeps the interior of a mesh opaque across
-  the shared edges of adjacent faces; silhouettes get an outward soft edge of width ~sigma.
+  Being exactly 1 inside a face (rather than sigmoid(d / sigma)) keeps the interior of a mesh opaque
+  across the shared edges of adjacent faces; silhouettes get an outward soft edge of width ~sigma.
   """
   return 2.0 * jax.nn.sigmoid(jnp.minimum(dists, 0.0) / sigma)
 
 
 class _Layout(NamedTuple):
-  """Where the fragments of ``soft_blend`` sit. Dense (``column`` None): arrays [K, ...], slot k of each pixel
-  at index k. Compacted: flat arrays [N] with ``column [N]`` the pixel (``num_pixels`` for unused entries,
+  """Where the fragments of ``soft_blend`` sit. Dense (``column`` None): arrays [K, ...], slot k of
+  each pixel at index k. Compacted: flat arrays [N] with ``column [N]`` the pixel (``num_pixels``
+  for unused entries,
   which are dropped) and ``first [N]`` whether the fragment is its pixel's slot 0."""
+
   column: jax.Array = None
   first: jax.Array = None
   num_pixels: int = 0
@@ -151,8 +181,9 @@ class _Layout(NamedTuple):
   def sum(self, x):  # per fragment -> per pixel
     if self.column is None:
       return _slot_sum(x)
-    return jax.ops.segment_sum(x.astype(jnp.float32) if x.dtype == jnp.bool_ else x, self.column,
-                               self.num_pixels)
+    return jax.ops.segment_sum(
+      x.astype(jnp.float32) if x.dtype == jnp.bool_ else x, self.column, self.num_pixels
+    )
 
   def max(self, x):
     if self.column is None:
@@ -181,56 +212,72 @@ class _Layout(NamedTuple):
 
 
 def _soft_terms(dist, depth, valid, sigma, gamma, lay):
-  """Per fragment s = sigmoid(min(d, 0) / sigma), 1 - p, logits; and the reference depth z0 per pixel."""
+  """Per fragment s = sigmoid(min(d, 0) / sigma), 1 - p, logits; and the reference depth z0 per
+  pixel."""
   z0 = jnp.where(lay.first_of(valid), lay.first_of(depth), 1.0)
   dn = jnp.minimum(jnp.where(valid, dist, -1.0), 0.0) / sigma
   s = jax.nn.sigmoid(dn)
   om = jnp.where(valid, 1.0 - 2.0 * s, 1.0)
-  # log sigmoid(dn) for dn <= 0, written out: XLA:CPU emits jax.nn.log_sigmoid (logaddexp), and log1p inside
-  # larger fusions, as scalar code (this fusion: ~7 ms -> ~1 ms at 512 x 512, K = 8 with budgets).
+  # log sigmoid(dn) for dn <= 0, written out: XLA:CPU emits jax.nn.log_sigmoid (logaddexp), and
+  # log1p inside larger fusions, as scalar code (this fusion: ~7 ms -> ~1 ms at 512 x 512, K = 8
+  # with budgets).
   log_s = dn - jnp.log(1.0 + jnp.exp(dn))
   logit = math.log(2.0) + log_s - (depth / lay.bcast(z0) - 1.0) / gamma
   return s, om, jnp.where(valid, logit, -1e30), z0
 
 
-# Sums over the K slots are dot products with a vector of ones: XLA:CPU hands reduce ops over the slot axis
-# to YNNPACK fusions that are several times slower (512 x 512, K = 8: the blend's forward + backward ~200 ms
-# with reduce ops, ~70 ms with dots, measured alone). Unrolled sums or elementwise trees are worse still: XLA
-# fuses the slot chains into each consumer and recomputes them per output element (seconds; optimization
-# barriers do not survive on CPU). A dot materialises its operand and result.
+# Sums over the K slots are dot products with a vector of ones: XLA:CPU hands reduce ops over the
+# slot axis to YNNPACK fusions that are several times slower (512 x 512, K = 8: the blend's forward
+# + backward ~200 ms with reduce ops, ~70 ms with dots, measured alone). Unrolled sums or
+# elementwise trees are worse still: XLA fuses the slot chains into each consumer and recomputes
+# them per output element (seconds; optimization barriers do not survive on CPU). A dot materialises
+# its operand and result.
 
 
 def _slot_sum(x):
   """Sum of ``x [K, ...]`` over the slots (float)."""
   x = x.astype(jnp.float32) if x.dtype == jnp.bool_ else x
-  return jnp.tensordot(jnp.ones((x.shape[0],), x.dtype), x, axes=(0, 0), precision=lax.Precision.HIGHEST)
+  return jnp.tensordot(
+    jnp.ones((x.shape[0],), x.dtype), x, axes=(0, 0), precision=lax.Precision.HIGHEST
+  )
 
 
-def soft_blend(dist, depth, valid, colors, sigma, gamma, background, column=None, first=None, num_pixels=0):
+def soft_blend(
+  dist, depth, valid, colors, sigma, gamma, background, column=None, first=None, num_pixels=0
+):
   """SoftRas-style aggregation of the fragments of each pixel.
 
   p_k = ``soft_coverage(d_k)``; alpha = 1 - prod_k (1 - p_k); foreground = sum_k w_k c_k with
-  w = softmax_k(log p_k - r_k / gamma), r_k = z_k / z_0 - 1 the depth relative to slot 0 (the nearest);
-  rgb = alpha * foreground + (1 - alpha) * background; depth = sum_k w_k z_k (0 where no slot is valid).
-  The gradient is written by hand (autodiff of the product divides by 1 - p_k, which is 0 inside a face).
+  w = softmax_k(log p_k - r_k / gamma), r_k = z_k / z_0 - 1 the depth relative to slot 0 (the
+  nearest); rgb = alpha * foreground + (1 - alpha) * background; depth = sum_k w_k z_k (0 where no
+  slot is valid). The gradient is written by hand (autodiff of the product divides by 1 - p_k, which
+  is 0 inside a face).
 
   Args:
-    dist, depth: [K, ...] float (slot-major; any pixel shape) or, compacted, [N]; valid: bool, same shape;
+    dist, depth: [K, ...] float (slot-major; any pixel shape) or, compacted, [N]; valid: bool, same
+      shape;
     colors: [C, K, ...] or [C, N]; sigma, gamma: floats; background: tuple of C floats.
     column, first, num_pixels: for compacted fragments, the pixel [N] int32 of each fragment
-      (``num_pixels`` for unused entries), whether it is its pixel's slot 0 [N] bool, and the pixel count.
+      (``num_pixels`` for unused entries), whether it is its pixel's slot 0 [N] bool, and the pixel
+      count.
   Returns:
     (rgb [..., C], alpha [...], depth [...]) per pixel ([num_pixels, C], ... when compacted).
   """
-  return _soft_blend(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels)
+  return _soft_blend(
+    dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _soft_blend(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels):
-  return _soft_blend_fwd(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels)[0]
+  return _soft_blend_fwd(
+    dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels
+  )[0]
 
 
-def _soft_blend_fwd(dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels):
+def _soft_blend_fwd(
+  dist, depth, valid, colors, column, first, sigma, gamma, background, num_pixels
+):
   lay = _Layout(column, first, num_pixels)
   _, om, logit, _ = _soft_terms(dist, depth, valid, sigma, gamma, lay)
   zeros = lay.sum((om == 0).astype(om.dtype))
@@ -238,7 +285,8 @@ def _soft_blend_fwd(dist, depth, valid, colors, column, first, sigma, gamma, bac
   alpha = 1.0 - jnp.where(zeros > 0, 0.0, jnp.exp(log_nz))
   e = jnp.exp(logit - lay.bcast(lay.max(logit)))
   w = jnp.where(valid, e / lay.bcast(lay.sum(e)), 0.0)  # (unused compacted entries: e / 0)
-  # Per channel: XLA:CPU's library reduction mis-broadcasts w[None] * colors over channels (jit only).
+  # Per channel: XLA:CPU's library reduction mis-broadcasts w[None] * colors over channels (jit
+  # only).
   fg = jnp.stack([lay.sum(w * colors[c]) for c in range(colors.shape[0])])  # [C, ...]
   bg = jnp.asarray(background, fg.dtype).reshape((-1,) + (1,) * (fg.ndim - 1))
   rgb = jnp.moveaxis(alpha * fg + (1.0 - alpha) * bg, 0, -1)
@@ -268,8 +316,11 @@ def _soft_blend_bwd(sigma, gamma, background, num_pixels, res, cts):
   g_logit = w * (g_w - lay.bcast(lay.sum(w * g_w)))
   # prod_{j != k} (1 - p_j) without dividing by a zero (1 - p_k = 0 inside a face).
   nz, zeros = lay.bcast(jnp.exp(log_nz)), lay.bcast(zeros)
-  others = jnp.where(om == 0, jnp.where(zeros == 1, nz, 0.0),
-                     jnp.where(zeros == 0, nz / jnp.where(om == 0, 1.0, om), 0.0))
+  others = jnp.where(
+    om == 0,
+    jnp.where(zeros == 1, nz, 0.0),
+    jnp.where(zeros == 0, nz / jnp.where(om == 0, 1.0, om), 0.0),
+  )
   g_p = lay.bcast(g_a) * others
   g_dn = 2.0 * g_p * s * (1.0 - s) + g_logit * (1.0 - s)
   g_dist = jnp.where(valid & (dist < 0), g_dn / sigma, 0.0)
@@ -278,7 +329,8 @@ def _soft_blend_bwd(sigma, gamma, background, num_pixels, res, cts):
   z0_term = lay.sum(gl * depth) / (gamma * z0 * z0)
   g_depth = lay.add_to_first(g_depth, jnp.where(lay.first_of(valid), z0_term, 0.0))
   if column is not None:
-    # Each read by several consumers; materialised in the compacted layout only (dense: measured slower).
+    # Each read by several consumers; materialised in the compacted layout only (dense: measured
+    # slower).
     g_dist, g_depth, *g_colors = materialize(g_dist, g_depth, *g_colors)
   return g_dist, g_depth, None, jnp.stack(g_colors), None, None
 
@@ -294,11 +346,13 @@ def _face_id(slots, dist):
   return face_id
 
 
-def render_mesh(verts, faces, uvs, uv_faces, texture, camera: Camera, settings: RasterSettings) -> Rendered:
+def render_mesh(
+  verts, faces, uvs, uv_faces, texture, camera: Camera, settings: RasterSettings
+) -> Rendered:
   """Renders a textured triangle mesh.
 
-  Hard mode (sigma = 0): colour and depth of the nearest face, alpha 1 where one covers the pixel centre.
-  Soft mode: ``soft_blend`` of the K fragments per pixel.
+  Hard mode (sigma = 0): colour and depth of the nearest face, alpha 1 where one covers the pixel
+  centre. Soft mode: ``soft_blend`` of the K fragments per pixel.
 
   Args:
     verts: [V, 3] float vertices in the camera's world frame.
@@ -322,8 +376,9 @@ def render_mesh(verts, faces, uvs, uv_faces, texture, camera: Camera, settings: 
     raise ValueError(f"settings.background has {len(bg)} channels, the texture has {nc}")
   bg = bg * nc if len(bg) == 1 else bg
   face_uv = uvs[uv_faces].reshape(-1, 6)  # [F, 6]: u0 v0 u1 v1 u2 v2
-  slots, overflow = rasterize_slots(verts, faces, camera, settings, face_attrs=face_uv,
-                                    num_slots=1 if settings.is_hard else None)
+  slots, overflow = rasterize_slots(
+    verts, faces, camera, settings, face_attrs=face_uv, num_slots=1 if settings.is_hard else None
+  )
   b, a = slots.bary, slots.attrs  # per evaluated fragment
   u = b[0] * a[0] + b[1] * a[2] + b[2] * a[4]
   v = b[0] * a[1] + b[1] * a[3] + b[2] * a[5]
@@ -332,27 +387,54 @@ def render_mesh(verts, faces, uvs, uv_faces, texture, camera: Camera, settings: 
     colors, depth = [expand(slots, c) for c in colors], expand(slots, slots.depth)  # [1, *Q]
     v0 = slots.valid[0]
     rgb = jnp.stack([jnp.where(v0, colors[c][0], bg[c]) for c in range(nc)])  # [C, *Q]
-    alpha, depth, face_id = v0.astype(u.dtype), jnp.where(v0, depth[0], 0.0), jnp.where(v0, slots.ids[0], -1)
+    alpha, depth, face_id = (
+      v0.astype(u.dtype),
+      jnp.where(v0, depth[0], 0.0),
+      jnp.where(v0, slots.ids[0], -1),
+    )
   elif slots.pos is None:  # every slot evaluated: blend [K, *Q]
     dist = slots.dist
-    rgb, alpha, depth = soft_blend(dist, slots.depth, slots.valid, jnp.stack(colors), settings.sigma,
-                                   settings.gamma, bg)
+    rgb, alpha, depth = soft_blend(
+      dist, slots.depth, slots.valid, jnp.stack(colors), settings.sigma, settings.gamma, bg
+    )
     rgb, face_id = jnp.moveaxis(rgb, -1, 0), _face_id(slots, dist)
   else:  # compacted fragments: blend them in place, with per-pixel sums as segment sums
     col_shape = slots.ids.shape[1:]
     num_pixels, total = math.prod(col_shape), slots.ids.size
     used = slots.pos < total
     column = jnp.where(used, slots.pos % num_pixels, num_pixels)
-    rgb, alpha, depth = soft_blend(slots.dist, slots.depth, used, jnp.stack(colors), settings.sigma,
-                                   settings.gamma, bg, column=column, first=slots.pos < num_pixels,
-                                   num_pixels=num_pixels)
+    rgb, alpha, depth = soft_blend(
+      slots.dist,
+      slots.depth,
+      used,
+      jnp.stack(colors),
+      settings.sigma,
+      settings.gamma,
+      bg,
+      column=column,
+      first=slots.pos < num_pixels,
+      num_pixels=num_pixels,
+    )
     # The nearest slot covering the pixel centre.
     slot = jnp.where(used & (slots.dist >= 0), slots.pos // num_pixels, slots.ids.shape[0])
     best = jax.ops.segment_min(slot, column, num_pixels)  # [Q]; > S - 1 where none
     ids = slots.ids.reshape(slots.ids.shape[0], num_pixels)
-    face_id = jnp.where(best < ids.shape[0], jnp.take_along_axis(ids, jnp.minimum(best, ids.shape[0] - 1)[None],
-                                                                 axis=0)[0], -1)
+    face_id = jnp.where(
+      best < ids.shape[0],
+      jnp.take_along_axis(ids, jnp.minimum(best, ids.shape[0] - 1)[None], axis=0)[0],
+      -1,
+    )
     unflat = lambda x: x.reshape(x.shape[:-1] + col_shape)
-    rgb, alpha, depth, face_id = unflat(jnp.moveaxis(rgb, -1, 0)), unflat(alpha), unflat(depth), unflat(face_id)
-  return Rendered(rgb=jnp.moveaxis(to_image(slots, rgb, bg), 0, -1), alpha=to_image(slots, alpha)[..., None],
-                  depth=to_image(slots, depth), face_id=to_image(slots, face_id, -1), overflow=overflow)
+    rgb, alpha, depth, face_id = (
+      unflat(jnp.moveaxis(rgb, -1, 0)),
+      unflat(alpha),
+      unflat(depth),
+      unflat(face_id),
+    )
+  return Rendered(
+    rgb=jnp.moveaxis(to_image(slots, rgb, bg), 0, -1),
+    alpha=to_image(slots, alpha)[..., None],
+    depth=to_image(slots, depth),
+    face_id=to_image(slots, face_id, -1),
+    overflow=overflow,
+  )

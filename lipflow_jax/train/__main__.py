@@ -1,23 +1,26 @@
-r"""Trains one model: ``python -m lipflow_jax.train --config=configs/<name>.py[:tiny] --workdir=DIR``.
+r"""Trains one model: ``python -m lipflow_jax.train --config=configs/<name>.py[:tiny]
+--workdir=DIR``.
 
 Config fields can be overridden on the command line (``--config.num_train_steps=200``,
-``--config.model.z_dim=32``). Running it again on the same workdir resumes from the latest checkpoint; a run
-that already finished exits at once. SIGTERM (preemption) checkpoints at the next step and exits.
+``--config.model.z_dim=32``). Running it again on the same workdir resumes from the latest
+checkpoint; a run that already finished exits at once. SIGTERM (preemption) checkpoints at the next
+step and exits.
 """
 
+from absl import app, flags, logging
 import jax
-from absl import app
-from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from lipflow_jax import distributed
 from lipflow_jax.train import loop
 
 FLAGS = flags.FLAGS
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<name>.py[:variant]).',
-                                lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, metrics and the config.'
+)
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file (configs/<name>.py[:variant]).', lock_config=True
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -25,8 +28,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   distributed.initialize()  # multi-process start-up precedes any use of JAX devices
-  logging.info('JAX process %d / %d, local devices %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  logging.info(
+    'JAX process %d / %d, local devices %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   result = loop.train_and_evaluate(FLAGS.config, _WORKDIR.value)
   if result.stopped == 'preempted':
     logging.warning('Preempted at step %d; run the same command again to resume.', result.step)

@@ -1,11 +1,12 @@
 """Checkpoints: one orbax ``CheckpointManager`` with two composite items per step.
 
-    <workdir>/checkpoints/<step>/state/       the ``TrainState`` (StandardSave: params, optimiser, step, rng, counters)
-    <workdir>/checkpoints/<step>/data_iter/   process_<i>-of-<n>.json, each process's input iterator state
+    <workdir>/checkpoints/<step>/state/      the ``TrainState`` (StandardSave: params, optimiser,
+                                             step, rng, counters)
+    <workdir>/checkpoints/<step>/data_iter/  process_<i>-of-<n>.json, each process's iterator state
 
-Saving is asked on every step on every process; the manager decides (every ``save_every`` steps, on orbax's
-preemption detection in multi-process jobs, or when forced, e.g. after SIGTERM). A restored run continues the
-same run: same parameters, optimiser moments, RNG and next batch.
+Saving is asked on every step on every process; the manager decides (every ``save_every`` steps, on
+orbax's preemption detection in multi-process jobs, or when forced, e.g. after SIGTERM). A restored
+run continues the same run: same parameters, optimiser moments, RNG and next batch.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import signal
 import threading
 from typing import Any, Optional
 
-import jax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+import jax
+import orbax.checkpoint as ocp
 
 from lipflow_jax import models
 from lipflow_jax.train.metrics_logging import CONFIG_FILE
@@ -29,9 +30,11 @@ STATE = 'state'
 DATA_ITER = 'data_iter'
 
 
-# ------------------------------------------------------------------------------------ data iterator item
+# ------------------------------------------------------------------------------------ data iterator
+# item
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves ``iterator.get_state()`` of each process as JSON (dict states, or bytes states such as grain's
+  """Saves ``iterator.get_state()`` of each process as JSON (dict states, or bytes states such as
+  grain's
   ``DataLoaderIterator``), one file per process; restores with ``iterator.set_state``."""
 
   def _filename(self, directory: epath.Path) -> epath.Path:
@@ -49,7 +52,9 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: 'DataIteratorRestore'):
     filename = self._filename(directory)
     if not filename.exists():
-      raise FileNotFoundError(f'{filename} does not exist (checkpoint written by a different process count?)')
+      raise FileNotFoundError(
+        f'{filename} does not exist (checkpoint written by a different process count?)'
+      )
     payload = json.loads(filename.read_text())
     state = payload['state'].encode() if payload['kind'] == 'bytes' else payload['state']
     args.item.set_state(state)
@@ -87,31 +92,48 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 # ------------------------------------------------------------------------------------ manager
-def make_checkpoint_manager(directory: str, *, save_every: int, keep: int | None = 3,
-                            async_save: bool = True) -> ocp.CheckpointManager:
+def make_checkpoint_manager(
+  directory: str, *, save_every: int, keep: int | None = 3, async_save: bool = True
+) -> ocp.CheckpointManager:
   """A manager saving every ``save_every`` steps and keeping the last ``keep``."""
-  # Every `save_every` steps and on preemption (multi-process jobs); no extra save at the first step.
-  policy = ocp.checkpoint_managers.AnySavePolicy([
+  # Every `save_every` steps and on preemption (multi-process jobs); no extra save at the first
+  # step.
+  policy = ocp.checkpoint_managers.AnySavePolicy(
+    [
       ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(save_every))),
-      ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                         save_decision_policy=policy)
-  return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=(STATE, DATA_ITER))
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ]
+  )
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    save_decision_policy=policy,
+  )
+  return ocp.CheckpointManager(
+    epath.Path(directory), options=options, item_names=(STATE, DATA_ITER)
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, force: bool = False) -> bool:
-  """Asks the manager to save ``state`` (and the iterator) as ``step``. Returns whether a save started."""
+def save(
+  manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, force: bool = False
+) -> bool:
+  """Asks the manager to save ``state`` (and the iterator) as ``step``. Returns whether a save
+  started."""
   items = {STATE: ocp.args.StandardSave(state)}
   if data_iter is not None:
     items[DATA_ITER] = DataIteratorSave(data_iter)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, state_template, data_iter=None, step: int | None = None):
+def restore(
+  manager: ocp.CheckpointManager, state_template, data_iter=None, step: int | None = None
+):
   """Restores the latest (or given) step into the shardings and dtypes of ``state_template``.
 
   Args:
-    state_template: a ``TrainState`` of arrays or ``jax.ShapeDtypeStruct`` s carrying the target shardings.
+    state_template: a ``TrainState`` of arrays or ``jax.ShapeDtypeStruct`` s carrying the target
+      shardings.
     data_iter: restored in place (``set_state``) when given.
   Returns:
     (state, step), or (None, None) when the directory holds no checkpoint.
@@ -128,15 +150,20 @@ def restore(manager: ocp.CheckpointManager, state_template, data_iter=None, step
 
 
 def restore_state_for_inference(directory: str, step: int | None = None, sharding=None):
-  """Restores the saved ``TrainState`` of ``directory/<step>`` (latest when None) as a plain dict, without a
-  template and whatever topology it was saved on; every array is placed with ``sharding`` (default: device 0).
+  """Restores the saved ``TrainState`` of ``directory/<step>`` (latest when None) as a plain dict,
+  without a template and whatever topology it was saved on; every array is placed with ``sharding``
+  (default: device 0).
 
   Returns:
     ({'params', 'opt_state', 'step', 'rng', ...}, step).
   """
   directory = epath.Path(directory)
   if step is None:
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    steps = (
+      sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+      if directory.exists()
+      else []
+    )
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     step = steps[-1]
@@ -145,8 +172,9 @@ def restore_state_for_inference(directory: str, step: int | None = None, shardin
   handler = ocp.StandardCheckpointHandler()
   metadata = handler.metadata(path)
   is_leaf = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
-                          is_leaf=is_leaf)
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata, is_leaf=is_leaf
+  )
   state = handler.restore(path, args=ocp.args.StandardRestore(abstract))
   handler.close()
   return state, int(step)
@@ -156,9 +184,9 @@ def restore_state_for_inference(directory: str, step: int | None = None, shardin
 class PreemptionWatcher:
   """Turns SIGTERM into a request to checkpoint at the next step and stop.
 
-  In a one-process job a Python SIGTERM handler sets the flag. In a multi-process job the handler is not
-  installed (it would replace the preemption notifier that ``jax.distributed`` installs); orbax's
-  ``CheckpointManager.reached_preemption`` then tells all processes at the same step.
+  In a one-process job a Python SIGTERM handler sets the flag. In a multi-process job the handler is
+  not installed (it would replace the preemption notifier that ``jax.distributed`` installs);
+  orbax's ``CheckpointManager.reached_preemption`` then tells all processes at the same step.
   """
 
   def __init__(self, manager: ocp.CheckpointManager | None = None, install: bool | None = None):
@@ -192,7 +220,8 @@ class PreemptionWatcher:
       self._previous = None
 
 
-# ------------------------------------------------------------------------------------ a trained run read back
+# ------------------------------------------------------------------------------------ a trained run
+# read back
 MODEL_FILE = 'model.json'  # in a run's workdir: what ``load_trained`` needs to rebuild the model
 CHECKPOINT_DIR = 'checkpoints'  # in a run's workdir
 
@@ -201,9 +230,12 @@ CHECKPOINT_DIR = 'checkpoints'  # in a run's workdir
 class Trained:
   """A trained run read back from its workdir.
 
-  kind: 'avatar' or 'regressor'; model: a ``LipFlowModel`` or {condition: ``Regressor``}; params: its 'params'
-  collection (or {condition: params}); step: the checkpoint's step; config: the run's ``config.json``.
+  kind: 'avatar' or 'regressor'; model: a ``LipFlowModel`` or {condition: ``Regressor``}; params:
+    its 'params'
+  collection (or {condition: params}); step: the checkpoint's step; config: the run's
+  ``config.json``.
   """
+
   kind: str
   model: Any
   params: Any
@@ -212,10 +244,11 @@ class Trained:
 
 
 def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Trained:
-  """Rebuilds the model of a workdir from ``model.json`` and restores its parameters (latest or ``step``).
+  """Rebuilds the model of a workdir from ``model.json`` and restores its parameters (latest or
+  ``step``).
 
-  Works on any device topology (a run trained on 8 devices loads on 1): parameters are placed with ``sharding``
-  (default: device 0).
+  Works on any device topology (a run trained on 8 devices loads on 1): parameters are placed with
+  ``sharding`` (default: device 0).
   """
   with open(os.path.join(workdir, MODEL_FILE)) as f:
     desc = json.load(f)
@@ -229,4 +262,6 @@ def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Tra
   else:
     model = {c: models.Regressor(**fix(d)) for c, d in desc['regressors'].items()}
   state, step = restore_state_for_inference(os.path.join(workdir, CHECKPOINT_DIR), step, sharding)
-  return Trained(kind=desc['task'], model=model, params=state['params'], step=int(step), config=config)
+  return Trained(
+    kind=desc['task'], model=model, params=state['params'], step=int(step), config=config
+  )

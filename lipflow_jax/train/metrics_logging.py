@@ -1,5 +1,7 @@
-"""Metrics out of a run, from process 0 only: TensorBoard (tensorboardX) scalars and images, ``metrics.jsonl``
-(one JSON object per write: ``{"step": s, "<name>": value, ...}``) and the resolved config (``config.json``)."""
+"""Metrics out of a run, from process 0 only: TensorBoard (tensorboardX) scalars and images,
+``metrics.jsonl``
+(one JSON object per write: ``{"step": s, "<name>": value, ...}``) and the resolved config
+(``config.json``)."""
 
 from __future__ import annotations
 
@@ -93,7 +95,8 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def mean_metrics(history: list[Mapping[str, Any]]) -> dict:
-  """Averages per-step host metrics over steps, ignoring non-finite values of skipped steps; ``skipped`` is
+  """Averages per-step host metrics over steps, ignoring non-finite values of skipped steps;
+  ``skipped`` is
   summed (the number of skipped steps in the window)."""
   if not history:
     return {}

@@ -1,15 +1,17 @@
-"""What a run trains: the model, its parameter initialiser, loss and image summaries, built from plain values.
+"""What a run trains: the model, its parameter initialiser, loss and image summaries, built from
+plain values.
 
 A ``Task`` is everything the train loop needs to know about a model:
 
   init_params(rng, batch) -> params
   loss_fn(params, frozen, batch, rng) -> (loss [], metrics {name: []})
   images_fn(params, frozen, batch) -> {name: [H, W, 3] in [0, 1]}   (first example of the batch)
-  frozen: a pytree of fixed arrays the loss reads (the DAM teacher of the regressor), passed to the jitted
-    step as an argument rather than baked into it as constants.
+  frozen: a pytree of fixed arrays the loss reads (the DAM teacher of the regressor), passed to the
+    jitted step as an argument rather than baked into it as constants.
 
-Kinds: 'avatar' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow prior, direct encoder) and
-'regressor' (one ``Regressor`` per condition, trained to the frozen DAM posterior mean of a teacher workdir).
+Kinds: 'avatar' (``LipFlowModel``: DAM, LiP-Flow, conditional Gaussian, flow prior, direct encoder)
+and 'regressor' (one ``Regressor`` per condition, trained to the frozen DAM posterior mean of a
+teacher workdir).
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax import geometry
-from lipflow_jax import models
-from lipflow_jax import render
+from lipflow_jax import geometry, models, render
 from lipflow_jax.data import schema
 
 PyTree = Any
@@ -31,7 +31,9 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """See the module docstring; ``model`` is the Flax module (or {condition: module}) that was built."""
+  """See the module docstring; ``model`` is the Flax module (or {condition: module}) that was
+  built."""
+
   model: Any
   init_params: Callable[[jax.Array, dict], PyTree]
   loss_fn: Callable[[PyTree, PyTree, dict, jax.Array], tuple]
@@ -40,13 +42,16 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------ augmentation
-def augment_keypoints(batch: Mapping[str, Any], rng, noise_px: float = 0.0, dropout: float = 0.0) -> dict:
+def augment_keypoints(
+  batch: Mapping[str, Any], rng, noise_px: float = 0.0, dropout: float = 0.0
+) -> dict:
   """Fresh detector noise on the run-time keypoints of a training batch.
 
-  Every (frame, camera) example of a frame carries the same keypoints, so without augmentation a keypoint
-  encoder sees one noisy detection per frame and can memorise it. Adds N(0, noise_px^2) pixels to
-  ``keypoints`` [B, P, 2] and marks each keypoint invisible in ``keypoints_visible`` [B, P] with probability
-  ``dropout``; other entries are returned unchanged. A no-op for batches without keypoints.
+  Every (frame, camera) example of a frame carries the same keypoints, so without augmentation a
+  keypoint encoder sees one noisy detection per frame and can memorise it. Adds N(0, noise_px^2)
+  pixels to ``keypoints`` [B, P, 2] and marks each keypoint invisible in ``keypoints_visible`` [B,
+  P] with probability ``dropout``; other entries are returned unchanged. A no-op for batches without
+  keypoints.
   """
   if 'keypoints' not in batch or (noise_px <= 0 and dropout <= 0):
     return dict(batch)
@@ -62,9 +67,12 @@ def augment_keypoints(batch: Mapping[str, Any], rng, noise_px: float = 0.0, drop
 
 
 def with_keypoint_augmentation(task: Task, noise_px: float, dropout: float) -> Task:
-  """The task with ``augment_keypoints`` applied to every training batch (not to image summaries)."""
+  """The task with ``augment_keypoints`` applied to every training batch (not to image
+  summaries)."""
   if noise_px < 0 or not 0 <= dropout < 1:
-    raise ValueError(f'keypoint augmentation needs noise_px >= 0 and 0 <= dropout < 1, got {noise_px}, {dropout}')
+    raise ValueError(
+      f'keypoint augmentation needs noise_px >= 0 and 0 <= dropout < 1, got {noise_px}, {dropout}'
+    )
   if noise_px == 0 and dropout == 0:
     return task
   loss_fn = task.loss_fn
@@ -76,7 +84,8 @@ def with_keypoint_augmentation(task: Task, noise_px: float, dropout: float) -> T
   return dataclasses.replace(task, loss_fn=augmented_loss_fn)
 
 
-# ------------------------------------------------------------------------------------ sizes from data
+# ------------------------------------------------------------------------------------ sizes from
+# data
 def _meta_get(meta, *names, default=None):
   for n in names:
     if meta is not None and hasattr(meta, n) and getattr(meta, n) is not None:
@@ -89,10 +98,12 @@ def _meta_get(meta, *names, default=None):
 def data_sizes(example: Mapping[str, np.ndarray], meta=None) -> dict:
   """Model sizes implied by a batch (``[B, ...]`` arrays) and the dataset's ``DatasetMeta``.
 
-  Returns {num_vertices, tex_size, keypoint_image_size (the frontal camera's (H, W)), num_cameras} (the last
-  two None / 0 without ``meta``).
+  Returns {num_vertices, tex_size, keypoint_image_size (the frontal camera's (H, W)), num_cameras}
+  (the last two None / 0 without ``meta``).
   """
-  sizes = dict(num_vertices=int(example['verts'].shape[-2]), tex_size=int(example['avg_tex'].shape[-2]))
+  sizes = dict(
+    num_vertices=int(example['verts'].shape[-2]), tex_size=int(example['avg_tex'].shape[-2])
+  )
   kp_size = _meta_get(meta, 'frontal_size')  # the keypoints' pixel frame
   sizes['keypoint_image_size'] = None if kp_size is None else tuple(int(s) for s in kp_size)
   cameras = _meta_get(meta, 'camera_names')  # the decoder's per-camera colour gain and bias
@@ -101,7 +112,8 @@ def data_sizes(example: Mapping[str, np.ndarray], meta=None) -> dict:
 
 
 def _to_rgb(tex, mesh: Optional[schema.MeshMeta]):
-  """Normalised texture [..., T, T, 3] -> [0, 1] colours for image summaries (a fixed map without the
+  """Normalised texture [..., T, T, 3] -> [0, 1] colours for image summaries (a fixed map without
+  the
   dataset's statistics)."""
   if mesh is None:
     return jnp.clip(0.5 + 0.25 * tex, 0.0, 1.0)
@@ -120,25 +132,34 @@ def build_model(model_config: Mapping[str, Any], sizes: Mapping[str, Any]) -> mo
   for k, v in sizes.items():
     if kwargs.get(k) is None:
       kwargs[k] = v
-  needs_kp = (kwargs.get('prior') in models.CONDITIONAL_PRIORS and 'keypoints' in kwargs.get('conditions', ())
-              ) or kwargs.get('encoder_input') == 'keypoints'
+  needs_kp = (
+    kwargs.get('prior') in models.CONDITIONAL_PRIORS and 'keypoints' in kwargs.get('conditions', ())
+  ) or kwargs.get('encoder_input') == 'keypoints'
   if not needs_kp and kwargs.get('keypoint_image_size') is None:
     kwargs.pop('keypoint_image_size', None)
   return models.LipFlowModel(**kwargs)
 
 
-def avatar_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float], meta=None,
-                 render_images: bool = True, render_max_size: int = 256,
-                 screen_settings: Optional[Mapping[str, Any]] = None) -> Task:
+def avatar_task(
+  model: models.LipFlowModel,
+  *,
+  loss_weights: Mapping[str, float],
+  meta=None,
+  render_images: bool = True,
+  render_max_size: int = 256,
+  screen_settings: Optional[Mapping[str, Any]] = None,
+) -> Task:
   """Task of a ``LipFlowModel`` trained with ``models.model_loss``.
 
-  With a 'screen' loss weight > 0 the loss adds ``weight * screen_loss`` (the decoded avatar soft-rendered into
-  each example's camera at the photo's size, masked MSE against the photo); this needs the dataset's mesh
-  topology in ``meta``. ``screen_settings`` overrides ``models.SCREEN_RASTER_DEFAULTS`` (``RasterSettings`` fields).
+  With a 'screen' loss weight > 0 the loss adds ``weight * screen_loss`` (the decoded avatar
+  soft-rendered into each example's camera at the photo's size, masked MSE against the photo); this
+  needs the dataset's mesh topology in ``meta``. ``screen_settings`` overrides
+  ``models.SCREEN_RASTER_DEFAULTS`` (``RasterSettings`` fields).
 
-  Image summaries (first example of the batch, z = posterior mean): the decoded texture beside the target
-  (unobserved texels black), and with ``render_images`` (needs the dataset's mesh topology in ``meta``) the
-  decoded avatar rendered into the example's camera beside its photo, at most ``render_max_size`` pixels high.
+  Image summaries (first example of the batch, z = posterior mean): the decoded texture beside the
+  target (unobserved texels black), and with ``render_images`` (needs the dataset's mesh topology in
+  ``meta``) the decoded avatar rendered into the example's camera beside its photo, at most
+  ``render_max_size`` pixels high.
   """
   weights = dict(loss_weights)
   mesh = mesh_meta(meta)
@@ -147,8 +168,10 @@ def avatar_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float]
   screen_w = weights.get('screen', 0.0)
   if screen_w is not None and float(screen_w) > 0:
     if mesh is None:
-      raise ValueError("A 'screen' loss weight > 0 needs the dataset's mesh topology in meta (faces, uvs, "
-                       "uv_faces, vert_mean, vert_std).")
+      raise ValueError(
+        "A 'screen' loss weight > 0 needs the dataset's mesh topology in meta (faces, uvs, "
+        "uv_faces, vert_mean, vert_std)."
+      )
     raster_kwargs = dict(screen_settings or {})
 
     def screen_loss_fn(outputs, batch):
@@ -163,7 +186,9 @@ def avatar_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float]
 
   def loss_fn(params, frozen, batch, rng):
     del frozen
-    return models.model_loss(model, params, batch, rng, weights=weights, screen_loss_fn=screen_loss_fn)
+    return models.model_loss(
+      model, params, batch, rng, weights=weights, screen_loss_fn=screen_loss_fn
+    )
 
   def images_fn(params, frozen, batch):
     del frozen
@@ -171,18 +196,23 @@ def avatar_task(model: models.LipFlowModel, *, loss_weights: Mapping[str, float]
     out = model.apply({'params': params}, one, train=False)
     mask = one['tex_mask'][0]
     decoded = _to_rgb(out['tex'][0], mesh)
-    images = {'texture/decoded_vs_target': jnp.concatenate([decoded, _to_rgb(one['tex'][0], mesh) * mask],
-                                                           axis=1)}
+    images = {
+      'texture/decoded_vs_target': jnp.concatenate(
+        [decoded, _to_rgb(one['tex'][0], mesh) * mask], axis=1
+      )
+    }
     if renderer is not None and 'image' in one and 'camera_K' in one:
-      images['render/decoded_vs_photo'] = renderer(out['verts'][0], decoded, one['camera_K'][0],
-                                                   one['camera_Rt'][0], one['image'][0])
+      images['render/decoded_vs_photo'] = renderer(
+        out['verts'][0], decoded, one['camera_K'][0], one['camera_Rt'][0], one['image'][0]
+      )
     return images
 
   return Task(model=model, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn)
 
 
 def _make_renderer(mesh: schema.MeshMeta, max_size: int):
-  """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3] render | photo,
+  """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3]
+  render | photo,
   at most ``max_size`` pixels high."""
 
   def renderer(verts, texture, K, Rt, photo):
@@ -190,7 +220,9 @@ def _make_renderer(mesh: schema.MeshMeta, max_size: int):
     scale = min(1.0, max_size / max(h, w))
     size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
     K = jnp.diag(jnp.array([size[1] / w, size[0] / h, 1.0], jnp.float32)) @ K
-    settings = render.RasterSettings.hard(size, tile_size=8, max_faces_per_tile=256, cull_backfaces=True)
+    settings = render.RasterSettings.hard(
+      size, tile_size=8, max_faces_per_tile=256, cull_backfaces=True
+    )
     out = models.render_avatar(mesh, verts, texture, geometry.Camera(K=K, Rt=Rt), settings)
     photo = jax.image.resize(photo, size + photo.shape[-1:], 'linear') if size != (h, w) else photo
     return jnp.concatenate([out.rgb, photo], axis=1)
@@ -199,10 +231,18 @@ def _make_renderer(mesh: schema.MeshMeta, max_size: int):
 
 
 # ------------------------------------------------------------------------------------ regressor
-def regressor_task(conditions: Sequence[str], regressor_config: Mapping[str, Any], teacher, teacher_params,
-                   sizes: Mapping[str, Any], meta=None) -> Task:
-  """One ``Regressor`` per condition (params {condition: ...}), each trained by MSE to the frozen posterior mean
-  of ``teacher`` (a DAM ``LipFlowModel``) on the batch's rich data; the loss is the mean over conditions."""
+def regressor_task(
+  conditions: Sequence[str],
+  regressor_config: Mapping[str, Any],
+  teacher,
+  teacher_params,
+  sizes: Mapping[str, Any],
+  meta=None,
+) -> Task:
+  """One ``Regressor`` per condition (params {condition: ...}), each trained by MSE to the frozen
+  posterior mean
+  of ``teacher`` (a DAM ``LipFlowModel``) on the batch's rich data; the loss is the mean over
+  conditions."""
   mesh = mesh_meta(meta)
   rc = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(regressor_config).items()}
   if rc.get('keypoint_image_size') is None:
@@ -210,7 +250,9 @@ def regressor_task(conditions: Sequence[str], regressor_config: Mapping[str, Any
   regressors = {c: models.Regressor(condition=c, z_dim=teacher.z_dim, **rc) for c in conditions}
 
   def target_mu(frozen, batch):
-    mu, _ = teacher.apply({'params': frozen['teacher']}, batch, method=models.LipFlowModel.encode_input)
+    mu, _ = teacher.apply(
+      {'params': frozen['teacher']}, batch, method=models.LipFlowModel.encode_input
+    )
     return jax.lax.stop_gradient(mu)
 
   def init_params(rng, batch):
@@ -234,13 +276,30 @@ def regressor_task(conditions: Sequence[str], regressor_config: Mapping[str, Any
     row = []
     for c in conditions:
       z = regressors[c].apply({'params': params[c]}, one)
-      tex, _ = teacher.apply({'params': frozen['teacher']}, z, one['view'], one.get('camera_index'),
-                             method=models.LipFlowModel.decode)
+      tex, _ = teacher.apply(
+        {'params': frozen['teacher']},
+        z,
+        one['view'],
+        one.get('camera_index'),
+        method=models.LipFlowModel.decode,
+      )
       row.append(_to_rgb(tex[0], mesh))
-    tex, _ = teacher.apply({'params': frozen['teacher']}, mu, one['view'], one.get('camera_index'),
-                           method=models.LipFlowModel.decode)
+    tex, _ = teacher.apply(
+      {'params': frozen['teacher']},
+      mu,
+      one['view'],
+      one.get('camera_index'),
+      method=models.LipFlowModel.decode,
+    )
     row.append(_to_rgb(tex[0], mesh))
-    return {'texture/regressed_' + '_'.join(conditions) + '_vs_teacher': jnp.concatenate(row, axis=1)}
+    return {
+      'texture/regressed_' + '_'.join(conditions) + '_vs_teacher': jnp.concatenate(row, axis=1)
+    }
 
-  return Task(model=regressors, init_params=init_params, loss_fn=loss_fn, images_fn=images_fn,
-              frozen={'teacher': teacher_params})
+  return Task(
+    model=regressors,
+    init_params=init_params,
+    loss_fn=loss_fn,
+    images_fn=images_fn,
+    frozen={'teacher': teacher_params},
+  )

@@ -1,8 +1,8 @@
 """Train state and optimiser.
 
-The whole mutable state of a run is one pytree, ``TrainState``, so that the jitted step maps state -> state and
-one orbax item saves and restores all of it (parameters, optimiser moments, step, RNG and the non-finite
-counters).
+The whole mutable state of a run is one pytree, ``TrainState``, so that the jitted step maps state
+-> state and one orbax item saves and restores all of it (parameters, optimiser moments, step, RNG
+and the non-finite counters).
 """
 
 from __future__ import annotations
@@ -37,9 +37,15 @@ class TrainState(flax.struct.PyTreeNode):
   nonfinite_consecutive: jax.Array
 
 
-def make_learning_rate_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
-                                decay: str = 'cosine', end_factor: float = 0.0) -> optax.Schedule:
-  """Linear warm-up from 0 to ``learning_rate`` then ``decay`` in {'cosine', 'linear', 'constant'}."""
+def make_learning_rate_schedule(
+  learning_rate: float,
+  total_steps: int,
+  warmup_steps: int = 0,
+  decay: str = 'cosine',
+  end_factor: float = 0.0,
+) -> optax.Schedule:
+  """Linear warm-up from 0 to ``learning_rate`` then ``decay`` in {'cosine', 'linear',
+  'constant'}."""
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}')
   warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
@@ -59,8 +65,15 @@ def make_learning_rate_schedule(learning_rate: float, total_steps: int, warmup_s
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | None = None, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+  learning_rate: float | optax.Schedule,
+  *,
+  clip_norm: float | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
   """Global-norm clipping followed by Adam (AdamW when ``weight_decay > 0``)."""
   parts = []
   if clip_norm is not None and clip_norm > 0:
@@ -72,15 +85,24 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | 
   return optax.chain(*parts)
 
 
-def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(
+  params: PyTree, tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
   """A fresh state at step 0 (``rng``: a raw [2] uint32 key)."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jnp.asarray(rng), nonfinite_total=jnp.zeros((), jnp.int32),
-                    nonfinite_consecutive=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jnp.asarray(rng),
+    nonfinite_total=jnp.zeros((), jnp.int32),
+    nonfinite_consecutive=jnp.zeros((), jnp.int32),
+  )
 
 
-def init_train_state(init_params_fn: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
-                     rng: jax.Array) -> TrainState:
-  """``create_train_state`` with parameters from ``init_params_fn(init_rng)``; jit it with out_shardings."""
+def init_train_state(
+  init_params_fn: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+  """``create_train_state`` with parameters from ``init_params_fn(init_rng)``; jit it with
+  out_shardings."""
   init_rng, train_rng = jax.random.split(rng)
   return create_train_state(init_params_fn(init_rng), tx, train_rng)
