@@ -630,11 +630,11 @@ def _fragment_terms(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
   # NaN.)
   inv_area2 = safe_div(1.0, area2)
   lam = [e * inv_area2 for e in e_area]  # screen-space barycentrics
-  lam_c = [jnp.maximum(l, 0.0) for l in lam]
+  lam_c = [jnp.maximum(b, 0.0) for b in lam]
   total = lam_c[0] + lam_c[1] + lam_c[2]
   ok = total > 1e-6  # mathematically >= 1
   inv_total = 1.0 / jnp.where(ok, total, 1.0)
-  nrm = [jnp.where(ok, l * inv_total, 1.0 / 3.0) for l in lam_c]
+  nrm = [jnp.where(ok, b * inv_total, 1.0 / 3.0) for b in lam_c]
   z = (z0, z1, z2)
   q = [nrm[i] / z[i] for i in range(3)]
   depth = 1.0 / (q[0] + q[1] + q[2])
