@@ -65,3 +65,4 @@ from lipflow_jax.fit.priors import (
   no_prior,
   standard_normal_prior,
 )
+from lipflow_jax.fit.streaming import StreamState, stream_init, stream_step_fn, usable

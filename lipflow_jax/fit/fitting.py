@@ -100,7 +100,8 @@ class FitResult(NamedTuple):
   init: jax.Array
 
 
-def _needs_condition(cfg: FitConfig) -> bool:
+def needs_condition(cfg: FitConfig) -> bool:
+  """Whether fitting with ``cfg`` reads the condition statistics (``priors.condition_stats``)."""
   return cfg.prior in priors_lib.CONDITIONAL or cfg.space == "y" or cfg.init == "prior_mode"
 
 
@@ -234,15 +235,17 @@ def _batch_size(obs) -> int:
   return int(jax.tree_util.tree_leaves(obs)[0].shape[0])
 
 
-def _initial(bundle, obs, cfg, z0):
+def start_values(bundle, obs, cfg: FitConfig, z0=None):
+  """(variables [B, Z] the optimisation starts from, initial codes [B, Z]) of a
+  (condition-augmented) observation batch."""
   v0, z_init = initial_values(bundle, obs, cfg, z0)
   return (z_init if v0 is None else v0), z_init
 
 
 def _fit_impl(bundle, obs, z0, cfg: FitConfig, lambda_prior=None):
-  if _needs_condition(cfg):
+  if needs_condition(cfg):
     obs = priors_lib.condition_stats(bundle, obs, cfg.condition)
-  v0, z_init = _initial(bundle, obs, cfg, z0)
+  v0, z_init = start_values(bundle, obs, cfg, z0)
   to_z = jax.vmap(lambda v, o: to_code(bundle, cfg, v, o))
 
   if not cfg.sequence:
@@ -345,9 +348,9 @@ def fit_unjitted(bundle, observations, cfg: FitConfig, z0=None) -> FitResult:
   benchmark)."""
   obs = _numeric(observations)
   obs = jax.tree_util.tree_map(jnp.asarray, obs)
-  if _needs_condition(cfg):
+  if needs_condition(cfg):
     obs = priors_lib.condition_stats(bundle, obs, cfg.condition)
-  v0, z_init = _initial(bundle, obs, cfg, z0)
+  v0, z_init = start_values(bundle, obs, cfg, z0)
   grad_fn = jax.value_and_grad(make_loss(cfg), has_aux=True)
   vs, zs, traces = [], [], []
   n = v0.shape[0]

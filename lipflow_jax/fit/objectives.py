@@ -68,9 +68,8 @@ def sanitize_keypoints(keypoints, visible=None):
 
 
 def project_keypoints(bundle, z, camera: geometry.Camera):
-  """[Z] -> [P, 2] pixel projections of the decoded keypoint vertices."""
-  verts = bundle_lib.decode_verts(bundle, z, geometry.view_direction(camera))
-  return geometry.project(camera, verts[bundle.meta.keypoint_vertex_ids])
+  """[Z] -> [P, 2] pixel projections of the decoded keypoint vertices (only those are decoded)."""
+  return geometry.project(camera, bundle_lib.decode_keypoint_verts(bundle, z))
 
 
 def keypoint_objective(z, obs, bundle, robust: str = "l2", scale: float = 1.0):

@@ -257,7 +257,8 @@ def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Tra
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
       config = json.load(f)
   fix = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-  if desc['task'] == 'avatar':
+  if desc['task'] in ('avatar', 'lipflow'):  # 'lipflow': the task's name in workdirs before 2026-12
+    desc['task'] = 'avatar'
     model = models.LipFlowModel(**fix(desc['model']))
   else:
     model = {c: models.Regressor(**fix(d)) for c, d in desc['regressors'].items()}
