@@ -98,6 +98,14 @@ def test_stream_of_identical_frames_converges_to_the_batch_fit(toy, method):
   assert int(state.frames) == 80 and int(state.skipped) == 0
 
 
+def test_one_compilation_for_every_frame(toy):
+  bundle, _, obs = toy
+  bundle = jax.device_put(bundle, jax.devices()[0])  # committed, like a restored checkpoint
+  cfg = fit.fit_config("lipflow_fit", "keypoints", lr=0.05, lambda_prior=0.1)
+  _stream(bundle, cfg, _frames(_keypoint_obs(obs), [0, 1, 2]), steps=2)
+  assert fit.stream_step_fn(cfg, 2)._cache_size() == 1
+
+
 def test_first_frame_starts_from_the_prior_mode(toy):
   bundle, _, obs = toy
   obs = _keypoint_obs(obs)

@@ -52,9 +52,10 @@ def _optimizer(cfg: fitting.FitConfig):
 
 
 def stream_init(bundle, cfg: fitting.FitConfig) -> StreamState:
-  """The state before the first frame (nothing fitted yet)."""
+  """The state before the first frame (nothing fitted yet), on the default device like the step's
+  outputs (so that the first and the later frames share one compiled step)."""
   zeros = jnp.zeros((bundle.latent_dim,), jnp.float32)
-  return StreamState(
+  state = StreamState(
     v=zeros,
     opt_state=_optimizer(cfg).init(zeros),
     z=zeros,
@@ -62,6 +63,7 @@ def stream_init(bundle, cfg: fitting.FitConfig) -> StreamState:
     frames=jnp.zeros((), jnp.int32),
     skipped=jnp.zeros((), jnp.int32),
   )
+  return jax.device_put(state, jax.devices()[0])
 
 
 def usable(obs, cfg: fitting.FitConfig):
