@@ -2,10 +2,13 @@
 
 One compiled step takes the previous frame's ``StreamState`` (the optimised variable, its Adam
 moments, the code) and the new frame's observation, runs a fixed number of Adam steps warm-started
-from the previous frame, and returns the new state. The first usable frame starts where the batch
-fitter starts (``FitConfig.init``: the prior mode for LiP-Flow and the conditional Gaussian, the
-DAM-Regressor's code, or zeros). The step size is constant (``FitConfig.lr``; no per-frame
-schedule) and the Adam moments carry over from frame to frame.
+from the previous frame, and returns the new state. Every frame has the initial value the batch
+fitter would give it (``FitConfig.init``: the prior mode of this frame's signal for LiP-Flow and the
+conditional Gaussian, the DAM-Regressor's code, or zeros); the first usable frame starts there, and
+each later one from its own initial value plus the previous frame's fitted correction,
+``v_init(t) + (v(t-1) - v_init(t-1))``: the inference-time encoder follows the motion in one
+pass, the steps refine it. (With ``init='zeros'`` this is the previous frame's result.) The step
+size is constant (``FitConfig.lr``; no per-frame schedule) and the Adam moments carry over.
 
 A frame with nothing usable (every keypoint invisible or non-finite; every headset pixel non-finite
 or masked out) keeps the previous state and code and is counted in ``StreamState.skipped``; nothing
@@ -34,12 +37,14 @@ from lipflow_jax.fit import priors as priors_lib
 class StreamState(NamedTuple):
   """The streaming fitter after a frame.
 
-  v: [Z] the optimised variable (the code, or the flow's base variable in space 'y');
-  opt_state: its Adam state; z: [Z] the frame's code; started: [] bool, a usable frame was fitted;
+  v: [Z] the optimised variable (the code, or the flow's base variable in space 'y'); v_init: [Z]
+  its initial value for that frame; opt_state: its Adam state; z: [Z] the frame's code; started:
+  [] bool, a usable frame was fitted;
   frames: [] int32 frames seen; skipped: [] int32 frames with nothing usable (previous code kept).
   """
 
   v: jax.Array
+  v_init: jax.Array
   opt_state: Any
   z: jax.Array
   started: jax.Array
@@ -57,6 +62,7 @@ def stream_init(bundle, cfg: fitting.FitConfig) -> StreamState:
   zeros = jnp.zeros((bundle.latent_dim,), jnp.float32)
   state = StreamState(
     v=zeros,
+    v_init=zeros,
     opt_state=_optimizer(cfg).init(zeros),
     z=zeros,
     started=jnp.zeros((), bool),
@@ -96,7 +102,7 @@ def _stream_step(
   v_init, z_init = fitting.start_values(bundle, one, cfg)
   frame = jax.tree_util.tree_map(lambda x: x[0], one)
   opt = _optimizer(cfg)
-  v0 = jnp.where(state.started, state.v, v_init[0])
+  v0 = jnp.where(state.started, v_init[0] + (state.v - state.v_init), v_init[0])
   s0 = _where(state.started, state.opt_state, opt.init(v_init[0]))
   grad_fn = jax.value_and_grad(fitting.make_loss(cfg, lambda_prior), has_aux=True)
 
@@ -109,6 +115,7 @@ def _stream_step(
   ok = usable(obs, cfg)
   return StreamState(
     v=jnp.where(ok, v, state.v),
+    v_init=jnp.where(ok, v_init[0], state.v_init),
     opt_state=_where(ok, s, state.opt_state),
     z=jnp.where(ok, z, jnp.where(state.started, state.z, z_init[0])),
     started=state.started | ok,
