@@ -3,6 +3,7 @@
     python benchmarks/render.py                  # 256 and 512 px, ~5k and ~15k faces, K = 1 (hard) and 8 (soft)
     python benchmarks/render.py --quick          # one small case
     python benchmarks/render.py --sizes 512 --faces 15000 --k 1,8 --cull-backfaces --png /tmp/bench.png
+    python benchmarks/render.py --crops-only      # the headset crops case only
 
 The mesh is ``lipflow_jax.render.demo.head_mesh`` (a UV sphere shaped like a head, seam vertices
 duplicated), its texture ``demo_texture`` at ``--texture`` texels square, seen from 4 units away at 20 degrees
@@ -17,6 +18,12 @@ per tile) and with settings measured on the view ("auto": ``render.occupancy`` +
 what a user fitting known views would set: the budgets, and a per-tile cap that the fullest tile fits in, so
 that nothing overflows (the head's poles, where ~100 thin faces meet, need ~110 at 512 px; at K = 1 the cap
 sizes the chunk budget of ``select_nearest``, and the view needs less than the default).
+A "crops" case (skip with ``--no-crops``) mimics HMC fitting (``fit.objectives.render_hmc``): the default
+synthetic head of ``lipflow_jax.data`` (4,888 faces, 64 x 64 texture) rendered into the synthetic capture's
+three 32 x 32 headset cameras (left eye, right eye, mouth) with ``fit.loading.hmc_fit_settings`` (hard,
+4-pixel tiles, back faces culled), a batch of 8 frames (expressions), vmapped over frames and cameras;
+forward, and forward + backward to the vertices and the texture. A "crop" case also renders a 32 x 32
+window of each 512 px view (the same camera, principal point shifted onto the face) with its settings.
 ``--cull-backfaces`` culls the closed head's back faces, as this repository's own renders do. Check
 "overflow" in the JSON: a case with overflow > 0 dropped faces and rendered a (slightly) different image.
 """
@@ -110,6 +117,53 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
   }
 
 
+def run_crops(runs, frames=8, seed=0):
+  """The headset-crops case: 3 cameras x ``frames`` expressions of the default synthetic head."""
+  from lipflow_jax.data import rig as rig_lib  # pylint: disable=g-import-not-at-top
+  from lipflow_jax.data import synthetic_head as sh  # pylint: disable=g-import-not-at-top
+  from lipflow_jax.fit.loading import hmc_fit_settings  # pylint: disable=g-import-not-at-top
+  head = sh.make_head()
+  hmc_size = (32, 32)
+  rig = rig_lib.make_rig(8, (64, 64), (32, 32), hmc_size)
+  rng = np.random.default_rng(seed)
+  lo = np.array([sh.FACTOR_RANGES[n][0] for n in sh.FACTOR_NAMES], np.float32)
+  hi = np.array([sh.FACTOR_RANGES[n][1] for n in sh.FACTOR_NAMES], np.float32)
+  factors = jnp.asarray(lo + (hi - lo) * rng.uniform(size=(frames, sh.NUM_FACTORS)), jnp.float32)
+  plane = jnp.asarray(head.plane)
+  verts = jax.vmap(lambda f: sh.deform(plane, f))(factors)  # [B, V, 3]
+  faces, uvs = jnp.asarray(head.faces), jnp.asarray(head.uvs)
+  texture = jnp.asarray(rng.uniform(size=(frames, 64, 64, 3)), jnp.float32)
+  hmc_k, hmc_rt = jnp.asarray(rig.hmc_K), jnp.asarray(rig.hmc_Rt)
+  settings = hmc_fit_settings(hmc_size)
+  weights = jnp.asarray(rng.uniform(size=(frames, 3) + hmc_size + (1,)), jnp.float32)
+
+  def render_all(v, t):
+    def one(v, t, k, rt):
+      out = render_mesh(v, faces, uvs, faces, t, Camera(K=k, Rt=rt), settings)
+      return out.rgb.mean(-1, keepdims=True), out.alpha, out.overflow
+    per_cam = jax.vmap(one, in_axes=(None, None, 0, 0))
+    return jax.vmap(per_cam, in_axes=(0, 0, None, None))(v, t, hmc_k, hmc_rt)
+
+  def loss(v, t):
+    grey, alpha, _ = render_all(v, t)
+    return jnp.sum(grey * weights) + jnp.sum(alpha)
+
+  fwd = jax.jit(render_all)
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  grey, alpha, overflow = fwd(verts, texture)
+  fwd_ms, fwd_min = _times_ms(fwd, verts, texture, runs=runs)
+  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs)
+  return {
+      "case": "hmc_crops", "resolution": list(hmc_size), "cameras": 3, "frames": frames,
+      "faces": int(faces.shape[0]), "K": settings.faces_per_pixel, "tile_size": settings.tile_size,
+      "max_faces_per_tile": settings.max_faces_per_tile, "cull_backfaces": settings.cull_backfaces,
+      "fwd_ms": round(fwd_ms, 2), "fwd_bwd_ms": round(fwd_bwd_ms, 2), "fwd_min_ms": round(fwd_min, 2),
+      "fwd_bwd_min_ms": round(fwd_bwd_min, 2), "overflow": int(jnp.max(overflow)),
+      "coverage": round(float(jnp.mean(alpha)), 3), "device": jax.devices()[0].platform,
+      "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+  }
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ints = lambda s: [int(x) for x in s.split(",")]
@@ -127,7 +181,13 @@ def main(argv=None):
   ap.add_argument("--cull-backfaces", action="store_true", help="cull back faces (the head is closed)")
   ap.add_argument("--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)")
   ap.add_argument("--png", default=None, help="save the last case's forward image here")
+  ap.add_argument("--no-crops", action="store_true", help="skip the headset-crops case")
+  ap.add_argument("--crops-only", action="store_true", help="run the headset-crops case only")
   args = ap.parse_args(argv)
+  if not args.no_crops:
+    print(json.dumps(run_crops(args.runs)), flush=True)
+  if args.crops_only:
+    return
   if args.quick:
     args.sizes, args.faces, args.k, args.texture, args.runs = [128], [5000], [1, 4], 256, 3
   cases = [(s, f, k, b) for s in args.sizes for f in args.faces for k in args.k for b in args.budgets]

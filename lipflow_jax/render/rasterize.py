@@ -173,6 +173,15 @@ def _face_boxes(xy, z, settings: RasterSettings):
   """Per face: validity [F], pixel column/row ranges c0, c1 [F, 2] int32 (inclusive, clipped to the image)
   of the pixel centres within the blur radius of its bounding box, and the order of increasing minimum
   vertex depth [F] int32 (invalid faces last)."""
+  valid, c0, c1 = _face_rects(xy, z, settings)
+  zmin = jnp.where(valid, _min3(z[:, 0], z[:, 1], z[:, 2]), jnp.inf)
+  order = jnp.argsort(zmin).astype(jnp.int32)
+  return valid, c0, c1, order
+
+
+def _face_rects(xy, z, settings: RasterSettings):
+  """``_face_boxes`` without the depth order: (valid [F] (also False for faces whose grown box misses the
+  image), c0, c1 [F, 2] int32)."""
   h, w = settings.image_size
   r = settings.blur_radius + _BIN_MARGIN
   valid = _face_validity(xy, z, settings)
@@ -184,9 +193,7 @@ def _face_boxes(xy, z, settings: RasterSettings):
   valid &= ok[:, 0] & ok[:, 1]
   c0 = jnp.maximum(c0, 0).astype(jnp.int32)
   c1 = jnp.minimum(c1, size - 1).astype(jnp.int32)
-  zmin = jnp.where(valid, _min3(z[:, 0], z[:, 1], z[:, 2]), jnp.inf)
-  order = jnp.argsort(zmin).astype(jnp.int32)
-  return valid, c0, c1, order
+  return valid, c0, c1
 
 
 def _enumerate(counts, budget):
@@ -216,8 +223,9 @@ def bin_faces(xy, z, settings: RasterSettings):
   return _bin_faces(xy, z, settings)[:2]
 
 
-def _bin_faces(xy, z, settings: RasterSettings):
-  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond the cap)."""
+def _bin_faces(xy, z, settings: RasterSettings, budget=None):
+  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond the cap).
+  ``budget``: static number of (face, tile) pairs (default ``_pair_budget``)."""
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   t, m = settings.tile_size, settings.max_faces_per_tile
   nty, ntx = _grid(settings)
@@ -238,7 +246,7 @@ def _bin_faces(xy, z, settings: RasterSettings):
   demand = jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
 
   # (face, tile) pairs in order of the face's minimum depth.
-  budget = _pair_budget(f, settings)
+  budget = _pair_budget(f, settings) if budget is None else budget
   s, local, live, _ = _enumerate(n_pairs[order], budget)
   face = order[s]
   wt = jnp.maximum(tw[face], 1)
@@ -340,7 +348,7 @@ def _chunk_budget(num_faces, settings: RasterSettings):
   return max(1, int(math.ceil((num_faces + 4 * nty * ntx) * settings.max_faces_per_tile / 64.0)))
 
 
-def select_nearest(xy, z, settings: RasterSettings):
+def select_nearest(xy, z, settings: RasterSettings, budget=None):
   """Slot 0 of ``select_faces`` per pixel (K = 1), face by face: a z-buffer built with scatter-max.
 
   Each face covers its bounding box (grown by the blur radius) with T x T pixel chunks anchored at the box's
@@ -349,6 +357,8 @@ def select_nearest(xy, z, settings: RasterSettings):
   nearest covering face, else the closest near face) is found with an integer scatter-max; a second scatter
   picks, among the faces reaching it, the one first in minimum-depth order. Same rule as slot 0 of
   ``select_faces``; much cheaper than the tile path for one face per pixel.
+
+  ``budget``: static number of chunks (default ``_chunk_budget``).
 
   Returns:
     (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped; chunks []
@@ -362,7 +372,7 @@ def select_nearest(xy, z, settings: RasterSettings):
   nx = (c1[:, 0] - c0[:, 0]) // t + 1
   ny = (c1[:, 1] - c0[:, 1]) // t + 1
   n_chunks = jnp.where(valid, nx * ny, 0)
-  budget = _chunk_budget(f, settings)
+  budget = _chunk_budget(f, settings) if budget is None else budget
   s, local, live, total = _enumerate(n_chunks[order], budget)
   face = jnp.where(live, order[s], -1)
   fc = jnp.maximum(face, 0)
@@ -815,6 +825,97 @@ def _active_tiles(cand, settings: RasterSettings):
   return cand, tiles, pixel_column, column_pixel, dropped
 
 
+# ----------------------------------------------------------------------------------------------------------
+# View culling (no gradient): binning / chunking runs over the faces that can touch the image only.
+#
+# Faces behind the near plane, degenerate, back-facing (when culled) or whose grown box misses the image
+# are dropped before the depth sort, the (face, tile) pairs / chunks and the selection, which then cost what
+# the view shows rather than what the mesh holds (a 32 x 32 headset crop sees ~10-20 % of the head). Shapes
+# stay static: the kept faces are compacted (in face order) into a set of a static size, the pair / chunk
+# budget scaled with it. ``RasterSettings.face_budget`` None (the default) picks, per call, the smallest of a
+# ladder of sizes F, F / 2, F / 4, ... (>= ``_MIN_FACE_SET``) that holds the view's faces and their pairs /
+# chunks, through a ``lax.switch`` (one branch runs; under vmap the index is the batch's maximum, see
+# ``_batch_max``), so the result is exactly that of the full set, and the full set (today's path) is the
+# fallback. A fraction below 1 fixes one size instead (faces beyond it, the last in face order, are dropped
+# and counted in ``overflow``); 1 switches culling off. Evaluation and its gradient still read the full
+# face table (gather / scatter-add of the selected faces), so the gradients' shapes do not depend on it.
+
+# Smallest compacted face set of the automatic ladder (below, the per-face passes are cheap anyway), and the
+# most rungs (each is a compiled branch of binning / chunking).
+_MIN_FACE_SET = 256
+_MAX_RUNGS = 6
+
+
+@jax.custom_batching.custom_vmap
+def _batch_max(x):
+  """``x``; under vmap the maximum over the mapped axis, unbatched, so that a ``lax.switch`` indexed by it
+  stays a switch (a batched index would run every branch)."""
+  return x
+
+
+@_batch_max.def_vmap
+def _batch_max_vmap(axis_size, in_batched, x):
+  del axis_size
+  if not in_batched[0]:
+    return x, False
+  return _batch_max(jnp.max(x, axis=0)), False  # again, for enclosing vmaps
+
+
+def _face_set_sizes(num_faces, settings: RasterSettings):
+  """Static sizes of the compacted face sets, largest first (one size: no ladder)."""
+  if settings.face_budget is not None:
+    return (min(num_faces, max(1, math.ceil(settings.face_budget * num_faces))),)
+  sizes = [num_faces]
+  while len(sizes) < _MAX_RUNGS and -(-sizes[-1] // 2) >= _MIN_FACE_SET:
+    sizes.append(-(-sizes[-1] // 2))
+  return tuple(sizes)
+
+
+def _in_view(select, xy, z, settings: RasterSettings, full_budget, per_face_units):
+  """Runs ``select`` on the faces that can touch the image, compacted (see the section comment).
+
+  Args:
+    select: (xy [S, 3, 2], z [S, 3], budget) -> (ids int32 array of face indices into its arguments, -1 for
+      none; overflow [] int32), with ``budget`` a static count of pairs / chunks.
+    xy, z: [F, 3, 2], [F, 3] projected faces (constants).
+    full_budget: the pair / chunk budget of the full set (scaled with the set's size).
+    per_face_units: c0, c1 [F, 2] -> [F] int32 pairs / chunks of each face (where valid).
+  Returns:
+    (ids of ``select`` in face indices of ``xy``, overflow: ``select``'s plus faces beyond the set).
+  """
+  f = xy.shape[0]
+  sizes = _face_set_sizes(f, settings)
+  if sizes == (f,):
+    return select(xy, z, full_budget)
+  valid, c0, c1 = _face_rects(xy, z, settings)
+  count = jnp.sum(valid.astype(jnp.int32))
+  units = jnp.sum(jnp.where(valid, per_face_units(c0, c1), 0))
+  budgets = [max(1, math.ceil(full_budget * n / f)) for n in sizes]
+
+  def branch(size, budget):
+    def run(xy, z, valid):
+      _, _, pos, dropped = _compact(valid, size)  # pos [size]: F where unused
+      used = pos < f
+      safe = jnp.minimum(pos, f - 1)
+      # Unused entries become degenerate faces behind the camera (never valid).
+      xy_c = jnp.where(used[:, None, None], xy[safe], 0.0)
+      z_c = jnp.where(used[:, None], z[safe], 0.0)
+      ids, overflow = select(xy_c, z_c, budget)
+      ids = jnp.where(ids >= 0, pos[jnp.maximum(ids, 0)], -1)
+      return ids, overflow + dropped
+    return run
+
+  branches = [branch(n, b) for n, b in zip(sizes, budgets)]
+  if len(branches) == 1:
+    return branches[0](xy, z, valid)
+  # Rung i fits when its set holds the view's faces and its budget their pairs / chunks; the fits are
+  # monotone in i, and rung 0 (the full set) is the fallback.
+  fits = [(count <= n) & (units <= b) for n, b in zip(sizes[1:], budgets[1:])]
+  need = len(sizes) - 1 - sum(x.astype(jnp.int32) for x in fits)  # 0 = the smallest set
+  rung = len(sizes) - 1 - _batch_max(need)
+  return lax.switch(rung, branches, xy, z, valid)
+
+
 def _check_mesh(verts, faces):
   verts, faces = jnp.asarray(verts), jnp.asarray(faces)
   if verts.ndim != 2 or verts.shape[-1] != 3:
@@ -840,11 +941,17 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   xy, z = project_faces(verts, faces, camera)
   h, w = settings.image_size
   pixel_column = column_pixel = None
+  t = settings.tile_size
+  xy_s, z_s = lax.stop_gradient(xy), lax.stop_gradient(z)
   if settings.faces_per_pixel == 1:
-    ids, overflow, _ = select_nearest(xy, z, settings)
+    chunks = lambda c0, c1: ((c1[:, 0] - c0[:, 0]) // t + 1) * ((c1[:, 1] - c0[:, 1]) // t + 1)
+    ids, overflow = _in_view(lambda xy, z, b: select_nearest(xy, z, settings, b)[:2], xy_s, z_s, settings,
+                             _chunk_budget(xy.shape[0], settings), chunks)
     ids = ids[None]
   else:
-    cand, overflow = bin_faces(xy, z, settings)
+    pairs = lambda c0, c1: (c1[:, 0] // t - c0[:, 0] // t + 1) * (c1[:, 1] // t - c0[:, 1] // t + 1)
+    cand, overflow = _in_view(lambda xy, z, b: _bin_faces(xy, z, settings, b)[:2], xy_s, z_s, settings,
+                              _pair_budget(xy.shape[0], settings), pairs)
     if settings.tile_budget < 1:
       cand, tiles, pixel_column, column_pixel, dropped = _active_tiles(cand, settings)
       overflow = overflow + dropped
