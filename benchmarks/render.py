@@ -61,8 +61,31 @@ def _times_ms(fn, *args, runs):
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
+def _fit(settings, verts, faces, camera):
+  """What this view needs, plus a margin (twice: the heavy fraction depends on the cap)."""
+  for _ in range(2):
+    settings = fit_budgets(settings, jax.jit(occupancy, static_argnums=3)(verts, faces, camera, settings),
+                           AUTO_MARGIN)
+  return settings
+
+
+def _time_render(verts, faces, uvs, uv_faces, texture, camera, settings, runs, seed=0):
+  """(forward output, fwd (median, min) ms, fwd + bwd (median, min) ms)."""
+  h, w = settings.image_size
+  weights = jnp.asarray(np.random.default_rng(seed).uniform(size=(h, w, 3)), jnp.float32)
+  fwd = jax.jit(lambda v, t: render_mesh(v, faces, uvs, uv_faces, t, camera, settings))
+
+  def loss(v, t):
+    out = render_mesh(v, faces, uvs, uv_faces, t, camera, settings)
+    return jnp.sum(out.rgb * weights) + jnp.sum(out.alpha)
+
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  out = fwd(verts, texture)
+  return out, _times_ms(fwd, verts, texture, runs=runs), _times_ms(fwd_bwd, verts, texture, runs=runs)
+
+
 def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_per_tile=None, png=None,
-             budgets="1", cull_backfaces=False):
+             budgets="1", cull_backfaces=False, crop=32):
   mesh = head_mesh(num_faces)
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   uvs, uv_faces = jnp.asarray(mesh.uvs), jnp.asarray(mesh.uv_faces)
@@ -80,24 +103,27 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
     settings = RasterSettings.hard((size, size), **extra)
   else:
     settings = RasterSettings((size, size), faces_per_pixel=k, **extra)
-  if budgets == "auto":  # what this view needs, plus a margin (twice: the heavy fraction depends on the cap)
-    for _ in range(2):
-      settings = fit_budgets(settings, jax.jit(occupancy, static_argnums=3)(verts, faces, camera, settings),
-                             AUTO_MARGIN)
+  if budgets == "auto":
+    settings = _fit(settings, verts, faces, camera)
   elif budgets != "1":
     raise ValueError(f"budgets must be '1' or 'auto', got {budgets!r}")
-  weights = jnp.asarray(np.random.default_rng(0).uniform(size=(size, size, 3)), jnp.float32)
-
-  fwd = jax.jit(lambda v, t: render_mesh(v, faces, uvs, uv_faces, t, camera, settings))
-
-  def loss(v, t):
-    out = render_mesh(v, faces, uvs, uv_faces, t, camera, settings)
-    return jnp.sum(out.rgb * weights) + jnp.sum(out.alpha)
-
-  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  out = fwd(verts, texture)
-  fwd_ms, fwd_min = _times_ms(fwd, verts, texture, runs=runs)
-  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs)
+  out, (fwd_ms, fwd_min), (fwd_bwd_ms, fwd_bwd_min) = _time_render(verts, faces, uvs, uv_faces, texture, camera,
+                                                                   settings, runs)
+  crop_res = {}
+  if crop:  # a crop x crop window of the same view (principal point shifted), centred on the face
+    k_crop = np.array(camera.K, np.float64)
+    k_crop[:2, 2] -= (size - crop) / 2
+    crop_cam = Camera(K=jnp.asarray(k_crop, jnp.float32), Rt=camera.Rt)
+    crop_settings = settings.replace(image_size=(crop, crop))
+    if budgets == "auto":
+      crop_settings = _fit(crop_settings.replace(fragment_budget=1.0, tile_budget=1.0, heavy_tile_budget=1.0),
+                           verts, faces, crop_cam)
+    c_out, (c_fwd, _), (c_fwd_bwd, _) = _time_render(verts, faces, uvs, uv_faces, texture, crop_cam,
+                                                     crop_settings, runs)
+    crop_res = {"crop": crop, "crop_fwd_ms": round(c_fwd, 3), "crop_fwd_bwd_ms": round(c_fwd_bwd, 3),
+                "crop_fwd_pct": round(100 * c_fwd / fwd_ms, 1),
+                "crop_fwd_bwd_pct": round(100 * c_fwd_bwd / fwd_bwd_ms, 1),
+                "crop_overflow": int(c_out.overflow)}
   if png:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     Image.fromarray(np.clip(np.asarray(out.rgb) * 255 + 0.5, 0, 255).astype(np.uint8)).save(png)
@@ -112,7 +138,7 @@ def run_case(size, num_faces, k, texture_size, runs, tile_size=None, max_faces_p
       "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
       "fwd_mpix_per_s": round(mpix / (fwd_ms / 1e3), 2), "fwd_bwd_mpix_per_s": round(mpix / (fwd_bwd_ms / 1e3), 2),
       "overflow": int(out.overflow), "coverage": round(float(jnp.mean(out.alpha)), 3),
-      "device": jax.devices()[0].platform,
+      "face_budget": settings.face_budget, **crop_res, "device": jax.devices()[0].platform,
       "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
   }
 
@@ -182,6 +208,7 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true", help="one small case (128 px, 5k faces, K = 1 and 4)")
   ap.add_argument("--png", default=None, help="save the last case's forward image here")
   ap.add_argument("--no-crops", action="store_true", help="skip the headset-crops case")
+  ap.add_argument("--crop", type=int, default=32, help="also time a crop x crop window of each view (0: no)")
   ap.add_argument("--crops-only", action="store_true", help="run the headset-crops case only")
   args = ap.parse_args(argv)
   if not args.no_crops:
@@ -194,7 +221,7 @@ def main(argv=None):
   for i, (size, faces, k, budgets) in enumerate(cases):
     res = run_case(size, faces, k, args.texture, args.runs, args.tile_size, args.max_faces_per_tile,
                    png=args.png if i == len(cases) - 1 else None, budgets=budgets,
-                   cull_backfaces=args.cull_backfaces)
+                   cull_backfaces=args.cull_backfaces, crop=args.crop)
     print(json.dumps(res), flush=True)
 
 

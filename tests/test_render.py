@@ -1,6 +1,8 @@
 """Tests of lipflow_jax.render against slow numpy reference loops, analytic areas and finite differences."""
 
 import functools
+import importlib
+import math
 
 import chex
 import jax
@@ -164,7 +166,9 @@ def test_settings_validation_and_hashing():
               dict(image_size=(4, 4), faces_per_pixel=8, max_faces_per_tile=4),
               dict(image_size=(4, 4), background=()), dict(image_size=(4, 4), znear=0.0),
               dict(image_size=(4, 4), fragment_budget=0.0), dict(image_size=(4, 4), fragment_budget=1.5),
-              dict(image_size=(4, 4), heavy_tile_budget=0.0), dict(image_size=(4, 4), heavy_tile_budget=2.0)]:
+              dict(image_size=(4, 4), heavy_tile_budget=0.0), dict(image_size=(4, 4), heavy_tile_budget=2.0),
+              dict(image_size=(4, 4), face_budget=0.0), dict(image_size=(4, 4), face_budget=1.5),
+              dict(image_size=(4, 4), face_budget=float("nan"))]:
     with pytest.raises(ValueError, match="RasterSettings"):
       RasterSettings(**bad)
 
@@ -628,6 +632,107 @@ def test_no_nan_gradients_on_degenerate_faces(jit_rasterize, settings):
   assert np.any(np.asarray(gv)[:3] != 0)
   fr = jit_rasterize(verts, faces, cam, settings)
   assert set(np.unique(np.asarray(fr.face_ids))) <= {-1, 0}
+
+
+# ------------------------------------------------------------------------------------------ view culling
+def _crop_camera(size, centre, focal=48.0, eye=(1.4, 0.8, 3.8)):
+  """A ``size`` x ``size`` window of ``_head_view_40px``'s camera, its top-left at ``centre`` - size / 2 of
+  the 40 x 40 view (the principal point shifted)."""
+  k = np.array(geometry.intrinsics(focal, (40, 40)), np.float64)
+  k[0, 2] -= centre[0] - size / 2
+  k[1, 2] -= centre[1] - size / 2
+  return geometry.Camera(K=jnp.asarray(k, jnp.float32), Rt=geometry.look_at(eye, (0, 0, 0)))
+
+
+def test_view_culling_ladder_picks_smallest_set():
+  """``_in_view`` runs its selection on the smallest set of the ladder that holds the view's faces (here
+  told by the set size it reports as its overflow), under vmap the largest the batch needs."""
+  rz = importlib.import_module("lipflow_jax.render.rasterize")  # the module (``rasterize`` is a function)
+  mesh, full = _head_view_40px()
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  crop = _crop_camera(40, (20, 20), focal=192.0)  # a close-up
+  s = RasterSettings.hard((40, 40))
+  sizes = rz._face_set_sizes(faces.shape[0], s)
+  assert len(sizes) == 2 and sizes[0] == faces.shape[0]
+
+  def set_size(cam, settings):
+    xy, z = render.project_faces(verts, faces, cam)
+    select = lambda xy, z, budget: (jnp.zeros((1,), jnp.int32), jnp.int32(xy.shape[0]))
+    return rz._in_view(select, xy, z, settings, 100000, lambda c0, c1: c0[:, 0] * 0 + 1)[1]
+
+  count = lambda cam, settings: int(jnp.sum(rz._face_rects(*render.project_faces(verts, faces, cam),
+                                                           settings)[0]))
+  assert count(crop, s) <= sizes[1] < count(full, s)
+  assert int(jax.jit(set_size, static_argnums=1)(crop, s)) == sizes[1]
+  assert int(jax.jit(set_size, static_argnums=1)(full, s)) == sizes[0]
+  cams = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, a, b]), crop, full)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(set_size, (0, None)), static_argnums=1)(cams, s),
+                                [sizes[0]] * 3)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(set_size, (0, None)), static_argnums=1)(
+      jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), crop), s), [sizes[1]] * 2)
+  # A fraction fixes one set; 1 switches culling off (the full set, no compaction).
+  assert int(set_size(crop, s.replace(face_budget=0.3))) == math.ceil(0.3 * faces.shape[0])
+  assert int(set_size(crop, s.replace(face_budget=1.0))) == faces.shape[0]
+
+
+@pytest.mark.parametrize("settings", [
+    RasterSettings.hard((12, 12)),
+    RasterSettings((12, 12), faces_per_pixel=4, sigma=0.5, gamma=1e-2, max_faces_per_tile=128,
+                   cull_backfaces=True),
+    RasterSettings((12, 12), faces_per_pixel=4, sigma=0.5, gamma=1e-2, max_faces_per_tile=128,
+                   cull_backfaces=True, tile_size=4, fragment_budget=0.6, tile_budget=0.8)])
+def test_view_culling_crop_equals_full_set(settings):
+  """A 12 x 12 crop of a 1,000-face head with the faces compacted to the view (the default) renders and
+  differentiates exactly like the full face set (``face_budget=1``), alone and batched with a full view."""
+  from lipflow_jax.render.demo import demo_texture  # pylint: disable=g-import-not-at-top
+  mesh, _ = _head_view_40px()
+  verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
+  tex = jnp.asarray(demo_texture(32))
+  cams = [_crop_camera(12, (16, 22)), _crop_camera(12, (20, 20), focal=16.0)]  # a close-up, the whole head
+  wts = jnp.asarray(np.random.default_rng(0).normal(size=(12, 12, 3)), jnp.float32)
+
+  def run(s, cam):
+    def loss(v, t):
+      out = render.render_mesh(v, faces, uvs, faces, t, cam, s)
+      return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(verts, tex)
+    frags = jax.jit(render.rasterize, static_argnums=3)(verts, faces, cam, s)
+    return out, grads, frags
+
+  assert settings.face_budget is None
+  for cam in cams:
+    got, ref = run(settings, cam), run(settings.replace(face_budget=1.0), cam)
+    assert np.any(np.asarray(ref[0].face_id) >= 0)
+    if cam is cams[0] and settings.fragment_budget == 1:  # (the whole head overflows the small caps)
+      assert int(ref[0].overflow) == 0
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Batched: the crop and the whole head in one vmap (the batch takes the larger set) and alone agree.
+  batch = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), *cams)
+  many = jax.jit(jax.vmap(lambda c: render.render_mesh(verts, faces, uvs, faces, tex, c, settings)))(batch)
+  for i, cam in enumerate(cams):
+    one = jax.jit(render.render_mesh, static_argnums=6)(verts, faces, uvs, faces, tex, cam, settings)
+    np.testing.assert_array_equal(np.asarray(many.face_id[i]), np.asarray(one.face_id))
+    np.testing.assert_allclose(np.asarray(many.rgb[i]), np.asarray(one.rgb), atol=1e-6)
+
+
+def test_face_budget_overflow_counts_dropped_faces(jit_rasterize):
+  """A compacted face set smaller than the view's faces keeps the first in face order and counts the rest
+  in ``overflow``; one that holds them all equals the full set."""
+  n, size = 12, 16
+  verts, faces, cam = _quad_stack(n, size)  # 24 faces, all in view; the last quad is the nearest
+  for s in [RasterSettings.hard((size, size), tile_size=8, max_faces_per_tile=256),
+            RasterSettings((size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=64)]:
+    half = jit_rasterize(verts, faces, cam, s.replace(face_budget=0.5))  # 12 faces: quads 0 .. 5
+    assert int(half.overflow) == n
+    ids = np.asarray(half.face_ids)
+    assert set(np.unique(ids[..., 0])) <= {10, 11} and ids.max() <= 11
+    full = jit_rasterize(verts, faces, cam, s.replace(face_budget=1.0))
+    assert int(full.overflow) == 0 and set(np.unique(np.asarray(full.face_ids[..., 0]))) <= {22, 23}
+    for budget in (None, 1.0 - 1e-6):  # auto, and a set that holds all 24
+      same = jit_rasterize(verts, faces, cam, s.replace(face_budget=budget))
+      for a, b in zip(same, full):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------------------------------------ batching

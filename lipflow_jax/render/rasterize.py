@@ -938,11 +938,13 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     non-empty slots beyond the fragment budget).
   """
   verts, faces = _check_mesh(verts, faces)
-  xy, z = project_faces(verts, faces, camera)
+  faces = faces.astype(jnp.int32)
+  vxy, vz = project_with_depth(camera, verts)  # [V, 2], [V]
+  xy, z = lax.stop_gradient(vxy)[faces], lax.stop_gradient(vz)[faces]  # [F, 3, 2], [F, 3] (selection)
   h, w = settings.image_size
   pixel_column = column_pixel = None
   t = settings.tile_size
-  xy_s, z_s = lax.stop_gradient(xy), lax.stop_gradient(z)
+  xy_s, z_s = xy, z
   if settings.faces_per_pixel == 1:
     chunks = lambda c0, c1: ((c1[:, 0] - c0[:, 0]) // t + 1) * ((c1[:, 1] - c0[:, 1]) // t + 1)
     ids, overflow = _in_view(lambda xy, z, b: select_nearest(xy, z, settings, b)[:2], xy_s, z_s, settings,
@@ -983,12 +985,16 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   px = (pixel % w).astype(xy.dtype) + 0.5
   py = (pixel // w).astype(xy.dtype) + 0.5
   rows = jnp.where(rows >= 0, rows, f)
-  cols = [xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1], xy[:, 2, 0], xy[:, 2, 1], z[:, 0], z[:, 1],
-          z[:, 2]]
-  # Column F is a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
-  dummy = jnp.array([[0.0], [0.0], [1.0], [0.0], [0.0], [1.0], [1.0], [1.0], [1.0]], xy.dtype)
-  table = jnp.concatenate([jnp.stack(cols), dummy], axis=1)  # [9, F + 1]
-  bary, dist, depth = eval_fragment(*gather_rows(table, rows), px, py)
+  # The fragments' corners are gathered from the projected vertices (x, y, z) [3, V + 3], through the
+  # faces' vertex ids [3, F + 1]: the gradient is a scatter-add into the vertices, and nothing the size of
+  # the faces is differentiated (a small view of a large mesh pays for its fragments only). Face F and
+  # vertices V .. V + 2 are a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
+  nv = vxy.shape[0]
+  dummy = jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], vxy.dtype)
+  table = jnp.concatenate([jnp.stack([vxy[:, 0], vxy[:, 1], vz]), dummy], axis=1)  # [3, V + 3]
+  corners = jnp.concatenate([faces.T, jnp.arange(nv, nv + 3, dtype=jnp.int32)[:, None]], axis=1)
+  (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = [gather_rows(table, corners[k][rows]) for k in range(3)]
+  bary, dist, depth = eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py)
   attrs = ()
   if face_attrs is not None:
     attrs = gather_rows(jnp.concatenate([face_attrs, jnp.zeros_like(face_attrs[:1])]).T, rows)  # [D, F + 1]
