@@ -645,34 +645,34 @@ def _crop_camera(size, centre, focal=48.0, eye=(1.4, 0.8, 3.8)):
 
 
 def test_view_culling_ladder_picks_smallest_set():
-  """``_in_view`` runs its selection on the smallest set of the ladder that holds the view's faces (here
-  told by the set size it reports as its overflow), under vmap the largest the batch needs."""
+  """``_in_view`` runs its selection on the smallest rung of the ladder whose budget holds the view's
+  pairs / chunks (here one per face; the rung told by the set size the selection reports as its overflow),
+  under vmap the largest the batch needs."""
   rz = importlib.import_module("lipflow_jax.render.rasterize")  # the module (``rasterize`` is a function)
   mesh, full = _head_view_40px()
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   crop = _crop_camera(40, (20, 20), focal=192.0)  # a close-up
   s = RasterSettings.hard((40, 40))
-  sizes = rz._face_set_sizes(faces.shape[0], s)
-  assert len(sizes) == 2 and sizes[0] == faces.shape[0]
+  f = faces.shape[0]
+  rungs = rz._ladder(f, 1000, s)
+  assert rungs == ((f, 1000), (500, 500))
 
   def set_size(cam, settings):
-    xy, z = render.project_faces(verts, faces, cam)
-    select = lambda xy, z, budget: (jnp.zeros((1,), jnp.int32), jnp.int32(xy.shape[0]))
-    return rz._in_view(select, xy, z, settings, 100000, lambda c0, c1: c0[:, 0] * 0 + 1)[1]
+    cols = rz._face_columns(*rz._project_columns(cam, verts), faces)
+    select = lambda xy, z, budget, fits: (jnp.zeros((1,), jnp.int32), jnp.int32(xy.shape[0]))
+    return rz._in_view(select, cols, settings, 1000, lambda c0, c1: c0[:, 0] * 0 + 1)[1]
 
-  count = lambda cam, settings: int(jnp.sum(rz._face_rects(*render.project_faces(verts, faces, cam),
-                                                           settings)[0]))
-  assert count(crop, s) <= sizes[1] < count(full, s)
-  assert int(jax.jit(set_size, static_argnums=1)(crop, s)) == sizes[1]
-  assert int(jax.jit(set_size, static_argnums=1)(full, s)) == sizes[0]
-  cams = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, a, b]), crop, full)
-  np.testing.assert_array_equal(jax.jit(jax.vmap(set_size, (0, None)), static_argnums=1)(cams, s),
-                                [sizes[0]] * 3)
-  np.testing.assert_array_equal(jax.jit(jax.vmap(set_size, (0, None)), static_argnums=1)(
-      jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), crop), s), [sizes[1]] * 2)
+  count = lambda cam: int(jnp.sum(rz._face_rects(*render.project_faces(verts, faces, cam), s)[0]))
+  assert count(crop) <= 500 < count(full)
+  one = jax.jit(set_size, static_argnums=1)
+  assert int(one(crop, s)) == 500 and int(one(full, s)) == f
+  many = jax.jit(jax.vmap(set_size, (0, None)), static_argnums=1)
+  stack = lambda *cams: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cams)
+  np.testing.assert_array_equal(many(stack(crop, crop, full), s), [f] * 3)
+  np.testing.assert_array_equal(many(stack(crop, crop), s), [500] * 2)
   # A fraction fixes one set; 1 switches culling off (the full set, no compaction).
-  assert int(set_size(crop, s.replace(face_budget=0.3))) == math.ceil(0.3 * faces.shape[0])
-  assert int(set_size(crop, s.replace(face_budget=1.0))) == faces.shape[0]
+  assert int(set_size(crop, s.replace(face_budget=0.3))) == math.ceil(0.3 * f)
+  assert int(set_size(crop, s.replace(face_budget=1.0))) == f
 
 
 @pytest.mark.parametrize("settings", [
@@ -691,27 +691,27 @@ def test_view_culling_crop_equals_full_set(settings):
   cams = [_crop_camera(12, (16, 22)), _crop_camera(12, (20, 20), focal=16.0)]  # a close-up, the whole head
   wts = jnp.asarray(np.random.default_rng(0).normal(size=(12, 12, 3)), jnp.float32)
 
-  def run(s, cam):
-    def loss(v, t):
+  def run(s):  # jitted once per settings, over cameras
+    def loss(v, t, cam):
       out = render.render_mesh(v, faces, uvs, faces, t, cam, s)
       return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(verts, tex)
-    frags = jax.jit(render.rasterize, static_argnums=3)(verts, faces, cam, s)
-    return out, grads, frags
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
   assert settings.face_budget is None
+  got, ref = run(settings), run(settings.replace(face_budget=1.0))
   for cam in cams:
-    got, ref = run(settings, cam), run(settings.replace(face_budget=1.0), cam)
-    assert np.any(np.asarray(ref[0].face_id) >= 0)
+    (_, out_got), g_got = got(verts, tex, cam)
+    (_, out_ref), g_ref = ref(verts, tex, cam)
+    assert np.any(np.asarray(out_ref.face_id) >= 0)
     if cam is cams[0] and settings.fragment_budget == 1:  # (the whole head overflows the small caps)
-      assert int(ref[0].overflow) == 0
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+      assert int(out_ref.overflow) == 0
+    for a, b in zip(jax.tree_util.tree_leaves((out_got, g_got)), jax.tree_util.tree_leaves((out_ref, g_ref))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Batched: the crop and the whole head in one vmap (the batch takes the larger set) and alone agree.
   batch = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), *cams)
   many = jax.jit(jax.vmap(lambda c: render.render_mesh(verts, faces, uvs, faces, tex, c, settings)))(batch)
   for i, cam in enumerate(cams):
-    one = jax.jit(render.render_mesh, static_argnums=6)(verts, faces, uvs, faces, tex, cam, settings)
+    (_, one), _ = got(verts, tex, cam)
     np.testing.assert_array_equal(np.asarray(many.face_id[i]), np.asarray(one.face_id))
     np.testing.assert_allclose(np.asarray(many.rgb[i]), np.asarray(one.rgb), atol=1e-6)
 

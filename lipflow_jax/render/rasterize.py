@@ -341,6 +341,49 @@ def _near_and_key(abc, zlo, zhi, box, x, y, settings: RasterSettings):
   return near, key
 
 
+# Integer scatters and gathers into per-pixel buffers, batched by hand: under vmap, XLA scatters / gathers
+# with batch coordinates build [N, 1 + batch dims] index arrays (concatenations and copies that cost ~5x
+# the scatter itself on XLA:CPU); these flatten the batch into the index instead (custom_vmap, recursively
+# for nested vmaps). No gradient (integer selection data).
+def _flat_batched(base, scatter):
+  """``base(table [S], idx [...], *upd)`` as a custom_vmap whose batching rule flattens the batch axis into
+  ``table`` and ``idx`` (so that the base always sees a 1-D table)."""
+  fn = jax.custom_batching.custom_vmap(base)
+
+  @fn.def_vmap
+  def rule(axis_size, in_batched, table, idx, *upd):
+    table, idx, *upd = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                        for x, b in zip((table, idx) + tuple(upd), in_batched)]
+    size = table.shape[-1]  # table: [B, S]
+    off = (jnp.arange(axis_size, dtype=idx.dtype) * size).reshape((-1,) + (1,) * (idx.ndim - 1))
+    if scatter:  # out of range stays out of range (dropped)
+      idx = jnp.where((idx >= 0) & (idx < size), idx + off, axis_size * size)
+      return fn(table.reshape(-1), idx, *upd).reshape(table.shape), True
+    return fn(table.reshape(-1), jnp.clip(idx, 0, size - 1) + off), True
+
+  return fn
+
+
+def _scatter_max(table, idx, upd):
+  """``table [S]`` with ``upd`` (shape of ``idx``) max-combined at ``idx`` (outside [0, S): dropped)."""
+  return table.at[idx].max(upd, mode="drop")
+
+
+def _scatter_min(table, idx, upd):
+  """``_scatter_max`` with min."""
+  return table.at[idx].min(upd, mode="drop")
+
+
+def _take(table, idx):
+  """``table [S]`` at ``idx`` clipped into [0, S) (no gradient)."""
+  return table[jnp.clip(idx, 0, table.shape[-1] - 1)]
+
+
+_scatter_max = _flat_batched(_scatter_max, True)
+_scatter_min = _flat_batched(_scatter_min, True)
+_take = _flat_batched(_take, False)
+
+
 def _chunk_budget(num_faces, settings: RasterSettings):
   """Static number of T x T pixel chunks evaluated by ``select_nearest``."""
   nty, ntx = _grid(settings)
@@ -348,7 +391,7 @@ def _chunk_budget(num_faces, settings: RasterSettings):
   return max(1, int(math.ceil((num_faces + 4 * nty * ntx) * settings.max_faces_per_tile / 64.0)))
 
 
-def select_nearest(xy, z, settings: RasterSettings, budget=None):
+def select_nearest(xy, z, settings: RasterSettings, budget=None, fits=False):
   """Slot 0 of ``select_faces`` per pixel (K = 1), face by face: a z-buffer built with scatter-max.
 
   Each face covers its bounding box (grown by the blur radius) with T x T pixel chunks anchored at the box's
@@ -358,7 +401,10 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None):
   picks, among the faces reaching it, the one first in minimum-depth order. Same rule as slot 0 of
   ``select_faces``; much cheaper than the tile path for one face per pixel.
 
-  ``budget``: static number of chunks (default ``_chunk_budget``).
+  ``budget``: static number of chunks (default ``_chunk_budget``). ``fits``: the caller knows that the
+  budget holds every chunk; then the faces are not sorted by depth (the sort costs more than the rest for
+  small views), and ties go to the smaller (minimum depth, face index) through two more scatters instead:
+  the same result.
 
   Returns:
     (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped; chunks []
@@ -368,7 +414,11 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None):
   h, w = settings.image_size
   t = settings.tile_size
   f = xy.shape[0]
-  valid, c0, c1, order = _face_boxes(xy, z, settings)
+  if fits:
+    valid, c0, c1 = _face_rects(xy, z, settings)
+    order = jnp.arange(f, dtype=jnp.int32)
+  else:
+    valid, c0, c1, order = _face_boxes(xy, z, settings)
   nx = (c1[:, 0] - c0[:, 0]) // t + 1
   ny = (c1[:, 1] - c0[:, 1]) // t + 1
   n_chunks = jnp.where(valid, nx * ny, 0)
@@ -389,10 +439,16 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None):
   # tests once rather than inside each scatter's operand fusion).
   key, pix = lax.optimization_barrier((jnp.where(near, key, 0), jnp.where(near, row * w + col, h * w)))
   near = key > 0
-  zbuf = jnp.zeros((h * w,), jnp.int32).at[pix].max(key, mode="drop")  # out-of-bounds pix are dropped
-  win = near & (key == zbuf[jnp.minimum(pix, h * w - 1)])
-  rank = jnp.full((h * w,), f, jnp.int32).at[jnp.where(win, pix, h * w)].min(
-      jnp.broadcast_to(s[:, None], pix.shape), mode="drop")
+  zbuf = _scatter_max(jnp.zeros((h * w,), jnp.int32), pix, key)  # out-of-bounds pix are dropped
+  win = near & (key == _take(zbuf, pix))
+  if fits:  # s is the face index: among the winners, the smallest minimum depth first
+    zmin = lax.bitcast_convert_type(_min3(z[fc, 0], z[fc, 1], z[fc, 2]), jnp.int32)  # > 0: ordered
+    zmin = jnp.broadcast_to(zmin[:, None], pix.shape)
+    best = _scatter_min(jnp.full((h * w,), jnp.iinfo(jnp.int32).max, jnp.int32), jnp.where(win, pix, h * w),
+                        zmin)
+    win &= zmin == _take(best, pix)
+  rank = _scatter_min(jnp.full((h * w,), f, jnp.int32), jnp.where(win, pix, h * w),
+                      jnp.broadcast_to(s[:, None], pix.shape))
   ids = jnp.where(rank < f, order[jnp.minimum(rank, f - 1)], -1).reshape(h, w)
   return ids, jnp.maximum(total - budget, 0).astype(jnp.int32), total
 
@@ -831,18 +887,19 @@ def _active_tiles(cand, settings: RasterSettings):
 # Faces behind the near plane, degenerate, back-facing (when culled) or whose grown box misses the image
 # are dropped before the depth sort, the (face, tile) pairs / chunks and the selection, which then cost what
 # the view shows rather than what the mesh holds (a 32 x 32 headset crop sees ~10-20 % of the head). Shapes
-# stay static: the kept faces are compacted (in face order) into a set of a static size, the pair / chunk
-# budget scaled with it. ``RasterSettings.face_budget`` None (the default) picks, per call, the smallest of a
-# ladder of sizes F, F / 2, F / 4, ... (>= ``_MIN_FACE_SET``) that holds the view's faces and their pairs /
-# chunks, through a ``lax.switch`` (one branch runs; under vmap the index is the batch's maximum, see
-# ``_batch_max``), so the result is exactly that of the full set, and the full set (today's path) is the
-# fallback. A fraction below 1 fixes one size instead (faces beyond it, the last in face order, are dropped
-# and counted in ``overflow``); 1 switches culling off. Evaluation and its gradient still read the full
-# face table (gather / scatter-add of the selected faces), so the gradients' shapes do not depend on it.
+# stay static: ``RasterSettings.face_budget`` None (the default) picks, per call, the smallest rung of a
+# ladder of pair / chunk budgets B, B / 2, B / 4, ... (B the full set's) that holds the view's, with the
+# faces that can touch the image compacted (in face order) into a set of min(F, budget) faces, through a
+# ``lax.switch`` (one branch runs; under vmap the rung is the batch's largest, see ``_batch_max``). Nothing
+# is dropped, so the result is exactly the full set's; rung 0 (the full set and budget, today's path) is
+# the fallback. A fraction below 1 fixes one set of ``ceil(face_budget * F)`` faces instead (faces beyond
+# it, the last in face order, are dropped and counted in ``overflow``); 1 switches culling off. Evaluation
+# and its gradient read the vertex table (gather / scatter-add of the selected faces' corners), so the
+# gradients' shapes do not depend on the rung.
 
-# Smallest compacted face set of the automatic ladder (below, the per-face passes are cheap anyway), and the
-# most rungs (each is a compiled branch of binning / chunking).
-_MIN_FACE_SET = 256
+# The automatic ladder: pair / chunk budgets B, B / 2, B / 4, ... (B the full set's), down to
+# ``_MIN_LADDER_BUDGET``, at most ``_MAX_RUNGS`` (each is a compiled branch of binning / chunking).
+_MIN_LADDER_BUDGET = 256
 _MAX_RUNGS = 6
 
 
@@ -861,59 +918,111 @@ def _batch_max_vmap(axis_size, in_batched, x):
   return _batch_max(jnp.max(x, axis=0)), False  # again, for enclosing vmaps
 
 
-def _face_set_sizes(num_faces, settings: RasterSettings):
-  """Static sizes of the compacted face sets, largest first (one size: no ladder)."""
+def _ladder(num_faces, full_budget, settings: RasterSettings):
+  """Static (face set size, pair / chunk budget) of each rung, the full set first."""
   if settings.face_budget is not None:
-    return (min(num_faces, max(1, math.ceil(settings.face_budget * num_faces))),)
-  sizes = [num_faces]
-  while len(sizes) < _MAX_RUNGS and -(-sizes[-1] // 2) >= _MIN_FACE_SET:
-    sizes.append(-(-sizes[-1] // 2))
-  return tuple(sizes)
+    size = min(num_faces, max(1, math.ceil(settings.face_budget * num_faces)))
+    return ((size, max(1, math.ceil(full_budget * size / num_faces))),)
+  rungs = [(num_faces, full_budget)]
+  while len(rungs) < _MAX_RUNGS and -(-rungs[-1][1] // 2) >= _MIN_LADDER_BUDGET:
+    budget = -(-rungs[-1][1] // 2)
+    # Every face that can touch the image has at least one pair / chunk: a rung whose budget holds the
+    # view's pairs / chunks holds its faces in min(F, budget).
+    rungs.append((min(num_faces, budget), budget))
+  return tuple(rungs)
 
 
-def _in_view(select, xy, z, settings: RasterSettings, full_budget, per_face_units):
+def _project_columns(camera: Camera, verts, eps=1e-8):
+  """``geometry.project_with_depth`` as columns (x [V], y [V] pixels, z [V] depth), written elementwise:
+  XLA:CPU runs the [V, 3] x [3, 3] dots (and their gradients) as library calls, several times slower."""
+  r, k = camera.Rt, camera.K
+  x, y, z = verts[:, 0], verts[:, 1], verts[:, 2]
+  cam = [r[i, 0] * x + r[i, 1] * y + r[i, 2] * z + r[i, 3] for i in range(3)]
+  p = [k[i, 0] * cam[0] + k[i, 1] * cam[1] + k[i, 2] * cam[2] for i in range(3)]
+  wz = jnp.where(jnp.abs(p[2]) < eps, jnp.where(p[2] < 0, -eps, eps), p[2])
+  return p[0] / wz, p[1] / wz, cam[2]
+
+
+def _face_columns(vx, vy, vz, faces):
+  """The faces' corners as 9 columns [F] (x0, y0, x1, y1, x2, y2, z0, z1, z2) from the projected vertices'
+  columns [V]: one gather per column (under vmap ~5x faster on XLA:CPU than gathering [F, 3, 2] rows, whose
+  windows then span the batch)."""
+  xy = [_take(c, faces[:, k]) for k in range(3) for c in (vx, vy)]
+  return tuple(xy) + tuple(_take(vz, faces[:, k]) for k in range(3))
+
+
+def _faces_from_columns(cols):
+  """9 columns [S] -> (xy [S, 3, 2], z [S, 3])."""
+  xy = jnp.stack([jnp.stack(cols[2 * k:2 * k + 2], -1) for k in range(3)], 1)
+  return xy, jnp.stack(cols[6:], -1)
+
+
+def _rects_from_columns(cols, settings: RasterSettings):
+  """A superset of ``_face_rects`` from the columns: (maybe [F] bool, c0, c1 [F, 2] int32 covering the
+  pixel ranges). Conservative (the areas and boxes are checked with a margin), because its arithmetic may
+  round differently from ``_face_rects``, which the selection runs again on the kept faces."""
+  x0, y0, x1, y1, x2, y2, z0, z1, z2 = cols
+  area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+  ok = (z0 > settings.znear) & (z1 > settings.znear) & (z2 > settings.znear)
+  ok &= (jnp.abs(area2) > 0.5 * AREA_EPS) & jnp.isfinite(area2) & jnp.isfinite(z0 + z1 + z2)
+  if settings.cull_backfaces:
+    ok &= area2 < 0.5 * AREA_EPS
+  r = settings.blur_radius + 2 * _BIN_MARGIN
+  c0, c1 = [], []
+  for lo, hi, n in ((_min3(x0, x1, x2), _max3(x0, x1, x2), settings.image_size[1]),
+                    (_min3(y0, y1, y2), _max3(y0, y1, y2), settings.image_size[0])):
+    a = jnp.ceil(jnp.clip(lo - r - 0.5, -1.0, n))
+    b = jnp.floor(jnp.clip(hi + r - 0.5, -1.0, n))
+    ok &= (a <= b) & (b >= 0) & (a <= n - 1)
+    c0.append(jnp.maximum(a, 0).astype(jnp.int32))
+    c1.append(jnp.minimum(b, n - 1).astype(jnp.int32))
+  return ok, jnp.stack(c0, -1), jnp.stack(c1, -1)
+
+
+def _in_view(select, cols, settings: RasterSettings, full_budget, per_face_units):
   """Runs ``select`` on the faces that can touch the image, compacted (see the section comment).
 
   Args:
-    select: (xy [S, 3, 2], z [S, 3], budget) -> (ids int32 array of face indices into its arguments, -1 for
-      none; overflow [] int32), with ``budget`` a static count of pairs / chunks.
-    xy, z: [F, 3, 2], [F, 3] projected faces (constants).
+    select: (xy [S, 3, 2], z [S, 3], budget, fits) -> (ids int32 array of face indices into its arguments,
+      -1 for none; overflow [] int32), with ``budget`` a static count of pairs / chunks and ``fits`` (static)
+      True when the budget is known to hold all of them.
+    cols: ``_face_columns`` of the projected faces (constants), 9 x [F].
     full_budget: the pair / chunk budget of the full set (scaled with the set's size).
     per_face_units: c0, c1 [F, 2] -> [F] int32 pairs / chunks of each face (where valid).
   Returns:
-    (ids of ``select`` in face indices of ``xy``, overflow: ``select``'s plus faces beyond the set).
+    (ids of ``select`` in face indices, overflow: ``select``'s plus faces beyond the set).
   """
-  f = xy.shape[0]
-  sizes = _face_set_sizes(f, settings)
-  if sizes == (f,):
-    return select(xy, z, full_budget)
-  valid, c0, c1 = _face_rects(xy, z, settings)
-  count = jnp.sum(valid.astype(jnp.int32))
-  units = jnp.sum(jnp.where(valid, per_face_units(c0, c1), 0))
-  budgets = [max(1, math.ceil(full_budget * n / f)) for n in sizes]
+  f = cols[0].shape[0]
+  rungs = _ladder(f, full_budget, settings)
+  full = lambda budget, fits: lambda cols, maybe: select(*_faces_from_columns(cols), budget, fits)
+  if rungs == ((f, full_budget),):
+    return full(full_budget, False)(cols, None)
+  maybe, c0, c1 = _rects_from_columns(cols, settings)
+  units = jnp.sum(jnp.where(maybe, per_face_units(c0, c1), 0))
 
-  def branch(size, budget):
-    def run(xy, z, valid):
-      _, _, pos, dropped = _compact(valid, size)  # pos [size]: F where unused
+  def branch(size, budget, fits):
+    if size == f:  # no compaction
+      return full(budget, fits)
+
+    def run(cols, maybe):
+      _, _, pos, dropped = _compact(maybe, size)  # pos [size]: F where unused
       used = pos < f
       safe = jnp.minimum(pos, f - 1)
       # Unused entries become degenerate faces behind the camera (never valid).
-      xy_c = jnp.where(used[:, None, None], xy[safe], 0.0)
-      z_c = jnp.where(used[:, None], z[safe], 0.0)
-      ids, overflow = select(xy_c, z_c, budget)
+      xy_c, z_c = _faces_from_columns([jnp.where(used, _take(c, safe), 0.0) for c in cols])
+      ids, overflow = select(xy_c, z_c, budget, fits)
       ids = jnp.where(ids >= 0, pos[jnp.maximum(ids, 0)], -1)
       return ids, overflow + dropped
     return run
 
-  branches = [branch(n, b) for n, b in zip(sizes, budgets)]
-  if len(branches) == 1:
-    return branches[0](xy, z, valid)
-  # Rung i fits when its set holds the view's faces and its budget their pairs / chunks; the fits are
-  # monotone in i, and rung 0 (the full set) is the fallback.
-  fits = [(count <= n) & (units <= b) for n, b in zip(sizes[1:], budgets[1:])]
-  need = len(sizes) - 1 - sum(x.astype(jnp.int32) for x in fits)  # 0 = the smallest set
-  rung = len(sizes) - 1 - _batch_max(need)
-  return lax.switch(rung, branches, xy, z, valid)
+  if len(rungs) == 1:  # one fixed set (``face_budget`` < 1): may drop faces and pairs / chunks
+    return branch(*rungs[0], False)(cols, maybe)
+  # Rung i > 0 runs only when its budget holds the view's pairs / chunks (``fits``; monotone in i); rung 0,
+  # the full set with the full budget, is the fallback.
+  branches = [branch(n, b, i > 0) for i, (n, b) in enumerate(rungs)]
+  need = len(rungs) - 1 - sum((units <= b).astype(jnp.int32) for _, b in rungs[1:])  # 0 = the smallest
+  rung = len(rungs) - 1 - _batch_max(need)
+  return lax.switch(rung, branches, cols, maybe)
 
 
 def _check_mesh(verts, faces):
@@ -939,21 +1048,22 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   """
   verts, faces = _check_mesh(verts, faces)
   faces = faces.astype(jnp.int32)
-  vxy, vz = project_with_depth(camera, verts)  # [V, 2], [V]
-  xy, z = lax.stop_gradient(vxy)[faces], lax.stop_gradient(vz)[faces]  # [F, 3, 2], [F, 3] (selection)
+  vx, vy, vz = _project_columns(camera, verts)  # [V] each
+  cols = _face_columns(*lax.stop_gradient((vx, vy, vz)), faces)  # 9 x [F] (selection)
+  f = faces.shape[0]
   h, w = settings.image_size
   pixel_column = column_pixel = None
   t = settings.tile_size
-  xy_s, z_s = xy, z
   if settings.faces_per_pixel == 1:
     chunks = lambda c0, c1: ((c1[:, 0] - c0[:, 0]) // t + 1) * ((c1[:, 1] - c0[:, 1]) // t + 1)
-    ids, overflow = _in_view(lambda xy, z, b: select_nearest(xy, z, settings, b)[:2], xy_s, z_s, settings,
-                             _chunk_budget(xy.shape[0], settings), chunks)
+    ids, overflow = _in_view(lambda xy, z, b, fits: select_nearest(xy, z, settings, b, fits)[:2], cols,
+                             settings, _chunk_budget(f, settings), chunks)
     ids = ids[None]
   else:
     pairs = lambda c0, c1: (c1[:, 0] // t - c0[:, 0] // t + 1) * (c1[:, 1] // t - c0[:, 1] // t + 1)
-    cand, overflow = _in_view(lambda xy, z, b: _bin_faces(xy, z, settings, b)[:2], xy_s, z_s, settings,
-                              _pair_budget(xy.shape[0], settings), pairs)
+    cand, overflow = _in_view(lambda xy, z, b, fits: _bin_faces(xy, z, settings, b)[:2], cols, settings,
+                              _pair_budget(f, settings), pairs)
+    xy, z = _faces_from_columns(cols)  # selection reads the candidates' rows
     if settings.tile_budget < 1:
       cand, tiles, pixel_column, column_pixel, dropped = _active_tiles(cand, settings)
       overflow = overflow + dropped
@@ -965,7 +1075,6 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
     overflow = overflow + dropped
   if num_slots is not None:
     ids = ids[:num_slots]
-  f = xy.shape[0]
   total = ids.size
   num_columns = total // ids.shape[0]
   budget = min(total, max(1, math.ceil(settings.fragment_budget * ids.shape[0] * h * w)))
@@ -982,16 +1091,16 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   else:  # every slot: [S, Q] (broadcasting the pixel centres)
     pixel = jnp.arange(h * w, dtype=jnp.int32).reshape(h, w) if column_pixel is None else column_pixel
     rows = ids
-  px = (pixel % w).astype(xy.dtype) + 0.5
-  py = (pixel // w).astype(xy.dtype) + 0.5
+  px = (pixel % w).astype(vx.dtype) + 0.5
+  py = (pixel // w).astype(vx.dtype) + 0.5
   rows = jnp.where(rows >= 0, rows, f)
   # The fragments' corners are gathered from the projected vertices (x, y, z) [3, V + 3], through the
   # faces' vertex ids [3, F + 1]: the gradient is a scatter-add into the vertices, and nothing the size of
   # the faces is differentiated (a small view of a large mesh pays for its fragments only). Face F and
   # vertices V .. V + 2 are a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
-  nv = vxy.shape[0]
-  dummy = jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], vxy.dtype)
-  table = jnp.concatenate([jnp.stack([vxy[:, 0], vxy[:, 1], vz]), dummy], axis=1)  # [3, V + 3]
+  nv = vx.shape[0]
+  dummy = jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], vx.dtype)
+  table = jnp.concatenate([jnp.stack([vx, vy, vz]), dummy], axis=1)  # [3, V + 3]
   corners = jnp.concatenate([faces.T, jnp.arange(nv, nv + 3, dtype=jnp.int32)[:, None]], axis=1)
   (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = [gather_rows(table, corners[k][rows]) for k in range(3)]
   bary, dist, depth = eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py)
