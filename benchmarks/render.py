@@ -14,7 +14,7 @@ runs after a warm-up (compilation excluded), with ``block_until_ready``; the 1-m
 reported with them (on a shared machine, compare runs taken back to back).
 
 Each case runs with the default settings ("1": every fragment slot and tile is evaluated, 64 candidate faces
-per tile) and with settings measured on the view ("auto": ``render.occupancy`` + 10 %, ``render.fit_budgets``,
+per tile, binning over the faces in view) and with settings measured on the view ("auto": ``render.occupancy`` + 10 %, ``render.fit_budgets``,
 what a user fitting known views would set: the budgets, and a per-tile cap that the fullest tile fits in, so
 that nothing overflows (the head's poles, where ~100 thin faces meet, need ~110 at 512 px; at K = 1 the cap
 sizes the chunk budget of ``select_nearest``, and the view needs less than the default).
@@ -22,8 +22,9 @@ A "crops" case (skip with ``--no-crops``) mimics HMC fitting (``fit.objectives.r
 synthetic head of ``lipflow_jax.data`` (4,888 faces, 64 x 64 texture) rendered into the synthetic capture's
 three 32 x 32 headset cameras (left eye, right eye, mouth) with ``fit.loading.hmc_fit_settings`` (hard,
 4-pixel tiles, back faces culled), a batch of 8 frames (expressions), vmapped over frames and cameras;
-forward, and forward + backward to the vertices and the texture. A "crop" case also renders a 32 x 32
-window of each 512 px view (the same camera, principal point shifted onto the face) with its settings.
+forward, and forward + backward to the vertices and the texture. Each view case also times a ``--crop``
+(32) pixel square window of the same view (the same camera, principal point shifted to the image centre) with
+its settings ("crop_*" fields; "crop_*_pct" = crop time / full view time).
 ``--cull-backfaces`` culls the closed head's back faces, as this repository's own renders do. Check
 "overflow" in the JSON: a case with overflow > 0 dropped faces and rendered a (slightly) different image.
 """
