@@ -180,8 +180,8 @@ def _face_boxes(xy, z, settings: RasterSettings):
 
 
 def _face_rects(xy, z, settings: RasterSettings):
-  """``_face_boxes`` without the depth order: (valid [F] (also False for faces whose grown box misses the
-  image), c0, c1 [F, 2] int32)."""
+  """``_face_boxes`` without the depth order: (valid [F] (also False for faces whose grown box
+  misses the image), c0, c1 [F, 2] int32)."""
   h, w = settings.image_size
   r = settings.blur_radius + _BIN_MARGIN
   valid = _face_validity(xy, z, settings)
@@ -224,8 +224,8 @@ def bin_faces(xy, z, settings: RasterSettings):
 
 
 def _bin_faces(xy, z, settings: RasterSettings, budget=None):
-  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond the cap).
-  ``budget``: static number of (face, tile) pairs (default ``_pair_budget``)."""
+  """``bin_faces``, and the number of candidate faces of each tile [n_tiles] int32 (also beyond the
+  cap). ``budget``: static number of (face, tile) pairs (default ``_pair_budget``)."""
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
   t, m = settings.tile_size, settings.max_faces_per_tile
   nty, ntx = _grid(settings)
@@ -341,13 +341,13 @@ def _near_and_key(abc, zlo, zhi, box, x, y, settings: RasterSettings):
   return near, key
 
 
-# Integer scatters and gathers into per-pixel buffers, batched by hand: under vmap, XLA scatters / gathers
-# with batch coordinates build [N, 1 + batch dims] index arrays (concatenations and copies that cost ~5x
-# the scatter itself on XLA:CPU); these flatten the batch into the index instead (custom_vmap, recursively
-# for nested vmaps). No gradient (integer selection data).
+# Integer scatters and gathers into per-pixel buffers, batched by hand: under vmap, XLA scatters /
+# gathers with batch coordinates build [N, 1 + batch dims] index arrays (concatenations and copies
+# that cost ~5x the scatter itself on XLA:CPU); these flatten the batch into the index instead
+# (custom_vmap, recursively for nested vmaps). No gradient (integer selection data).
 def _flat_batched(base, scatter):
-  """``base(table [S], idx [...], *upd)`` as a custom_vmap whose batching rule flattens the batch axis into
-  ``table`` and ``idx`` (so that the base always sees a 1-D table)."""
+  """``base(table [S], idx [...], *upd)`` as a custom_vmap whose batching rule flattens the batch
+  axis into ``table`` and ``idx`` (so that the base always sees a 1-D table)."""
   fn = jax.custom_batching.custom_vmap(base)
 
   @fn.def_vmap
@@ -365,7 +365,8 @@ def _flat_batched(base, scatter):
 
 
 def _scatter_max(table, idx, upd):
-  """``table [S]`` with ``upd`` (shape of ``idx``) max-combined at ``idx`` (outside [0, S): dropped)."""
+  """``table [S]`` with ``upd`` (shape of ``idx``) max-combined at ``idx`` (outside [0, S):
+  dropped)."""
   return table.at[idx].max(upd, mode="drop")
 
 
@@ -401,10 +402,10 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None, fits=False):
   picks, among the faces reaching it, the one first in minimum-depth order. Same rule as slot 0 of
   ``select_faces``; much cheaper than the tile path for one face per pixel.
 
-  ``budget``: static number of chunks (default ``_chunk_budget``). ``fits``: the caller knows that the
-  budget holds every chunk; then the faces are not sorted by depth (the sort costs more than the rest for
-  small views), and ties go to the smaller (minimum depth, face index) through two more scatters instead:
-  the same result.
+  ``budget``: static number of chunks (default ``_chunk_budget``). ``fits``: the caller knows that
+  the budget holds every chunk; then the faces are not sorted by depth (the sort costs more than the
+  rest for small views), and ties go to the smaller (minimum depth, face index) through two more
+  scatters instead: the same result.
 
   Returns:
     (ids [H, W] int32, -1 where no face is near; overflow [] int32 = the number of chunks dropped; chunks []
@@ -444,8 +445,8 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None, fits=False):
   if fits:  # s is the face index: among the winners, the smallest minimum depth first
     zmin = lax.bitcast_convert_type(_min3(z[fc, 0], z[fc, 1], z[fc, 2]), jnp.int32)  # > 0: ordered
     zmin = jnp.broadcast_to(zmin[:, None], pix.shape)
-    best = _scatter_min(jnp.full((h * w,), jnp.iinfo(jnp.int32).max, jnp.int32), jnp.where(win, pix, h * w),
-                        zmin)
+    big = jnp.full((h * w,), jnp.iinfo(jnp.int32).max, jnp.int32)
+    best = _scatter_min(big, jnp.where(win, pix, h * w), zmin)
     win &= zmin == _take(best, pix)
   rank = _scatter_min(jnp.full((h * w,), f, jnp.int32), jnp.where(win, pix, h * w),
                       jnp.broadcast_to(s[:, None], pix.shape))
@@ -884,18 +885,19 @@ def _active_tiles(cand, settings: RasterSettings):
 # ----------------------------------------------------------------------------------------------------------
 # View culling (no gradient): binning / chunking runs over the faces that can touch the image only.
 #
-# Faces behind the near plane, degenerate, back-facing (when culled) or whose grown box misses the image
-# are dropped before the depth sort, the (face, tile) pairs / chunks and the selection, which then cost what
-# the view shows rather than what the mesh holds (a 32 x 32 headset crop sees ~10-20 % of the head). Shapes
-# stay static: ``RasterSettings.face_budget`` None (the default) picks, per call, the smallest rung of a
-# ladder of pair / chunk budgets B, B / 2, B / 4, ... (B the full set's) that holds the view's, with the
-# faces that can touch the image compacted (in face order) into a set of min(F, budget) faces, through a
-# ``lax.switch`` (one branch runs; under vmap the rung is the batch's largest, see ``_batch_max``). Nothing
-# is dropped, so the result is exactly the full set's; rung 0 (the full set and budget, today's path) is
-# the fallback. A fraction below 1 fixes one set of ``ceil(face_budget * F)`` faces instead (faces beyond
-# it, the last in face order, are dropped and counted in ``overflow``); 1 switches culling off. Evaluation
-# and its gradient read the vertex table (gather / scatter-add of the selected faces' corners), so the
-# gradients' shapes do not depend on the rung.
+# Faces behind the near plane, degenerate, back-facing (when culled) or whose grown box misses the
+# image are dropped before the depth sort, the (face, tile) pairs / chunks and the selection, which
+# then cost what the view shows rather than what the mesh holds (a 32 x 32 headset crop sees ~10-20
+# % of the head). Shapes stay static: ``RasterSettings.face_budget`` None (the default) picks, per
+# call, the smallest rung of a ladder of pair / chunk budgets B, B / 2, B / 4, ... (B the full
+# set's) that holds the view's, with the faces that can touch the image compacted (in face order)
+# into a set of min(F, budget) faces, through a ``lax.switch`` (one branch runs; under vmap the rung
+# is the batch's largest, see ``_batch_max``). Nothing is dropped, so the result is exactly the full
+# set's; rung 0 (the full set and budget, today's path) is the fallback. A fraction below 1 fixes
+# one set of ``ceil(face_budget * F)`` faces instead (faces beyond it, the last in face order, are
+# dropped and counted in ``overflow``); 1 switches culling off. Evaluation and its gradient read the
+# vertex table (gather / scatter-add of the selected faces' corners), so the gradients' shapes do
+# not depend on the rung.
 
 # The automatic ladder: pair / chunk budgets B, B / 2, B / 4, ... (B the full set's), down to
 # ``_MIN_LADDER_BUDGET``, at most ``_MAX_RUNGS`` (each is a compiled branch of binning / chunking).
@@ -905,8 +907,8 @@ _MAX_RUNGS = 6
 
 @jax.custom_batching.custom_vmap
 def _batch_max(x):
-  """``x``; under vmap the maximum over the mapped axis, unbatched, so that a ``lax.switch`` indexed by it
-  stays a switch (a batched index would run every branch)."""
+  """``x``; under vmap the maximum over the mapped axis, unbatched, so that a ``lax.switch``
+  indexed by it stays a switch (a batched index would run every branch)."""
   return x
 
 
@@ -926,15 +928,16 @@ def _ladder(num_faces, full_budget, settings: RasterSettings):
   rungs = [(num_faces, full_budget)]
   while len(rungs) < _MAX_RUNGS and -(-rungs[-1][1] // 2) >= _MIN_LADDER_BUDGET:
     budget = -(-rungs[-1][1] // 2)
-    # Every face that can touch the image has at least one pair / chunk: a rung whose budget holds the
-    # view's pairs / chunks holds its faces in min(F, budget).
+    # Every face that can touch the image has at least one pair / chunk: a rung whose budget holds
+    # the view's pairs / chunks holds its faces in min(F, budget).
     rungs.append((min(num_faces, budget), budget))
   return tuple(rungs)
 
 
 def _project_columns(camera: Camera, verts, eps=1e-8):
-  """``geometry.project_with_depth`` as columns (x [V], y [V] pixels, z [V] depth), written elementwise:
-  XLA:CPU runs the [V, 3] x [3, 3] dots (and their gradients) as library calls, several times slower."""
+  """``geometry.project_with_depth`` as columns (x [V], y [V] pixels, z [V] depth), written
+  elementwise: XLA:CPU runs the [V, 3] x [3, 3] dots (and their gradients) as library calls,
+  several times slower."""
   r, k = camera.Rt, camera.K
   x, y, z = verts[:, 0], verts[:, 1], verts[:, 2]
   cam = [r[i, 0] * x + r[i, 1] * y + r[i, 2] * z + r[i, 3] for i in range(3)]
@@ -944,9 +947,9 @@ def _project_columns(camera: Camera, verts, eps=1e-8):
 
 
 def _face_columns(vx, vy, vz, faces):
-  """The faces' corners as 9 columns [F] (x0, y0, x1, y1, x2, y2, z0, z1, z2) from the projected vertices'
-  columns [V]: one gather per column (under vmap ~5x faster on XLA:CPU than gathering [F, 3, 2] rows, whose
-  windows then span the batch)."""
+  """The faces' corners as 9 columns [F] (x0, y0, x1, y1, x2, y2, z0, z1, z2) from the projected
+  vertices' columns [V]: one gather per column (under vmap ~5x faster on XLA:CPU than gathering
+  [F, 3, 2] rows, whose windows then span the batch)."""
   xy = [_take(c, faces[:, k]) for k in range(3) for c in (vx, vy)]
   return tuple(xy) + tuple(_take(vz, faces[:, k]) for k in range(3))
 
@@ -958,9 +961,10 @@ def _faces_from_columns(cols):
 
 
 def _rects_from_columns(cols, settings: RasterSettings):
-  """A superset of ``_face_rects`` from the columns: (maybe [F] bool, c0, c1 [F, 2] int32 covering the
-  pixel ranges). Conservative (the areas and boxes are checked with a margin), because its arithmetic may
-  round differently from ``_face_rects``, which the selection runs again on the kept faces."""
+  """A superset of ``_face_rects`` from the columns: (maybe [F] bool, c0, c1 [F, 2] int32 covering
+  the pixel ranges). Conservative (the areas and boxes are checked with a margin), because its
+  arithmetic may round differently from ``_face_rects``, which the selection runs again on the kept
+  faces."""
   x0, y0, x1, y1, x2, y2, z0, z1, z2 = cols
   area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
   ok = (z0 > settings.znear) & (z1 > settings.znear) & (z2 > settings.znear)
@@ -983,9 +987,9 @@ def _in_view(select, cols, settings: RasterSettings, full_budget, per_face_units
   """Runs ``select`` on the faces that can touch the image, compacted (see the section comment).
 
   Args:
-    select: (xy [S, 3, 2], z [S, 3], budget, fits) -> (ids int32 array of face indices into its arguments,
-      -1 for none; overflow [] int32), with ``budget`` a static count of pairs / chunks and ``fits`` (static)
-      True when the budget is known to hold all of them.
+    select: (xy [S, 3, 2], z [S, 3], budget, fits) -> (ids int32 array of face indices into its
+      arguments, -1 for none; overflow [] int32), with ``budget`` a static count of pairs / chunks
+      and ``fits`` (static) True when the budget is known to hold all of them.
     cols: ``_face_columns`` of the projected faces (constants), 9 x [F].
     full_budget: the pair / chunk budget of the full set (scaled with the set's size).
     per_face_units: c0, c1 [F, 2] -> [F] int32 pairs / chunks of each face (where valid).
@@ -1017,10 +1021,11 @@ def _in_view(select, cols, settings: RasterSettings, full_budget, per_face_units
 
   if len(rungs) == 1:  # one fixed set (``face_budget`` < 1): may drop faces and pairs / chunks
     return branch(*rungs[0], False)(cols, maybe)
-  # Rung i > 0 runs only when its budget holds the view's pairs / chunks (``fits``; monotone in i); rung 0,
-  # the full set with the full budget, is the fallback.
+  # Rung i > 0 runs only when its budget holds the view's pairs / chunks (``fits``; monotone in i);
+  # rung 0, the full set with the full budget, is the fallback.
   branches = [branch(n, b, i > 0) for i, (n, b) in enumerate(rungs)]
-  need = len(rungs) - 1 - sum((units <= b).astype(jnp.int32) for _, b in rungs[1:])  # 0 = the smallest
+  holds = sum((units <= b).astype(jnp.int32) for _, b in rungs[1:])
+  need = len(rungs) - 1 - holds  # 0 = the smallest
   rung = len(rungs) - 1 - _batch_max(need)
   return lax.switch(rung, branches, cols, maybe)
 
@@ -1056,13 +1061,13 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   t = settings.tile_size
   if settings.faces_per_pixel == 1:
     chunks = lambda c0, c1: ((c1[:, 0] - c0[:, 0]) // t + 1) * ((c1[:, 1] - c0[:, 1]) // t + 1)
-    ids, overflow = _in_view(lambda xy, z, b, fits: select_nearest(xy, z, settings, b, fits)[:2], cols,
-                             settings, _chunk_budget(f, settings), chunks)
+    nearest = lambda xy, z, b, fits: select_nearest(xy, z, settings, b, fits)[:2]
+    ids, overflow = _in_view(nearest, cols, settings, _chunk_budget(f, settings), chunks)
     ids = ids[None]
   else:
     pairs = lambda c0, c1: (c1[:, 0] // t - c0[:, 0] // t + 1) * (c1[:, 1] // t - c0[:, 1] // t + 1)
-    cand, overflow = _in_view(lambda xy, z, b, fits: _bin_faces(xy, z, settings, b)[:2], cols, settings,
-                              _pair_budget(f, settings), pairs)
+    binned = lambda xy, z, b, fits: _bin_faces(xy, z, settings, b)[:2]
+    cand, overflow = _in_view(binned, cols, settings, _pair_budget(f, settings), pairs)
     xy, z = _faces_from_columns(cols)  # selection reads the candidates' rows
     if settings.tile_budget < 1:
       cand, tiles, pixel_column, column_pixel, dropped = _active_tiles(cand, settings)
@@ -1094,15 +1099,17 @@ def rasterize_slots(verts, faces, camera, settings: RasterSettings, face_attrs=N
   px = (pixel % w).astype(vx.dtype) + 0.5
   py = (pixel // w).astype(vx.dtype) + 0.5
   rows = jnp.where(rows >= 0, rows, f)
-  # The fragments' corners are gathered from the projected vertices (x, y, z) [3, V + 3], through the
-  # faces' vertex ids [3, F + 1]: the gradient is a scatter-add into the vertices, and nothing the size of
-  # the faces is differentiated (a small view of a large mesh pays for its fragments only). Face F and
-  # vertices V .. V + 2 are a harmless triangle that empty slots evaluate (no NaN can reach the gradients).
+  # The fragments' corners are gathered from the projected vertices (x, y, z) [3, V + 3], through
+  # the faces' vertex ids [3, F + 1]: the gradient is a scatter-add into the vertices, and nothing
+  # the size of the faces is differentiated (a small view of a large mesh pays for its fragments
+  # only). Face F and vertices V .. V + 2 are a harmless triangle that empty slots evaluate (no NaN
+  # can reach the gradients).
   nv = vx.shape[0]
   dummy = jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], vx.dtype)
   table = jnp.concatenate([jnp.stack([vx, vy, vz]), dummy], axis=1)  # [3, V + 3]
   corners = jnp.concatenate([faces.T, jnp.arange(nv, nv + 3, dtype=jnp.int32)[:, None]], axis=1)
-  (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = [gather_rows(table, corners[k][rows]) for k in range(3)]
+  corner = [gather_rows(table, corners[k][rows]) for k in range(3)]
+  (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = corner
   bary, dist, depth = eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py)
   attrs = ()
   if face_attrs is not None:

@@ -54,14 +54,15 @@ class RasterSettings:
       in row-major order) keep their first-pass selection and are counted in ``overflow``. So a cap high
       enough for the worst tile costs about a quarter of it elsewhere. ``render.occupancy`` measures both. 1
       (the default) runs one pass with all candidates.
-    face_budget: which faces binning and selection run over. None (the default): only the faces that can
-      touch the image (in front of ``znear``, front-facing when culling, grown box over a pixel centre),
-      compacted per call into the smallest of a ladder of static sizes whose (face, tile) pair / chunk
-      budget, halved at each rung, holds the view's (under vmap the largest the batch needs); exact (the
-      same result as 1), so a small view of a large mesh costs a fraction of a full one, and a full view
-      sorts and tests no more pairs / chunks than it has. A fraction in (0, 1): one compacted set of
-      ``ceil(face_budget * F)`` faces (budgets scaled alike); faces beyond it (the last in face order) are
-      dropped and counted in ``overflow``. 1: every face, no compaction (see ``rasterize._in_view``).
+    face_budget: which faces binning and selection run over. None (the default): only the faces
+      that can touch the image (in front of ``znear``, front-facing when culling, grown box over a
+      pixel centre), compacted per call into the smallest of a ladder of static sizes whose (face,
+      tile) pair / chunk budget, halved at each rung, holds the view's (under vmap the largest the
+      batch needs); exact (the same result as 1), so a small view of a large mesh costs a fraction
+      of a full one, and a full view sorts and tests no more pairs / chunks than it has. A fraction
+      in (0, 1): one compacted set of ``ceil(face_budget * F)`` faces (budgets scaled alike); faces
+      beyond it (the last in face order) are dropped and counted in ``overflow``. 1: every face, no
+      compaction (see ``rasterize._in_view``).
     background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
     znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
     cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ
