@@ -24,6 +24,7 @@ from lipflow_jax.fit.bundle import (
 from lipflow_jax.fit.fitting import (
   FitConfig,
   FitResult,
+  check_observations,
   fit_config,
   fit_jit,
   fit_latents,
@@ -49,6 +50,7 @@ from lipflow_jax.fit.objectives import (
   huber_cost,
   keypoint_objective,
   l2_cost,
+  mask_hmc,
   project_keypoints,
   render_hmc,
   sanitize_keypoints,
