@@ -220,21 +220,24 @@ def _known_train_keys() -> set:
   return {'.'.join(k) for k in keys} | set(TRAIN_RANGES)
 
 
-def _check(leaves: dict, ranges: Mapping[str, Range], prefix: str) -> list[str]:
+def _check(leaves: dict, ranges: Mapping[str, Range], prefix: str, labels=None) -> list[str]:
+  """Problems of ``leaves`` against ``ranges``; a key is shown as ``labels[key]`` if given."""
   problems = []
   for path, value in leaves.items():
     for pattern, allowed in ranges.items():
       if _matches(path, pattern) and not allowed.allows(value):
-        key = prefix + '.'.join(path)
+        key = '.'.join(path)
+        key = (labels or {}).get(key, prefix + key)
         problems.append(f'{key} = {value!r}: must be {allowed.describe()}')
   return problems
 
 
-def _check_builder_config(dataset, prefix: str) -> list[str]:
+def _check_builder_config(dataset, prefix: str, labels=None) -> list[str]:
   names = BUILDER_CONFIGS.get(dataset.get('name'))
   value = dataset.get('builder_config')
   if names and value not in names:
-    return [f'{prefix}builder_config = {value!r}: must be one of {list(names)}']
+    key = (labels or {}).get('dataset.builder_config', prefix + 'builder_config')
+    return [f'{key} = {value!r}: must be one of {list(names)}']
   return []
 
 
@@ -275,12 +278,14 @@ def validate_config(config) -> Any:
   return config
 
 
-def validate_dataset_options(dataset: Mapping[str, Any]) -> None:
+def validate_dataset_options(dataset: Mapping[str, Any], labels=None) -> None:
   """The ``dataset.*`` checks of ``TRAIN_RANGES`` for a dataset given by flags (data build):
-  ``{'name', 'builder_config', 'builder_kwargs': {...}}``."""
+  ``{'name', 'builder_config', 'builder_kwargs': {...}}``; ``labels`` maps key paths
+  (``dataset.builder_config``) to the names shown (``--config``)."""
   leaves = {('dataset',) + k: v for k, v in _leaves(dict(dataset)).items()}
   ranges = {k: v for k, v in TRAIN_RANGES.items() if k.startswith('dataset.')}
-  problems = _check(leaves, ranges, '--') + _check_builder_config(dataset, '--')
+  problems = _check(leaves, ranges, 'config.', labels)
+  problems += _check_builder_config(dataset, 'config.dataset.', labels)
   if problems:
     raise ConfigError('invalid dataset options: ' + '; '.join(problems))
 

@@ -51,6 +51,15 @@ def dir_size(path) -> int:
   return total
 
 
+# Dataset config keys (``config_validation``) -> the flags that set them, for error messages.
+FLAG_NAMES = {
+  "dataset.name": "--dataset",
+  "dataset.builder_config": "--config",
+  "dataset.builder_kwargs.texture_size": "--texture_size",
+  "dataset.builder_kwargs.image_size": "--image_size",
+}
+
+
 def _image_size():
   if not _IMAGE_SIZE.value:
     return None
@@ -68,7 +77,8 @@ def main(argv):
       name=_DATASET.value,
       builder_config=_CONFIG.value,
       builder_kwargs=dict(texture_size=_TEXTURE_SIZE.value, image_size=_image_size()),
-    )
+    ),
+    labels=FLAG_NAMES,
   )
   try:
     _build(t0)

@@ -223,7 +223,7 @@ def check_observations(bundle, obs, cfg: FitConfig):
         raise ValueError(f"fit: input {name!r} needs observation {key!r}; got keys {sorted(obs)}")
       got = np.shape(obs[key])[1:]
       if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
-        shape = tuple("*" if w is None else w for w in want)
+        shape = ", ".join("*" if w is None else str(w) for w in want)
         raise ValueError(f"fit: observation {key!r} must be [B, {shape}], got {np.shape(obs[key])}")
   meta = getattr(bundle, "meta", None)
   ids = getattr(meta, "keypoint_vertex_ids", None)
