@@ -190,6 +190,14 @@ PIPELINE_RANGES: Mapping[str, Range] = {
 }
 
 
+# Dataset keys -> the flags of ``python -m lipflow_jax.data.build`` that set them (for its errors).
+DATA_BUILD_FLAGS: Mapping[str, str] = {
+  'dataset.name': '--dataset',
+  'dataset.builder_config': '--config',
+  'dataset.builder_kwargs.texture_size': '--texture_size',
+  'dataset.builder_kwargs.image_size': '--image_size',
+}
+
 # Builder configs by dataset (``dataset.builder_config``); a dataset not listed takes any name.
 BUILDER_CONFIGS: Mapping[str, tuple] = {'synthetic_capture': tuple(capture.CONFIGS)}
 

@@ -19,7 +19,6 @@ import pytest
 
 from configs import dam_synthetic
 from lipflow_jax import config_base, config_validation, data, fit, geometry, train
-from lipflow_jax.data import build as data_build
 from lipflow_jax.data import builders, capture, multiface_export, schema
 from lipflow_jax.data import multiface as mf
 from lipflow_jax.data import multiface_format as fmt
@@ -261,7 +260,7 @@ def test_data_build_options_are_checked():
   with pytest.raises(config_validation.ConfigError) as info:
     config_validation.validate_dataset_options(
       dict(name='synthetic_capture', builder_config='huge', builder_kwargs=dict(texture_size=-3)),
-      labels=data_build.FLAG_NAMES,
+      labels=config_validation.DATA_BUILD_FLAGS,
     )
   assert "--config = 'huge': must be one of ['tiny', 'default']" in str(info.value)
   assert '--texture_size = -3: must be an integer >= 1, or None' in str(info.value)

@@ -51,15 +51,6 @@ def dir_size(path) -> int:
   return total
 
 
-# Dataset config keys (``config_validation``) -> the flags that set them, for error messages.
-FLAG_NAMES = {
-  "dataset.name": "--dataset",
-  "dataset.builder_config": "--config",
-  "dataset.builder_kwargs.texture_size": "--texture_size",
-  "dataset.builder_kwargs.image_size": "--image_size",
-}
-
-
 def _image_size():
   if not _IMAGE_SIZE.value:
     return None
@@ -78,7 +69,7 @@ def main(argv):
       builder_config=_CONFIG.value,
       builder_kwargs=dict(texture_size=_TEXTURE_SIZE.value, image_size=_image_size()),
     ),
-    labels=FLAG_NAMES,
+    labels=config_validation.DATA_BUILD_FLAGS,
   )
   try:
     _build(t0)
