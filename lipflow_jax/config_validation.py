@@ -319,8 +319,11 @@ def _override_error(argv, error: Exception) -> str:
   if found:
     want, got = found.groups()
     for flag in overrides:
-      if flag.rsplit('.', 1)[-1] == got:
-        return f'{flag}: unknown config key (did you mean {flag.rsplit(".", 1)[0]}.{want}?)'
+      parts = flag.split('.')
+      if got in parts[1:]:
+        i = parts.index(got, 1)
+        fixed = '.'.join(parts[:i] + [want] + parts[i + 1 :])
+        return f'{flag}: unknown config key {got!r} (did you mean {fixed}?)'
     return f'unknown config key {got!r} (did you mean {want!r}?)'
   line = next((s.strip(" '\"") for s in text.splitlines() if s.strip(" '\"")), repr(error))
   return f'bad --config override ({" ".join(overrides) or "--config"}): {line}'

@@ -246,8 +246,8 @@ def test_commands_reject_bad_configs_in_one_line(tmp_path):
     ]
   )
   assert (
-    '--config.num_train_step: unknown config key (did you mean --config.num_train_steps?)'
-    in train_typo
+    "--config.num_train_step: unknown config key 'num_train_step' "
+    '(did you mean --config.num_train_steps?)' in train_typo
   )
   assert 'config.models.dam.optimizer.learning_rate = -1.0: must be a finite number > 0' in (
     main_range
