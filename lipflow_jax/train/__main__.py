@@ -8,12 +8,14 @@ step and exits. The resolved config is checked first (``config_validation``): a 
 or an unknown key stops the command with one line naming the key.
 """
 
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from lipflow_jax import config_validation, distributed
-from lipflow_jax.train import loop
+from lipflow_jax.train import checkpointing, loop
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string(
@@ -36,7 +38,11 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  result = loop.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  try:
+    result = loop.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  except checkpointing.CheckpointRestoreError as e:
+    sys.stderr.write(f'FATAL {e}\n')
+    sys.exit(1)
   if result.stopped == 'preempted':
     logging.warning('Preempted at step %d; run the same command again to resume.', result.step)
   return 0
