@@ -149,6 +149,18 @@ def move_aside(path) -> epath.Path:
   return target
 
 
+def _summary(error: BaseException, limit: int = 240) -> str:
+  """One short line for a restore error (orbax/tensorstore messages carry whole specs)."""
+  parts = []
+  while error is not None and len(parts) < 2:
+    line = (str(error).strip().splitlines() or [''])[0]
+    for cut in (' See full TensorStore details', ' [tensorstore_spec', ' [source locations'):
+      line = line.split(cut)[0]
+    parts.append(f'{type(error).__name__}: {line}')
+    error = error.__cause__
+  return ' <- '.join(parts)[:limit]
+
+
 def _first_readable(directory, steps, restore_one):
   """Calls ``restore_one(step)`` from the newest of ``steps`` down until one succeeds.
 
@@ -161,9 +173,9 @@ def _first_readable(directory, steps, restore_one):
     try:
       return restore_one(step), step, failed
     except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise plain Exception, too)
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-      logging.warning('Checkpoint %s cannot be read: %s', _step_dir(directory, step), first_line)
-      failed.append((step, f'{type(e).__name__}: {first_line}'))
+      summary = _summary(e)
+      logging.warning('Checkpoint %s cannot be read: %s', _step_dir(directory, step), summary)
+      failed.append((step, summary))
   tried = '; '.join(f'step {s} ({msg})' for s, msg in failed)
   raise CheckpointRestoreError(
     f'no readable checkpoint in {directory}: tried {tried}. Nothing was moved or deleted; if the '
