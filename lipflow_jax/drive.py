@@ -7,8 +7,11 @@ Writes ``<workdir>/drive/<method>_<input>_<segment>/`` (see ``lipflow_jax.experi
 and prints latency p50 / p95 / max and the errors against the full per-frame fit.
 """
 
+import sys
+
 from absl import app, flags
 
+from lipflow_jax import config_validation
 from lipflow_jax.experiment import driving
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished main-job workdir.")
@@ -23,9 +26,13 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  summary = driving.drive(
-    _WORKDIR.value, _INPUT.value, _METHOD.value, _SEGMENT.value, _STEPS.value, _MAX_FRAMES.value
-  )
+  try:
+    summary = driving.drive(
+      _WORKDIR.value, _INPUT.value, _METHOD.value, _SEGMENT.value, _STEPS.value, _MAX_FRAMES.value
+    )
+  except config_validation.ConfigError as e:  # the workdir's config.json (checked on load)
+    sys.stderr.write(f"FATAL {e}\n")
+    sys.exit(2)
   print(driving.summary_line(summary), flush=True)
   print(f"written to {summary['dir']}", flush=True)
 

@@ -6,6 +6,7 @@ reader inputs (KRT, OBJ, head pose, textures) and observations given to the fitt
 """
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from lipflow_jax import config_base, config_validation, data, fit, geometry, tra
 from lipflow_jax.data import builders, capture, multiface_export, schema
 from lipflow_jax.data import multiface as mf
 from lipflow_jax.data import multiface_format as fmt
+from lipflow_jax.experiment import driving
 from lipflow_jax.train import checkpointing, metrics_logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,6 +268,16 @@ def test_data_build_options_are_checked():
   assert '--texture_size = -3: must be an integer >= 1, or None' in str(info.value)
 
 
+def test_drive_checks_the_stored_config(tmp_path):
+  """``python -m lipflow_jax.drive`` reads the main job's ``config.json``: it is validated too."""
+  config = config_base.load_config(os.path.join(REPO, 'configs', 'demo.py:tiny'))
+  config.eval.view_stride = 0
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(config.to_dict(), f)
+  with pytest.raises(config_validation.ConfigError, match='config.eval.view_stride = 0'):
+    driving.load_run(str(tmp_path))
+
+
 # ------------------------------------------------------------------------------------ readers
 def _camera_file(tmp_path):
   path = str(tmp_path / 'KRT')
@@ -423,6 +435,18 @@ def test_fit_masks_nan_headset_crop_pixels(hmc_problem):
     float(masked['hmc_mask'][0, 1].sum()) == 64 - 9 and float(masked['hmc_mask'][1, 2].sum()) == 0
   )
   assert np.all(np.isfinite(masked['hmc']))
+
+
+def test_streaming_fit_masks_nan_headset_crop_pixels(hmc_problem):
+  bundle, obs = hmc_problem
+  cfg = fit.fit_config('conditional_gaussian_fit', 'hmc', lr=0.05)
+  step = fit.stream_step_fn(cfg, steps=2)
+  state = fit.stream_init(bundle, cfg)
+  for i in range(2):
+    frame = {k: v[i].copy() for k, v in obs.items()}
+    frame['hmc'][1, :3] = np.nan  # some dead rows: the frame is still usable
+    state = step(bundle, state, frame)
+  assert np.all(np.isfinite(state.z)) and int(state.skipped) == 0
 
 
 @pytest.mark.parametrize(

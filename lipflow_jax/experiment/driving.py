@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lipflow_jax import evaluate, fit
+from lipflow_jax import config_validation, evaluate, fit
 from lipflow_jax.data import input_pipeline, schema
 from lipflow_jax.evaluate import figures as draw
 from lipflow_jax.experiment import figures, pipeline, tuning
@@ -36,6 +36,7 @@ def load_run(workdir: str):
       f"{path} not found: is {workdir} a workdir of python -m lipflow_jax.main?"
     )
   config = ml_collections.ConfigDict(workdir_lib.read_json(path))
+  config_validation.validate_config(config)  # ConfigError naming each bad key
   ds = config.dataset
   builder = input_pipeline.prepare(ds.name, ds.get("builder_config"), ds.get("data_dir"))
   meta = schema.load_meta(builder)

@@ -12,7 +12,8 @@ size is constant (``FitConfig.lr``; no per-frame schedule) and the Adam moments 
 
 A frame with nothing usable (every keypoint invisible or non-finite; every headset pixel non-finite
 or masked out) keeps the previous state and code and is counted in ``StreamState.skipped``; nothing
-becomes NaN.
+becomes NaN. Within a usable frame, NaN headset pixels are masked as in the batch fit
+(``objectives.mask_hmc``).
 
     step = fit.stream_step_fn(fit.fit_config("lipflow_fit", "keypoints", lr=0.05), steps=4)
     state = fit.stream_init(bundle, cfg)
@@ -96,7 +97,7 @@ def _where(cond, a, b):
 def _stream_step(
   bundle, state: StreamState, obs, cfg: fitting.FitConfig, steps: int, lambda_prior=None
 ) -> StreamState:
-  one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], obs)
+  one = objectives_lib.mask_hmc(jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], obs))
   if fitting.needs_condition(cfg):
     one = priors_lib.condition_stats(bundle, one, cfg.condition)
   v_init, z_init = fitting.start_values(bundle, one, cfg)
