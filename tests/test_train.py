@@ -38,19 +38,10 @@ CONFIG_NAMES = (
 )
 
 
-def _data_dir(tiny_capture):
-  for attr in ('data_dir', 'path'):
-    if hasattr(tiny_capture, attr):
-      return str(getattr(tiny_capture, attr))
-  if isinstance(tiny_capture, dict) and 'data_dir' in tiny_capture:
-    return str(tiny_capture['data_dir'])
-  return str(tiny_capture)
-
-
 @pytest.fixture(scope='module')
 def tiny_config(tiny_capture):
   config = dam_synthetic.get_config('tiny')
-  config.dataset.data_dir = _data_dir(tiny_capture)
+  config.dataset.data_dir = tiny_capture.data_dir
   config.progress_bar = False
   return config
 
@@ -298,15 +289,23 @@ def test_nonfinite_step_is_skipped_and_counted(step_setup, one_device_step):
 # --------------------------------------------------------------------------------------------------
 # pieces
 def test_sigterm_requests_a_checkpoint_and_stop():
-  watcher = checkpointing.PreemptionWatcher(install=True)
+  received = []
+  previous = lambda signum, frame: received.append(signum)  # a handler the watcher must give back
+  saved = signal.signal(signal.SIGTERM, previous)
   try:
-    assert not watcher.should_stop(0)
+    watcher = checkpointing.PreemptionWatcher(install=True)
+    try:
+      assert not watcher.should_stop(0)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert watcher.should_stop(1) and received == []  # the watcher caught it, not the old one
+    finally:
+      watcher.close()
+    # Closed, the watcher has put the previous handler back: SIGTERM reaches it again.
+    assert signal.getsignal(signal.SIGTERM) is previous
     os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.should_stop(1)
+    assert received == [signal.SIGTERM]
   finally:
-    watcher.close()
-  # pylint: disable=protected-access
-  assert signal.getsignal(signal.SIGTERM) is not watcher._handler
+    signal.signal(signal.SIGTERM, saved)
 
 
 def test_learning_rate_schedule_warms_up_and_decays():
@@ -319,6 +318,38 @@ def test_learning_rate_schedule_warms_up_and_decays():
   )
   with pytest.raises(ValueError, match='decay'):
     ts.make_learning_rate_schedule(1e-3, 100, decay='step')
+
+
+def _schedule_reference(step, lr, total, warmup, decay, end_factor):
+  """The schedule written out: linear warm-up 0 -> lr over ``warmup`` steps, then ``decay`` from lr
+  to lr * end_factor over the remaining steps, then flat."""
+  if step < warmup:
+    return lr * step / warmup
+  t = min(step - warmup, total - warmup) / (total - warmup)
+  end = lr * end_factor
+  if decay == 'cosine':
+    return end + (lr - end) * 0.5 * (1.0 + np.cos(np.pi * t))
+  if decay == 'linear':
+    return lr + (end - lr) * t
+  return lr
+
+
+@pytest.mark.parametrize('decay', ['cosine', 'linear', 'constant'])
+@pytest.mark.parametrize('warmup', [0, 7])
+def test_learning_rate_schedule_shape(decay, warmup):
+  lr, total, end_factor = 3e-3, 50, 0.2
+  schedule = ts.make_learning_rate_schedule(lr, total, warmup, decay=decay, end_factor=end_factor)
+  steps = np.arange(0, total + 11)
+  got = np.asarray([float(schedule(s)) for s in steps])
+  want = [_schedule_reference(s, lr, total, warmup, decay, end_factor) for s in steps]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+  # The shape in words: rising during the warm-up, then never rising, the peak lr at the warm-up's
+  # end, the end value from the last step on.
+  assert np.all(np.diff(got[: warmup + 1]) > 0)
+  assert np.all(np.diff(got[warmup:]) <= 1e-12)
+  assert got[warmup] == pytest.approx(lr, rel=1e-6)
+  final = lr if decay == 'constant' else lr * end_factor
+  np.testing.assert_allclose(got[total:], final, rtol=1e-5)
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
