@@ -469,7 +469,25 @@ def test_contact_sheet(tiny_capture, tmp_path):
 
 
 def test_test_camera_indices():
+  """What 'evenly spread, never the first or the last' means, checked as properties for every dome
+  of 3 to 60 cameras and every count that leaves a training camera: exactly ``num_test`` distinct
+  sorted indices strictly inside the dome, each within one camera of the even spread
+  (C - 1) k / (n + 1), k = 1..n."""
+  for num_cameras in range(3, 61):
+    for num_test in range(1, num_cameras - 1):
+      held = capture.test_camera_indices(num_cameras, num_test)
+      where = (num_cameras, num_test, held)
+      assert len(held) == num_test and held == sorted(set(held)), where
+      assert 0 < held[0] and held[-1] < num_cameras - 1, where
+      even = (num_cameras - 1) * np.arange(1, num_test + 1) / (num_test + 1)
+      assert np.all(np.abs(np.asarray(held) - even) <= 1.0), where
+  # The capture configs in use keep their held-out cameras.
   assert capture.test_camera_indices(40, 4) == [8, 16, 23, 31]
+  assert capture.test_camera_indices(6, 2) == [2, 3]
+
+
+def test_test_camera_indices_bad_counts():
+  assert capture.test_camera_indices(40, 0) == []
   with pytest.raises(ValueError, match="no training camera"):
     capture.test_camera_indices(3, 2)
 
