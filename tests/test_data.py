@@ -1,12 +1,13 @@
 """Tests of lipflow_jax.data: synthetic head, capture, synthetic_capture builder, grain pipeline."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
-from lipflow_jax import geometry, render
+from lipflow_jax import fit, geometry, render
 from lipflow_jax.data import (
   capture,
   capture_script,
@@ -507,3 +508,82 @@ def test_ground_truth_renders_have_no_cracks(tiny_capture):
       assert _holes(ex["image_mask"]) == 0
       assert all(_holes(m) == 0 for m in ex["hmc_mask"])
       assert ex["hmc_mask"].mean() > 0.3
+
+
+class _GroundTruthDecoder(nn.Module):
+  """Stands in for a trained decoder: ignores z and returns one frame's ground-truth mesh, and the
+  texture shaded for the camera nearest to the view direction it is asked for (the capture's
+  appearance is view-dependent). verts: [V, 3], textures: [C, T, T, 3] (both normalised); views:
+  [C, 3]."""
+
+  verts: np.ndarray
+  textures: np.ndarray
+  views: np.ndarray
+
+  def decode(self, z, view):
+    nearest = jnp.argmax(jnp.asarray(self.views) @ view[0])
+    return jnp.asarray(self.textures)[nearest][None], jnp.asarray(self.verts)[None]
+
+
+def test_stored_keypoints_and_headset_crops_are_the_fitting_objectives_renders(tiny_capture):
+  """The fitting objectives' own projection (``fit.project_keypoints``) and rendering
+  (``fit.render_hmc``), given a frame's ground-truth mesh and texture, reproduce the stored
+  keypoints and headset crops: the data and the objectives agree on every convention between them
+  (vertex ids, cameras, pixel origin, texture orientation, grey conversion)."""
+  meta = tiny_capture.meta
+  cap = capture.get_capture(capture.CONFIGS["tiny"])
+  ex = tiny_capture.sources["train"][3 * meta.num_cameras + 1]
+  frame = int(ex["frame_index"])
+  # The frame's texture as the capture shades it for each headset camera (no gain or bias).
+  hmc_cams = [geometry.Camera(K=k, Rt=rt) for k, rt in zip(ex["hmc_K"], ex["hmc_Rt"])]
+
+  @jax.jit
+  def shaded(factors, verts, eyes):
+    rgb_a, ks, shin = sh.albedo_texture(
+      jnp.asarray(sh.texel_plane(meta.texture_size, 2)), factors, jnp.asarray(cap.head.person)
+    )
+    normals = geometry.vertex_normals(verts, jnp.asarray(cap.head.faces))
+    pts = uv_raster.texel_points(cap.texel_map, cap.head.faces, verts)
+    nrm = uv_raster.texel_points(cap.texel_map, cap.head.faces, normals)
+    nrm = nrm / jnp.linalg.norm(nrm, axis=-1, keepdims=True).clip(1e-8)
+    shade = lambda eye: jnp.clip(sh.shade(rgb_a, ks, shin, pts, nrm, eye), 2 / 255, 1)
+    return jax.vmap(shade)(eyes)
+
+  eyes = jnp.stack([geometry.camera_center(c) for c in hmc_cams])
+  textures = np.asarray(
+    shaded(jnp.asarray(cap.script.factors[frame]), jnp.asarray(ex["verts"]), eyes)
+  )
+  mesh = schema.MeshMeta.from_dataset_meta(meta)
+  model = _GroundTruthDecoder(
+    verts=(ex["verts"] - meta.vert_mean) / meta.vert_std,
+    textures=(255.0 * textures - meta.tex_mean) / meta.tex_std,
+    views=np.stack([np.asarray(geometry.view_direction(c)) for c in hmc_cams]),
+  )
+  bundle = fit.ModelBundle(
+    model=model,
+    variables={},
+    meta=mesh,
+    hmc_settings=capture.raster_settings(meta.hmc_size),
+    latent_dim=1,
+  )
+  z = jnp.zeros((1,))
+
+  # Keypoints: the exact projections, and the noisy detections within 5 sigma of them.
+  frontal = geometry.Camera(K=ex["frontal_K"], Rt=ex["frontal_Rt"])
+  projected = np.asarray(jax.jit(fit.project_keypoints)(bundle, z, frontal))
+  np.testing.assert_allclose(projected, ex["keypoints_clean"], atol=1e-3)
+  vis = ex["keypoints_visible"] > 0
+  noise = np.abs(projected[vis] - ex["keypoints"][vis])
+  assert vis.mean() > 0.8 and noise.max() < 5 * cap.config.keypoint_noise_px
+
+  # Headset crops: the same coverage, and the same grey values up to the sensor noise.
+  grey, alpha = jax.jit(fit.render_hmc)(bundle, z, ex["hmc_K"], ex["hmc_Rt"])
+  mask = ex["hmc_mask"] > 0
+  assert mask.mean() > 0.3
+  np.testing.assert_array_equal(np.asarray(alpha) > 0, mask)
+  err = (np.asarray(grey) - ex["hmc"] / 255.0)[mask]
+  noise = cap.config.hmc_noise
+  assert abs(err.mean()) < 0.1 * noise and abs(err.std() - noise) < 0.15 * noise, (
+    err.mean(),
+    err.std(),
+  )
