@@ -273,9 +273,8 @@ _FAKE_SRUN = """#!/usr/bin/env bash
 while [[ "$1" == -* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
-  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=localhost SLURM_STEP_NUM_TASKS=$SLURM_NTASKS
-  \\
-      SLURM_STEP_NUM_NODES=1 "$@" 2>&1 | sed "s/^/$i: /" &
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=localhost \\
+      SLURM_STEP_NUM_TASKS=$SLURM_NTASKS SLURM_STEP_NUM_NODES=1 "$@" 2>&1 | sed "s/^/$i: /" &
   pids+=($!)
 done
 rc=0
