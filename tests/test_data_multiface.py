@@ -1,11 +1,16 @@
-"""Tests of the Multiface layout: synthetic -> entity directory -> multiface builder; bad input."""
+"""Tests of the Multiface layout: an entity written by hand from the published layout facts ->
+multiface builder; synthetic -> exporter -> builder round trip; bad input."""
 
+import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
+from lipflow_jax import render
 from lipflow_jax.data import builders, capture, input_pipeline, multiface_export, schema
 from lipflow_jax.data import multiface as mf
 from lipflow_jax.data import multiface_format as fmt
@@ -123,6 +128,197 @@ def test_multiface_keypoints_and_hmc(roundtrip):
   assert ex["hmc_mask"].mean() > 0.3 and ex["hmc"].std() > 5  # crops show the face
   batch = schema.normalize_example(ex, meta)
   assert batch["verts"].dtype == np.float32 and np.abs(batch["verts"]).max() < 50
+
+
+# ---------------------------------------------------------------- an entity written from the facts
+# Written by this file from DESIGN section 4 alone (no exporter, no writer of the library): KRT is
+# world -> camera (mm), ``<frame>_transform.txt`` head -> world (x_world = R x_head + t), ``.bin``
+# vertices in head coordinates, texture PNGs with the top row at v = 1 (the reference loader flips
+# the rows so that row 0 is v = 0).
+HAND_T = 16  # texture size
+HAND_SIZE = (48, 40)  # photos: H x W (not square: a swapped axis shows)
+HAND_FRAMES = [("E001_neutral", "000100"), ("E001_neutral", "000104"), ("EXP_ROM", "000230")]
+HAND_CAMERAS = ("400011", "400012", "400013")
+HAND_KEYPOINTS = (0, 7, 14, 21, 28, 35)
+
+
+def _rot(axis, degrees):
+  a = np.deg2rad(degrees)
+  c, s = np.cos(a), np.sin(a)
+  i, j = [(1, 2), (2, 0), (0, 1)][axis]
+  r = np.eye(3)
+  r[i, i] = r[j, j] = c
+  r[i, j], r[j, i] = -s, s
+  return r
+
+
+def _hand_texture_value(u, v, scale=1.0):
+  """The colour of texture coordinate (u, v) (any arrays): red follows u, green follows v."""
+  return np.stack([20 + 220 * u, 20 + 220 * v, np.full_like(u, 128.0)], -1) * scale
+
+
+def _hand_scene():
+  """A 6 x 6 vertex patch of a sphere (mm, head coordinates, facing +z), per-vertex UVs, three
+  head poses and three cameras around +z (world -> camera)."""
+  yy, xx = np.meshgrid(np.linspace(-1, 1, 6), np.linspace(-1, 1, 6), indexing="ij")
+  head = np.stack([60 * xx, -60 * yy, 40 * np.cos(0.6 * xx) * np.cos(0.6 * yy)], -1).reshape(-1, 3)
+  uvs = np.stack([(xx.ravel() + 1) / 2, (1 - yy.ravel()) / 2], -1)
+  faces = []
+  for r in range(5):
+    for c in range(5):
+      a, b, d, e = 6 * r + c, 6 * r + c + 1, 6 * (r + 1) + c, 6 * (r + 1) + c + 1
+      faces += [[a, d, b], [b, d, e]]  # counter-clockwise seen from +z (outside)
+  poses = [
+    (_rot(1, 8.0) @ _rot(0, -5.0), np.array([5.0, -3.0, 20.0])),
+    (_rot(1, -6.0), np.array([-4.0, 2.0, 10.0])),
+    (_rot(2, 4.0), np.array([0.0, 6.0, 0.0])),
+  ]
+  cams = {}
+  for name, azimuth in zip(HAND_CAMERAS, (-20.0, 0.0, 25.0)):
+    # Camera axes (x right, y down, z forward) at 700 mm from the origin, looking at it.
+    R = np.diag([1.0, -1.0, -1.0]) @ _rot(1, -azimuth)  # world -> camera rotation
+    centre = _rot(1, azimuth) @ np.array([0.0, 0.0, 700.0])
+    K = np.array(
+      [[300.0, 0, HAND_SIZE[1] / 2 + 1.5], [0, 310.0, HAND_SIZE[0] / 2 - 2.0], [0, 0, 1]]
+    )
+    cams[name] = (K, np.concatenate([R, (-R @ centre)[:, None]], 1))
+  return head, uvs, np.asarray(faces), poses, cams
+
+
+@pytest.fixture(scope="module")
+def hand_entity(tmp_path_factory):
+  """(entity directory, ground truth) of the hand-written entity."""
+  root = str(tmp_path_factory.mktemp("hand") / "m--hand--GHS")
+  head, uvs, faces, poses, cams = _hand_scene()
+  os.makedirs(root)
+  with open(os.path.join(root, "KRT"), "w") as f:
+    for name, (K, Rt) in cams.items():
+      rows = [name] + [" ".join(f"{x:.10g}" for x in row) for row in K]
+      rows += ["0 0 0 0 0"] + [" ".join(f"{x:.10g}" for x in row) for row in Rt] + [""]
+      f.write("\n".join(rows) + "\n")
+  with open(os.path.join(root, "frame_list.txt"), "w") as f:
+    f.write("\n".join(f"{s} {n}" for s, n in HAND_FRAMES))  # no final newline
+  with open(os.path.join(root, "test_segment.json"), "w") as f:
+    json.dump({"segment": ["EXP_ROM"]}, f)
+  with open(os.path.join(root, "camera-split-config.json"), "w") as f:
+    json.dump(
+      {"full": {"train": list(HAND_CAMERAS[:2]), "test": [HAND_CAMERAS[2]], "visual": []}}, f
+    )
+  # Textures: the top row of the file is v = 1; black texels are unobserved.
+  rows, cols = np.mgrid[0:HAND_T, 0:HAND_T]
+  u, v = (cols + 0.5) / HAND_T, 1.0 - (rows + 0.5) / HAND_T
+
+  def png(path, a):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).save(path)
+
+  png(os.path.join(root, "tex_mean.png"), _hand_texture_value(u, v, 0.5))
+  with open(os.path.join(root, "tex_var.txt"), "w") as f:
+    f.write("2500.0\n")
+  mean = head.astype("<f4")
+  mean.tofile(os.path.join(root, "vert_mean.bin"))
+  with open(os.path.join(root, "vert_var.txt"), "w") as f:
+    f.write("400.0\n")
+  truth = dict(
+    head=[], poses=poses, cams=cams, uvs=uvs, faces=faces, unobserved=(slice(0, 3), slice(0, 4))
+  )
+  for i, ((seg, frame), (R, t)) in enumerate(zip(HAND_FRAMES, poses)):
+    verts = (head + np.array([0.0, 0.0, 3.0 * i]) * (head[:, :1] > 0)).astype("<f4")
+    truth["head"].append(verts)
+    mesh_dir = os.path.join(root, "tracked_mesh", seg)
+    os.makedirs(mesh_dir, exist_ok=True)
+    verts.tofile(os.path.join(mesh_dir, f"{frame}.bin"))
+    with open(os.path.join(mesh_dir, f"{frame}.obj"), "w") as f:
+      f.write("".join(f"v {x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in verts))
+      f.write("".join(f"vt {a:.6f} {b:.6f}\n" for a, b in uvs))
+      f.write("".join(f"f {a + 1}/{a + 1} {b + 1}/{b + 1} {c + 1}/{c + 1}\n" for a, b, c in faces))
+    np.savetxt(os.path.join(mesh_dir, f"{frame}_transform.txt"), np.concatenate([R, t[:, None]], 1))
+    for c, cam in enumerate(HAND_CAMERAS + ("average",)):
+      tex = _hand_texture_value(u, v, 1.0 - 0.1 * c)
+      tex[truth["unobserved"]] = 0
+      png(os.path.join(root, "unwrapped_uv_1024", seg, cam, f"{frame}.png"), tex)
+    for c, cam in enumerate(HAND_CAMERAS):
+      photo = np.zeros(HAND_SIZE + (3,))
+      photo[..., 0] = np.arange(HAND_SIZE[1])[None] * 5 + 10 * i
+      photo[..., 1] = np.arange(HAND_SIZE[0])[:, None] * 4 + 30 * c
+      png(os.path.join(root, "images", seg, cam, f"{frame}.png"), photo)
+  return root, truth
+
+
+@pytest.fixture(scope="module")
+def hand_built(hand_entity, tmp_path_factory):
+  root, _ = hand_entity
+  b = builders.Multiface(
+    data_dir=str(tmp_path_factory.mktemp("hand_data")),
+    entity_dir=root,
+    config="hand",
+    options=mf.MultifaceOptions(
+      frontal_camera=HAND_CAMERAS[1], keypoint_vertex_ids=HAND_KEYPOINTS, hmc_size=(8, 8)
+    ),
+  )
+  b.download_and_prepare(file_format=builders.FILE_FORMAT)
+  return b.as_data_source(), schema.load_meta(b.data_dir)
+
+
+def test_hand_written_entity_conventions(hand_entity, hand_built):
+  """What the builder stores, against values computed here from the published layout facts."""
+  root, truth = hand_entity
+  src, meta = hand_built
+  assert meta.camera_names == list(HAND_CAMERAS) and meta.test_cameras == [HAND_CAMERAS[2]]
+  assert meta.test_segments == ["EXP_ROM"] and meta.train_segments == ["E001_neutral"]
+  assert {k: len(v) for k, v in src.items()} == {"train": 2 * 3, "test": 3}
+  np.testing.assert_allclose(meta.vert_std, 20.0, rtol=1e-6)  # sqrt(vert_var)
+  np.testing.assert_allclose(meta.tex_std, 50.0, rtol=1e-6)  # sqrt(tex_var)
+  assert tuple(meta.image_size) == HAND_SIZE
+  for split in ("train", "test"):
+    for r in range(len(src[split])):
+      ex = src[split][r]
+      i, c = int(ex["frame_index"]), int(ex["camera_index"])  # frame list and KRT order
+      ids = tuple(ex[k].decode() for k in ("segment", "frame", "camera_id"))
+      assert ids == HAND_FRAMES[i] + (HAND_CAMERAS[c],)
+      head, (Rp, tp) = truth["head"][i], truth["poses"][i]
+      K, Rt = truth["cams"][HAND_CAMERAS[c]]
+      np.testing.assert_array_equal(ex["verts"], head)
+      np.testing.assert_allclose(ex["head_pose"], np.concatenate([Rp, tp[:, None]], 1), atol=1e-6)
+      # camera_Rt takes head coordinates into this camera: head -> world (pose), world -> camera.
+      world = head @ Rp.T + tp
+      in_cam = world @ Rt[:, :3].T + Rt[:, 3]
+      np.testing.assert_allclose(
+        head @ ex["camera_Rt"][:, :3].T + ex["camera_Rt"][:, 3], in_cam, atol=1e-3
+      )
+      np.testing.assert_allclose(ex["camera_K"], K, rtol=1e-6)
+      # The view direction: normalize(R_pose^T (camera centre - t_pose)).
+      centre = -Rt[:, :3].T @ Rt[:, 3]
+      view = Rp.T @ (centre - tp)
+      np.testing.assert_allclose(ex["view"], view / np.linalg.norm(view), atol=1e-5)
+      # Keypoints: the keypoint vertices seen by the frontal camera, in pixels.
+      fK, fRt = truth["cams"][HAND_CAMERAS[1]]
+      p = (world[list(HAND_KEYPOINTS)] @ fRt[:, :3].T + fRt[:, 3]) @ fK.T
+      np.testing.assert_allclose(ex["keypoints_clean"], p[:, :2] / p[:, 2:], atol=1e-3)
+      # Textures: stored as the renderer samples them (UV (0, 0) at the bottom-left): the texel at
+      # (u, v) has the colour written for (u, v).
+      rows, cols = np.mgrid[0:HAND_T, 0:HAND_T]
+      uv = np.stack([(cols + 0.5) / HAND_T, 1.0 - (rows + 0.5) / HAND_T], -1)
+      want = np.round(_hand_texture_value(uv[..., 0], uv[..., 1], 1.0 - 0.1 * c))
+      got = np.asarray(render.sample_texture(jnp.asarray(ex["tex"], jnp.float32), jnp.asarray(uv)))
+      observed = np.ones((HAND_T, HAND_T), bool)
+      observed[truth["unobserved"]] = False
+      np.testing.assert_allclose(got[observed], want[observed], atol=1e-3)
+      np.testing.assert_array_equal(ex["tex_mask"][..., 0], observed)
+      avg = np.round(_hand_texture_value(uv[..., 0], uv[..., 1], 1.0 - 0.1 * 3))
+      np.testing.assert_array_equal(ex["avg_tex"][observed], avg[observed])
+      # Normalisation as the reference loader does it.
+      batch = schema.normalize_example(ex, meta)
+      np.testing.assert_allclose(batch["verts"], (head - head_mean(root)) / 20.0, atol=1e-5)
+      tex_mean = np.round(_hand_texture_value(uv[..., 0], uv[..., 1], 0.5))
+      np.testing.assert_allclose(
+        batch["tex"][observed], ((want - tex_mean) / 50.0)[observed], atol=1e-5
+      )
+      assert np.all(batch["tex"][~observed] == 0)
+
+
+def head_mean(root):
+  return np.fromfile(os.path.join(root, "vert_mean.bin"), "<f4").reshape(-1, 3)
 
 
 # ------------------------------------------------------------------------------------- bad input

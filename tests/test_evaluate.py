@@ -3,6 +3,8 @@ report."""
 
 import json
 import os
+import shutil
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +12,12 @@ from PIL import Image
 import pytest
 
 from configs import demo
-from lipflow_jax import experiment
+from lipflow_jax import evaluate, experiment, fit
+from lipflow_jax.data import input_pipeline
 from lipflow_jax.evaluate import metrics
 from lipflow_jax.evaluate import report as report_lib
+from lipflow_jax.experiment import pipeline, tuning
+from lipflow_jax.experiment import workdir as workdir_lib
 
 
 def _ssim_reference(a, b, mask=None, size=11, sigma=1.5, max_value=1.0):
@@ -153,13 +158,69 @@ def test_report_schema_and_markdown(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end
 # to end
+UNTUNED = 123.0  # the configured prior weight: in no grid, so a fit that used it shows
+
+
 @pytest.fixture(scope="module")
-def tiny_demo(tiny_capture, tmp_path_factory):
-  """The whole pipeline (configs/demo.py:tiny) on the session's tiny capture."""
+def tiny_demo_and_spies(tiny_capture, tmp_path_factory):
+  """The whole pipeline (configs/demo.py:tiny) on the session's tiny capture, watched by spies on
+  what the lambda tuning reads (splits, frames, observations) and on the prior weight of every
+  fit. Returns (workdir, config, report, spied). Set LIPFLOW_TEST_DEMO_DIR to keep the workdir
+  between sessions (a re-run reuses its trainings, not its tuning and fits)."""
   config = demo.get_config("tiny")
   config.dataset.data_dir = tiny_capture.data_dir
-  workdir = str(tmp_path_factory.mktemp("demo_tiny"))
-  return workdir, config, experiment.run(config, workdir)
+  for method in config.fit.lambda_prior:
+    for inp in config.fit.lambda_prior[method]:
+      config.fit.lambda_prior[method][inp] = UNTUNED
+  workdir = os.environ.get("LIPFLOW_TEST_DEMO_DIR") or str(tmp_path_factory.mktemp("demo_tiny"))
+  # A kept workdir reuses its trainings; the tuning and the fits are redone for the spies to see.
+  shutil.rmtree(os.path.join(workdir, "fits"), ignore_errors=True)
+  if os.path.exists(os.path.join(workdir, tuning.TUNING_FILE)):
+    os.remove(os.path.join(workdir, tuning.TUNING_FILE))
+  spied = dict(tuning_splits=[], tuning_sets=[], tuning_fits=[], fits=[])
+  in_tuning = []
+  tune, open_split = tuning.tune_lambda_prior, input_pipeline.open_split
+  load_eval_set, run_method = evaluate.load_eval_set, evaluate.run_method
+
+  def tune_spy(*args, **kwargs):
+    in_tuning.append(True)
+    try:
+      return tune(*args, **kwargs)
+    finally:
+      in_tuning.pop()
+
+  def open_split_spy(builder, split, *args, **kwargs):
+    if in_tuning:
+      spied["tuning_splits"].append(split)
+    return open_split(builder, split, *args, **kwargs)
+
+  def load_eval_set_spy(*args, **kwargs):
+    out = load_eval_set(*args, **kwargs)
+    if in_tuning:
+      spied["tuning_sets"].append(out)
+    return out
+
+  def run_method_spy(method, inp, bundles, obs, options=None):
+    lam = None if options is None else options.get("lambda_prior")
+    if in_tuning:
+      spied["tuning_fits"].append((method, inp, obs))
+    else:
+      spied["fits"].append((method, inp, lam))
+    return run_method(method, inp, bundles, obs, options)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(tuning, "tune_lambda_prior", tune_spy)
+    mp.setattr(input_pipeline, "open_split", open_split_spy)
+    mp.setattr(evaluate, "load_eval_set", load_eval_set_spy)
+    mp.setattr(evaluate, "run_method", run_method_spy)
+    report = experiment.run(config, workdir)
+  return workdir, config, report, spied
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tiny_demo_and_spies):
+  workdir, config, report, _ = tiny_demo_and_spies
+  return workdir, config, report
 
 
 @pytest.mark.slow
@@ -179,10 +240,13 @@ def test_tiny_end_to_end_report(tiny_demo):
     )
     for k in report_lib.ROW_KEYS[2:7]:
       assert isinstance(r[k], float) and np.isfinite(r[k]), (r, k)
-    assert (
-      r["frames"] == config.eval.max_frames and r["geometry_error"] > 0 and 0 < r["image_mse"] < 1
-    )
-    assert -1 <= r["ssim"] <= 1
+    assert r["frames"] == config.eval.max_frames
+    # The row holds the means of its per-frame, per-view metrics (fits cache), and PSNR is the
+    # mean of the views' 10 log10(1 / MSE).
+    with np.load(os.path.join(workdir, "fits", f"{r['method']}_{r['input']}.npz")) as f:
+      for k in ("geometry_error", "image_mse", "psnr", "ssim"):
+        np.testing.assert_allclose(r[k], np.nanmean(f[k]), rtol=1e-5, err_msg=k)
+      np.testing.assert_allclose(f["psnr"], -10 * np.log10(f["image_mse"]), rtol=1e-4)
   md = open(os.path.join(workdir, "report.md")).read()
   results = md.split("lambda_prior, chosen on the validation split")[
     0
@@ -202,7 +266,9 @@ def test_tiny_end_to_end_report(tiny_demo):
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_capture):
+def test_tiny_end_to_end_prior_weight_tuned_on_validation(
+  tiny_demo, tiny_demo_and_spies, tiny_capture
+):
   workdir, config, rep = tiny_demo
   with open(os.path.join(workdir, "tuning.json")) as f:
     tuning = json.load(f)
@@ -218,6 +284,23 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(tiny_demo, tiny_captur
       best = min(rows, key=lambda r: r["geometry_error"])["lambda_prior"]
       assert tuning["lambdas"][method][inp] == best
       assert rep["config"]["lambda_prior_used"][method][inp] == best
+  # The fits of the test split used the tuned weights (the configured ones are in no grid).
+  _, _, _, spied = tiny_demo_and_spies
+  fitted_runs = [(m, i, lam) for m, i, lam in spied["fits"] if m in fitted]
+  assert len(fitted_runs) == len(fitted) * len(config.eval.inputs)
+  for method, inp, lam in fitted_runs:
+    assert lam == tuning["lambdas"][method][inp] != UNTUNED, (method, inp, lam)
+  # The tuning read the validation split and nothing else: every split it opened, every frame it
+  # loaded, and the observations of every fit it ran.
+  assert spied["tuning_splits"] and set(spied["tuning_splits"]) == {"validation"}
+  (val_set,) = spied["tuning_sets"]
+  assert set(val_set["frame_index"].tolist()) <= val_frames
+  assert len(spied["tuning_fits"]) == sum(
+    len(config.tune.lambda_grid[i]) for i in config.eval.inputs
+  ) * len(fitted)
+  for method, inp, obs in spied["tuning_fits"]:
+    for k, v in obs.items():
+      np.testing.assert_array_equal(v, val_set[k], err_msg=f"{method} {inp} {k}")
   md = open(os.path.join(workdir, "report.md")).read()
   assert "chosen on the validation split" in md and md.count("**") == 2 * len(fitted) * len(
     config.eval.inputs
@@ -239,3 +322,128 @@ def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
   rep2 = experiment.run(config, workdir)
   assert [r["geometry_error"] for r in rep2["rows"]] == [r["geometry_error"] for r in rep["rows"]]
   assert stamps == {p: os.path.getmtime(os.path.join(workdir, "fits", p)) for p in stamps}
+
+
+@pytest.mark.slow
+def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
+  """``evaluate_codes`` renders frames in chunks and pads the last one: the padding must not leak
+  into the results (frame by frame, nothing is padded). A view with an empty mask has nothing to
+  compare: its image metrics are NaN (not a perfect score) and the row's means skip it."""
+  workdir, _, _ = tiny_demo
+  bundle = fit.load_fitter(os.path.join(workdir, "models", "dam"), meta=tiny_capture.meta)
+  eval_set = tiny_capture.eval_set("test")
+  n, c = eval_set["camera_index"].shape
+  assert n == 4 and c >= 3
+  z = np.random.RandomState(0).normal(0, 0.5, (n, bundle.latent_dim)).astype(np.float32)
+  settings = pipeline.eval_settings(tiny_capture.meta.image_size)
+  empty = dict(eval_set, image_mask=eval_set["image_mask"].copy())
+  empty["image_mask"][3, 1] = 0  # frame 3 (the one padded chunk's only frame), view 1
+  chunked = evaluate.evaluate_codes(bundle, z, empty, settings, chunk=3)
+  one_by_one = evaluate.evaluate_codes(bundle, z, empty, settings, chunk=1)
+  for k in ("geometry_error", "image_mse", "psnr", "ssim"):
+    np.testing.assert_allclose(chunked[k], one_by_one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for k in ("image_mse", "psnr", "ssim"):
+    assert np.isnan(chunked[k][3, 1]), k
+    assert np.all(np.isfinite(np.delete(chunked[k].ravel(), 3 * c + 1))), k
+  # The row's means are over the other views.
+  row = evaluate.summarize("dam_fit", "keypoints", chunked, 1.0)
+  for k in ("image_mse", "psnr", "ssim"):
+    others = np.delete(chunked[k].ravel(), 3 * c + 1)
+    np.testing.assert_allclose(row[k], np.mean(others), rtol=1e-6, err_msg=k)
+  # The other views' metrics are those of the unchanged evaluation set.
+  full = evaluate.evaluate_codes(bundle, z, eval_set, settings, chunk=1)
+  keep = np.ones((n, c), bool)
+  keep[3, 1] = False
+  for k in ("image_mse", "psnr", "ssim"):
+    np.testing.assert_allclose(chunked[k][keep], full[k][keep], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_caches_follow_the_training_config_and_the_fit_options(tiny_demo, tmp_path, monkeypatch):
+  """A re-run retrains exactly the models whose training config changed (and the regressor when its
+  DAM teacher changed), and refits exactly the (method, input) whose fit options, prior weight or
+  model changed. Trainings and fits are replaced by recorders on a copy of the finished workdir's
+  cache files."""
+  workdir, config, _ = tiny_demo
+  copy = str(tmp_path / "workdir")
+  for name in config.train_order:
+    done = os.path.join("models", name, "DONE.json")
+    os.makedirs(os.path.join(copy, "models", name))
+    shutil.copy(os.path.join(workdir, done), os.path.join(copy, done))
+  shutil.copytree(os.path.join(workdir, "fits"), os.path.join(copy, "fits"))
+
+  trained = []
+
+  def fake_train(sub, sub_dir, **kwargs):
+    del kwargs
+    trained.append(os.path.basename(sub_dir))
+    return types.SimpleNamespace(stopped="finished", step=sub.num_train_steps, metrics={})
+
+  monkeypatch.setattr(pipeline.train, "train_and_evaluate", fake_train)
+
+  def retrained(cfg):
+    trained.clear()
+    pipeline.train_models(cfg, copy)
+    return list(trained)
+
+  assert retrained(config) == []
+  changed = config.copy_and_resolve_references()
+  changed.models.lipflow.optimizer.learning_rate *= 2
+  assert retrained(changed) == ["lipflow"]
+  assert retrained(changed) == []  # the new training is recorded as done
+  changed.models.dam.num_train_steps += 1
+  assert retrained(changed) == ["dam", "regressor"]
+
+  # Fits: the evaluation set and keys of the finished run; codes and metrics come from its cache.
+  ds = config.dataset
+  builder = input_pipeline.prepare(ds.name, ds.get("builder_config"), ds.get("data_dir"))
+  meta = pipeline.schema.load_meta(builder)
+  eval_set = evaluate.load_eval_set(
+    input_pipeline.open_split(builder, config.eval.split),
+    meta,
+    config.eval.split,
+    max_frames=config.eval.max_frames,
+    view_stride=config.eval.view_stride,
+  )
+  models = os.path.join(workdir, "models")
+  keys = {n: workdir_lib.fingerprint_of_done(os.path.join(models, n)) for n in os.listdir(models)}
+  with open(os.path.join(workdir, "tuning.json")) as f:
+    lambdas = json.load(f)["lambdas"]
+  refit = []
+
+  def fake_run_method(method, inp, bundles, obs, options=None):
+    del bundles, options
+    refit.append((method, inp))
+    n = len(obs["keypoints"])
+    return evaluate.MethodOutput(z=np.zeros((n, 2), np.float32), bundle=None, seconds=1.0)
+
+  def fake_evaluate_codes(bundle, z, eval_set, settings, chunk=8, keep_images=()):
+    del bundle, settings, chunk
+    n, c = eval_set["camera_index"].shape
+    out = {"geometry_error": np.ones(n)} | {
+      k: np.ones((n, c)) for k in ("image_mse", "psnr", "ssim")
+    }
+    return out | ({"images": np.zeros((len(keep_images), c, 1, 1, 3))} if len(keep_images) else {})
+
+  monkeypatch.setattr(evaluate, "run_method", fake_run_method)
+  monkeypatch.setattr(evaluate, "evaluate_codes", fake_evaluate_codes)
+
+  def refitted(cfg, model_keys=keys, lams=lambdas):
+    refit.clear()
+    pipeline.run_methods(cfg, {}, eval_set, copy, None, model_keys, lams)
+    return sorted(refit)
+
+  jobs = [(m, i) for i in config.eval.inputs for m in config.eval.methods]
+  fitted = [(m, i) for m, i in jobs if fit.METHODS[m].fitted]
+  assert refitted(config) == []
+  changed = config.copy_and_resolve_references()
+  changed.fit.hmc.num_steps += 1
+  assert refitted(changed) == sorted((m, i) for m, i in fitted if i == "hmc")
+  assert refitted(changed) == []
+  lams = json.loads(json.dumps(lambdas))
+  lams["dam_fit"]["keypoints"] *= 10
+  assert refitted(changed, lams=lams) == [("dam_fit", "keypoints")]
+  new_keys = dict(keys, lipflow="retrained")
+  assert refitted(changed, model_keys=new_keys, lams=lams) == sorted(
+    (m, i) for m, i in jobs if fit.METHODS[m].model_for(i) == "lipflow"
+  )

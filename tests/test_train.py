@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +40,10 @@ CONFIG_NAMES = (
 )
 
 
-def _data_dir(tiny_capture):
-  for attr in ('data_dir', 'path'):
-    if hasattr(tiny_capture, attr):
-      return str(getattr(tiny_capture, attr))
-  if isinstance(tiny_capture, dict) and 'data_dir' in tiny_capture:
-    return str(tiny_capture['data_dir'])
-  return str(tiny_capture)
-
-
 @pytest.fixture(scope='module')
 def tiny_config(tiny_capture):
   config = dam_synthetic.get_config('tiny')
-  config.dataset.data_dir = _data_dir(tiny_capture)
+  config.dataset.data_dir = tiny_capture.data_dir
   config.progress_bar = False
   return config
 
@@ -136,6 +129,85 @@ def test_resume_continues_the_same_run(full_run, tiny_config, tmp_path):
     np.testing.assert_allclose(rows[step]['train/loss'], full_rows[step]['train/loss'], rtol=1e-6)
   third = train.train_and_evaluate(tiny_config, workdir)
   assert third.stopped == 'already_finished' and third.step == 30
+
+
+# The child of the hard-kill test: trains like ``full_run`` and SIGKILLs itself when it asks for
+# the batch of step KILL_AT + 1, once the checkpoint of step 10 is on disk (between checkpoints).
+_KILLED_RUN = """
+import os, signal, sys, time
+from configs import dam_synthetic
+from lipflow_jax import train
+from lipflow_jax.data import input_pipeline
+
+data_dir, workdir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = dam_synthetic.get_config('tiny')
+config.dataset.data_dir = data_dir
+config.progress_bar = False
+make = input_pipeline.make_iterator
+
+
+class Killing:
+  def __init__(self, it):
+    self.it, self.n = it, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.n == kill_at:
+      done = os.path.join(workdir, 'checkpoints', '10')
+      for _ in range(600):
+        if os.path.isdir(done):
+          break
+        time.sleep(0.1)
+      print('killing myself at step', self.n, flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    self.n += 1
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+input_pipeline.make_iterator = lambda *a, **k: (
+  Killing(make(*a, **k)) if k.get('shuffle') else make(*a, **k)
+)
+train.train_and_evaluate(config, workdir)
+"""
+
+
+def test_resume_after_a_hard_kill_between_checkpoints(full_run, tiny_config, tmp_path):
+  """SIGKILL at step 15 (checkpoints every 10, no chance to save): running the same command again
+  resumes from step 10 and ends exactly where the uninterrupted run ended."""
+  full_dir, full = full_run
+  workdir = str(tmp_path / 'killed')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  child = subprocess.run(
+    [sys.executable, '-c', _KILLED_RUN, tiny_config.dataset.data_dir, workdir, '15'],
+    env=env,
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-3000:]
+  assert 'killing myself at step 15' in child.stdout
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert steps == [10]
+  resumed = train.train_and_evaluate(tiny_config, workdir)
+  assert resumed.stopped == 'finished' and resumed.step == 30
+  assert _max_abs_diff(resumed.state.params, full.state.params) <= 1e-6
+  assert _max_abs_diff(resumed.state.opt_state, full.state.opt_state) <= 1e-6
+  # The steps after the resume saw the same batches (the killed run's rows up to step 15 stay).
+  full_rows = {r['step']: r for r in metrics_logging.read_metrics(full_dir) if 'train/loss' in r}
+  rows = {r['step']: r for r in metrics_logging.read_metrics(workdir) if 'train/loss' in r}
+  for step in (15, 20, 25, 30):
+    np.testing.assert_allclose(rows[step]['train/loss'], full_rows[step]['train/loss'], rtol=1e-6)
 
 
 def test_regressor_trains_to_the_frozen_teacher(full_run, tiny_config, tmp_path):
@@ -298,15 +370,23 @@ def test_nonfinite_step_is_skipped_and_counted(step_setup, one_device_step):
 # --------------------------------------------------------------------------------------------------
 # pieces
 def test_sigterm_requests_a_checkpoint_and_stop():
-  watcher = checkpointing.PreemptionWatcher(install=True)
+  received = []
+  previous = lambda signum, frame: received.append(signum)  # a handler the watcher must give back
+  saved = signal.signal(signal.SIGTERM, previous)
   try:
-    assert not watcher.should_stop(0)
+    watcher = checkpointing.PreemptionWatcher(install=True)
+    try:
+      assert not watcher.should_stop(0)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert watcher.should_stop(1) and received == []  # the watcher caught it, not the old one
+    finally:
+      watcher.close()
+    # Closed, the watcher has put the previous handler back: SIGTERM reaches it again.
+    assert signal.getsignal(signal.SIGTERM) is previous
     os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.should_stop(1)
+    assert received == [signal.SIGTERM]
   finally:
-    watcher.close()
-  # pylint: disable=protected-access
-  assert signal.getsignal(signal.SIGTERM) is not watcher._handler
+    signal.signal(signal.SIGTERM, saved)
 
 
 def test_learning_rate_schedule_warms_up_and_decays():
@@ -319,6 +399,38 @@ def test_learning_rate_schedule_warms_up_and_decays():
   )
   with pytest.raises(ValueError, match='decay'):
     ts.make_learning_rate_schedule(1e-3, 100, decay='step')
+
+
+def _schedule_reference(step, lr, total, warmup, decay, end_factor):
+  """The schedule written out: linear warm-up 0 -> lr over ``warmup`` steps, then ``decay`` from lr
+  to lr * end_factor over the remaining steps, then flat."""
+  if step < warmup:
+    return lr * step / warmup
+  t = min(step - warmup, total - warmup) / (total - warmup)
+  end = lr * end_factor
+  if decay == 'cosine':
+    return end + (lr - end) * 0.5 * (1.0 + np.cos(np.pi * t))
+  if decay == 'linear':
+    return lr + (end - lr) * t
+  return lr
+
+
+@pytest.mark.parametrize('decay', ['cosine', 'linear', 'constant'])
+@pytest.mark.parametrize('warmup', [0, 7])
+def test_learning_rate_schedule_shape(decay, warmup):
+  lr, total, end_factor = 3e-3, 50, 0.2
+  schedule = ts.make_learning_rate_schedule(lr, total, warmup, decay=decay, end_factor=end_factor)
+  steps = np.arange(0, total + 11)
+  got = np.asarray([float(schedule(s)) for s in steps])
+  want = [_schedule_reference(s, lr, total, warmup, decay, end_factor) for s in steps]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+  # The shape in words: rising during the warm-up, then never rising, the peak lr at the warm-up's
+  # end, the end value from the last step on.
+  assert np.all(np.diff(got[: warmup + 1]) > 0)
+  assert np.all(np.diff(got[warmup:]) <= 1e-12)
+  assert got[warmup] == pytest.approx(lr, rel=1e-6)
+  final = lr if decay == 'constant' else lr * end_factor
+  np.testing.assert_allclose(got[total:], final, rtol=1e-5)
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)

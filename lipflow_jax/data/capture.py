@@ -121,12 +121,17 @@ CONFIGS = {
 
 
 def test_camera_indices(num_cameras: int, num_test: int):
-  """Held-out dome cameras: evenly spread over the dome (never the first or the last)."""
+  """Held-out dome cameras: evenly spread over the dome (never the first or the last).
+
+  The nearest cameras to ``num_test`` points that split [0, num_cameras - 1] into equal parts; they
+  are at least one camera apart, so there are exactly ``num_test`` of them.
+  """
   if num_test <= 0:
     return []
   if num_test >= num_cameras - 1:
     raise ValueError(f"num_test_cameras={num_test} leaves no training camera of {num_cameras}")
-  return sorted({int(round(x)) for x in np.linspace(1, num_cameras - 2, num_test + 2)[1:-1]})
+  step = (num_cameras - 1) / (num_test + 1)
+  return [int(round(step * k)) for k in range(1, num_test + 1)]
 
 
 def _max3x3(x):

@@ -106,8 +106,9 @@ def evaluate_codes(
     chunk: frames rendered per call (bounds memory).
     keep_images: frame indices whose renders are returned (for figures).
   Returns:
-    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view); with
-    ``keep_images`` also images [len(keep_images), C, H, W, 3].
+    dict of numpy arrays: geometry_error [N]; image_mse, psnr, ssim [N, C] (per view; NaN for a view
+    whose ``image_mask`` is empty: nothing to compare, and the masked metrics would read as a
+    perfect match); with ``keep_images`` also images [len(keep_images), C, H, W, 3].
   """
   bundle = fit.decoder_only(bundle)  # one compilation for every model with this decoder
   n = z.shape[0]
@@ -134,6 +135,9 @@ def evaluate_codes(
       if i in keep:
         kept[i] = np.asarray(rgb[i - e.start])
   result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  empty = ~np.any(np.asarray(eval_set["image_mask"]) > 0, axis=(-3, -2, -1))  # [N, C]
+  for k in ("image_mse", "psnr", "ssim"):
+    result[k] = np.where(empty, np.nan, result[k])
   if len(keep_images):
     result["images"] = np.stack([kept[int(i)] for i in keep_images])
   return result
@@ -143,15 +147,21 @@ def summarize(
   method: str, input: str, per_frame: Dict[str, np.ndarray], seconds: float
 ) -> Dict[str, Any]:  # pylint: disable=redefined-builtin
   """One report row: means over frames (and views) of the per-frame metrics; PSNR is the mean
-  per-view PSNR."""
+  per-view PSNR. Views without a metric (NaN: an empty mask) do not count; NaN if none has one."""
   n = int(per_frame["geometry_error"].shape[0])
+
+  def mean(x):
+    x = np.asarray(x, np.float64)
+    x = x[~np.isnan(x)]
+    return float(np.mean(x)) if x.size else float("nan")
+
   return report_lib.make_row(
     method,
     input,
-    np.mean(per_frame["geometry_error"]),
-    np.mean(per_frame["image_mse"]),
-    np.mean(per_frame["psnr"]),
-    np.mean(per_frame["ssim"]),
+    mean(per_frame["geometry_error"]),
+    mean(per_frame["image_mse"]),
+    mean(per_frame["psnr"]),
+    mean(per_frame["ssim"]),
     1000.0 * seconds / max(n, 1),
     n,
   )

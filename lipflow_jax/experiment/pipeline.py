@@ -54,8 +54,11 @@ def train_models(config, workdir: str) -> Dict[str, str]:
     sub_dir = os.path.join(workdir, "models", name)
     workdirs[name] = sub_dir
     sub = model_config(config, name, workdirs)
+    # The regressor's teacher enters the key as the key of its training, not as its path: a moved
+    # or copied workdir reuses its trainings.
+    keyed = {k: v for k, v in sub.to_dict().items() if k != "teacher_workdir"}
     key = fingerprint(
-      sub, workdir_lib.fingerprint_of_done(workdirs["dam"]) if name == "regressor" else ""
+      keyed, workdir_lib.fingerprint_of_done(workdirs["dam"]) if name == "regressor" else ""
     )
     done = os.path.join(sub_dir, workdir_lib.DONE_FILE)
     if os.path.exists(done) and workdir_lib.read_json(done).get("key") == key:
