@@ -192,5 +192,5 @@ def test_report_json_with_non_finite_metric_writes_null(tmp_path):
     }
   ]
   md = open(os.path.join(tmp_path, "report.md")).read()
-  assert "[0.0900, 0.1100]" in md and "n/a" in md and "**hmc: undecided**" in md
+  assert "[0.0900, 0.1100]" in md and "n/a" in md and "hmc: verdict UNDECIDED" in md
   assert "| hmc | lipflow_fit | dam_fit | image_mse |" in md

@@ -138,7 +138,7 @@ def claim_summary(
   out = []
   for v in verdicts(comparisons, [i for i in INPUTS if i in present]):
     detail = ", ".join(f"{k}: {o}" for k, o in v["outcomes"].items())
-    out.append(f"- **{v['input']}: {v['verdict']}** ({detail})")
+    out.append(f"- {v['input']}: verdict {v['verdict'].upper()} ({detail})")
   return "\n".join(out) + ("\n" if out else "")
 
 
