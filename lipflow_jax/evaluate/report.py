@@ -139,6 +139,11 @@ def claim_summary(
   for v in verdicts(comparisons, [i for i in INPUTS if i in present]):
     detail = ", ".join(f"{k}: {o}" for k, o in v["outcomes"].items())
     out.append(f"- {v['input']}: verdict {v['verdict'].upper()} ({detail})")
+  for inp in [i for i in INPUTS if i in present]:  # does the run-time signal carry information?
+    ref = stats.verdict(comparisons, inp, "dam_regressor", ("mean_mesh",))
+    if set(ref["outcomes"].values()) != {"missing"}:
+      detail = ", ".join(f"{k}: {o}" for k, o in ref["outcomes"].items())
+      out.append(f"- {inp}: dam_regressor beats the mean mesh: {ref['verdict']} ({detail})")
   return "\n".join(out) + ("\n" if out else "")
 
 
