@@ -5,8 +5,13 @@ jit.
   python benchmarks/fit.py                  # prints JSON
   python benchmarks/fit.py --quick          # fewer configurations
 
-The model is a randomly initialised ``LipFlowModel`` at the CPU default size (configs/common.py) on
-the synthetic head's mesh and rig; codes are fitted to observations made from known codes.
+The streaming case ("mode": "stream") follows a smooth sequence of frames at batch 1 with
+``fit.stream_step_fn`` (a few warm-started Adam steps a frame) and reports per-frame latency p50 /
+p95 and the geometry error to the true codes, next to the full per-frame fit of the same frames.
+
+The model is a randomly initialised ``LipFlowModel`` at the CPU default size
+(lipflow_jax/config_base.py) on the synthetic head's mesh and rig; codes are fitted to
+observations made from known codes.
 Compilation is done ahead of time and excluded from the timings (reported separately).
 """
 
@@ -27,8 +32,10 @@ from lipflow_jax.data import rig as rig_lib
 from lipflow_jax.data import synthetic_head as sh
 
 
-def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64):
-  """A random LiP-Flow bundle on the synthetic head and observations of ``batch`` known codes."""
+def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64, sequence=False):
+  """A random LiP-Flow bundle on the synthetic head and observations of ``batch`` known codes
+  (independent ones, or with ``sequence`` a smooth path through three random codes, as a stream of
+  frames)."""
   head = sh.make_head()
   verts0 = np.asarray(
     sh.deform(jnp.asarray(head.plane), jnp.asarray(sh.neutral_factors())), np.float32
@@ -74,6 +81,11 @@ def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64)
     hmc_settings=fit.hmc_fit_settings((32, 32)),
   )
   z_true = 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 2), (batch, z_dim))
+  if sequence:
+    keys = 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 2), (3, z_dim))
+    t = jnp.linspace(0.0, 2.0, batch)[:, None]
+    w = jnp.clip(1.0 - jnp.abs(t - jnp.arange(3.0)), 0.0, 1.0)  # piecewise-linear path
+    z_true = w @ keys
   fK, fRt = jnp.asarray(rig.frontal_K), jnp.asarray(rig.frontal_Rt)
   camera = geometry.Camera(K=fK, Rt=fRt)
   kps = jax.jit(jax.vmap(lambda z: fit.project_keypoints(bundle, z, camera)))(z_true)
@@ -90,7 +102,52 @@ def make_problem(batch: int, seed: int = 0, z_dim: int = 64, tex_size: int = 64)
     "hmc_K": b(hK),
     "hmc_Rt": b(hRt),
   }
-  return bundle, obs
+  return bundle, obs, z_true
+
+
+def stream_case(inp: str, frames: int, steps: int, full_steps: int):
+  """Streaming (batch 1, ``steps`` Adam steps a frame, warm-started) against the full per-frame fit
+  (``full_steps`` from the prior mode) of the same frames: per-frame latency and geometry error."""
+  bundle, obs, z_true = make_problem(frames, sequence=True)
+  cfg = fit.fit_config("lipflow_fit", inp, lr=0.05, lambda_prior=0.01)
+  step = fit.stream_step_fn(cfg, steps)
+  frame = lambda i: jax.tree_util.tree_map(lambda x: x[i], obs)
+  state = fit.stream_init(bundle, cfg)
+  t0 = time.perf_counter()
+  jax.block_until_ready(step(bundle, state, frame(0)))
+  compile_s = time.perf_counter() - t0
+  latency, codes = [], []
+  for i in range(frames):
+    f = frame(i)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(step(bundle, state, f))
+    latency.append(1e3 * (time.perf_counter() - t0))
+    codes.append(state.z)
+  full_cfg = fit.fit_config("lipflow_fit", inp, num_steps=full_steps, lr=0.05, lambda_prior=0.01)
+  one = jax.tree_util.tree_map(lambda x: x[:1], obs)
+  compiled = fit.fit_jit.lower(bundle, one, None, cfg=full_cfg).compile()
+  full_ms, full_codes = [], []
+  for i in range(frames):
+    f = jax.tree_util.tree_map(lambda x, i=i: x[i : i + 1], obs)
+    t0 = time.perf_counter()
+    res = jax.block_until_ready(compiled(bundle, f, None))
+    full_ms.append(1e3 * (time.perf_counter() - t0))
+    full_codes.append(res.z[0])
+  verts = jax.jit(jax.vmap(lambda z: fit.decode_verts(bundle, z)))
+  truth = verts(z_true)
+  err = lambda zs: float(jnp.mean(jnp.linalg.norm(verts(jnp.stack(zs)) - truth, axis=-1)))
+  pct = lambda ms: {q: float(np.percentile(ms, v)) for q, v in (("p50", 50), ("p95", 95))}
+  return dict(
+    input=inp,
+    method="lipflow_fit",
+    mode="stream",
+    frames=frames,
+    steps=steps,
+    latency_ms=pct(latency),
+    compile_s=compile_s,
+    geometry_error=err(codes),
+    full_fit=dict(steps=full_steps, latency_ms=pct(full_ms), geometry_error=err(full_codes)),
+  )
 
 
 def time_jitted(bundle, obs, cfg, repeats: int = 2):
@@ -119,6 +176,7 @@ def time_unjitted(bundle, obs, cfg):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer configurations")
+  parser.add_argument("--stream_steps", type=int, default=5, help="Adam steps a streamed frame")
   args = parser.parse_args()
   if args.quick:
     grid = {"keypoints": [(8, 50)], "hmc": [(2, 10)]}
@@ -130,7 +188,7 @@ def main():
     }
     nojit = {"keypoints": (1, 20), "hmc": (1, 5)}
   max_batch = max(b for v in grid.values() for b, _ in v)
-  bundle, obs_all = make_problem(max_batch)
+  bundle, obs_all, _ = make_problem(max_batch)
   results = []
   for inp, configs in grid.items():
     for method in ("dam_fit", "lipflow_fit"):
@@ -168,6 +226,9 @@ def main():
           compile_s=0.0,
         )
       )
+  frames = 8 if args.quick else 32
+  for inp, steps, full_steps in (("keypoints", args.stream_steps, 200), ("hmc", 3, 40)):
+    results.append(stream_case(inp, frames, steps, full_steps))
   out = {
     "benchmark": "fit",
     "backend": jax.default_backend(),

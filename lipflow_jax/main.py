@@ -11,7 +11,7 @@ workdir reuses finished trainings, fits and metrics whose inputs are unchanged.
 from absl import app, flags
 from ml_collections import config_flags
 
-from lipflow_jax import experiment
+from lipflow_jax import config_validation, experiment
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (models, fits, report, figures).")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,8 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  experiment.run(config_validation.validate_or_exit(_CONFIG.value), _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_validation.parse_flags)

@@ -100,6 +100,10 @@ def _frontal_camera():
 
 @pytest.fixture(scope="module")
 def toy():
+  return make_toy()
+
+
+def make_toy():
   """A fixed random model bundle, ground-truth codes and their keypoint observations (B = 3)."""
   model = ToyModel()
   dummy = {"keypoints": jnp.zeros((1, P, 2)), "keypoints_visible": jnp.ones((1, P))}

@@ -1,6 +1,9 @@
 """Tests of lipflow_jax.render against slow numpy reference loops, analytic areas and finite
 differences."""
 
+import importlib
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import pytest
 
 from lipflow_jax import geometry, render
 from lipflow_jax.render import RasterSettings
+from lipflow_jax.render.demo import demo_texture, head_mesh
 
 H, W = 30, 37  # not multiples of the tile size
 
@@ -197,6 +201,9 @@ def test_settings_validation_and_hashing():
     dict(image_size=(4, 4), fragment_budget=1.5),
     dict(image_size=(4, 4), heavy_tile_budget=0.0),
     dict(image_size=(4, 4), heavy_tile_budget=2.0),
+    dict(image_size=(4, 4), face_budget=0.0),
+    dict(image_size=(4, 4), face_budget=1.5),
+    dict(image_size=(4, 4), face_budget=float("nan")),
   ]:
     with pytest.raises(ValueError, match="RasterSettings"):
       RasterSettings(**bad)
@@ -225,8 +232,7 @@ def test_hard_matches_brute_force(jit_rasterize, seed):
 @pytest.mark.parametrize("num_faces,k,blur", [(18, 4, 1.5), (40, 2, 3.0), (40, 1, 2.0)])
 def test_soft_matches_brute_force(jit_rasterize, num_faces, k, blur):
   """Binned selection (K > 1; K = 1 with a blur: the z-buffer path) equals the documented rule, also
-  where
-  more than K faces are near a pixel."""
+  where more than K faces are near a pixel."""
   verts, faces = _random_scene(2, num_faces=num_faces, spread=1.6)
   cam = _camera()
   settings = RasterSettings(
@@ -271,9 +277,8 @@ def test_small_tiles_and_caps_agree(jit_rasterize):
 def test_selection_unrolled_and_scan_agree():
   """``select_faces`` takes the first set bits of its candidate masks unrolled for up to 128
   candidates per tile and with a scan beyond: padding the candidate lists with empty entries crosses
-  over and changes
-  nothing. The faces are many and small, so that tiles hold more than 32 candidates (several
-  words)."""
+  over and changes nothing. The faces are many and small, so that tiles hold more than 32 candidates
+  (several words)."""
   rng = np.random.default_rng(0)
   f = 120
   centre = rng.uniform(2, 22, (f, 1, 2))
@@ -391,8 +396,7 @@ def test_overflow_counter_and_nearest_kept(jit_rasterize):
 
 def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
   """A budget below the number of non-empty slots keeps them in slot-major order (slot 0 of every
-  pixel,
-  then slot 1, ...; row-major within a slot) and counts the rest in ``overflow``."""
+  pixel, then slot 1, ...; row-major within a slot) and counts the rest in ``overflow``."""
   n, size, k = 12, 16, 4
   verts, faces, cam = _quad_stack(n, size)
   dense_settings = RasterSettings(
@@ -416,8 +420,7 @@ def test_fragment_budget_drops_farthest_slots_first(jit_rasterize):
 
 def test_tile_budget_drops_last_tiles(jit_rasterize, jit_render):
   """A tile budget below the number of tiles holding faces keeps the first ones (row-major), renders
-  the
-  others as background and counts them in ``overflow``."""
+  the others as background and counts them in ``overflow``."""
   n, size = 12, 16
   verts, faces, cam = _quad_stack(n, size)
   settings = RasterSettings(
@@ -448,7 +451,6 @@ def test_tile_budget_drops_last_tiles(jit_rasterize, jit_render):
 
 def _head_view_40px():
   """The 1,000-face demo head and a 40 x 40 camera it half fills (the budget tests' scene)."""
-  from lipflow_jax.render.demo import head_mesh  # pylint: disable=g-import-not-at-top
 
   cam = geometry.Camera(
     K=geometry.intrinsics(48.0, (40, 40)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0))
@@ -460,8 +462,7 @@ def test_heavy_tile_budget_second_pass(jit_rasterize):
   """Two-pass selection: with room for every heavy tile it equals one pass over all candidates; with
   less, the first heavy tiles (row-major) get the second pass, the others keep the first pass (among
   the first ``light_faces_per_tile`` candidates) and are counted in ``overflow``. ``occupancy``
-  counts what binning
-  generates."""
+  counts what binning generates."""
   mesh, cam = _head_view_40px()
   verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
   settings = RasterSettings(
@@ -500,8 +501,7 @@ def test_heavy_tile_budget_second_pass(jit_rasterize):
 
 def test_fit_budgets_from_measured_views():
   """``fit_budgets`` takes the maximum over the views, adds the margin, rounds the cap up to a
-  multiple of 8
-  (raising or lowering it) and keeps fractions of empty views above 0."""
+  multiple of 8 (raising or lowering it) and keeps fractions of empty views above 0."""
   s = RasterSettings((32, 32), faces_per_pixel=4, tile_size=8, max_faces_per_tile=64)
   occ = render.Occupancy(
     fragment_budget=jnp.array([0.2, 0.3]),
@@ -528,8 +528,7 @@ def test_fit_budgets_from_measured_views():
 
 def test_occupancy_hard_mode_chunk_cap(jit_rasterize):
   """K = 1: ``occupancy`` gives the cap whose chunk budget holds every face's chunks: with it
-  nothing
-  overflows and the image is the default's; with half of it chunks are dropped."""
+  nothing overflows and the image is the default's; with half of it chunks are dropped."""
   n, size = 12, 16
   verts, faces, cam = _quad_stack(n, size)
   hard = RasterSettings.hard((size, size), tile_size=4, max_faces_per_tile=512)
@@ -590,9 +589,7 @@ def test_budgets_equal_dense_evaluation(settings, budgets):
   """Evaluating only the non-empty slots (compacted, blended with segment sums), and only the tiles
   holding faces, gives the same render and gradients as evaluating every slot of every pixel. (gamma
   1e-2: with the default 1e-4 the blend weights amplify float32 rounding of the depths 10^4-fold,
-  and the two paths round
-  differently.)"""
-  from lipflow_jax.render.demo import demo_texture  # pylint: disable=g-import-not-at-top
+  and the two paths round differently.)"""
 
   mesh, cam = _head_view_40px()
   verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
@@ -818,6 +815,143 @@ def test_no_nan_gradients_on_degenerate_faces(jit_rasterize, settings):
   assert set(np.unique(np.asarray(fr.face_ids))) <= {-1, 0}
 
 
+# ------------------------------------------------------------------------------------------ view
+# culling
+def _crop_camera(size, centre, focal=48.0, eye=(1.4, 0.8, 3.8)):
+  """A ``size`` x ``size`` window of ``_head_view_40px``'s camera, its top-left at ``centre`` - size
+  / 2 of the 40 x 40 view (the principal point shifted)."""
+  k = np.array(geometry.intrinsics(focal, (40, 40)), np.float64)
+  k[0, 2] -= centre[0] - size / 2
+  k[1, 2] -= centre[1] - size / 2
+  return geometry.Camera(K=jnp.asarray(k, jnp.float32), Rt=geometry.look_at(eye, (0, 0, 0)))
+
+
+def test_view_culling_ladder_picks_smallest_set():
+  """``_in_view`` runs its selection on the smallest rung of the ladder whose budget holds the
+  view's pairs / chunks (here one per face; the rung told by the set size the selection reports as
+  its overflow), under vmap the largest the batch needs."""
+  rz = importlib.import_module(
+    "lipflow_jax.render.rasterize"
+  )  # the module (``rasterize`` is a function)
+  mesh, full = _head_view_40px()
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  crop = _crop_camera(40, (20, 20), focal=192.0)  # a close-up
+  s = RasterSettings.hard((40, 40))
+  f = faces.shape[0]
+  rungs = rz._ladder(f, 1000, s)
+  assert rungs == ((f, 1000), (500, 500))
+
+  def set_size(cam, settings):
+    cols = rz._face_columns(*rz._project_columns(cam, verts), faces)
+    select = lambda xy, z, budget, fits: (jnp.zeros((1,), jnp.int32), jnp.int32(xy.shape[0]))
+    return rz._in_view(select, cols, settings, 1000, lambda c0, c1: c0[:, 0] * 0 + 1)[1]
+
+  count = lambda cam: int(jnp.sum(rz._face_rects(*render.project_faces(verts, faces, cam), s)[0]))
+  assert count(crop) <= 500 < count(full)
+  one = jax.jit(set_size, static_argnums=1)
+  assert int(one(crop, s)) == 500 and int(one(full, s)) == f
+  many = jax.jit(jax.vmap(set_size, (0, None)), static_argnums=1)
+  stack = lambda *cams: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cams)
+  np.testing.assert_array_equal(many(stack(crop, crop, full), s), [f] * 3)
+  np.testing.assert_array_equal(many(stack(crop, crop), s), [500] * 2)
+  # A fraction fixes one set; 1 switches culling off (the full set, no compaction).
+  assert int(set_size(crop, s.replace(face_budget=0.3))) == math.ceil(0.3 * f)
+  assert int(set_size(crop, s.replace(face_budget=1.0))) == f
+
+
+@pytest.mark.parametrize(
+  "settings",
+  [
+    RasterSettings.hard((12, 12)),
+    RasterSettings(
+      (12, 12),
+      faces_per_pixel=4,
+      sigma=0.5,
+      gamma=1e-2,
+      max_faces_per_tile=128,
+      cull_backfaces=True,
+    ),
+    RasterSettings(
+      (12, 12),
+      faces_per_pixel=4,
+      sigma=0.5,
+      gamma=1e-2,
+      max_faces_per_tile=128,
+      cull_backfaces=True,
+      tile_size=4,
+      fragment_budget=0.6,
+      tile_budget=0.8,
+    ),
+  ],
+)
+def test_view_culling_crop_equals_full_set(settings):
+  """A 12 x 12 crop of a 1,000-face head with the faces compacted to the view (the default) renders
+  and differentiates exactly like the full face set (``face_budget=1``), alone and batched with a
+  full view."""
+
+  mesh, _ = _head_view_40px()
+  verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
+  tex = jnp.asarray(demo_texture(32))
+  cams = [
+    _crop_camera(12, (16, 22)),
+    _crop_camera(12, (20, 20), focal=16.0),
+  ]  # a close-up, the whole head
+  wts = jnp.asarray(np.random.default_rng(0).normal(size=(12, 12, 3)), jnp.float32)
+
+  def run(s):  # jitted once per settings, over cameras
+    def loss(v, t, cam):
+      out = render.render_mesh(v, faces, uvs, faces, t, cam, s)
+      return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+  assert settings.face_budget is None
+  got, ref = run(settings), run(settings.replace(face_budget=1.0))
+  for cam in cams:
+    (_, out_got), g_got = got(verts, tex, cam)
+    (_, out_ref), g_ref = ref(verts, tex, cam)
+    assert np.any(np.asarray(out_ref.face_id) >= 0)
+    if (
+      cam is cams[0] and settings.fragment_budget == 1
+    ):  # (the whole head overflows the small caps)
+      assert int(out_ref.overflow) == 0
+    for a, b in zip(
+      jax.tree_util.tree_leaves((out_got, g_got)), jax.tree_util.tree_leaves((out_ref, g_ref))
+    ):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Batched: the crop and the whole head in one vmap (the batch takes the larger set) and alone
+  # agree.
+  batch = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), *cams)
+  many = jax.jit(
+    jax.vmap(lambda c: render.render_mesh(verts, faces, uvs, faces, tex, c, settings))
+  )(batch)
+  for i, cam in enumerate(cams):
+    (_, one), _ = got(verts, tex, cam)
+    np.testing.assert_array_equal(np.asarray(many.face_id[i]), np.asarray(one.face_id))
+    np.testing.assert_allclose(np.asarray(many.rgb[i]), np.asarray(one.rgb), atol=1e-6)
+
+
+def test_face_budget_overflow_counts_dropped_faces(jit_rasterize):
+  """A compacted face set smaller than the view's faces keeps the first in face order and counts the
+  rest in ``overflow``; one that holds them all equals the full set."""
+  n, size = 12, 16
+  verts, faces, cam = _quad_stack(n, size)  # 24 faces, all in view; the last quad is the nearest
+  for s in [
+    RasterSettings.hard((size, size), tile_size=8, max_faces_per_tile=256),
+    RasterSettings((size, size), faces_per_pixel=2, sigma=0.1, tile_size=8, max_faces_per_tile=64),
+  ]:
+    half = jit_rasterize(verts, faces, cam, s.replace(face_budget=0.5))  # 12 faces: quads 0 .. 5
+    assert int(half.overflow) == n
+    ids = np.asarray(half.face_ids)
+    assert set(np.unique(ids[..., 0])) <= {10, 11} and ids.max() <= 11
+    full = jit_rasterize(verts, faces, cam, s.replace(face_budget=1.0))
+    assert int(full.overflow) == 0 and set(np.unique(np.asarray(full.face_ids[..., 0]))) <= {22, 23}
+    for budget in (None, 1.0 - 1e-6):  # auto, and a set that holds all 24
+      same = jit_rasterize(verts, faces, cam, s.replace(face_budget=budget))
+      for a, b in zip(same, full):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ------------------------------------------------------------------------------------------
 # batching
 def test_vmap_over_cameras_and_frames(jit_render):
@@ -955,8 +1089,7 @@ def _thin_fragments(n=20000, seed=0):
 def test_eval_fragment_gradients_finite_on_thin_faces():
   """A loss of the distances alone still back-propagates (zero) cotangents through the barycentrics
   and depth; their partial derivatives must be finite even where rounding clips all barycentrics to
-  0 (this used
-  to give 0 * inf = NaN, eagerly or under jit depending on how XLA rounds)."""
+  0 (this used to give 0 * inf = NaN, eagerly or under jit depending on how XLA rounds)."""
   args = _thin_fragments()
   w = jnp.asarray(np.random.default_rng(1).normal(size=(4, args[0].shape[0])), jnp.float32)
 
@@ -983,9 +1116,7 @@ def test_eval_fragment_gradients_finite_on_thin_faces():
 @pytest.mark.parametrize("sigma", [0.5, 1.0])
 def test_dense_mesh_soft_gradients_jit_equal_eager(sigma):
   """Soft mode on a dense mesh (faces ~1 px, many within the blur radius): vertex gradients of a
-  loss of rgb
-  and alpha are finite and the same under jit and eagerly."""
-  from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+  loss of rgb and alpha are finite and the same under jit and eagerly."""
 
   size = 40
   mesh = head_mesh(3000)
@@ -1012,10 +1143,8 @@ def test_dense_mesh_soft_gradients_jit_equal_eager(sigma):
 
 def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
   """Many faces within the blur radius of each pixel (faces ~1 px, blur ~3.8 px, K = 4): every pixel
-  whose
-  centre a face covers (hard render) is opaque, and the coverage is about the hard one plus a soft
-  rim."""
-  from lipflow_jax.render.demo import demo_texture, head_mesh  # pylint: disable=g-import-not-at-top
+  whose centre a face covers (hard render) is opaque, and the coverage is about the hard one plus a
+  soft rim."""
 
   size = 48
   mesh = head_mesh(3000)
@@ -1050,8 +1179,8 @@ def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
 
 def test_eval_fragment_gradients_match_finite_differences():
   """The hand-written backward of eval_fragment vs central differences (float64), pixels inside and
-  outside
-  faces (the distance's closest feature an edge or a vertex), with cotangents on every output."""
+  outside faces (the distance's closest feature an edge or a vertex), with cotangents on every
+  output."""
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
     n = 400

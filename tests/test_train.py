@@ -157,7 +157,7 @@ def test_regressor_trains_to_the_frozen_teacher(full_run, tiny_config, tmp_path)
   assert _max_abs_diff(trained.params, result.state.params) == 0.0
   # The teacher itself loads on one device although it was trained on eight.
   loaded = train.load_trained(teacher_dir)
-  assert loaded.kind == 'lipflow' and loaded.model.prior == 'gaussian' and loaded.step == 30
+  assert loaded.kind == 'avatar' and loaded.model.prior == 'gaussian' and loaded.step == 30
   assert _max_abs_diff(loaded.params, teacher.state.params) == 0.0
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 
 from absl import app, flags, logging
 import tensorflow_datasets as tfds
 
+from lipflow_jax import config_validation, geometry
 from lipflow_jax.data import builders, capture, contact_sheet, multiface, multiface_export, schema
+from lipflow_jax.data import multiface_format as fmt
 
 _DATASET = flags.DEFINE_enum(
   "dataset", "synthetic_capture", ["synthetic_capture", "multiface"], "Builder."
@@ -48,9 +51,34 @@ def dir_size(path) -> int:
   return total
 
 
+def _image_size():
+  if not _IMAGE_SIZE.value:
+    return None
+  try:
+    return tuple(int(s) for s in _IMAGE_SIZE.value.split(","))
+  except ValueError:
+    raise app.UsageError(f"--image_size must be H,W (integers), got {_IMAGE_SIZE.value!r}")
+
+
 def main(argv):
   del argv
   t0 = time.time()
+  config_validation.validate_dataset_options(
+    dict(
+      name=_DATASET.value,
+      builder_config=_CONFIG.value,
+      builder_kwargs=dict(texture_size=_TEXTURE_SIZE.value, image_size=_image_size()),
+    ),
+    labels=config_validation.DATA_BUILD_FLAGS,
+  )
+  try:
+    _build(t0)
+  except (fmt.MultifaceFormatError, geometry.KRTFormatError, geometry.OBJFormatError) as e:
+    sys.stderr.write(f"FATAL bad input: {e}\n")  # names the file (and line)
+    sys.exit(1)
+
+
+def _build(t0):
   if _EXPORT.value:
     cap = capture.Capture(capture.CONFIGS[_CONFIG.value])
     result = multiface_export.export_multiface(cap, _EXPORT.value, progress=True)
@@ -67,10 +95,9 @@ def main(argv):
   if _DATASET.value == "synthetic_capture":
     builder = builders.SyntheticCapture(data_dir=_DATA_DIR.value, config=_CONFIG.value)
   else:
-    size = tuple(int(s) for s in _IMAGE_SIZE.value.split(",")) if _IMAGE_SIZE.value else None
     opts = multiface.MultifaceOptions(
       texture_size=_TEXTURE_SIZE.value,
-      image_size=size,
+      image_size=_image_size(),
       frontal_camera=_FRONTAL_CAMERA.value,
       skip_bad_frames=_SKIP_BAD.value,
     )
@@ -98,5 +125,13 @@ def main(argv):
     print(f"contact sheet: {path}")
 
 
+def _main(argv):
+  try:
+    main(argv)
+  except config_validation.ConfigError as e:
+    sys.stderr.write(f"FATAL {e}\n")
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main)

@@ -184,16 +184,8 @@ class MultifaceEntity:
     self.vert_std = float(
       np.sqrt(fmt.read_scalar(os.path.join(self.root, "vert_var.txt"), "vertex variance"))
     )
-    tex_mean = fmt.texture_from_png(
-      fmt.read_png(os.path.join(self.root, "tex_mean.png"), "mean texture")
-    )
+    tex_mean = fmt.read_texture(os.path.join(self.root, "tex_mean.png"), "mean texture")
     self.texture_size = o.texture_size or tex_mean.shape[0]
-    if tex_mean.shape[0] != tex_mean.shape[1]:
-      raise fmt.MultifaceFormatError(
-        f"{os.path.join(self.root, 'tex_mean.png')}: texture must be "
-        f"square, "
-        f"got {tex_mean.shape[:2]}"
-      )
     self.tex_mean = (
       _resize(tex_mean, (self.texture_size,) * 2).astype(np.float32)
       if tex_mean.shape[0] != self.texture_size
@@ -294,11 +286,13 @@ class MultifaceEntity:
   def _keypoints(self):
     o = self.options
     path = os.path.join(self.root, fmt.KEYPOINT_IDS_TXT)
+    where = ""  # the file the ids came from, for the error
     if o.keypoint_vertex_ids is not None:
       ids = np.asarray(o.keypoint_vertex_ids, np.int32)
       names = tuple(f"kp_{i}" for i in range(len(ids)))
     elif os.path.exists(path):
       names, ids = fmt.read_keypoint_ids(path)
+      where = f"{path}: "
     else:
       cam = self._head_camera(
         self.K[self.frontal_index], self.world_Rt[self.frontal_index], self.pose0
@@ -313,7 +307,7 @@ class MultifaceEntity:
       names = tuple(f"kp_{i}" for i in range(len(ids)))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= self.num_verts:
       raise fmt.MultifaceFormatError(
-        f"keypoint vertex ids must lie in [0, {self.num_verts}), got "
+        f"{where}keypoint vertex ids must lie in [0, {self.num_verts}), got "
         f"[{ids.min() if ids.size else None}, "
         f"{ids.max() if ids.size else None}]"
       )
@@ -366,7 +360,7 @@ class MultifaceEntity:
     for v in range(3):
       cam_name = self.hmc_cameras[v]
       if cam_name not in photos:
-        photos[cam_name] = fmt.read_png(fmt.image_path(self.root, seg, cam_name, fr), "photo")
+        photos[cam_name] = self._photo(seg, cam_name, fr)
       img = photos[cam_name]
       K = self.hmc_K_native[v]
       Rt = np.asarray(geometry.compose_rigid(jnp.asarray(self.hmc_Rt_world[v]), jnp.asarray(pose)))
@@ -416,17 +410,13 @@ class MultifaceEntity:
     try:
       verts = fmt.read_mesh_bin(fmt.mesh_path(self.root, seg, fr), self.num_verts)
       pose = fmt.read_transform(fmt.mesh_path(self.root, seg, fr, "transform"))
-      avg = fmt.texture_from_png(
-        fmt.read_png(fmt.tex_path(self.root, seg, "average", fr), "average texture")
-      )
+      avg = fmt.read_texture(fmt.tex_path(self.root, seg, "average", fr), "average texture")
       avg = _resize_texture(avg, self.texture_size)
       photos = {}
       hmc, hmc_K, hmc_Rt = self._hmc(seg, fr, pose, photos)
-      frontal_photo = photos.get(self.frontal_camera)
+      frontal_photo = photos.get(self.frontal_camera)  # checked by ``_photo`` when read
       if frontal_photo is None:
         frontal_photo = self._photo(seg, self.frontal_camera, fr)
-      else:
-        self._check_photo_size(frontal_photo, seg, self.frontal_camera, fr)
     except (fmt.MultifaceFormatError, OSError) as e:
       self._bad(e, f"frame {seg}/{fr} (all cameras)")
       return
@@ -474,8 +464,8 @@ class MultifaceEntity:
     }
     for c, cam in enumerate(self.camera_names):
       try:
-        png = fmt.read_png(fmt.tex_path(self.root, seg, cam, fr), "texture")
-        tex = _resize_texture(fmt.texture_from_png(png), self.texture_size)
+        png = fmt.read_texture(fmt.tex_path(self.root, seg, cam, fr))
+        tex = _resize_texture(png, self.texture_size)
         photo = self._photo(seg, cam, fr)
       except (fmt.MultifaceFormatError, OSError) as e:
         self._bad(e, f"frame {seg}/{fr} camera {cam}")

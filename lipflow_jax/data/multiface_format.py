@@ -27,7 +27,9 @@ Two files are additions of ours, used when present: ``keypoint_vertex_ids.txt`` 
 per line) and the split JSONs inside the entity directory.
 
 Every reader raises ``MultifaceFormatError`` (``MultifaceMissingFileError`` for a missing file)
-naming the file. The entity reader is ``lipflow_jax.data.multiface``; the exporter of synthetic
+naming the file (and line): wrong shapes (a texture that is not square, a mesh of the wrong vertex
+count), non-finite numbers, values out of range (variances <= 0, a head pose that is not a
+rotation). The entity reader is ``lipflow_jax.data.multiface``; the exporter of synthetic
 captures ``lipflow_jax.data.multiface_export``.
 """
 
@@ -39,6 +41,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+from lipflow_jax.geometry.krt import ROTATION_TOLERANCE
 
 UV_DIR = "unwrapped_uv_1024"
 TEST_SEGMENT_JSON = "test_segment.json"
@@ -134,6 +138,13 @@ def read_transform(path) -> np.ndarray:
     raise MultifaceFormatError(
       f"{path}: head pose must be a finite 3x4 matrix, got shape {m.shape}"
     )
+  R = m[:, :3]
+  err = np.abs(R @ R.T - np.eye(3)).max()
+  if err > ROTATION_TOLERANCE or np.linalg.det(R) <= 0:
+    raise MultifaceFormatError(
+      f"{path}: head pose must be [R|t] with R a rotation (|R R^T - I| <= {ROTATION_TOLERANCE}, "
+      f"det R > 0); got |R R^T - I| = {err:.3g}, det R = {np.linalg.det(R):.3g}"
+    )
   return m.astype(np.float32)
 
 
@@ -159,6 +170,16 @@ def png_size(path, what="image") -> Tuple[int, int]:
   except (OSError, SyntaxError, ValueError) as e:
     raise MultifaceFormatError(f"{path}: unreadable {what} PNG ({e})") from e
   return h, w
+
+
+def read_texture(path, what="texture") -> np.ndarray:
+  """[T, T, 3] uint8 unwrapped texture from a PNG; a texture that is not square is an error."""
+  a = read_png(path, what)
+  if a.shape[0] != a.shape[1]:
+    raise MultifaceFormatError(
+      f"{path}: {what} must be square (T x T), got {a.shape[0]} x {a.shape[1]} (H x W)"
+    )
+  return texture_from_png(a)
 
 
 def texture_from_png(a):

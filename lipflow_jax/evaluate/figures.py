@@ -124,3 +124,52 @@ def save_gif(frames: Sequence[np.ndarray], path: str, duration_ms: int = 120) ->
     path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0, optimize=False
   )
   return path
+
+
+def line_plot(
+  series: dict,
+  hlines: Optional[dict] = None,
+  title: str = "",
+  x_label: str = "",
+  y_label: str = "",
+  size=(720, 360),
+) -> np.ndarray:
+  """A line chart as a uint8 [H, W, 3] image (PIL only).
+
+  Args:
+    series: {label: [N] y values} drawn against 0..N-1, one colour each (NaN values skipped).
+    hlines: {label: y} dashed horizontal reference lines (e.g. frame-time budgets).
+    title, x_label, y_label: text.
+    size: (width, height) in pixels.
+  """
+  hlines = dict(hlines or {})
+  w, h = size
+  left, right, top, bottom = 60, 150, 30, 40
+  img = Image.new("RGB", (w, h), (255, 255, 255))
+  draw = ImageDraw.Draw(img)
+  values = [np.asarray(v, np.float64) for v in series.values()]
+  finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.asarray(list(hlines.values()))])
+  y_max = float(np.max(finite)) * 1.1 if finite.size else 1.0
+  n = max((len(v) for v in values), default=1)
+  px = lambda i: left + (w - left - right) * i / max(n - 1, 1)
+  py = lambda y: h - bottom - (h - top - bottom) * y / max(y_max, 1e-12)
+  draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+  for k in range(5):
+    y = y_max * k / 4
+    draw.text((4, py(y) - 6), f"{y:.3g}", fill=(0, 0, 0))
+  colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+  for j, (label, y) in enumerate(hlines.items()):
+    c = (120, 120, 120) if j % 2 else (200, 60, 60)
+    for x0 in range(left, w - right, 10):
+      draw.line([x0, py(y), min(x0 + 5, w - right), py(y)], fill=c)
+    draw.text((w - right + 6, py(y) - 6), label, fill=c)
+  for j, (label, v) in enumerate(zip(series, values)):
+    c = colors[j % len(colors)]
+    pts = [(px(i), py(y)) for i, y in enumerate(v) if np.isfinite(y)]
+    if len(pts) > 1:
+      draw.line(pts, fill=c, width=2)
+    draw.text((w - right + 6, top + 14 * j), label, fill=c)
+  draw.text((left, 8), title, fill=(0, 0, 0))
+  draw.text((left + (w - left - right) // 2 - 20, h - bottom + 14), x_label, fill=(0, 0, 0))
+  draw.text((4, top - 24), y_label, fill=(0, 0, 0))
+  return np.asarray(img)

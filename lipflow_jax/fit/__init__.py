@@ -26,6 +26,7 @@ from lipflow_jax.fit.bundle import (
 from lipflow_jax.fit.fitting import (
   FitConfig,
   FitResult,
+  check_observations,
   fit_config,
   fit_jit,
   fit_latents,
@@ -51,6 +52,7 @@ from lipflow_jax.fit.objectives import (
   huber_cost,
   keypoint_objective,
   l2_cost,
+  mask_hmc,
   project_keypoints,
   render_hmc,
   sanitize_keypoints,
@@ -67,3 +69,4 @@ from lipflow_jax.fit.priors import (
   no_prior,
   standard_normal_prior,
 )
+from lipflow_jax.fit.streaming import StreamState, stream_init, stream_step_fn, usable

@@ -76,6 +76,20 @@ def decode_verts(bundle: ModelBundle, z, view=None):
   return schema.denormalize_verts(verts, bundle.meta)
 
 
+def decode_keypoint_verts(bundle: ModelBundle, z):
+  """[Z] -> [P, 3] de-normalised keypoint vertices (``meta.keypoint_vertex_ids``). For a
+  ``LipFlowModel`` only their columns of the decoder's vertex layer are computed (equal to slicing
+  ``decode_verts``); other models decode every vertex."""
+  ids = bundle.meta.keypoint_vertex_ids
+  params = bundle.variables.get("params", {}) if isinstance(bundle.variables, dict) else {}
+  if not isinstance(bundle.model, models.LipFlowModel) or "decoder" not in params:
+    return decode_verts(bundle, z)[ids]
+  decoder = models.decoder_of(bundle.model)
+  verts = models.decode_vertex_subset(decoder, params["decoder"], z[None], ids)[0]
+  std = jnp.asarray(bundle.meta.vert_std)
+  return verts * (std[ids] if std.ndim == 2 else std) + bundle.meta.vert_mean[ids]
+
+
 def render_views(bundle: ModelBundle, z, K, Rt, settings, camera_index=None):
   """Decodes one code for each view (its view direction and colour response) and renders it there.
 

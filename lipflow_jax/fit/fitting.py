@@ -100,7 +100,8 @@ class FitResult(NamedTuple):
   init: jax.Array
 
 
-def _needs_condition(cfg: FitConfig) -> bool:
+def needs_condition(cfg: FitConfig) -> bool:
+  """Whether fitting with ``cfg`` reads the condition statistics (``priors.condition_stats``)."""
   return cfg.prior in priors_lib.CONDITIONAL or cfg.space == "y" or cfg.init == "prior_mode"
 
 
@@ -193,6 +194,67 @@ def _numeric(obs):
   return out
 
 
+# What each built-in observation needs: key -> shape after the batch axis (None: any length).
+_OBSERVATION_SHAPES = {
+  "keypoints": {"keypoints": (None, 2), "frontal_K": (3, 3), "frontal_Rt": (3, 4)},
+  "hmc": {"hmc": (3, None, None, 1), "hmc_K": (3, 3, 3), "hmc_Rt": (3, 3, 4)},
+}
+_CAMERA_KEYS = ("frontal_K", "frontal_Rt", "hmc_K", "hmc_Rt")
+
+
+def check_observations(bundle, obs, cfg: FitConfig):
+  """Rejects observations the fit cannot use, with a ``ValueError`` naming the key and frames.
+
+  Checked: the keys and shapes each objective and the condition need, one batch size, finite
+  cameras, headset crops in [0, 1] and sized like ``bundle.hmc_settings``, the keypoint count of
+  the bundle. Non-finite keypoints and crop pixels are not errors: they are masked
+  (``objectives.sanitize_keypoints``, ``objectives.mask_hmc``). Traced values are checked for
+  shape only.
+  """
+  names = {spec[0] for spec in cfg.objectives if isinstance(spec[0], str)}
+  if needs_condition(cfg) or cfg.init == "regressor":
+    names.add(cfg.condition)
+  sizes = {k: np.shape(x)[0] for k, x in obs.items() if np.ndim(x) > 0}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"fit: observations disagree on the batch size: {sizes}")
+  for name in sorted(names & set(_OBSERVATION_SHAPES)):
+    for key, want in _OBSERVATION_SHAPES[name].items():
+      if key not in obs:
+        raise ValueError(f"fit: input {name!r} needs observation {key!r}; got keys {sorted(obs)}")
+      got = np.shape(obs[key])[1:]
+      if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+        shape = ", ".join("*" if w is None else str(w) for w in want)
+        raise ValueError(f"fit: observation {key!r} must be [B, {shape}], got {np.shape(obs[key])}")
+  meta = getattr(bundle, "meta", None)
+  ids = getattr(meta, "keypoint_vertex_ids", None)
+  if "keypoints" in names and ids is not None and np.shape(obs["keypoints"])[1] != len(ids):
+    raise ValueError(
+      f"fit: {np.shape(obs['keypoints'])[1]} keypoints per frame, the model has {len(ids)}"
+    )
+  settings = getattr(bundle, "hmc_settings", None)
+  if "hmc" in names and settings is not None:
+    if tuple(np.shape(obs["hmc"])[2:4]) != tuple(settings.image_size):
+      raise ValueError(
+        f"fit: headset crops are {np.shape(obs['hmc'])[2:4]}, the bundle renders "
+        f"{tuple(settings.image_size)} (bundle.hmc_settings.image_size)"
+      )
+  for key in _CAMERA_KEYS:
+    if key in obs and not isinstance(obs[key], jax.core.Tracer):
+      finite = np.isfinite(np.asarray(obs[key])).reshape(len(obs[key]), -1).all(-1)
+      if not finite.all():
+        raise ValueError(
+          f"fit: camera {key!r} has non-finite values in frames {np.flatnonzero(~finite)[:10]}"
+        )
+  if "hmc" in obs and not isinstance(obs["hmc"], jax.core.Tracer):
+    hmc = np.asarray(obs["hmc"], np.float32)
+    fin = hmc[np.isfinite(hmc)]
+    if fin.size and (fin.min() < 0 or fin.max() > 1):
+      raise ValueError(
+        f"fit: headset crops must be grey values in [0, 1] (NaN = missing pixel), got "
+        f"[{fin.min():.4g}, {fin.max():.4g}]; uint8 crops: divide by 255"
+      )
+
+
 def initial_values(bundle, obs, cfg: FitConfig, z0=None):
   """Batched initial variables [B, Z] and codes [B, Z] for a (condition-augmented) observation
   batch."""
@@ -234,15 +296,18 @@ def _batch_size(obs) -> int:
   return int(jax.tree_util.tree_leaves(obs)[0].shape[0])
 
 
-def _initial(bundle, obs, cfg, z0):
+def start_values(bundle, obs, cfg: FitConfig, z0=None):
+  """(variables [B, Z] the optimisation starts from, initial codes [B, Z]) of a
+  (condition-augmented) observation batch."""
   v0, z_init = initial_values(bundle, obs, cfg, z0)
   return (z_init if v0 is None else v0), z_init
 
 
 def _fit_impl(bundle, obs, z0, cfg: FitConfig, lambda_prior=None):
-  if _needs_condition(cfg):
+  obs = objectives_lib.mask_hmc(obs)
+  if needs_condition(cfg):
     obs = priors_lib.condition_stats(bundle, obs, cfg.condition)
-  v0, z_init = _initial(bundle, obs, cfg, z0)
+  v0, z_init = start_values(bundle, obs, cfg, z0)
   to_z = jax.vmap(lambda v, o: to_code(bundle, cfg, v, o))
 
   if not cfg.sequence:
@@ -334,9 +399,13 @@ def fit_latents(
     **overrides: ``FitConfig`` fields, e.g. ``num_steps=200, lr=0.05, lambda_prior=0.1, space='y'``.
   Returns:
     ``FitResult`` with ``z`` [B, Z] and loss traces [B, num_steps].
+  Raises:
+    ValueError: observations the fit cannot use (``check_observations``). Missing data is not an
+      error: NaN keypoints count as invisible and NaN headset-crop pixels are masked.
   """
   cfg = config if config is not None else fit_config(method, input, **overrides)
   obs = _numeric(observations)
+  check_observations(bundle, obs, cfg)
   return fit_jit(bundle, obs, z0, cfg)
 
 
@@ -344,10 +413,11 @@ def fit_unjitted(bundle, observations, cfg: FitConfig, z0=None) -> FitResult:
   """The same optimisation frame by frame and step by step, without jit (a slow reference and
   benchmark)."""
   obs = _numeric(observations)
-  obs = jax.tree_util.tree_map(jnp.asarray, obs)
-  if _needs_condition(cfg):
+  check_observations(bundle, obs, cfg)
+  obs = objectives_lib.mask_hmc(jax.tree_util.tree_map(jnp.asarray, obs))
+  if needs_condition(cfg):
     obs = priors_lib.condition_stats(bundle, obs, cfg.condition)
-  v0, z_init = _initial(bundle, obs, cfg, z0)
+  v0, z_init = start_values(bundle, obs, cfg, z0)
   grad_fn = jax.value_and_grad(make_loss(cfg), has_aux=True)
   vs, zs, traces = [], [], []
   n = v0.shape[0]

@@ -68,10 +68,29 @@ def sanitize_keypoints(keypoints, visible=None):
   return keypoints, valid.astype(jnp.float32)
 
 
+def mask_hmc(obs, mask_key: str = "hmc_mask"):
+  """Masks non-finite headset-crop pixels, as ``sanitize_keypoints`` masks missing keypoints.
+
+  Batched or per-frame: ``obs['hmc']`` [..., C, h, w, 1]. Each non-finite pixel gets the mean of
+  its crop's finite pixels (0.5 if none), so that the condition encoder reads a finite crop, and
+  weight 0 in ``obs[mask_key]`` (created when absent), so that the objective ignores it.
+  """
+  if "hmc" not in obs:
+    return obs
+  hmc = jnp.asarray(obs["hmc"], jnp.float32)
+  finite = jnp.isfinite(hmc)
+  axes = (-3, -2, -1)
+  count = jnp.sum(finite, axis=axes, keepdims=True)
+  mean = jnp.sum(jnp.where(finite, hmc, 0.0), axis=axes, keepdims=True) / jnp.maximum(count, 1)
+  fill = jnp.where(count > 0, mean, 0.5)
+  mask = obs.get(mask_key)
+  mask = jnp.ones_like(hmc) if mask is None else jnp.asarray(mask, jnp.float32)
+  return dict(obs, hmc=jnp.where(finite, hmc, fill), **{mask_key: jnp.where(finite, mask, 0.0)})
+
+
 def project_keypoints(bundle, z, camera: geometry.Camera):
-  """[Z] -> [P, 2] pixel projections of the decoded keypoint vertices."""
-  verts = bundle_lib.decode_verts(bundle, z, geometry.view_direction(camera))
-  return geometry.project(camera, verts[bundle.meta.keypoint_vertex_ids])
+  """[Z] -> [P, 2] pixel projections of the decoded keypoint vertices (only those are decoded)."""
+  return geometry.project(camera, bundle_lib.decode_keypoint_verts(bundle, z))
 
 
 def keypoint_objective(z, obs, bundle, robust: str = "l2", scale: float = 1.0):

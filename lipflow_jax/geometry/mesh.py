@@ -29,6 +29,8 @@ def read_obj(path) -> Mesh:
   """Reads ``v``, ``vt`` and triangular ``f v/vt[/vn]`` lines; other lines are ignored.
 
   Faces with more than 3 corners are fan-triangulated. Indices are converted to 0-based.
+  Raises ``OBJFormatError`` naming the file and line for an unparsable line, a vertex or UV with
+  fewer or non-finite numbers, and out-of-range face indices.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"OBJ file not found: {path}")
@@ -39,10 +41,14 @@ def read_obj(path) -> Mesh:
       if not parts:
         continue
       try:
-        if parts[0] == "v":
-          verts.append([float(x) for x in parts[1:4]])
-        elif parts[0] == "vt":
-          uvs.append([float(x) for x in parts[1:3]])
+        if parts[0] in ("v", "vt"):
+          n = 3 if parts[0] == "v" else 2
+          values = [float(x) for x in parts[1 : n + 1]]
+          if len(values) != n or not all(np.isfinite(values)):
+            raise OBJFormatError(
+              f"{path}:{lineno}: '{parts[0]}' needs {n} finite numbers, got {line.strip()!r}"
+            )
+          (verts if parts[0] == "v" else uvs).append(values)
         elif parts[0] == "f":
           corners = [c.split("/") for c in parts[1:]]
           if len(corners) < 3:

@@ -16,7 +16,7 @@ from lipflow_jax.models.avatar import (
   render_batch,
   to_grey,
 )
-from lipflow_jax.models.decoder import Decoder
+from lipflow_jax.models.decoder import Decoder, decode_vertex_subset
 from lipflow_jax.models.encoders import (
   CONDITION_KEYS,
   CONDITIONS,
@@ -46,4 +46,10 @@ from lipflow_jax.models.losses import (
   screen_loss,
   screen_raster_settings,
 )
-from lipflow_jax.models.model import CONDITIONAL_PRIORS, PRIORS, UNCONDITIONAL, LipFlowModel
+from lipflow_jax.models.model import (
+  CONDITIONAL_PRIORS,
+  PRIORS,
+  UNCONDITIONAL,
+  LipFlowModel,
+  decoder_of,
+)

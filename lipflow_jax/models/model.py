@@ -45,6 +45,24 @@ ENCODER_INPUTS = ("x",) + enc.CONDITIONS
 UNCONDITIONAL = "unconditional"
 
 
+def decoder_of(model: "LipFlowModel") -> Decoder:
+  """The ``Decoder`` of a model's fields (its params live under 'decoder'). Called outside a Flax
+  module, an unbound one (for ``decoder.decode_vertex_subset``)."""
+  return Decoder(
+    model.tex_size,
+    model.num_vertices,
+    model.dec_z_features,
+    model.dec_view_features,
+    model.dec_start_size,
+    model.dec_start_channels,
+    tuple(model.dec_channels),
+    model.dec_upsample,
+    model.dec_untied_bias,
+    model.num_cameras,
+    model.weight_norm,
+  )
+
+
 class LipFlowModel(nn.Module):
   """LiP-Flow and its baselines (see the module docstring).
 
@@ -184,19 +202,7 @@ class LipFlowModel(nn.Module):
       )
     else:
       self.encoder = enc.DirectEncoder(self.encoder_input, self.z_dim, **self._condition_kwargs())
-    self.decoder = Decoder(
-      self.tex_size,
-      self.num_vertices,
-      self.dec_z_features,
-      self.dec_view_features,
-      self.dec_start_size,
-      self.dec_start_channels,
-      tuple(self.dec_channels),
-      self.dec_upsample,
-      self.dec_untied_bias,
-      self.num_cameras,
-      self.weight_norm,
-    )
+    self.decoder = decoder_of(self)
     if self.is_conditional:
       self.condition_encoders = {
         c: enc.ConditionEncoder(

@@ -19,9 +19,8 @@ class RasterSettings:
     image_size: (H, W) of the output image.
     faces_per_pixel: K, the number of faces kept per pixel among those within ``blur_radius`` of its
       centre: the nearest face covering the centre (or, where none covers it, the closest face),
-        then the
-      others in order of minimum vertex depth; sorted nearest first (see
-      ``rasterize.select_faces``).
+        then the others in order of minimum vertex depth; sorted nearest first (see
+        ``rasterize.select_faces``).
     sigma: width of the soft coverage in pixels; coverage of a face at signed pixel distance ``d``
       (positive inside) is ``p = 2 * sigmoid(min(d, 0) / sigma)``: exactly 1 on and inside the face,
       decaying outside it. ``sigma = 0`` gives hard (step) coverage.
@@ -62,6 +61,15 @@ class RasterSettings:
       row-major order) keep their first-pass selection and are counted in ``overflow``. So a cap
       high enough for the worst tile costs about a quarter of it elsewhere. ``render.occupancy``
       measures both. 1 (the default) runs one pass with all candidates.
+    face_budget: which faces binning and selection run over. None (the default): only the faces
+      that can touch the image (in front of ``znear``, front-facing when culling, grown box over a
+      pixel centre), compacted per call into the smallest of a ladder of static sizes whose (face,
+      tile) pair / chunk budget, halved at each rung, holds the view's (under vmap the largest the
+      batch needs); exact (the same result as 1), so a small view of a large mesh costs a fraction
+      of a full one, and a full view sorts and tests no more pairs / chunks than it has. A fraction
+      in (0, 1): one compacted set of ``ceil(face_budget * F)`` faces (budgets scaled alike); faces
+      beyond it (the last in face order) are dropped and counted in ``overflow``. 1: every face, no
+      compaction (see ``rasterize._in_view``).
     background: colour of empty pixels; its length is the texture's channel count or 1 (broadcast).
     znear: faces with any vertex at camera depth ``<= znear`` (world units) are culled.
     cull_backfaces: also cull faces whose front side (counter-clockwise seen from outside, OBJ
@@ -78,6 +86,7 @@ class RasterSettings:
   fragment_budget: float = 1.0
   tile_budget: float = 1.0
   heavy_tile_budget: float = 1.0
+  face_budget: Optional[float] = None
   background: Tuple[float, ...] = (0.0, 0.0, 0.0)
   znear: float = 1e-3
   cull_backfaces: bool = False
@@ -119,6 +128,11 @@ class RasterSettings:
       if not (math.isfinite(value) and 0 < value <= 1):
         fail(f"{name} must be a fraction in (0, 1], got {value!r}")
       object.__setattr__(self, name, float(value))
+    if self.face_budget is not None:
+      value = self.face_budget
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+        fail(f"face_budget must be None or a fraction in (0, 1], got {value!r}")
+      object.__setattr__(self, "face_budget", float(value))
     try:
       bg = tuple(float(c) for c in self.background)
     except TypeError:

@@ -4,15 +4,18 @@ r"""Trains one model: ``python -m lipflow_jax.train --config=configs/<name>.py[:
 Config fields can be overridden on the command line (``--config.num_train_steps=200``,
 ``--config.model.z_dim=32``). Running it again on the same workdir resumes from the latest
 checkpoint; a run that already finished exits at once. SIGTERM (preemption) checkpoints at the next
-step and exits.
+step and exits. The resolved config is checked first (``config_validation``): a value out of range
+or an unknown key stops the command with one line naming the key.
 """
+
+import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lipflow_jax import distributed
-from lipflow_jax.train import loop
+from lipflow_jax import config_validation, distributed
+from lipflow_jax.train import checkpointing, loop
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string(
@@ -27,6 +30,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  config_validation.validate_or_exit(FLAGS.config)
   distributed.initialize()  # multi-process start-up precedes any use of JAX devices
   logging.info(
     'JAX process %d / %d, local devices %s',
@@ -34,11 +38,15 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  result = loop.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  try:
+    result = loop.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  except checkpointing.CheckpointRestoreError as e:
+    sys.stderr.write(f'FATAL {e}\n')
+    sys.exit(1)
   if result.stopped == 'preempted':
     logging.warning('Preempted at step %d; run the same command again to resume.', result.step)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_validation.parse_flags)

@@ -23,7 +23,7 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from lipflow_jax import models
+from lipflow_jax import distributed, models
 from lipflow_jax.train.metrics_logging import CONFIG_FILE
 
 STATE = 'state'
@@ -126,10 +126,73 @@ def save(
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+class CheckpointRestoreError(RuntimeError):
+  """No step of a checkpoint directory could be read; the message lists the steps tried."""
+
+
+DAMAGED_SUFFIX = '.damaged'  # a step that cannot be read is renamed <step>.damaged (never deleted)
+
+
+def _step_dir(directory, step: int) -> epath.Path:
+  return epath.Path(directory) / str(step)
+
+
+def move_aside(path) -> epath.Path:
+  """Renames a damaged step directory to ``<step>.damaged`` (``.damaged.2``, ... if taken)."""
+  path = epath.Path(path)
+  target = path.parent / (path.name + DAMAGED_SUFFIX)
+  n = 1
+  while target.exists():
+    n += 1
+    target = path.parent / f'{path.name}{DAMAGED_SUFFIX}.{n}'
+  path.rename(target)
+  return target
+
+
+def _summary(error: BaseException, limit: int = 240) -> str:
+  """One short line for a restore error (orbax/tensorstore messages carry whole specs)."""
+  parts = []
+  while error is not None and len(parts) < 2:
+    line = (str(error).strip().splitlines() or [''])[0]
+    for cut in (' See full TensorStore details', ' [tensorstore_spec', ' [source locations'):
+      line = line.split(cut)[0]
+    parts.append(f'{type(error).__name__}: {line}')
+    error = error.__cause__
+  return ' <- '.join(parts)[:limit]
+
+
+def _first_readable(directory, steps, restore_one):
+  """Calls ``restore_one(step)`` from the newest of ``steps`` down until one succeeds.
+
+  Returns:
+    (result, step, [(damaged step, error)]) of the newest readable step and the newer ones that
+    failed. Raises ``CheckpointRestoreError`` listing every step tried when none can be read.
+  """
+  failed = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return restore_one(step), step, failed
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise plain Exception, too)
+      summary = _summary(e)
+      logging.warning('Checkpoint %s cannot be read: %s', _step_dir(directory, step), summary)
+      failed.append((step, summary))
+  tried = '; '.join(f'step {s} ({msg})' for s, msg in failed)
+  raise CheckpointRestoreError(
+    f'no readable checkpoint in {directory}: tried {tried}. Nothing was moved or deleted; if the '
+    'config changed since these were written, restore it, else move the damaged steps away.'
+  )
+
+
 def restore(
   manager: ocp.CheckpointManager, state_template, data_iter=None, step: int | None = None
 ):
-  """Restores the latest (or given) step into the shardings and dtypes of ``state_template``.
+  """Restores the latest readable (or the given) step into the shardings and dtypes of
+  ``state_template``.
+
+  A newest step that cannot be read (missing or truncated array file, missing manifest, missing
+  iterator state) is renamed ``<step>.damaged`` beside the others, with a warning, and the previous
+  step is restored instead. Damaged steps are moved only once an older step has been read, so a
+  config that no longer matches any checkpoint moves nothing.
 
   Args:
     state_template: a ``TrainState`` of arrays or ``jax.ShapeDtypeStruct`` s carrying the target
@@ -137,46 +200,86 @@ def restore(
     data_iter: restored in place (``set_state``) when given.
   Returns:
     (state, step), or (None, None) when the directory holds no checkpoint.
+  Raises:
+    CheckpointRestoreError: no step can be read (the message lists the steps tried).
   """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None, None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-  items = {STATE: ocp.args.StandardRestore(abstract)}
-  if data_iter is not None:
-    items[DATA_ITER] = DataIteratorRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored[STATE], step
+
+  def restore_one(s):
+    items = {STATE: ocp.args.StandardRestore(abstract)}
+    if data_iter is not None:
+      items[DATA_ITER] = DataIteratorRestore(data_iter)
+    return manager.restore(s, args=ocp.args.Composite(**items))[STATE]
+
+  if step is not None:
+    return restore_one(step), step
+  steps = list(manager.all_steps())
+  if not steps:
+    return None, None
+  state, step, failed = _first_readable(manager.directory, steps, restore_one)
+  if failed:
+    if jax.process_index() == 0:
+      for s, msg in failed:
+        aside = move_aside(_step_dir(manager.directory, s))
+        logging.warning(
+          'Checkpoint step %d in %s is damaged (%s); moved it to %s and resumed from step %d.',
+          s,
+          _step_dir(manager.directory, s),
+          msg,
+          aside,
+          step,
+        )
+    distributed.sync('checkpoint_fallback')
+    manager.reload()
+  return state, step
+
+
+def _saved_steps(directory: epath.Path) -> list[int]:
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def restore_state_for_inference(directory: str, step: int | None = None, sharding=None):
-  """Restores the saved ``TrainState`` of ``directory/<step>`` (latest when None) as a plain dict,
-  without a template and whatever topology it was saved on; every array is placed with ``sharding``
-  (default: device 0).
+  """Restores the saved ``TrainState`` of ``directory/<step>`` (the newest readable one when None)
+  as a plain dict, without a template and whatever topology it was saved on; every array is placed
+  with ``sharding`` (default: device 0). A newest step that cannot be read is skipped with a
+  warning (left in place: readers do not move a run's files).
 
   Returns:
     ({'params', 'opt_state', 'step', 'rng', ...}, step).
   """
   directory = epath.Path(directory)
-  if step is None:
-    steps = (
-      sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-      if directory.exists()
-      else []
-    )
-    if not steps:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    step = steps[-1]
-  path = directory / str(step) / STATE
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  handler = ocp.StandardCheckpointHandler()
-  metadata = handler.metadata(path)
   is_leaf = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
-  abstract = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata, is_leaf=is_leaf
-  )
-  state = handler.restore(path, args=ocp.args.StandardRestore(abstract))
-  handler.close()
+
+  def restore_one(s):
+    path = directory / str(s) / STATE
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      metadata = handler.metadata(path)
+      abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        metadata,
+        is_leaf=is_leaf,
+      )
+      return handler.restore(path, args=ocp.args.StandardRestore(abstract))
+    finally:
+      handler.close()
+
+  if step is not None:
+    return restore_one(step), int(step)
+  steps = _saved_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  state, step, failed = _first_readable(directory, steps, restore_one)
+  if failed:
+    logging.warning(
+      'Loaded step %d of %s; newer damaged steps %s were skipped.',
+      step,
+      directory,
+      [s for s, _ in failed],
+    )
   return state, int(step)
 
 
@@ -257,7 +360,8 @@ def load_trained(workdir: str, step: Optional[int] = None, sharding=None) -> Tra
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
       config = json.load(f)
   fix = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-  if desc['task'] == 'avatar':
+  if desc['task'] in ('avatar', 'lipflow'):  # 'lipflow': the task's name in workdirs before 2026-12
+    desc['task'] = 'avatar'
     model = models.LipFlowModel(**fix(desc['model']))
   else:
     model = {c: models.Regressor(**fix(d)) for c, d in desc['regressors'].items()}

@@ -4,12 +4,14 @@
   (step, non-finite check, metrics, images, eval, checkpoint, preemption) -> final checkpoint.
 
 Running it again on the same workdir resumes from the latest checkpoint (same parameters, optimiser
-state, RNG and next batch as an uninterrupted run); a finished run returns at once.
+state, RNG and next batch as an uninterrupted run); a finished run returns at once. A newest
+checkpoint that cannot be read is renamed ``checkpoints/<step>.damaged`` and the previous step is
+restored (``checkpointing.restore``); ``metrics.jsonl`` drops the lines of the steps replayed.
 
 Workdir layout:
   config.json        the resolved config
   model.json         what ``load_trained`` needs to rebuild the model without the data (task, sizes)
-  metrics.jsonl      one JSON object per log step (process 0)
+  metrics.jsonl      one JSON object per logged step (process 0; each step at most once)
   tensorboard/       TensorBoard event files (process 0)
   checkpoints/<step>/{state, data_iter}
 """
@@ -27,7 +29,7 @@ import jax
 import ml_collections
 from tqdm import auto as tqdm
 
-from lipflow_jax import distributed
+from lipflow_jax import config_validation, distributed
 from lipflow_jax.data import input_pipeline, schema
 from lipflow_jax.train import checkpointing, metrics_logging
 from lipflow_jax.train import tasks as tasks_lib
@@ -181,6 +183,7 @@ def train_and_evaluate(
   Returns:
     ``RunResult``.
   """
+  config_validation.validate_config(config)  # ConfigError naming each bad key
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
@@ -277,7 +280,11 @@ def train_and_evaluate(
   abstract_state = jax.tree.map(
     lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state_shapes
   )
-  state, start_step = checkpointing.restore(manager, abstract_state, train_iter)
+  try:
+    state, start_step = checkpointing.restore(manager, abstract_state, train_iter)
+  except BaseException:
+    manager.close()  # an open async manager turns the error into shutdown noise
+    raise
   if state is None:
     state = fns.init(jax.random.PRNGKey(config.seed), example)
     start_step = 0
@@ -299,7 +306,7 @@ def train_and_evaluate(
   # ----------------------------------------------------------------------------------------------
   # update step
   train_step, eval_step, images_fn = fns.train_step, fns.eval_step, fns.images
-  writer = metrics_logging.MetricWriter(workdir)
+  writer = metrics_logging.MetricWriter(workdir, start_step=start_step)
   watcher = checkpointing.PreemptionWatcher(manager)
   max_nonfinite = int(config.get('max_consecutive_nonfinite', 10))
   # The consecutive-non-finite counter is read one step late, so that the host never waits for the

@@ -1,7 +1,7 @@
 """Metrics out of a run, from process 0 only: TensorBoard (tensorboardX) scalars and images,
-``metrics.jsonl``
-(one JSON object per write: ``{"step": s, "<name>": value, ...}``) and the resolved config
-(``config.json``)."""
+``metrics.jsonl`` (one JSON object per logged step: ``{"step": s, "<name>": value, ...}``; writes
+of the same step are merged into its line, and a resumed run first drops the lines of the steps it
+will replay) and the resolved config (``config.json``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 import tensorboardX
@@ -22,17 +23,78 @@ def _to_float(x) -> float:
   return float(np.asarray(x))
 
 
-class MetricWriter:
-  """Writes scalars and images of process 0; a no-op elsewhere (or when ``enabled=False``)."""
+def _parse_lines(path: str) -> tuple[list[dict], int]:
+  """Records of a ``metrics.jsonl`` and the number of unreadable lines (a line torn by a kill)."""
+  records, bad = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        int(record['step'])
+      except (ValueError, KeyError, TypeError):
+        bad += 1
+        continue
+      records.append(record)
+  return records, bad
 
-  def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+
+def _merge_steps(records) -> list[dict]:
+  """One record per step (later keys win), in order of first appearance."""
+  by_step: dict[int, dict] = {}
+  for r in records:
+    by_step.setdefault(int(r['step']), {}).update(r)
+  return list(by_step.values())
+
+
+def trim_metrics(path: str, start_step: int):
+  """Rewrites ``metrics.jsonl`` for a run resumed at ``start_step``: drops the lines of later steps
+  (they will be logged again), torn lines and repeated steps. Atomic (write, then rename)."""
+  if not os.path.exists(path):
+    return
+  records, bad = _parse_lines(path)
+  kept = _merge_steps(r for r in records if int(r['step']) <= start_step)
+  if bad == 0 and len(kept) == len(records):
+    return
+  logging.warning(
+    '%s: resuming at step %d; dropped %d lines of later or repeated steps and %d unreadable lines.',
+    path,
+    start_step,
+    len(records) - len(kept),
+    bad,
+  )
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps(r) + '\n' for r in kept)
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+  """Writes scalars and images of process 0; a no-op elsewhere (or when ``enabled=False``).
+
+  ``start_step``: the step a resumed run starts from; ``metrics.jsonl`` lines of later steps are
+  dropped first (``trim_metrics``), so that each step appears at most once.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    enabled: bool | None = None,
+    tensorboard: bool = True,
+    start_step: int | None = None,
+  ):
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self._jsonl = None
     self._tb = None
+    self._last = None  # (step, record, file offset of its line): the line a same-step write merges
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+    self._path = os.path.join(workdir, METRICS_FILE)
+    if start_step is not None:
+      trim_metrics(self._path, int(start_step))
+    self._jsonl = open(self._path, 'a', encoding='utf-8')
     if tensorboard:
       self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
 
@@ -42,8 +104,16 @@ class MetricWriter:
     values = {k: _to_float(v) for k, v in scalars.items()}
     record = {'step': int(step)}
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+    self._jsonl.flush()
+    if self._last is not None and self._last[0] == int(step):
+      _, previous, offset = self._last
+      record = {**previous, **record}
+      os.truncate(self._path, offset)  # the file is opened for appending: writes go to the end
+    else:
+      offset = os.fstat(self._jsonl.fileno()).st_size
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
+    self._last = (int(step), record, offset)
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
@@ -88,10 +158,8 @@ def dump_config(config, workdir: str):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Reads ``metrics.jsonl`` back (tests, reports)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """Reads ``metrics.jsonl`` back (tests, reports); a torn last line is ignored."""
+  return _parse_lines(os.path.join(workdir, METRICS_FILE))[0]
 
 
 def mean_metrics(history: list[Mapping[str, Any]]) -> dict:
