@@ -152,8 +152,16 @@ def test_stored_schema(tiny_capture):
     assert np.shape(ex[k]) == shape, k
     if shape:
       assert ex[k].dtype == dtype, k
-  assert len(src) == len(meta.splits["train"]["frame_index"]) == 12 * 6
+  # A training frame stores 3 of the 4 training cameras (rotating), a held-out frame all 6.
+  assert len(src) == len(meta.splits["train"]["frame_index"]) == 12 * 3
   assert len(tiny_capture.sources["test"]) == 4 * 6
+  cols = meta.splits["train"]
+  train_cams = set(meta.camera_indices(meta.train_cameras))
+  per_frame = [
+    set(cols["camera_index"][cols["frame_index"] == f]) for f in set(cols["frame_index"])
+  ]
+  assert all(len(c) == 3 and c <= train_cams for c in per_frame)
+  assert set().union(*per_frame) == train_cams
   # Record order follows meta.splits.
   for r in (0, 5, 17, len(src) - 1):
     assert int(src[r]["frame_index"]) == meta.splits["train"]["frame_index"][r]
@@ -442,9 +450,10 @@ def test_restored_iterator_continues_with_the_same_batches(tiny_capture):
 
 def test_camera_filter_and_eval_frames(tiny_capture):
   meta = tiny_capture.meta
-  it = tiny_capture.iterator("train", batch_size=6, seed=0, num_epochs=1, cameras=meta.test_cameras)
+  keep = meta.train_cameras[:2]  # training frames store only training cameras
+  it = tiny_capture.iterator("train", batch_size=6, seed=0, num_epochs=1, cameras=keep)
   cams = {c for b in it for c in b["camera_index"].tolist()}
-  assert cams == set(meta.camera_indices(meta.test_cameras))
+  assert cams == set(meta.camera_indices(keep))
   ev = tiny_capture.eval_set("test")
   n, c = 4, meta.num_cameras
   assert ev["verts"].shape == (n, meta.num_verts, 3) and ev["image"].shape == (n, c) + tuple(
