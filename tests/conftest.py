@@ -23,8 +23,8 @@ def tiny_capture(tmp_path_factory):
   dir), and helpers ``.batch(batch_size=4)`` (one normalised training batch), ``.iterator(split,
   batch_size=.., seed=..)`` and ``.eval_set('test')`` (held-out frames x all dome cameras). Sizes: V
   = 550, T = 32, 6 dome cameras 32 x 32 (2 held out), P = 51 keypoints in a 32 x 32 frontal camera,
-  HMC 3 x 32 x 32, 14 factors; 36 train (3 views per frame) / 24 test records. Set
-  LIPFLOW_TEST_DATA_DIR to keep the built data between sessions.
+  HMC 3 x 32 x 32, 14 factors; 72 train / 24 test records. Set LIPFLOW_TEST_DATA_DIR to keep the
+  built data between sessions.
   """
   root = os.environ.get("LIPFLOW_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tiny_capture"))
   return testing.build_tiny_capture(root)

@@ -1,5 +1,7 @@
 """Tests of lipflow_jax.data: synthetic head, capture, synthetic_capture builder, grain pipeline."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,16 +154,8 @@ def test_stored_schema(tiny_capture):
     assert np.shape(ex[k]) == shape, k
     if shape:
       assert ex[k].dtype == dtype, k
-  # A training frame stores 3 of the 4 training cameras (rotating), a held-out frame all 6.
-  assert len(src) == len(meta.splits["train"]["frame_index"]) == 12 * 3
+  assert len(src) == len(meta.splits["train"]["frame_index"]) == 12 * 6
   assert len(tiny_capture.sources["test"]) == 4 * 6
-  cols = meta.splits["train"]
-  train_cams = set(meta.camera_indices(meta.train_cameras))
-  per_frame = [
-    set(cols["camera_index"][cols["frame_index"] == f]) for f in set(cols["frame_index"])
-  ]
-  assert all(len(c) == 3 and c <= train_cams for c in per_frame)
-  assert set().union(*per_frame) == train_cams
   # Record order follows meta.splits.
   for r in (0, 5, 17, len(src) - 1):
     assert int(src[r]["frame_index"]) == meta.splits["train"]["frame_index"][r]
@@ -450,10 +444,9 @@ def test_restored_iterator_continues_with_the_same_batches(tiny_capture):
 
 def test_camera_filter_and_eval_frames(tiny_capture):
   meta = tiny_capture.meta
-  keep = meta.train_cameras[:2]  # training frames store only training cameras
-  it = tiny_capture.iterator("train", batch_size=6, seed=0, num_epochs=1, cameras=keep)
+  it = tiny_capture.iterator("train", batch_size=6, seed=0, num_epochs=1, cameras=meta.test_cameras)
   cams = {c for b in it for c in b["camera_index"].tolist()}
-  assert cams == set(meta.camera_indices(keep))
+  assert cams == set(meta.camera_indices(meta.test_cameras))
   ev = tiny_capture.eval_set("test")
   n, c = 4, meta.num_cameras
   assert ev["verts"].shape == (n, meta.num_verts, 3) and ev["image"].shape == (n, c) + tuple(
@@ -475,6 +468,18 @@ def test_contact_sheet(tiny_capture, tmp_path):
   )
   with Image.open(path) as im:
     assert im.size[0] > 500 and im.size[1] > 500
+
+
+def test_stored_cameras_rotate_over_the_training_cameras():
+  cfg = dataclasses.replace(capture.CONFIGS["tiny"], train_views_per_frame=3)
+  cap = capture.Capture(cfg)
+  train = [i for i in range(cap.num_frames) if cap.split_of(i) == "train"]
+  held_out = [i for i in range(cap.num_frames) if cap.split_of(i) != "train"]
+  per_frame = [set(cap.stored_cameras(i)) for i in train]
+  assert all(len(c) == 3 and c <= set(cap.train_cameras) for c in per_frame)
+  assert set().union(*per_frame) == set(cap.train_cameras)  # consecutive frames cover the dome
+  assert all(cap.stored_cameras(i) == list(range(cfg.num_cameras)) for i in held_out)
+  assert capture.Capture(capture.CONFIGS["tiny"]).stored_cameras(train[0]) == list(range(6))
 
 
 def test_test_camera_indices():

@@ -118,7 +118,6 @@ CONFIGS = {
     validation_segments=("V001_free_face",),
     frames_per_segment=4,
     test_frames_per_segment=4,
-    train_views_per_frame=3,
     keypoint_noise_px=0.5,
     max_azimuth_degrees=50.0,
   ),

@@ -8,8 +8,7 @@
 
 The tiny config: V = 550 vertices (22 x 25 grid), T = 32 textures, 6 dome cameras (2 held out) at 32
 x 32, frontal camera 32 x 32 (``image_frontal`` 16 x 16), HMC crops 32 x 32, 51 keypoints, 14
-factors; 12 training frames (3 segments, 3 of the 4 training cameras stored per frame) and 4 test
-frames (1 segment): 36 train / 24 test records.
+factors; 12 training frames (3 segments) and 4 test frames (1 segment): 72 train / 24 test records.
 """
 
 from __future__ import annotations
