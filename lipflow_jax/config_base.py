@@ -70,8 +70,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.flow_bijector = 'spline'
   config.model.flow_context = True
 
-  # Loss weights (``lipflow_jax.models.model_loss``): tex, geo, kl (= beta), screen.
-  config.loss = ml_collections.ConfigDict(dict(tex=1.0, geo=1.0, kl=0.01, screen=0.0))
+  # Loss weights (``lipflow_jax.models.model_loss``): tex, geo, kl (= beta), screen, hmc (paired
+  # headset training: the decoded avatar rendered into each training frame's headset cameras vs the
+  # crops; off by default, on where the data has paired crops, see configs/demo.py), and how many
+  # examples of each batch the headset loss renders (None = all).
+  config.loss = ml_collections.ConfigDict(dict(tex=1.0, geo=1.0, kl=0.01, screen=0.0, hmc=0.0))
+  config.hmc_loss_examples = 4
 
   # Training-time augmentation of the run-time signals (``train.tasks.augment_keypoints``): fresh
   # keypoint noise (pixels) and dropout per step, so that keypoint encoders do not memorise one

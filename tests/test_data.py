@@ -1,5 +1,7 @@
 """Tests of lipflow_jax.data: synthetic head, capture, synthetic_capture builder, grain pipeline."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -516,6 +518,18 @@ def test_contact_sheet(tiny_capture, tmp_path):
   )
   with Image.open(path) as im:
     assert im.size[0] > 500 and im.size[1] > 500
+
+
+def test_stored_cameras_rotate_over_the_training_cameras():
+  cfg = dataclasses.replace(capture.CONFIGS["tiny"], train_views_per_frame=3)
+  cap = capture.Capture(cfg)
+  train = [i for i in range(cap.num_frames) if cap.split_of(i) == "train"]
+  held_out = [i for i in range(cap.num_frames) if cap.split_of(i) != "train"]
+  per_frame = [set(cap.stored_cameras(i)) for i in train]
+  assert all(len(c) == 3 and c <= set(cap.train_cameras) for c in per_frame)
+  assert set().union(*per_frame) == set(cap.train_cameras)  # consecutive frames cover the dome
+  assert all(cap.stored_cameras(i) == list(range(cfg.num_cameras)) for i in held_out)
+  assert capture.Capture(capture.CONFIGS["tiny"]).stored_cameras(train[0]) == list(range(6))
 
 
 def test_test_camera_indices():

@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 
 from configs import demo
-from lipflow_jax import evaluate, experiment, fit
+from lipflow_jax import data, evaluate, experiment, fit
 from lipflow_jax.data import input_pipeline
 from lipflow_jax.evaluate import metrics
 from lipflow_jax.evaluate import report as report_lib
@@ -148,8 +148,9 @@ def test_report_schema_and_markdown(tmp_path):
   rep = report_lib.write_report(str(tmp_path), rows, {"a": np.float32(1.0), "b": (1, 2)})
   with open(os.path.join(tmp_path, "report.json")) as f:
     loaded = json.load(f)
-  assert loaded == rep and set(loaded) == {"rows", "config"}
+  assert loaded == rep and set(loaded) == {"rows", "comparisons", "verdicts", "config"}
   assert all(list(r) == list(report_lib.ROW_KEYS) for r in loaded["rows"])
+  assert loaded["rows"][0]["geometry_error_ci"] == [None, None]  # no interval given: null
   md = open(os.path.join(tmp_path, "report.md")).read()
   assert "| keypoints | lipflow_fit |" in md and "| hmc | dam_fit |" in md
   with pytest.raises(ValueError):
@@ -228,7 +229,8 @@ def test_tiny_end_to_end_report(tiny_demo):
   workdir, config, rep = tiny_demo
   with open(os.path.join(workdir, "report.json")) as f:
     loaded = json.load(f)
-  assert set(loaded) == {"rows", "config"} and isinstance(loaded["config"], dict)
+  assert set(loaded) == {"rows", "comparisons", "verdicts", "config"}
+  assert isinstance(loaded["config"], dict)
   rows = loaded["rows"]
   assert {(r["method"], r["input"]) for r in rows} == {
     (m, i) for m in report_lib.METHODS for i in report_lib.INPUTS
@@ -247,11 +249,46 @@ def test_tiny_end_to_end_report(tiny_demo):
       for k in ("geometry_error", "image_mse", "psnr", "ssim"):
         np.testing.assert_allclose(r[k], np.nanmean(f[k]), rtol=1e-5, err_msg=k)
       np.testing.assert_allclose(f["psnr"], -10 * np.log10(f["image_mse"]), rtol=1e-4)
+    for k in ("geometry_error", "image_mse"):
+      lo, hi = r[f"{k}_ci"]
+      assert lo <= r[k] <= hi, (r, k)
+  # The mean mesh reads no input: the same row for both inputs, the training-mean mesh's error.
+  mean = {r["input"]: r for r in rows if r["method"] == "mean_mesh"}
+  assert mean["keypoints"]["geometry_error"] == mean["hmc"]["geometry_error"]
+  meta = data.load_dataset(config.dataset.data_dir, "synthetic_capture", "tiny")[1]
+  source = data.load_dataset(config.dataset.data_dir, "synthetic_capture", "tiny")[0]["test"]
+  ev = evaluate.load_eval_set(source, meta, "test", frames=loaded["config"]["eval_frames"])
+  truth = data.denormalize_verts(ev["verts"], meta)
+  expected = np.mean(np.linalg.norm(truth - meta.vert_mean[None], axis=-1))
+  np.testing.assert_allclose(mean["hmc"]["geometry_error"], expected, rtol=1e-4)
+  # lipflow_fit against every other method (and the regressor against the mean mesh), per input
+  # and metric, over the same frames; one verdict per input.
+  comps = loaded["comparisons"]
+  others = [m for m in config.eval.methods if m != "lipflow_fit"]
+  assert {(c["input"], c["method"], c["baseline"], c["metric"]) for c in comps} == {
+    (i, "lipflow_fit", m, k)
+    for i in config.eval.inputs
+    for m in others
+    for k in ("geometry_error", "image_mse")
+  } | {
+    (i, "dam_regressor", "mean_mesh", k)
+    for i in config.eval.inputs
+    for k in ("geometry_error", "image_mse")
+  }
+  by_row = {(r["method"], r["input"]): r for r in rows}
+  for c in comps:
+    a, b = by_row[(c["method"], c["input"])], by_row[(c["baseline"], c["input"])]
+    np.testing.assert_allclose(
+      c["mean_diff"], a[c["metric"]] - b[c["metric"]], rtol=1e-4, atol=1e-9
+    )
+    assert c["ci"][0] <= c["mean_diff"] <= c["ci"][1] and 0 <= c["win_rate"] <= 1
+  assert [v["input"] for v in loaded["verdicts"]] == list(report_lib.INPUTS)
+  assert all(v["verdict"] in ("holds", "does not hold", "undecided") for v in loaded["verdicts"])
   md = open(os.path.join(workdir, "report.md")).read()
-  results = md.split("lambda_prior, chosen on the validation split")[
-    0
-  ]  # the results table, before the notes
-  assert results.count("\n| keypoints |") == 6 and results.count("\n| hmc |") == 6
+  results = md.split("95% CI: percentile bootstrap")[0]  # the results table
+  n = len(config.eval.methods)
+  assert results.count("\n| keypoints |") == n and results.count("\n| hmc |") == n
+  assert "## Paired comparisons" in md and "verdict" in md
   for name in (
     "targets.png",
     "fits_keypoints.png",

@@ -44,6 +44,9 @@ SEGMENTS = {
   "E018_Mixed": ("all",),
 }
 TEST_SEGMENTS = ("EXP_ROM_01", "EXP_free_face")
+# Capture v2: four held-out test segments (more frames for the paired comparisons, and from more
+# than two trajectories, since frames within a segment are correlated).
+TEST_SEGMENTS_V2 = ("EXP_ROM_01", "EXP_ROM_02", "EXP_ROM_03", "EXP_free_face")
 # Held out like the test segments (all factors at random) but used only to choose fitting settings.
 VALIDATION_SEGMENTS = ("V001_free_face",)
 TEST_SEGMENT_PREFIXES = ("EXP_ROM", "EXP_free_face")

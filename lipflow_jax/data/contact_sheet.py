@@ -98,8 +98,12 @@ def make_contact_sheet(
       continue
     frames = np.unique(meta.splits[split]["frame_index"])
     pick = frames[np.linspace(0, len(frames) - 1, frames_per_split + 2).round().astype(int)[1:-1]]
-    ev = input_pipeline.load_frames(sources[split], meta, split=split, frames=pick)
-    panels += [frame_panel(ev, n, meta, tile) for n in range(len(ev["frame_index"]))]
+    cols = meta.splits[split]
+    for f in pick:  # the views stored for this frame (a training frame may keep only some)
+      cams = np.unique(cols["camera_index"][cols["frame_index"] == f])
+      names = [meta.camera_names[int(c)] for c in cams]
+      ev = input_pipeline.load_frames(sources[split], meta, split=split, frames=[f], cameras=names)
+      panels.append(frame_panel(ev, 0, meta, tile))
   if not panels:
     return None
   w = max(p.size[0] for p in panels)

@@ -1,5 +1,5 @@
-"""Evaluation: metrics (geometry error, masked MSE, PSNR, SSIM), method runners, figures and the
-report."""
+"""Evaluation: metrics (geometry error, masked MSE, PSNR, SSIM), method runners, figures, the
+report and its uncertainty (bootstrap intervals, paired comparisons, verdicts)."""
 
 from lipflow_jax.evaluate.evaluation import (
   MethodOutput,
@@ -30,9 +30,11 @@ from lipflow_jax.evaluate.report import (
   METHODS,
   ROW_KEYS,
   claim_summary,
+  comparisons_table,
   make_row,
   markdown_table,
   read_report,
+  verdicts,
   write_report,
 )
 from lipflow_jax.evaluate.samples import (
@@ -40,4 +42,11 @@ from lipflow_jax.evaluate.samples import (
   prior_samples,
   random_samples_figure,
   render_codes,
+)
+from lipflow_jax.evaluate.stats import (
+  bootstrap_ci,
+  compare,
+  comparison_pairs,
+  paired_comparison,
+  verdict,
 )

@@ -1,4 +1,10 @@
-"""``report.json`` and ``report.md``: one row per (method, input)."""
+"""``report.json`` and ``report.md``: one row per (method, input) with 95% bootstrap intervals over
+frames, the paired comparisons of ``lipflow_fit`` against every other method, and a verdict on the
+paper's claim per input (``lipflow_jax.evaluate.stats``).
+
+``report.json`` = {"rows": [...], "comparisons": [...], "verdicts": [...], "config": {...}};
+non-finite numbers (NaN is not valid JSON) are written as null.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import math
 import os
 from typing import Any, Dict, Mapping, Sequence
 
+from lipflow_jax.evaluate import stats
 from lipflow_jax.fit import methods as methods_lib
 
 ROW_KEYS = (
@@ -18,7 +25,10 @@ ROW_KEYS = (
   "ssim",
   "fit_ms_per_frame",
   "frames",
+  "geometry_error_ci",
+  "image_mse_ci",
 )
+NAN_CI = (math.nan, math.nan)
 METHODS = tuple(methods_lib.METHODS)  # the table's order
 INPUTS = methods_lib.INPUTS
 
@@ -32,8 +42,10 @@ def make_row(
   ssim: float,  # pylint: disable=redefined-builtin
   fit_ms_per_frame: float,
   frames: int,
+  geometry_error_ci: Sequence[float] = NAN_CI,
+  image_mse_ci: Sequence[float] = NAN_CI,
 ) -> Dict[str, Any]:
-  """One report row with exactly the ``ROW_KEYS`` (plain Python numbers)."""
+  """One report row with exactly the ``ROW_KEYS`` (plain Python numbers; intervals [lo, hi])."""
   return {
     "method": str(method),
     "input": str(input),
@@ -43,6 +55,8 @@ def make_row(
     "ssim": float(ssim),
     "fit_ms_per_frame": float(fit_ms_per_frame),
     "frames": int(frames),
+    "geometry_error_ci": [float(x) for x in geometry_error_ci],
+    "image_mse_ci": [float(x) for x in image_mse_ci],
   }
 
 
@@ -66,43 +80,70 @@ def _fmt(x, digits):
   )
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  """A Markdown table of the rows, grouped by input."""
-  lines = [
-    "| input | method | geometry error | image MSE | PSNR (dB) | SSIM | fit ms/frame | frames |",
-    "|---|---|---:|---:|---:|---:|---:|---:|",
-  ]
+def _ci(ci, digits):
+  ci = ci if ci is not None else NAN_CI
+  return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _order(rows):
   order = {m: i for i, m in enumerate(METHODS)}
-  for r in sorted(rows, key=lambda r: (r["input"], order.get(r["method"], 99))):
+  return sorted(rows, key=lambda r: (r["input"], order.get(r["method"], 99), r["method"]))
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """A Markdown table of the rows (means and 95% bootstrap intervals), grouped by input."""
+  lines = [
+    "| input | method | geometry error | 95% CI | image MSE | 95% CI | PSNR (dB) | SSIM | "
+    "fit ms/frame | frames |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in _order(rows):
     lines.append(
       f"| {r['input']} | {r['method']} | {_fmt(r['geometry_error'], 4)} | "
-      f"{_fmt(r['image_mse'], 5)} | "
-      f"{_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} | {_fmt(r['fit_ms_per_frame'], 2)} | "
-      f"{r['frames']} |"
+      f"{_ci(r.get('geometry_error_ci'), 4)} | {_fmt(r['image_mse'], 5)} | "
+      f"{_ci(r.get('image_mse_ci'), 5)} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} | "
+      f"{_fmt(r['fit_ms_per_frame'], 2)} | {r['frames']} |"
     )
   return "\n".join(lines) + "\n"
 
 
-def claim_summary(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Whether lipflow_fit beats dam_fit and dam_regressor on geometry error and image MSE, per
-  input."""
-  by = {(r["method"], r["input"]): r for r in rows}
+def comparisons_table(comparisons: Sequence[Mapping[str, Any]]) -> str:
+  """A Markdown table of paired comparisons (mean difference method - baseline, its 95% paired
+  bootstrap interval, the fraction of frames the method wins, and the outcome)."""
+  lines = [
+    "| input | method | baseline | metric | mean diff | 95% CI | win rate | outcome |",
+    "|---|---|---|---|---:|---:|---:|---|",
+  ]
+  for c in comparisons:
+    digits = 4 if c["metric"] == "geometry_error" else 6
+    lines.append(
+      f"| {c['input']} | {c['method']} | {c['baseline']} | {c['metric']} | "
+      f"{_fmt(c['mean_diff'], digits)} | {_ci(c['ci'], digits)} | {_fmt(c['win_rate'], 2)} | "
+      f"{stats.outcome(c)} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def verdicts(comparisons: Sequence[Mapping[str, Any]], inputs: Sequence[str] = INPUTS):
+  """``stats.verdict`` of the claim for every input."""
+  return [stats.verdict(comparisons, inp) for inp in inputs]
+
+
+def claim_summary(
+  rows: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]] = ()
+) -> str:
+  """Per input: the verdict on "lipflow_fit beats dam_fit and dam_regressor on geometry error and
+  image MSE" from the paired intervals, with the outcome of each of the four comparisons."""
+  present = {r["input"] for r in rows}
   out = []
-  for inp in INPUTS:
-    lf = by.get(("lipflow_fit", inp))
-    if lf is None:
-      continue
-    for other in ("dam_fit", "dam_regressor"):
-      o = by.get((other, inp))
-      if o is None:
-        continue
-      geo = lf["geometry_error"] < o["geometry_error"]
-      img = lf["image_mse"] < o["image_mse"]
-      out.append(
-        f"- {inp}: lipflow_fit vs {other}: geometry error {lf['geometry_error']:.4f} vs "
-        f"{o['geometry_error']:.4f} ({'lower' if geo else 'NOT lower'}), image MSE "
-        f"{lf['image_mse']:.5f} vs {o['image_mse']:.5f} ({'lower' if img else 'NOT lower'})"
-      )
+  for v in verdicts(comparisons, [i for i in INPUTS if i in present]):
+    detail = ", ".join(f"{k}: {o}" for k, o in v["outcomes"].items())
+    out.append(f"- {v['input']}: verdict {v['verdict'].upper()} ({detail})")
+  for inp in [i for i in INPUTS if i in present]:  # does the run-time signal carry information?
+    ref = stats.verdict(comparisons, inp, "dam_regressor", ("mean_mesh",))
+    if set(ref["outcomes"].values()) != {"missing"}:
+      detail = ", ".join(f"{k}: {o}" for k, o in ref["outcomes"].items())
+      out.append(f"- {inp}: dam_regressor beats the mean mesh: {ref['verdict']} ({detail})")
   return "\n".join(out) + ("\n" if out else "")
 
 
@@ -112,13 +153,15 @@ def write_report(
   config: Mapping[str, Any],
   figures: Sequence[str] = (),
   notes: str = "",
+  comparisons: Sequence[Mapping[str, Any]] = (),
 ) -> Dict[str, Any]:
-  """Writes ``report.json`` (exactly {"rows": [...], "config": {...}}) and ``report.md`` into
-  ``workdir``.
+  """Writes ``report.json`` (exactly {"rows", "comparisons", "verdicts", "config"}) and
+  ``report.md`` into ``workdir``; non-finite numbers become null in the JSON.
 
   Args:
     rows: dicts with exactly ``ROW_KEYS``.
     config: the resolved configuration (made JSON-safe).
+    comparisons: ``stats.compare`` entries (the verdicts are derived from them).
     figures: paths (relative to the workdir) of figures to link from report.md.
     notes: extra Markdown appended to report.md.
   Returns:
@@ -127,13 +170,20 @@ def write_report(
   for r in rows:
     if set(r) != set(ROW_KEYS):
       raise ValueError(f"report row keys {sorted(r)} != {sorted(ROW_KEYS)}")
-  report = {"rows": [make_row(**r) for r in rows], "config": _jsonable(dict(config))}
+  rows = [make_row(**r) for r in rows]
+  comparisons = [dict(c) for c in comparisons]
+  present = [i for i in INPUTS if any(r["input"] == i for r in rows)]
+  report = {
+    "rows": rows,
+    "comparisons": comparisons,
+    "verdicts": verdicts(comparisons, present),
+    "config": dict(config),
+  }
+  report = _jsonable(report)
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, "report.json.tmp")
   with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, allow_nan=False, default=str) if _all_finite(
-      report
-    ) else json.dump(report, f, indent=2, default=str)
+    json.dump(report, f, indent=2, allow_nan=False)
   os.replace(tmp, os.path.join(workdir, "report.json"))
   md = [
     "# LiP-Flow evaluation",
@@ -142,10 +192,24 @@ def write_report(
     "(dataset units); "
     "image MSE, PSNR and SSIM over the foreground of all held-out dome views ([0, 1] images).",
     "",
-    markdown_table(report["rows"]),
-    "## Claim: lipflow_fit vs dam_fit and dam_regressor",
+    markdown_table(rows),
+    "95% CI: percentile bootstrap over frames (views of a frame averaged first; "
+    f"{stats.NUM_BOOTSTRAP} resamples). Frames of one segment are correlated, so the intervals are "
+    "somewhat narrower than intervals over independent captures would be. n/a (null in "
+    "report.json): a non-finite value.",
     "",
-    claim_summary(report["rows"]),
+    "## Claim: lipflow_fit beats dam_fit and dam_regressor (geometry error and image MSE)",
+    "",
+    "holds: every paired 95% interval of lipflow_fit - baseline lies below 0; does not hold: "
+    "any lies above 0; undecided: an interval contains 0 (or a comparison is missing).",
+    "",
+    claim_summary(rows, comparisons),
+    "## Paired comparisons",
+    "",
+    "mean diff = method - baseline over the same frames (negative: the method is better); "
+    "win rate = fraction of frames where the method is lower.",
+    "",
+    comparisons_table(comparisons),
   ]
   if notes:
     md += [notes, ""]
@@ -154,10 +218,6 @@ def write_report(
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(md))
   return report
-
-
-def _all_finite(report) -> bool:
-  return all(math.isfinite(r[k]) for r in report["rows"] for k in ROW_KEYS[2:7])
 
 
 def read_report(workdir: str) -> Dict[str, Any]:

@@ -93,8 +93,9 @@ def train_models(config, workdir: str) -> Dict[str, str]:
 
 
 def load_bundles(workdirs: Dict[str, str], meta) -> Dict[str, fit.ModelBundle]:
-  """``BUNDLE_MODELS`` -> ModelBundle, for the models that were trained."""
-  bundles = {}
+  """``BUNDLE_MODELS`` -> ModelBundle, for the models that were trained, and 'mean' (the
+  training-mean mesh and texture, ``fit.mean_bundle``)."""
+  bundles = {"mean": fit.mean_bundle(schema.MeshMeta.from_dataset_meta(meta))}
   for name in BUNDLE_MODELS:
     if name not in workdirs:
       continue
@@ -226,6 +227,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     )
     for (m, i) in results
   ]
+  # Paired comparisons over the same frames: lipflow_fit against every other method (and the
+  # regressor against the mean mesh), per input and metric.
+  comparisons = evaluate.compare(results, evaluate.comparison_pairs(tuple(config.eval.methods)))
 
   # ------------------------------------------------------------------------------------------------
   # figures
@@ -259,8 +263,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   )
   if sweep:
     notes += "\n\n" + tuning.sweep_table(sweep, lambdas)
-  report = evaluate.write_report(workdir, rows, report_config, figures=figs, notes=notes)
+  report = evaluate.write_report(
+    workdir, rows, report_config, figures=figs, notes=notes, comparisons=comparisons
+  )
   log(f"report written to {workdir}/report.md in {timings['total_s']:.1f} s total")
-  print(evaluate.markdown_table(report["rows"]), flush=True)
-  print(evaluate.claim_summary(report["rows"]), flush=True)
+  print(evaluate.markdown_table(rows), flush=True)
+  print(evaluate.comparisons_table(comparisons), flush=True)
+  print(evaluate.claim_summary(rows, comparisons), flush=True)
   return report

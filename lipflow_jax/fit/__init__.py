@@ -10,6 +10,7 @@ Three lines from a trained workdir to fitted codes::
 """
 
 from lipflow_jax.fit.bundle import (
+  MeanDecoder,
   ModelBundle,
   decode,
   decode_verts,
@@ -17,6 +18,7 @@ from lipflow_jax.fit.bundle import (
   encode_condition,
   flow_forward,
   flow_inverse,
+  mean_bundle,
   prior_mode,
   regress,
   render_views,

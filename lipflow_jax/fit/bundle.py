@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -193,3 +194,26 @@ def decoder_only(bundle: ModelBundle) -> ModelBundle:
     prior="gaussian",
     latent_dim=bundle.latent_dim,
   )
+
+
+class MeanDecoder(nn.Module):
+  """A decoder without parameters that returns the training means (zeros, normalised) for any
+  code: the ``mean_mesh`` reference of the report."""
+
+  num_vertices: int
+  tex_size: int
+
+  def decode(self, z, view, camera_index=None):
+    """z [B, Z], view [B, 3] -> (tex [B, T, T, 3], verts [B, V, 3]), all zeros (= the means)."""
+    del view, camera_index
+    b = z.shape[0]
+    zeros = jnp.zeros((b, self.tex_size, self.tex_size, 3), z.dtype)
+    return zeros, jnp.zeros((b, self.num_vertices, 3), z.dtype)
+
+
+def mean_bundle(meta: schema.MeshMeta, hmc_settings=None) -> ModelBundle:
+  """A bundle whose decoder returns the training-mean mesh and texture (latent size 1)."""
+  model = MeanDecoder(
+    num_vertices=int(meta.vert_mean.shape[0]), tex_size=int(meta.tex_mean.shape[0])
+  )
+  return ModelBundle(model=model, variables={}, meta=meta, hmc_settings=hmc_settings, latent_dim=1)

@@ -5,53 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from lipflow_jax import render, train
+from lipflow_jax import models, train
 from lipflow_jax.data import input_pipeline, schema
 from lipflow_jax.fit import bundle as bundle_lib
 
-# Rasterisation for fitting into the headset cameras. Hard (K = 1, sigma = 0) by default: the crops
-# are filled by the face, so the photometric gradient through the texture and the barycentrics
-# (which move with the vertices) is what matters, and it is the cheapest. sigma > 0 adds
-# soft-silhouette gradients but blurs: on the default capture, sigma = 0.5 renders the crops at MSE
-# 0.01 from the hard (ground-truth) rendering, more than the fit's whole residual (~0.003), and
-# needs ~1024 candidates per 4 x 4 tile (the blur radius of 3.8 px in these close-ups covers many
-# faces; 64 overflowed and dropped faces, 256 still did in the mouth crop). Small tiles with few
-# candidates: the rasterizer's cost grows with tile pixels x candidates per tile; on the default
-# synthetic mesh (4888 faces, 32 x 32 crops) hard 4 x 4 tiles with 64 candidates render 10x faster
-# than 8 x 8 tiles with 256 and never overflowed.
-HMC_FIT_SIGMA = 0.0
-HMC_FIT_FACES_PER_PIXEL = 1
-
-
-def hmc_fit_settings(
-  hmc_size,
-  sigma: float = HMC_FIT_SIGMA,
-  faces_per_pixel: int = HMC_FIT_FACES_PER_PIXEL,
-  max_faces_per_tile: Optional[int] = None,
-  tile_size: int = 4,
-  gamma: float = 1e-3,
-):
-  """``RasterSettings`` for HMC fitting, back faces culled (the face mesh is open); sigma = 0 is
-  hard.
-  ``max_faces_per_tile`` defaults to 64 (hard) or 1024 (soft)."""
-  if max_faces_per_tile is None:
-    max_faces_per_tile = 64 if sigma == 0.0 else 1024
-  if sigma == 0.0:
-    return render.RasterSettings.hard(
-      tuple(int(s) for s in hmc_size),
-      tile_size=tile_size,
-      max_faces_per_tile=max_faces_per_tile,
-      cull_backfaces=True,
-    )
-  return render.RasterSettings(
-    image_size=tuple(int(s) for s in hmc_size),
-    faces_per_pixel=faces_per_pixel,
-    sigma=sigma,
-    gamma=gamma,
-    tile_size=tile_size,
-    max_faces_per_tile=max_faces_per_tile,
-    cull_backfaces=True,
-  )
+# Rasterisation for fitting into the headset cameras: one home, shared with the paired headset
+# training loss (``models.hmc_raster_settings``, where the choice of settings is explained).
+hmc_fit_settings = models.hmc_raster_settings
 
 
 def dataset_meta_from_config(config: Mapping[str, Any]):

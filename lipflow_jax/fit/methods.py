@@ -8,10 +8,13 @@ inference-time signal.
   lipflow_prior_mode        lipflow               prior_mode
   lipflow_fit               lipflow               fit         lipflow               prior_mode
   conditional_gaussian_fit  conditional_gaussian  fit         conditional_gaussian  prior_mode
+  mean_mesh                 mean                  mean
 
 "model" is the trained model decoding the codes (a key of the main job's bundles; ``<input>`` is
 'keypoints' or 'hmc'); "codes" is how the codes are made: fitted with ``fit_latents``, the
 DAM-Regressor's output, the direct encoder's output, or the prior's mode without optimisation.
+``mean_mesh`` reads no input: the training-mean mesh and texture (``bundle.mean_bundle``, whose
+decoder returns the normalisation means for any code), the score of "no information".
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ METHODS = {
       prior="conditional_gaussian",
       init="prior_mode",
     ),
+    Method("mean_mesh", model="mean", codes="mean"),
   )
 }
 

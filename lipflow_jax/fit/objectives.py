@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from lipflow_jax import geometry
 from lipflow_jax.fit import bundle as bundle_lib
+from lipflow_jax.models.avatar import to_grey
 from lipflow_jax.numerics import safe_sqrt
 
 
@@ -116,12 +117,6 @@ def keypoint_objective(z, obs, bundle, robust: str = "l2", scale: float = 1.0):
 
 # --------------------------------------------------------------------------------------------------
 # HMC
-def to_grey(rgb):
-  """[..., 3] -> [..., 1] luminance (ITU-R BT.601 weights), as the HMC crops are made."""
-  w = jnp.array([0.299, 0.587, 0.114], rgb.dtype)
-  return jnp.sum(rgb * w, axis=-1, keepdims=True)
-
-
 def render_hmc(bundle, z, hmc_K, hmc_Rt):
   """Renders the decoded avatar into the HMC cameras with ``bundle.hmc_settings``.
 

@@ -6,10 +6,16 @@ Public names:
   baseline via encoder_input), Regressor, TexVertEncoder, ConditionEncoder, ConditionNet,
   DirectEncoder, KeypointNet, HMCNet, ImageNet, Decoder, LatentFlow, and the losses (masked_mse,
   mse, gaussian_kl, gaussian_log_prob, latent_term, model_loss, regressor_loss, screen_loss,
-  DEFAULT_LOSS_WEIGHTS), and the decoded avatar's rendering (render_avatar, render_batch).
+  hmc_loss, DEFAULT_LOSS_WEIGHTS), and the decoded avatar's rendering (render_avatar, render_batch,
+  hmc_raster_settings, to_grey).
 """
 
-from lipflow_jax.models.avatar import render_avatar, render_batch
+from lipflow_jax.models.avatar import (
+  hmc_raster_settings,
+  render_avatar,
+  render_batch,
+  to_grey,
+)
 from lipflow_jax.models.decoder import Decoder, decode_vertex_subset
 from lipflow_jax.models.encoders import (
   CONDITION_KEYS,
@@ -29,6 +35,7 @@ from lipflow_jax.models.losses import (
   SCREEN_RASTER_DEFAULTS,
   gaussian_kl,
   gaussian_log_prob,
+  hmc_loss,
   latent_nll,
   latent_term,
   mask_like,

@@ -3,7 +3,7 @@ training.
 
 Objective per frame (DESIGN section 2):
 
-  L = w_tex * masked_mse(tex) + w_geo * mse(verts) [+ w_screen * screen loss]
+  L = w_tex * masked_mse(tex) + w_geo * mse(verts) [+ w_screen * screen loss] [+ w_hmc * hmc loss]
       + w_kl * mean_c (log q(z|x) - log p(z|c)) / Z,     z ~ q(z|x),
 
 the latent term averaged over conditions and over the Z latent dimensions (as DAM averages its KL);
@@ -18,14 +18,14 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from lipflow_jax import render
+from lipflow_jax import geometry, render
 from lipflow_jax.data import schema
 from lipflow_jax.models import avatar, layers
 
 gaussian_kl = layers.gaussian_kl
 gaussian_log_prob = layers.gaussian_log_prob
 
-DEFAULT_LOSS_WEIGHTS = {"tex": 1.0, "geo": 1.0, "kl": 0.01, "screen": 0.0}
+DEFAULT_LOSS_WEIGHTS = {"tex": 1.0, "geo": 1.0, "kl": 0.01, "screen": 0.0, "hmc": 0.0}
 
 
 def mask_like(mask, image):
@@ -107,6 +107,40 @@ def screen_loss(outputs, batch, *, mesh: schema.MeshMeta, settings):
   return masked_mse(rendered.rgb, batch["image"].astype(dtype), batch["image_mask"].astype(dtype))
 
 
+def hmc_loss(decode, outputs, batch, *, mesh: schema.MeshMeta, settings, num_examples=None):
+  """Paired headset loss: the decoded avatar rendered into each frame's headset cameras vs its
+  crops.
+
+  The training frames of a paired capture carry the crops of a headset worn in the dome; this
+  makes the avatar explain the near-field views it is later fitted through (masked MSE on grey
+  values, as ``fit.hmc_objective`` at test time).
+
+  Args:
+    decode: ``(z [N, Z], view [N, 3]) -> (tex [N, T, T, 3], verts [N, V, 3])`` normalised (the
+      model's decoder with the trained parameters; no per-camera colour response).
+    outputs: the model's outputs; reads ``z`` [B, Z] (the posterior sample).
+    batch: reads ``hmc`` [B, C, h, w, 1] in [0, 1], ``hmc_mask`` [B, C, h, w, 1], ``hmc_K``
+      [B, C, 3, 3], ``hmc_Rt`` [B, C, 3, 4] (head coordinates -> headset camera).
+    mesh: the dataset's ``MeshMeta``.
+    settings: ``RasterSettings`` at the crop size (``hmc_raster_settings``).
+    num_examples: only the first n examples of the batch (bounds the cost; None = all).
+  Returns:
+    ``masked_mse`` over the n x C crops, a scalar.
+  """
+  n = outputs["z"].shape[0] if num_examples is None else int(num_examples)
+  K, Rt = batch["hmc_K"][:n], batch["hmc_Rt"][:n]
+  c = K.shape[1]
+  K, Rt = K.reshape((n * c, 3, 3)), Rt.reshape((n * c, 3, 4))
+  views = jax.vmap(lambda k, rt: geometry.view_direction(geometry.Camera(K=k, Rt=rt)))(K, Rt)
+  z = jnp.repeat(outputs["z"][:n], c, axis=0)
+  tex, verts = decode(z, views)
+  rendered = avatar.render_batch(mesh, verts, schema.denormalize_tex(tex, mesh), K, Rt, settings)
+  grey = avatar.to_grey(rendered.rgb)
+  target = batch["hmc"][:n].reshape(grey.shape).astype(grey.dtype)
+  mask = batch["hmc_mask"][:n].reshape(grey.shape).astype(grey.dtype)
+  return masked_mse(grey, target, mask)
+
+
 def mse(pred, target):
   """Mean squared error over all elements."""
   return jnp.mean(jnp.square(pred - target))
@@ -143,6 +177,7 @@ def model_loss(
   *,
   weights: Optional[Mapping[str, Any]] = None,
   screen_loss_fn: Optional[Callable[[dict, dict], Any]] = None,
+  hmc_loss_fn: Optional[Callable[[Callable, dict, dict], Any]] = None,
   train: bool = True,
 ):
   """The training loss of a ``LipFlowModel``.
@@ -152,20 +187,24 @@ def model_loss(
     params: its 'params' collection (``variables['params']``).
     batch: dict of [B, ...] arrays (the batch contract).
     rng: PRNG key for the posterior sample.
-    weights: loss weights, keys from ``DEFAULT_LOSS_WEIGHTS`` (tex, geo, kl, screen); missing keys
-      take the defaults (1, 1, 0.01, 0).
+    weights: loss weights, keys from ``DEFAULT_LOSS_WEIGHTS`` (tex, geo, kl, screen, hmc); missing
+      keys take the defaults (1, 1, 0.01, 0, 0).
     screen_loss_fn: ``(outputs, batch) -> scalar``, e.g. a masked MSE of the decoded avatar rendered
       into the batch's camera; required when the 'screen' weight is non-zero (the hook for the
       rasterizer).
+    hmc_loss_fn: ``(decode, outputs, batch) -> scalar`` (``hmc_loss`` with its settings bound);
+      required when the 'hmc' weight is non-zero.
     train: sample z ~ q(z|x) (True) or use z = mu.
   Returns:
     (loss scalar, metrics dict of scalars: tex_mse, geo_mse, kl (latent term per dimension, averaged
-    over priors), latent_nll, kl_<prior name> for each prior, screen (if used), total).
+    over priors), latent_nll, kl_<prior name> for each prior, screen and hmc (if used), total).
   """
   w = _resolve_weights(weights)
   screen_w = w["screen"]
   if screen_loss_fn is None and not (isinstance(screen_w, (int, float)) and screen_w == 0):
     raise ValueError("A non-zero 'screen' weight needs screen_loss_fn(outputs, batch) -> scalar.")
+  if hmc_loss_fn is None and not (isinstance(w["hmc"], (int, float)) and w["hmc"] == 0):
+    raise ValueError("A non-zero 'hmc' weight needs hmc_loss_fn(decode, outputs, batch) -> scalar.")
   out = model.apply({"params": params}, batch, train=train, rngs={"sample": rng})
   tex = masked_mse(out["tex"], batch["tex"], batch["tex_mask"])
   geo = mse(out["verts"], batch["verts"])
@@ -178,6 +217,14 @@ def model_loss(
     screen = screen_loss_fn(out, batch)
     total = total + screen_w * screen
     metrics["screen"] = screen
+  if hmc_loss_fn is not None:
+
+    def decode(z, view):
+      return model.apply({"params": params}, z, view, method="decode")
+
+    hmc = hmc_loss_fn(decode, out, batch)
+    total = total + w["hmc"] * hmc
+    metrics["hmc"] = hmc
   metrics["total"] = total
   return total, metrics
 

@@ -86,6 +86,7 @@ def build_task(config, sizes: dict, meta=None) -> tuple[tasks_lib.Task, dict]:
       loss_weights=_to_plain(config.loss),
       meta=meta,
       render_images=config.get('render_images', True),
+      hmc_examples=config.get('hmc_loss_examples'),
     )
     description = {'task': 'avatar', 'model': _module_fields(model)}
   elif kind == 'regressor':

@@ -148,6 +148,7 @@ def avatar_task(
   render_images: bool = True,
   render_max_size: int = 256,
   screen_settings: Optional[Mapping[str, Any]] = None,
+  hmc_examples: Optional[int] = None,
 ) -> Task:
   """Task of a ``LipFlowModel`` trained with ``models.model_loss``.
 
@@ -155,6 +156,10 @@ def avatar_task(
   soft-rendered into each example's camera at the photo's size, masked MSE against the photo); this
   needs the dataset's mesh topology in ``meta``. ``screen_settings`` overrides
   ``models.SCREEN_RASTER_DEFAULTS`` (``RasterSettings`` fields).
+
+  With an 'hmc' loss weight > 0 (paired headset training) the loss adds ``weight * hmc_loss``: the
+  decoded avatar rendered into the first ``hmc_examples`` examples' headset cameras (None = all) at
+  the crop size with ``models.hmc_raster_settings``, masked MSE against the batch's ``hmc`` crops.
 
   Image summaries (first example of the batch, z = posterior mean): the decoded texture beside the
   target (unobserved texels black), and with ``render_images`` (needs the dataset's mesh topology in
@@ -179,6 +184,19 @@ def avatar_task(
       return models.screen_loss(outputs, batch, mesh=mesh, settings=settings)
   elif screen_w is not None and float(screen_w) < 0:
     raise ValueError(f"The 'screen' loss weight must be >= 0, got {screen_w}")
+  hmc_loss_fn = None
+  hmc_w = weights.get('hmc', 0.0)
+  if hmc_w is not None and float(hmc_w) > 0:
+    if mesh is None:
+      raise ValueError("An 'hmc' loss weight > 0 needs the dataset's mesh topology in meta.")
+
+    def hmc_loss_fn(decode, outputs, batch):
+      settings = models.hmc_raster_settings(batch['hmc'].shape[-3:-1])
+      return models.hmc_loss(
+        decode, outputs, batch, mesh=mesh, settings=settings, num_examples=hmc_examples
+      )
+  elif hmc_w is not None and float(hmc_w) < 0:
+    raise ValueError(f"The 'hmc' loss weight must be >= 0, got {hmc_w}")
 
   def init_params(rng, batch):
     k1, k2 = jax.random.split(rng)
@@ -187,7 +205,13 @@ def avatar_task(
   def loss_fn(params, frozen, batch, rng):
     del frozen
     return models.model_loss(
-      model, params, batch, rng, weights=weights, screen_loss_fn=screen_loss_fn
+      model,
+      params,
+      batch,
+      rng,
+      weights=weights,
+      screen_loss_fn=screen_loss_fn,
+      hmc_loss_fn=hmc_loss_fn,
     )
 
   def images_fn(params, frozen, batch):
