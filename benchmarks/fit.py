@@ -10,9 +10,9 @@ The streaming case ("mode": "stream") follows a smooth sequence of frames at bat
 p95 and the geometry error to the true codes, next to the full per-frame fit of the same frames.
 
 The model is a randomly initialised ``LipFlowModel`` at the CPU default size
-(lipflow_jax/config_base.py) on the synthetic head's mesh and rig; codes are fitted to
-observations made from known codes.
-Compilation is done ahead of time and excluded from the timings (reported separately).
+(lipflow_jax/config_base.py) on the synthetic head's mesh and rig; codes are fitted to observations
+made from known codes. Compilation is done ahead of time and excluded from the timings (reported
+separately).
 """
 
 from __future__ import annotations

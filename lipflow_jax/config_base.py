@@ -193,8 +193,7 @@ def apply_variant(
   config: ml_collections.ConfigDict, arg=None, options=()
 ) -> ml_collections.ConfigDict:
   """Applies the config-string variant: 'default' (or none) or 'tiny' (a seconds-long run on the
-  tiny
-  capture); ``options`` names further tokens the calling config handles itself."""
+  tiny capture); ``options`` names further tokens the calling config handles itself."""
   tokens = parse_arg(arg, options)
   if 'tiny' in tokens:
     # The tiny synthetic capture (32x32 textures, 420 vertices, 6 cameras), also for the Multiface

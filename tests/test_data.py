@@ -440,9 +440,8 @@ def test_shards_of_an_uneven_record_count_read_no_record_twice(
 @pytest.mark.parametrize("shards", [2, 3])
 def test_shards_concatenate_to_the_one_shard_batches(tiny_capture, shards):
   """Step k: the shards' batches of B, concatenated in shard order, are the one-shard batch of n * B
-  (same seed),
-  across epoch boundaries (the order is reshuffled every epoch, the same way for every shard
-  count)."""
+  (same seed), across epoch boundaries (the order is reshuffled every epoch, the same way for every
+  shard count)."""
   meta = tiny_capture.meta
   batch_size, steps = 3, 12  # > 2 epochs of 48 training records
   one = tiny_capture.iterator(

@@ -433,9 +433,8 @@ TRAIN_ARGS = (
 @pytest.fixture(scope='module')
 def train_runs(tiny_capture, tmp_path_factory):
   """The same three training steps of the real entry point (``configs/dam_synthetic.py:tiny``) as 1
-  process x 4
-  devices and as 2 processes x 2 devices, then both checkpoints restored by one process with one
-  device."""
+  process x 4 devices and as 2 processes x 2 devices, then both checkpoints restored by one process
+  with one device."""
   root = tmp_path_factory.mktemp('train')
   one, two = str(root / 'p1x4'), str(root / 'p2x2')
   args = TRAIN_ARGS + (f'--config.dataset.data_dir={tiny_capture.data_dir}',)
@@ -480,8 +479,7 @@ def test_two_processes_train_like_one(train_runs):
 @pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(train_runs):
   """(b) The checkpoint of the 2-process run restores in a 1-process, 1-device run
-  (``load_trained``), and holds
-  the same final parameters as the 1-process run's."""
+  (``load_trained``), and holds the same final parameters as the 1-process run's."""
   _, _, restored = train_runs
   names = sorted(k[len('one/') :] for k in restored if k.startswith('one/'))
   assert names and names == sorted(k[len('two/') :] for k in restored if k.startswith('two/'))
@@ -494,8 +492,7 @@ def test_two_process_checkpoint_restores_in_one_process(train_runs):
 
 def test_each_example_read_by_exactly_one_process(tiny_capture, tmp_path):
   """(c) The train loop's input pipeline in a 2-process job: per epoch, every training example
-  (frame,
-  camera) is read by exactly one of the processes."""
+  (frame, camera) is read by exactly one of the processes."""
   _check(_run('read', 2, 1, tiny_capture.data_dir, tmp_path))
   seen = [_read_jsonl(os.path.join(tmp_path, f'ids.p{i}.jsonl')) for i in range(2)]
   everything = {tuple(e) for e in seen[0][0]['all']}

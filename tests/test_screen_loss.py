@@ -1,7 +1,6 @@
 """Tests of the screen loss (``lipflow_jax.models.screen_loss``): the decoded avatar soft-rendered
-into the
-example's camera, masked MSE against the photo, wired into ``avatar_task`` by a 'screen' loss
-weight > 0."""
+into the example's camera, masked MSE against the photo, wired into ``avatar_task`` by a 'screen'
+loss weight > 0."""
 
 import jax
 import jax.numpy as jnp

@@ -195,8 +195,7 @@ def make_script(
   validation_segments: Sequence[str] = (),
 ) -> Script:
   """The whole capture: train segments (themes from ``SEGMENTS``), then test segments, then
-  validation
-  segments (both held out: all factors, ``test_frames_per_segment`` frames each)."""
+  validation segments (both held out: all factors, ``test_frames_per_segment`` frames each)."""
   rng = np.random.RandomState(seed)
   held_out = tuple(test_segments) + tuple(validation_segments)
   segs = tuple(train_segments) + held_out

@@ -155,19 +155,18 @@ def make_iterator(
       order.
     num_epochs: None = repeat forever.
     shard_index / shard_count: this process's shard (default ``jax.process_index()`` /
-    ``jax.process_count()``).
-      Each epoch's global order is cut into global batches of G rows; shard p yields rows [p*B,
-      (p+1)*B) of each, so concatenating the shards' step-k batches in shard order gives the step-k
-      batch of a one-shard iterator with ``batch_size=G``. Exactly once per epoch: every record of
-      the epoch's order that falls in a kept global batch is yielded (and read) by exactly one
-      shard, once; no record is yielded twice.
+    ``jax.process_count()``). Each epoch's global order is cut into global batches of G rows; shard
+    p yields rows [p*B, (p+1)*B) of each, so concatenating the shards' step-k batches in shard order
+    gives the step-k batch of a one-shard iterator with ``batch_size=G``. Exactly once per epoch:
+    every record of the epoch's order that falls in a kept global batch is yielded (and read) by
+    exactly one shard, once; no record is yielded twice.
     drop_remainder: True: the last N mod G records of each epoch's order (N records, at most G - 1;
       different records every epoch when shuffling) are dropped, by every shard, so every step has a
       full global batch.
       False: the last, incomplete global batch (N mod G rows) is kept and split the same way, so
-        every record
-      is used each epoch; then shard p's last batch of the epoch holds its rows of it (fewer than B,
-      or no batch at all when N mod G <= p*B), and shards may yield different numbers of batches.
+        every record is used each epoch; then shard p's last batch of the epoch holds its rows of it
+        (fewer than B, or no batch at all when N mod G <= p*B), and shards may yield different
+        numbers of batches.
     worker_count: grain worker processes (0: read with threads in this process).
     split: 'train' / 'test' (default: the source's own split); needed with ``cameras`` /
       ``segments``.

@@ -363,8 +363,7 @@ def normalize_tex(tex, mask, meta: DatasetMeta):
 
 def denormalize_tex(tex, meta):
   """[..., T, T, 3] normalised -> colours in [0, 1] (clipped; numpy or jax arrays; ``meta``:
-  ``DatasetMeta`` or
-  ``MeshMeta``)."""
+  ``DatasetMeta`` or ``MeshMeta``)."""
   x = (tex * meta.tex_std + meta.tex_mean) / 255.0
   return np.clip(x, 0.0, 1.0) if isinstance(x, np.ndarray) else jnp.clip(x, 0.0, 1.0)
 

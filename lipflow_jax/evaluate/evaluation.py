@@ -79,8 +79,7 @@ def render_frames(bundle, z, K, Rt, settings, camera_index=None):
 @jax.jit
 def geometry_errors(bundle, z, verts_gt):
   """[N] mean per-vertex distance (dataset units) of the meshes decoded from z [N, Z] to
-  ``verts_gt`` [N, V, 3]
-  (normalised, as stored)."""
+  ``verts_gt`` [N, V, 3] (normalised, as stored)."""
   verts = jax.vmap(lambda a: fit.decode_verts(bundle, a))(z)
   return metrics.geometry_error(verts, data.denormalize_verts(verts_gt, bundle.meta))
 
@@ -175,8 +174,7 @@ def summarize(
 @dataclasses.dataclass
 class MethodOutput:
   """Codes of one method on N frames: z [N, Z], the bundle that decodes them, and the wall time
-  (seconds) of
-  producing them (compilation excluded)."""
+  (seconds) of producing them (compilation excluded)."""
 
   z: np.ndarray
   bundle: Any

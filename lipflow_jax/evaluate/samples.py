@@ -1,6 +1,5 @@
 """Samples from the latent priors, decoded and rendered: DAM's N(0, I) vs the flow prior, and the
-conditional
-LiP-Flow prior given one frame's inference-time signal."""
+conditional LiP-Flow prior given one frame's inference-time signal."""
 
 from __future__ import annotations
 

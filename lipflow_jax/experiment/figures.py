@@ -1,6 +1,5 @@
 """The main job's figures: fitting targets, fitted renders beside ground truth, prior samples (PNG),
-and one
-held-out sequence fitted frame by frame (GIF). Drawing primitives live in
+and one held-out sequence fitted frame by frame (GIF). Drawing primitives live in
 ``lipflow_jax.evaluate.figures``."""
 
 from __future__ import annotations
@@ -147,8 +146,7 @@ def make_sequence_gif(
   config, bundles, source, meta, settings, workdir: str, view_camera: int, lambdas=None
 ) -> Optional[str]:
   """Fits one held-out sequence frame by frame (warm start) from keypoints with dam_fit and
-  lipflow_fit and
-  writes target | ground truth | dam_fit | lipflow_fit as an animated GIF."""
+  lipflow_fit and writes target | ground truth | dam_fit | lipflow_fit as an animated GIF."""
   cols = meta.splits[config.eval.split]
   seg = int(np.min(cols["segment_index"]))
   frames = np.unique(cols["frame_index"][cols["segment_index"] == seg])[: config.eval.gif_frames]

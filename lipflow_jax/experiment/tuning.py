@@ -1,6 +1,5 @@
 """The prior weight lambda_prior of every fitted method and input, chosen on the validation split
-(never the
-test split), and the fitting options a method runs with."""
+(never the test split), and the fitting options a method runs with."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ TUNING_FILE = "tuning.json"
 def fit_options(config, method: str, input: str, lambdas=None) -> Dict[str, Any]:
   """``fit.fit_config`` overrides of a fitted method for an input: ``config.fit[input]``, the prior
   weight (``lambdas`` {method: {input: lambda_prior}} from ``tune_lambda_prior``, else
-  ``config.fit.lambda_prior``)
-  and, for LiP-Flow, the optimised space."""
+  ``config.fit.lambda_prior``) and, for LiP-Flow, the optimised space."""
   opts = dict(plain(config.fit[input]))
   opts["lambda_prior"] = float((lambdas or plain(config.fit.lambda_prior))[method][input])
   if method == "lipflow_fit":

@@ -1,6 +1,6 @@
 """Bookkeeping of the main job's workdir: the progress log, JSON files written atomically, and the
-fingerprints
-that let a re-run reuse finished trainings, fits and sweeps whose inputs are unchanged."""
+fingerprints that let a re-run reuse finished trainings, fits and sweeps whose inputs are
+unchanged."""
 
 from __future__ import annotations
 

@@ -56,8 +56,7 @@ def _one(x):
 
 def decode(bundle: ModelBundle, z, view, camera_index=None):
   """Decodes one code. z: [Z], view: [3], camera_index: [] int (dome camera colour response) or None
-  ->
-  (texture [T, T, 3] normalised, verts [V, 3] normalised)."""
+  -> (texture [T, T, 3] normalised, verts [V, 3] normalised)."""
   if camera_index is None:
     tex, verts = bundle.model.apply(bundle.variables, z[None], view[None], method="decode")
   else:

@@ -91,8 +91,8 @@ class FitConfig:
 
 class FitResult(NamedTuple):
   """z: [B, Z] fitted codes; y: [B, Z] the optimised variable (= z for space 'z'); losses: dict of
-  [B, steps]
-  traces ('total', 'obs', 'prior') of the loss at each step's start; init: [B, Z] initial codes."""
+  [B, steps] traces ('total', 'obs', 'prior') of the loss at each step's start; init: [B, Z] initial
+  codes."""
 
   z: jax.Array
   y: jax.Array
@@ -137,8 +137,7 @@ def loss_terms(v, obs, bundle, cfg: FitConfig):
 
 def make_loss(cfg: FitConfig, lambda_prior=None):
   """The per-frame loss ``(v [Z], obs, bundle) -> (total, (obs_term, prior_term))``;
-  ``lambda_prior`` (a float
-  or a traced scalar) replaces ``cfg.lambda_prior`` when given."""
+  ``lambda_prior`` (a float or a traced scalar) replaces ``cfg.lambda_prior`` when given."""
   lam = cfg.lambda_prior if lambda_prior is None else lambda_prior
 
   def loss(v, obs, bundle):
@@ -158,8 +157,7 @@ def _optimizer(cfg: FitConfig, num_steps: int):
 def adam_step(grad_fn, opt, v, state, obs, bundle):
   """One optimiser step on one frame's variable v [Z]: -> (v, state, {'total', 'obs', 'prior'} at
   the step's start). ``grad_fn`` is ``value_and_grad(make_loss(...), has_aux=True)``; non-finite
-  gradient entries are
-  zeroed, so they never enter the code."""
+  gradient entries are zeroed, so they never enter the code."""
   (total, (o, p)), g = grad_fn(v, obs, bundle)
   g = jnp.where(jnp.isfinite(g), g, 0.0)
   updates, state = opt.update(g, state, v)

@@ -39,8 +39,7 @@ def render_avatar(mesh: schema.MeshMeta, verts, texture, camera: geometry.Camera
 
 def render_batch(mesh: schema.MeshMeta, verts, texture, camera_K, camera_Rt, settings):
   """``render_avatar`` over a batch: verts [B, V, 3], texture [B, T, T, 3], K [B, 3, 3], Rt [B, 3,
-  4] ->
-  ``render.Rendered`` with a leading batch axis (rgb [B, H, W, 3])."""
+  4] -> ``render.Rendered`` with a leading batch axis (rgb [B, H, W, 3])."""
 
   def one(v, tex, K, Rt):
     return render_avatar(mesh, v, tex, geometry.Camera(K=K, Rt=Rt), settings)

@@ -50,9 +50,9 @@ class Decoder(nn.Module):
 
   z -> z code = LeakyReLU(dense ``z_features``); view -> LeakyReLU(dense ``view_features``);
   texture: [z code, view code] -> dense -> [start_size, start_size, start_channels] -> one 2x
-    upsampling
-  conv per entry of ``channels`` (LeakyReLU 0.2) -> a last 2x upsampling conv to 3 channels (no
-  activation) -> optional per-texel untied bias -> optional per-camera colour gain and bias;
+    upsampling conv per entry of ``channels`` (LeakyReLU 0.2) -> a last 2x upsampling conv to 3
+    channels (no activation) -> optional per-texel untied bias -> optional per-camera colour gain
+    and bias;
   vertices: dense from the z code only -> [V, 3].
 
   Upsampling: 'resize' = nearest 2x resize + 3x3 conv (about 4x faster than transposed convs on

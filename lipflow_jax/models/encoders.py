@@ -226,8 +226,7 @@ class ConditionNet(nn.Module):
 
 class _ConditionHead(nn.Module):
   """Base of the modules that read one signal with a ``ConditionNet`` (named 'net') and map its
-  features to
-  the latent space with a dense head: the ``ConditionNet`` attributes plus ``z_dim``."""
+  features to the latent space with a dense head: the ``ConditionNet`` attributes plus ``z_dim``."""
 
   condition: str
   z_dim: int

@@ -14,11 +14,9 @@ Monte-Carlo KL.
 Conditions (attribute ``conditions``, used by the two conditional priors): one inference-time
 encoder E_c (and, for ``lipflow``, one flow) per condition name in {'keypoints', 'hmc',
 'image_frontal'}. All are trained jointly on the same posterior samples and the latent term is the
-mean over conditions,
-  beta * mean_c (log q(z|x) - log p(z|c)),
-so one model carries e.g. both a keypoint prior and an HMC prior sharing one decoder. The
-unconditional priors have a single prior, keyed ``UNCONDITIONAL`` in the output dicts, and ignore
-``conditions``.
+mean over conditions, beta * mean_c (log q(z|x) - log p(z|c)), so one model carries e.g. both a
+keypoint prior and an HMC prior sharing one decoder. The unconditional priors have a single prior,
+keyed ``UNCONDITIONAL`` in the output dicts, and ignore ``conditions``.
 
 Direct-encoder baseline: ``encoder_input='keypoints'|'hmc'|'image_frontal'`` replaces E_x by an
 encoder of that signal (``DirectEncoder``, DAM output scaling); use it with ``prior='gaussian'``.

@@ -34,8 +34,7 @@ DATA_ITER = 'data_iter'
 # item
 class DataIteratorHandler(ocp.CheckpointHandler):
   """Saves ``iterator.get_state()`` of each process as JSON (dict states, or bytes states such as
-  grain's
-  ``DataLoaderIterator``), one file per process; restores with ``iterator.set_state``."""
+  grain's ``DataLoaderIterator``), one file per process; restores with ``iterator.set_state``."""
 
   def _filename(self, directory: epath.Path) -> epath.Path:
     return directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'

@@ -164,8 +164,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def mean_metrics(history: list[Mapping[str, Any]]) -> dict:
   """Averages per-step host metrics over steps, ignoring non-finite values of skipped steps;
-  ``skipped`` is
-  summed (the number of skipped steps in the window)."""
+  ``skipped`` is summed (the number of skipped steps in the window)."""
   if not history:
     return {}
   out = {}

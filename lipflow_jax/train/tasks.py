@@ -113,8 +113,7 @@ def data_sizes(example: Mapping[str, np.ndarray], meta=None) -> dict:
 
 def _to_rgb(tex, mesh: Optional[schema.MeshMeta]):
   """Normalised texture [..., T, T, 3] -> [0, 1] colours for image summaries (a fixed map without
-  the
-  dataset's statistics)."""
+  the dataset's statistics)."""
   if mesh is None:
     return jnp.clip(0.5 + 0.25 * tex, 0.0, 1.0)
   return schema.denormalize_tex(tex, mesh)
@@ -236,8 +235,7 @@ def avatar_task(
 
 def _make_renderer(mesh: schema.MeshMeta, max_size: int):
   """(verts [V, 3] normalised, texture [T, T, 3] in [0, 1], K, Rt, photo [H, W, 3]) -> [h, 2w, 3]
-  render | photo,
-  at most ``max_size`` pixels high."""
+  render | photo, at most ``max_size`` pixels high."""
 
   def renderer(verts, texture, K, Rt, photo):
     h, w = photo.shape[:2]
@@ -264,9 +262,8 @@ def regressor_task(
   meta=None,
 ) -> Task:
   """One ``Regressor`` per condition (params {condition: ...}), each trained by MSE to the frozen
-  posterior mean
-  of ``teacher`` (a DAM ``LipFlowModel``) on the batch's rich data; the loss is the mean over
-  conditions."""
+  posterior mean of ``teacher`` (a DAM ``LipFlowModel``) on the batch's rich data; the loss is the
+  mean over conditions."""
   mesh = mesh_meta(meta)
   rc = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(regressor_config).items()}
   if rc.get('keypoint_image_size') is None:

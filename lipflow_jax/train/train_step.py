@@ -105,8 +105,7 @@ def jit_train_step(
   learning_rate_fn: optax.Schedule | None = None,
 ) -> Callable[..., tuple]:
   """``train_step`` jitted over ``mesh``: ``(state, batch, frozen) -> (state, metrics)`` with a
-  replicated,
-  donated state, the batch split over ``'data'`` and replicated ``frozen`` arrays."""
+  replicated, donated state, the batch split over ``'data'`` and replicated ``frozen`` arrays."""
   step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, learning_rate_fn=learning_rate_fn)
   rep = replicated_sharding(mesh)
   return jax.jit(
