@@ -1,7 +1,7 @@
 r"""The main job: data -> train every model -> tune -> fit -> evaluate -> report
 (``lipflow_jax.experiment``).
 
-  python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR       # ~15 min on a 2-core CPU
+  python -m lipflow_jax.main --config=configs/demo.py --workdir=DIR       # ~1 h on a 2-core CPU
   python -m lipflow_jax.main --config=configs/demo.py:tiny --workdir=DIR  # smoke run, ~1 min
 
 The workdir's layout is described in ``lipflow_jax.experiment.pipeline``; running again on the same
