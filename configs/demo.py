@@ -183,4 +183,18 @@ def get_config(arg=None):
   config.eval.figure_views = 3 if tiny else 5
   config.eval.num_samples = 4 if tiny else 8
   config.eval.gif_frames = 4 if tiny else 16
+
+  # ------------------------------------------------------------------------------------------
+  # live driving (``lipflow_jax.experiment.driving``): the first test segment streamed frame by
+  # frame, a few warm-started Adam steps a frame, against the full per-frame fit; the steps were
+  # chosen on the validation split (``python -m lipflow_jax.drive --split=validation --steps=N``).
+  config.drive = ml_collections.ConfigDict()
+  config.drive.method = 'lipflow_fit'
+  # (The tiny smoke run streams the keypoints only: the headset stream compiles the renderer's
+  # gradient once more, for a path that tests/test_streaming.py covers.)
+  config.drive.inputs = ('keypoints',) if tiny else ('keypoints', 'hmc')
+  config.drive.steps = ml_collections.ConfigDict(
+    dict(keypoints=3, hmc=2) if tiny else dict(keypoints=20, hmc=4)
+  )
+  config.drive.max_frames = 3 if tiny else None
   return config

@@ -25,6 +25,7 @@ from absl import app, flags
 
 from lipflow_jax import config_base, models
 from lipflow_jax.data import capture
+from lipflow_jax.fit import methods as fit_methods
 from lipflow_jax.models import decoder, encoders, flow
 
 
@@ -187,6 +188,12 @@ PIPELINE_RANGES: Mapping[str, Range] = {
   'eval.figure_views': _int(0),
   'eval.num_samples': _int(0),
   'eval.gif_frames': _int(0),
+  'eval.methods': Range(choices=tuple(fit_methods.METHODS), each=True),
+  'eval.inputs': Range(choices=fit_methods.INPUTS, each=True),
+  'drive.method': Range(choices=fit_methods.FITTED),
+  'drive.inputs': Range(choices=fit_methods.INPUTS, each=True),
+  'drive.steps.*': _int(1),
+  'drive.max_frames': _int(1, optional=True),
 }
 
 

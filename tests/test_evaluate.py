@@ -372,7 +372,7 @@ def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
   n, c = eval_set["camera_index"].shape
   assert n == 4 and c >= 3
   z = np.random.RandomState(0).normal(0, 0.5, (n, bundle.latent_dim)).astype(np.float32)
-  settings = pipeline.eval_settings(tiny_capture.meta.image_size)
+  settings = evaluate.eval_settings(tiny_capture.meta.image_size)
   empty = dict(eval_set, image_mask=eval_set["image_mask"].copy())
   empty["image_mask"][3, 1] = 0  # frame 3 (the one padded chunk's only frame), view 1
   chunked = evaluate.evaluate_codes(bundle, z, empty, settings, chunk=3)

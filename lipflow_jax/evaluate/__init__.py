@@ -3,6 +3,7 @@ report and its uncertainty (bootstrap intervals, paired comparisons, verdicts)."
 
 from lipflow_jax.evaluate.evaluation import (
   MethodOutput,
+  eval_settings,
   evaluate_codes,
   geometry_errors,
   load_eval_set,

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax import data, fit
+from lipflow_jax import data, fit, render
 from lipflow_jax.evaluate import metrics, stats
 from lipflow_jax.evaluate import report as report_lib
 
@@ -90,6 +90,14 @@ def _frame_metrics(bundle, z, verts_gt, K, Rt, camera_index, image, mask, settin
   rgb, _ = render_frames(bundle, z, K, Rt, settings, camera_index)
   m = metrics.image_metrics(rgb, image, mask)  # each [N, C]
   return {"geometry_error": geo, "image_mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"]}, rgb
+
+
+def eval_settings(image_size) -> render.RasterSettings:
+  """Hard rasterisation of the dome views (H, W), as the synthetic capture renders its ground
+  truth."""
+  return render.RasterSettings.hard(
+    tuple(image_size), tile_size=4, max_faces_per_tile=128, cull_backfaces=True
+  )
 
 
 def evaluate_codes(

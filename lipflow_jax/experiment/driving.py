@@ -21,7 +21,7 @@ import numpy as np
 from lipflow_jax import config_validation, evaluate, fit
 from lipflow_jax.data import input_pipeline, schema
 from lipflow_jax.evaluate import figures as draw
-from lipflow_jax.experiment import figures, pipeline, tuning
+from lipflow_jax.experiment import figures, tuning
 from lipflow_jax.experiment import workdir as workdir_lib
 from lipflow_jax.experiment.workdir import log
 
@@ -45,6 +45,13 @@ def load_run(workdir: str):
   return config, builder, meta, lambdas
 
 
+def default_steps(config, input: str) -> int:  # noqa: A002
+  """Adam steps per streamed frame: the main job's ``config.drive.steps[input]``, else 5 (a
+  workdir made before the main job streamed)."""
+  drive_config = config.get("drive")
+  return int(drive_config.steps[input]) if drive_config else 5
+
+
 def _percentiles(ms):
   ms = np.asarray(ms, np.float64)
   return {
@@ -61,8 +68,10 @@ def drive(
   segment: Optional[str] = None,
   steps: int = 5,
   max_frames: Optional[int] = None,
-  run=None,
-  bundles=None,
+  split: Optional[str] = None,
+  *,
+  run,
+  bundles,
 ) -> Dict[str, Any]:
   """Streams one held-out segment of a finished main job; returns (and writes) the summary.
 
@@ -70,28 +79,32 @@ def drive(
     workdir: the main job's workdir.
     input: 'keypoints' or 'hmc'.
     method: a fitted method of ``fit.METHODS``.
-    segment: a test segment name (default: the first one).
+    segment: a segment of ``split`` (default: its first one).
     steps: Adam steps per frame.
     max_frames: at most this many frames of the segment (default: all).
-    run, bundles: ``load_run(workdir)`` and the trained bundles, when the caller has them.
+    split: the held-out split ('test' or 'validation'; default: the evaluation's split). Choose the
+      number of steps on the validation split, not on the frames the report is made of.
+    run: ``load_run(workdir)``.
+    bundles: name -> ``fit.ModelBundle`` of the trained models (at least the method's model).
   """
   spec = fit.METHODS.get(method)
   if spec is None or not spec.fitted:
     raise ValueError(f"drive: method must be one of {fit.FITTED}, got {method!r}")
   if input not in fit.INPUTS:
     raise ValueError(f"drive: input must be one of {fit.INPUTS}, got {input!r}")
-  config, builder, meta, lambdas = run or load_run(workdir)
-  split = config.eval.split
-  segment = segment or meta.test_segments[0]
-  if segment not in meta.test_segments:
-    raise ValueError(f"drive: {segment!r} is not a held-out segment; one of {meta.test_segments}")
-  if bundles is None:
-    workdirs = {n: os.path.join(workdir, "models", n) for n in config.train_order}
-    bundles = pipeline.load_bundles({spec.model: workdirs[spec.model]}, meta)
+  config, builder, meta, lambdas = run
+  split = split or config.eval.split
+  cols = meta.splits.get(split)
+  if cols is None or split == "train":
+    held_out = [s for s in meta.splits if s != "train"]
+    raise ValueError(f"drive: split must be a held-out split, one of {held_out}; got {split!r}")
+  names = [meta.segments[i] for i in np.unique(cols["segment_index"])]
+  segment = segment or names[0]
+  if segment not in names:
+    raise ValueError(f"drive: {segment!r} is not a segment of the {split} split; one of {names}")
   bundle = bundles[spec.model]
 
   # ---------------------------------------------------------------------------------- the sequence
-  cols = meta.splits[split]
   seg = meta.segments.index(segment)
   frames = np.unique(cols["frame_index"][cols["segment_index"] == seg])[:max_frames]
   source = input_pipeline.open_split(builder, split)
@@ -128,7 +141,7 @@ def drive(
   full = evaluate.run_method(
     method, input, bundles, obs, tuning.fit_options(config, method, input, lambdas)
   )
-  settings = pipeline.eval_settings(meta.image_size)
+  settings = evaluate.eval_settings(meta.image_size)
   streamed = evaluate.evaluate_codes(bundle, codes, seq, settings, keep_images=range(n))
   batch = evaluate.evaluate_codes(bundle, full.z, seq, settings, keep_images=range(n))
 

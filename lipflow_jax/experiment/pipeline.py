@@ -24,11 +24,11 @@ from typing import Any, Dict
 import ml_collections
 import numpy as np
 
-from lipflow_jax import evaluate, fit, render, train
+from lipflow_jax import evaluate, fit, train
 from lipflow_jax.data import input_pipeline, schema
-from lipflow_jax.experiment import figures, tuning
+from lipflow_jax.experiment import driving, figures, tuning
 from lipflow_jax.experiment import workdir as workdir_lib
-from lipflow_jax.experiment.workdir import fingerprint, log
+from lipflow_jax.experiment.workdir import fingerprint, log, timed
 
 # The trained models whose decoders (and encoders) the methods read; 'dam' also carries the
 # regressors.
@@ -104,13 +104,6 @@ def load_bundles(workdirs: Dict[str, str], meta) -> Dict[str, fit.ModelBundle]:
   return bundles
 
 
-def eval_settings(image_size) -> render.RasterSettings:
-  """Hard rasterisation of the dome views, as the synthetic capture renders its ground truth."""
-  return render.RasterSettings.hard(
-    tuple(image_size), tile_size=4, max_faces_per_tile=128, cull_backfaces=True
-  )
-
-
 def run_methods(
   config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], lambdas=None
 ):
@@ -163,89 +156,101 @@ def run_methods(
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """The whole pipeline; returns the report dict."""
-  t_start = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   timings = {}
-
-  # ------------------------------------------------------------------------------------------------
-  # data
-  t0 = time.time()
-  ds = config.dataset
-  builder = input_pipeline.prepare(ds.name, ds.get("builder_config"), ds.get("data_dir"))
-  meta = schema.load_meta(builder)
-  log(
-    f"data {ds.name}/{ds.get('builder_config')} ready in {time.time() - t0:.1f} s "
-    f"(V={meta.num_verts}, T={meta.texture_size}, {meta.num_cameras} cameras)"
-  )
-  timings["data_s"] = time.time() - t0
-
-  # ------------------------------------------------------------------------------------------------
-  # train
-  t0 = time.time()
-  workdirs = train_models(config, workdir)
-  timings["train_s"] = time.time() - t0
-  model_keys = {name: workdir_lib.fingerprint_of_done(d) for name, d in workdirs.items()}
-
-  # ------------------------------------------------------------------------------------------------
-  # load
-  t0 = time.time()
-  bundles = load_bundles(workdirs, meta)
-  source = input_pipeline.open_split(builder, config.eval.split)
-  eval_set = evaluate.load_eval_set(
-    source,
-    meta,
-    config.eval.split,
-    max_frames=config.eval.max_frames,
-    view_stride=config.eval.view_stride,
-  )
-  settings = eval_settings(meta.image_size)
-  log(
-    f"evaluation set: {eval_set['verts'].shape[0]} held-out frames x "
-    f"{eval_set['camera_K'].shape[1]} dome views"
-  )
-  timings["load_s"] = time.time() - t0
-
-  # ------------------------------------------------------------------------------------------------
-  # tune
-  t0 = time.time()
-  lambdas, sweep = tuning.tune_lambda_prior(config, bundles, builder, meta, workdir, model_keys)
-  timings["tune_s"] = time.time() - t0
-
-  # ------------------------------------------------------------------------------------------------
-  # fit + evaluate
-  t0 = time.time()
-  results = run_methods(config, bundles, eval_set, workdir, settings, model_keys, lambdas)
-  timings["fit_eval_s"] = time.time() - t0
-  rows = [
-    evaluate.summarize(
-      m,
-      i,
-      {k: results[(m, i)][k] for k in ("geometry_error", "image_mse", "psnr", "ssim")},
-      float(results[(m, i)]["seconds"]),
+  with timed(timings, "total"):
+    # ----------------------------------------------------------------------------------------------
+    # data
+    with timed(timings, "data"):
+      ds = config.dataset
+      builder = input_pipeline.prepare(ds.name, ds.get("builder_config"), ds.get("data_dir"))
+      meta = schema.load_meta(builder)
+    log(
+      f"data {ds.name}/{ds.get('builder_config')} ready in {timings['data_s']:.1f} s "
+      f"(V={meta.num_verts}, T={meta.texture_size}, {meta.num_cameras} cameras)"
     )
-    for (m, i) in results
-  ]
-  # Paired comparisons over the same frames: lipflow_fit against every other method (and the
-  # regressor against the mean mesh), per input and metric.
-  comparisons = evaluate.compare(results, evaluate.comparison_pairs(tuple(config.eval.methods)))
 
-  # ------------------------------------------------------------------------------------------------
-  # figures
-  t0 = time.time()
-  figs = []
-  if config.eval.get("figures", True):
-    figs = figures.make_figures(config, bundles, eval_set, results, meta, settings, workdir)
-    view_camera = int(eval_set["camera_index"][0, figures.frontal_view(eval_set)])
-    figs.append(
-      figures.make_sequence_gif(
-        config, bundles, source, meta, settings, workdir, view_camera, lambdas
+    # ----------------------------------------------------------------------------------------------
+    # train
+    with timed(timings, "train"):
+      workdirs = train_models(config, workdir)
+    model_keys = {name: workdir_lib.fingerprint_of_done(d) for name, d in workdirs.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    # load
+    with timed(timings, "load"):
+      bundles = load_bundles(workdirs, meta)
+      source = input_pipeline.open_split(builder, config.eval.split)
+      eval_set = evaluate.load_eval_set(
+        source,
+        meta,
+        config.eval.split,
+        max_frames=config.eval.max_frames,
+        view_stride=config.eval.view_stride,
       )
+      settings = evaluate.eval_settings(meta.image_size)
+    log(
+      f"evaluation set: {eval_set['verts'].shape[0]} held-out frames x "
+      f"{eval_set['camera_K'].shape[1]} dome views"
     )
-    log(f"figures written to {workdir}/figures in {time.time() - t0:.1f} s")
-  timings["figures_s"] = time.time() - t0
-  timings["total_s"] = time.time() - t_start
+
+    # ----------------------------------------------------------------------------------------------
+    # tune
+    with timed(timings, "tune"):
+      lambdas, sweep = tuning.tune_lambda_prior(config, bundles, builder, meta, workdir, model_keys)
+
+    # ----------------------------------------------------------------------------------------------
+    # fit + evaluate
+    with timed(timings, "fit_eval"):
+      results = run_methods(config, bundles, eval_set, workdir, settings, model_keys, lambdas)
+    rows = [
+      evaluate.summarize(
+        m,
+        i,
+        {k: results[(m, i)][k] for k in ("geometry_error", "image_mse", "psnr", "ssim")},
+        float(results[(m, i)]["seconds"]),
+      )
+      for (m, i) in results
+    ]
+    # Paired comparisons over the same frames: lipflow_fit against every other method (and the
+    # regressor against the mean mesh), per input and metric.
+    comparisons = evaluate.compare(results, evaluate.comparison_pairs(tuple(config.eval.methods)))
+
+    # ----------------------------------------------------------------------------------------------
+    # figures
+    figs = []
+    with timed(timings, "figures"):
+      if config.eval.get("figures", True):
+        figs = figures.make_figures(config, bundles, eval_set, results, meta, settings, workdir)
+        view_camera = int(eval_set["camera_index"][0, figures.frontal_view(eval_set)])
+        figs.append(
+          figures.make_sequence_gif(
+            config, bundles, source, meta, settings, workdir, view_camera, lambdas
+          )
+        )
+    if figs:
+      log(f"figures written to {workdir}/figures in {timings['figures_s']:.1f} s")
+
+    # ----------------------------------------------------------------------------------------------
+    # live driving: one held-out segment streamed frame by frame, per input
+    drives = []
+    with timed(timings, "drive"):
+      drive_config = config.get("drive")
+      for inp in drive_config.inputs if drive_config else ():
+        drives.append(
+          driving.drive(
+            workdir,
+            inp,
+            drive_config.method,
+            steps=drive_config.steps[inp],
+            max_frames=drive_config.get("max_frames"),
+            run=(config, builder, meta, lambdas),
+            bundles=bundles,
+          )
+        )
+        log(driving.summary_line(drives[-1]))
 
   # ------------------------------------------------------------------------------------------------
   # report
@@ -255,12 +260,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   report_config["eval_cameras"] = eval_set["camera_index"][0].tolist()
   report_config["lambda_prior_used"] = lambdas
   report_config["lambda_prior_sweep"] = sweep
+  stages = [k[: -len("_s")] for k in timings if k.endswith("_s") and not k.endswith("_cpu_s")]
   notes = (
-    "Timings (s): "
-    + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+    "Timings, wall (CPU, all cores) in s: "
+    + ", ".join(f"{k} {timings[k + '_s']:.1f} ({timings[k + '_cpu_s']:.1f})" for k in stages)
     + ". fit_ms_per_frame: wall time of producing the codes (jitted, compilation excluded) / "
     "frames."
   )
+  if drives:
+    report_config["live_driving"] = drives
+    notes += "\n\n" + driving.markdown_section(drives)
   if sweep:
     notes += "\n\n" + tuning.sweep_table(sweep, lambdas)
   report = evaluate.write_report(

@@ -4,9 +4,11 @@ unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import resource
 import time
 
 import ml_collections
@@ -19,6 +21,25 @@ DONE_FILE = (
 def log(msg: str):
   """A timestamped progress line on stdout."""
   print(f"[lipflow main {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process and its finished children so far."""
+  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@contextlib.contextmanager
+def timed(timings: dict, stage: str):
+  """Records ``timings[stage + '_s']`` (wall seconds) and ``timings[stage + '_cpu_s']`` (CPU
+  seconds, all cores: on a shared machine the wall time grows with the load, the CPU time much
+  less) of the block."""
+  wall, cpu = time.time(), cpu_seconds()
+  try:
+    yield
+  finally:
+    timings[f"{stage}_s"] = time.time() - wall
+    timings[f"{stage}_cpu_s"] = cpu_seconds() - cpu
 
 
 def plain(x):
