@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from lipflow_jax import geometry
 from lipflow_jax.fit import bundle as bundle_lib
+from lipflow_jax.models import losses
 from lipflow_jax.models.avatar import to_grey
 from lipflow_jax.numerics import safe_sqrt
 
@@ -139,7 +140,8 @@ def hmc_objective(z, obs, bundle, mask_key: str = "hmc_mask"):
     obs: per-frame dict with ``hmc`` [C, h, w, 1] in [0, 1], ``hmc_K`` [C, 3, 3], ``hmc_Rt`` [C, 3,
       4] and optionally a mask under ``mask_key`` [C, h, w, 1] (default: all pixels).
   Returns:
-    scalar: sum(mask * (grey - hmc)^2) / sum(mask).
+    scalar: ``models.losses.masked_mse`` of the grey render against the crops over the valid
+      (finite, masked-in) pixels; 0 when there is none.
   """
   target = obs["hmc"]
   grey, _ = render_hmc(bundle, z, obs["hmc_K"], obs["hmc_Rt"])
@@ -147,10 +149,7 @@ def hmc_objective(z, obs, bundle, mask_key: str = "hmc_mask"):
   if mask is None:
     mask = jnp.ones_like(target)
   valid = jnp.isfinite(target) & (mask > 0)
-  target = jnp.where(valid, target, 0.0)
-  diff = jnp.where(valid, grey - target, 0.0)
-  w = valid.astype(jnp.float32) * jnp.where(valid, mask, 0.0)
-  return jnp.sum(w * diff * diff) / jnp.maximum(jnp.sum(w), 1.0)
+  return losses.masked_mse(grey, jnp.where(valid, target, 0.0), jnp.where(valid, mask, 0.0))
 
 
 OBJECTIVES = {"keypoints": keypoint_objective, "hmc": hmc_objective}
