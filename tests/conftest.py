@@ -9,9 +9,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from configs import dam_synthetic  # noqa: E402
 from lipflow_jax.data import testing  # noqa: E402
+from lipflow_jax.train import tasks  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,16 @@ def tiny_capture(tmp_path_factory):
   """
   root = os.environ.get("LIPFLOW_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tiny_capture"))
   return testing.build_tiny_capture(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_dam_params(tiny_capture):
+  """Initial parameters (numpy, ``PRNGKey(0)``) of the DAM of ``configs/dam_synthetic.py:tiny``
+  built for the tiny capture (``tasks.build_model(config.model, data_sizes(batch, meta))``), made
+  once per session: the model's init compiles for seconds, and the tests that need some parameters
+  of this model (loss gradients, train steps) share them."""
+  config = dam_synthetic.get_config("tiny")
+  example = tiny_capture.batch(batch_size=1)
+  model = tasks.build_model(config.model.to_dict(), tasks.data_sizes(example, tiny_capture.meta))
+  task = tasks.avatar_task(model, loss_weights=config.loss.to_dict())
+  return jax.device_get(jax.jit(task.init_params)(jax.random.PRNGKey(0), example))

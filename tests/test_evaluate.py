@@ -173,6 +173,15 @@ def tiny_demo_and_spies(tiny_capture, tmp_path_factory):
   for method in config.fit.lambda_prior:
     for inp in config.fit.lambda_prior[method]:
       config.fit.lambda_prior[method][inp] = UNTUNED
+  # Two overrides that only save compilations: (1) every model trains on one device, as the demo
+  # does on a CPU host (the suite forces 8 host devices, and an 8-way sharded step compiles ~20%
+  # longer; sharded training is tested in test_train.py and test_distributed.py); (2) the tuning
+  # fits as many validation frames (all 4 of the tiny capture) as the evaluation fits test frames,
+  # so that the tuning's fits and the test fits share one executable per (method, input) (the prior
+  # weight is a traced argument).
+  for name in config.models:
+    config.models[name].num_devices = 1
+  config.tune.max_frames = config.eval.max_frames
   workdir = os.environ.get("LIPFLOW_TEST_DEMO_DIR") or str(tmp_path_factory.mktemp("demo_tiny"))
   # A kept workdir reuses its trainings; the tuning and the fits are redone for the spies to see.
   shutil.rmtree(os.path.join(workdir, "fits"), ignore_errors=True)
@@ -364,8 +373,9 @@ def test_tiny_end_to_end_rerun_reuses_work(tiny_demo):
 @pytest.mark.slow
 def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
   """``evaluate_codes`` renders frames in chunks and pads the last one: the padding must not leak
-  into the results (frame by frame, nothing is padded). A view with an empty mask has nothing to
-  compare: its image metrics are NaN (not a perfect score) and the row's means skip it."""
+  into the results (compared with all frames in one chunk, nothing padded). A view with an empty
+  mask has nothing to compare: its image metrics are NaN (not a perfect score) and the row's means
+  skip it."""
   workdir, _, _ = tiny_demo
   bundle = fit.load_fitter(os.path.join(workdir, "models", "dam"), meta=tiny_capture.meta)
   eval_set = tiny_capture.eval_set("test")
@@ -375,10 +385,13 @@ def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
   settings = evaluate.eval_settings(tiny_capture.meta.image_size)
   empty = dict(eval_set, image_mask=eval_set["image_mask"].copy())
   empty["image_mask"][3, 1] = 0  # frame 3 (the one padded chunk's only frame), view 1
+  # chunk=3: frames 0-2, then frame 3 padded to 3 frames. The reference renders the 4 frames in one
+  # chunk of 4 (nothing padded; the pipeline's chunk size, whose executable the run compiled).
+  assert tiny_demo[1].eval.chunk == n
   chunked = evaluate.evaluate_codes(bundle, z, empty, settings, chunk=3)
-  one_by_one = evaluate.evaluate_codes(bundle, z, empty, settings, chunk=1)
+  unpadded = evaluate.evaluate_codes(bundle, z, empty, settings, chunk=n)
   for k in ("geometry_error", "image_mse", "psnr", "ssim"):
-    np.testing.assert_allclose(chunked[k], one_by_one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(chunked[k], unpadded[k], rtol=1e-5, atol=1e-6, err_msg=k)
   for k in ("image_mse", "psnr", "ssim"):
     assert np.isnan(chunked[k][3, 1]), k
     assert np.all(np.isfinite(np.delete(chunked[k].ravel(), 3 * c + 1))), k
@@ -388,7 +401,7 @@ def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
     others = np.delete(chunked[k].ravel(), 3 * c + 1)
     np.testing.assert_allclose(row[k], np.mean(others), rtol=1e-6, err_msg=k)
   # The other views' metrics are those of the unchanged evaluation set.
-  full = evaluate.evaluate_codes(bundle, z, eval_set, settings, chunk=1)
+  full = evaluate.evaluate_codes(bundle, z, eval_set, settings, chunk=n)
   keep = np.ones((n, c), bool)
   keep[3, 1] = False
   for k in ("image_mse", "psnr", "ssim"):

@@ -284,20 +284,15 @@ def test_too_many_consecutive_nonfinite_steps_stop_the_run(tiny_config, tmp_path
 # --------------------------------------------------------------------------------------------------
 # the step
 @pytest.fixture(scope='module')
-def step_setup(tiny_config, tiny_capture):
-  """A tiny DAM task, optimiser, initial parameters (numpy) and one global batch of 8 real
-  examples."""
+def step_setup(tiny_config, tiny_capture, tiny_dam_params):
+  """A tiny DAM task, optimiser, initial parameters (numpy; the session's, see conftest) and one
+  global batch of 8 real examples."""
   batch = tiny_capture.batch(batch_size=8)
   sizes = tasks_lib.data_sizes(batch, tiny_capture.meta)
   model = tasks_lib.build_model(tiny_config.model.to_dict(), sizes)
   task = tasks_lib.avatar_task(model, loss_weights=tiny_config.loss.to_dict())
   tx = ts.make_optimizer(ts.make_learning_rate_schedule(1e-3, 100, 2), clip_norm=10.0)
-  params = jax.device_get(
-    jax.jit(task.init_params)(
-      jax.random.PRNGKey(0), jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)
-    )
-  )
-  return task, tx, params, batch
+  return task, tx, tiny_dam_params, batch
 
 
 def _fresh_state(step_setup, mesh):
