@@ -173,15 +173,14 @@ def tiny_demo_and_spies(tiny_capture, tmp_path_factory):
   for method in config.fit.lambda_prior:
     for inp in config.fit.lambda_prior[method]:
       config.fit.lambda_prior[method][inp] = UNTUNED
-  # Two overrides that only save compilations: (1) every model trains on one device, as the demo
-  # does on a CPU host (the suite forces 8 host devices, and an 8-way sharded step compiles ~20%
-  # longer; sharded training is tested in test_train.py and test_distributed.py); (2) the tuning
-  # fits as many validation frames (all 4 of the tiny capture) as the evaluation fits test frames,
-  # so that the tuning's fits and the test fits share one executable per (method, input) (the prior
-  # weight is a traced argument).
+  # An override that only saves compilations: every model trains on one device, as the demo does
+  # on a CPU host (the suite forces 8 host devices, and an 8-way sharded step compiles ~20% longer;
+  # sharded training is tested in test_train.py and test_distributed.py). (The tiny demo's tuning
+  # fits as many validation frames as the evaluation fits test frames, so that the two share one
+  # executable per (method, input): the prior weight is a traced argument.)
+  assert config.tune.max_frames == config.eval.max_frames
   for name in config.models:
     config.models[name].num_devices = 1
-  config.tune.max_frames = config.eval.max_frames
   workdir = os.environ.get("LIPFLOW_TEST_DEMO_DIR") or str(tmp_path_factory.mktemp("demo_tiny"))
   # A kept workdir reuses its trainings; the tuning and the fits are redone for the spies to see.
   shutil.rmtree(os.path.join(workdir, "fits"), ignore_errors=True)
@@ -309,6 +308,46 @@ def test_tiny_end_to_end_report(tiny_demo):
     assert os.path.getsize(os.path.join(workdir, "figures", name)) > 0, name
   gif = Image.open(os.path.join(workdir, "figures", "sequence.gif"))
   assert gif.n_frames == config.eval.gif_frames
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_live_driving(tiny_demo):
+  """The main job streams the first test segment for each of ``config.drive.inputs``: a summary in
+  report.json and a section in report.md, and per frame a JSONL row whose code decodes (an
+  independent decode of the trained model) to the geometry error it states against the capture's
+  ground truth; the GIF has a frame per streamed frame, the latency plot is a PNG."""
+  workdir, config, _ = tiny_demo
+  with open(os.path.join(workdir, "report.json")) as f:
+    loaded = json.load(f)
+  drives = loaded["config"]["live_driving"]
+  assert [d["input"] for d in drives] == list(config.drive.inputs)
+  meta = data.load_dataset(config.dataset.data_dir, "synthetic_capture", "tiny")[1]
+  source = data.load_dataset(config.dataset.data_dir, "synthetic_capture", "tiny")[0]["test"]
+  bundle = fit.load_fitter(os.path.join(workdir, "models", "lipflow"), meta=meta)
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert "## Live driving" in md
+  for d in drives:
+    assert (d["method"], d["segment"]) == (config.drive.method, meta.test_segments[0])
+    assert d["steps_per_frame"] == config.drive.steps[d["input"]] and d["skipped"] == 0
+    with open(os.path.join(d["dir"], "frames.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    seg = meta.segments.index(d["segment"])
+    cols = meta.splits["test"]
+    assert [r["frame"] for r in rows] == sorted(
+      set(cols["frame_index"][cols["segment_index"] == seg].tolist())
+    )
+    assert d["frames"] == len(rows)
+    z = jnp.asarray([r["z"] for r in rows])
+    verts = np.stack([np.asarray(fit.decode_verts(bundle, c)) for c in z])  # dataset units
+    truth = evaluate.load_eval_set(source, meta, "test", frames=[r["frame"] for r in rows])["verts"]
+    errors = np.linalg.norm(verts - data.denormalize_verts(truth, meta), axis=-1).mean(-1)
+    np.testing.assert_allclose([r["geometry_error"] for r in rows], errors, rtol=1e-3)
+    np.testing.assert_allclose(d["stream"]["geometry_error"], errors.mean(), rtol=1e-3)
+    lat = d["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["max"]
+    assert f"| {d['input']} | {d['method']} | {d['segment']} | {len(rows)} |" in md
+    assert Image.open(os.path.join(d["dir"], "drive.gif")).n_frames == len(rows)
+    assert Image.open(os.path.join(d["dir"], "latency.png")).format == "PNG"
 
 
 @pytest.mark.slow
