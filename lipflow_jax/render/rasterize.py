@@ -805,7 +805,8 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
   slot = lax.broadcasted_iota(jnp.float32, (1, k) + (1,) * best.ndim, 1)
   hit = rank[:, None] == slot  # [K (i), K (r), ...]
   out = reduce_leading(jnp.where(hit, jnp.stack(ids)[:, None], 0.0), jnp.add)
-  return out.astype(jnp.int32)
+  # Materialised once: its consumers (compaction, gathers, face ids) would each recompute it.
+  return jnp.stack(materialize(*out)).astype(jnp.int32)
 
 
 def _nth_bit(word, r):
