@@ -15,8 +15,9 @@ vertices and the texture. Times are the median (and minimum) of ``--runs`` runs 
 (compilation excluded), with ``block_until_ready``; the 1-minute load average is reported with them
 (on a shared machine, compare runs taken back to back).
 
-Each case runs with the default settings ("1": every fragment slot and tile is evaluated, 64
-candidate faces per tile, binning over the faces in view) and with settings measured on the view
+Each case runs with the default settings ("1": ``RasterSettings``' defaults, which size themselves
+per call: the fragment budget from a short ladder, no per-tile cap (every candidate tested in
+blocks), binning over the faces in view) and with settings measured on the view
 ("auto": ``render.occupancy`` + 10 %, ``render.fit_budgets``, what a user fitting known views would
 set: the budgets, and a per-tile cap that the fullest tile fits in, so that nothing overflows (the
 head's poles, where ~100 thin faces meet, need ~110 at 512 px; at K = 1 the cap sizes the chunk
@@ -266,7 +267,7 @@ def main(argv=None):
     "--budgets",
     type=lambda v: v.split(","),
     default=["1", "auto"],
-    help="comma separated: '1' = RasterSettings' default budgets (every slot and tile), 'auto' = "
+    help="comma separated: '1' = RasterSettings' defaults (sized per call), 'auto' = "
     "budgets and max_faces_per_tile from render.occupancy on the view, + 10 %% "
     "(render.fit_budgets)",
   )

@@ -890,8 +890,9 @@ def test_view_culling_crop_equals_full_set(settings):
     (_, out_got), g_got = got(verts, tex, cam)
     (_, out_ref), g_ref = ref(verts, tex, cam)
     assert np.any(np.asarray(out_ref.face_id) >= 0)
-    if (
-      cam is cams[0] and settings.fragment_budget == 1
+    if cam is cams[0] and settings.fragment_budget in (
+      None,
+      1,
     ):  # (the whole head overflows the small caps)
       assert int(out_ref.overflow) == 0
     for a, b in zip(
@@ -1204,3 +1205,100 @@ def test_eval_fragment_gradients_match_finite_differences():
       dn[j] = dn[j] - eps
       fd = (f(*up) - f(*dn)) / (2 * eps)
       np.testing.assert_allclose(np.asarray(per[j])[:, 0], np.asarray(fd), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# automatic settings (the defaults)
+def test_uncapped_selection_equals_ample_cap_and_vmap(jit_rasterize):
+  """``max_faces_per_tile=None`` (the default) tests every candidate of every tile in blocks: the
+  same fragments as a cap that holds every tile, no overflow, and the same under vmap (views whose
+  loops run different numbers of blocks)."""
+  mesh, cam = _head_view_40px()
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  for k, t in [(4, 4), (8, 8), (2, 3)]:
+    s = RasterSettings((40, 40), faces_per_pixel=k, sigma=0.5, tile_size=t, cull_backfaces=True)
+    assert s.max_faces_per_tile is None
+    auto = jit_rasterize(verts, faces, cam, s)
+    capped = jit_rasterize(verts, faces, cam, s.replace(max_faces_per_tile=512))
+    assert int(auto.overflow) == int(capped.overflow) == 0
+    for a, b in zip(auto[:4], capped[:4]):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  crop = geometry.Camera(K=geometry.intrinsics(120.0, (40, 40)), Rt=cam.Rt)  # a close-up
+  cams = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), cam, crop)
+  many = jax.jit(jax.vmap(lambda c: render.rasterize(verts, faces, c, s)))(cams)
+  for i, c in enumerate((cam, crop)):
+    np.testing.assert_array_equal(
+      np.asarray(many.face_ids[i]), np.asarray(jit_rasterize(verts, faces, c, s).face_ids)
+    )
+
+
+@pytest.mark.parametrize("num_faces,k,blur", [(18, 4, 1.5), (40, 2, 3.0)])
+def test_uncapped_soft_matches_brute_force(jit_rasterize, num_faces, k, blur):
+  """The uncapped block selection follows the documented rule (brute force, float64)."""
+  verts, faces = _random_scene(2, num_faces=num_faces, spread=1.6)
+  cam = _camera()
+  settings = RasterSettings((H, W), faces_per_pixel=k, sigma=0.5, blur_radius=blur)
+  fr = jit_rasterize(jnp.asarray(verts), jnp.asarray(faces), cam, settings)
+  assert int(fr.overflow) == 0
+  ids, bary, _, _, amb = reference_rasterize(verts, faces, cam, H, W, k, blur)
+  ok = _unambiguous(amb, verts, faces, cam, H, W)
+  assert ok.mean() > 0.5 and (np.sum(ids >= 0, -1) >= 2).sum() > 20
+  np.testing.assert_array_equal(np.asarray(fr.face_ids)[ok], ids[ok])
+  m = ok[..., None] & (ids >= 0)
+  np.testing.assert_allclose(np.asarray(fr.bary)[m], bary[m], atol=3e-4)
+
+
+def test_auto_fragment_budget_equals_explicit_rung():
+  """``fragment_budget=None`` (the default) evaluates the smallest rung of the ladder that holds the
+  view's non-empty slots: bit for bit the render and gradients of that budget given explicitly,
+  under vmap too (the batch takes the largest rung), and never drops a slot."""
+  rz = importlib.import_module("lipflow_jax.render.rasterize")
+  mesh = head_mesh(1000)
+  verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
+  uv_faces, tex = jnp.asarray(mesh.uv_faces), jnp.asarray(demo_texture(32))
+  for s, rung in [
+    (RasterSettings.hard((128, 128), cull_backfaces=True), 2),
+    (RasterSettings((80, 80), faces_per_pixel=4, sigma=0.5, gamma=1e-2, cull_backfaces=True), 1),
+  ]:
+    h = s.image_size[0]
+    cam = geometry.Camera(
+      K=geometry.intrinsics(1.2 * h, (h, h)), Rt=geometry.look_at((1.4, 0.8, 3.8), (0, 0, 0))
+    )
+    wts = jnp.asarray(np.random.default_rng(0).normal(size=(h, h, 3)), jnp.float32)
+
+    def run(s, cam=cam, wts=wts):
+      def loss(v, t):
+        out = render.render_mesh(v, faces, uvs, uv_faces, t, cam, s)
+        return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
+
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(verts, tex)
+
+    sel = rz.select_slots(verts, faces, cam, s, 1 if s.is_hard else None)
+    rungs = rz.fragment_ladder(sel.ids.size, s)
+    assert len(rungs) == 3 and int(rz.fragment_rung(sel.ids, rungs)) == rung
+    (_, auto), g_auto = run(s)
+    (_, fixed), g_fixed = run(s.replace(fragment_budget=rungs[rung] / sel.ids.size))
+    assert int(auto.overflow) == int(fixed.overflow) == 0
+    for a, b in zip(
+      jax.tree_util.tree_leaves((auto, g_auto)), jax.tree_util.tree_leaves((fixed, g_fixed))
+    ):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Batched with a close-up that needs a larger rung (hard): the batch takes the larger.
+    close = geometry.Camera(K=geometry.intrinsics(6.0 * h, (h, h)), Rt=cam.Rt)
+    r_close = int(rz.fragment_rung(rz.select_slots(verts, faces, close, s).ids, rungs))
+    assert r_close < rung or not s.is_hard  # (soft: K slots are rarely all full)
+    cams = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), cam, close)
+    many = jax.jit(jax.vmap(lambda c: render.render_mesh(verts, faces, uvs, uv_faces, tex, c, s)))(
+      cams
+    )
+    big = jax.jit(render.render_mesh, static_argnums=6)(
+      verts,
+      faces,
+      uvs,
+      uv_faces,
+      tex,
+      cam,
+      s.replace(fragment_budget=rungs[min(rung, r_close)] / sel.ids.size),
+    )
+    np.testing.assert_array_equal(np.asarray(many.face_id[0]), np.asarray(big.face_id))
+    np.testing.assert_allclose(np.asarray(many.rgb[0]), np.asarray(big.rgb), atol=1e-5)

@@ -31,11 +31,14 @@ class RasterSettings:
       bounding box) are not considered for that pixel. ``None`` derives it from sigma: ``sigma *
       log(2 / 1e-3)`` (coverage below 1e-3 is dropped); 0 when sigma = 0.
     tile_size: side of the square screen tiles used for binning.
-    max_faces_per_tile: cap on the candidate faces per tile when K > 1 (static shapes). A tile with
-      more candidates keeps the ones with the smallest minimum vertex depth and is counted in
-      ``overflow``. With K = 1 it scales the budget of pixel chunks instead (see
-      ``rasterize.select_nearest``). Raise it when ``overflow`` is not 0; the cost of the selection
-      grows linearly with it.
+    max_faces_per_tile: cap on the candidate faces per tile when K > 1. None (the default): no cap;
+      every tile tests all of its candidates, 32 at a time, in a loop over blocks of tiles whose
+      length is what the view holds (``rasterize.select_blocks``; nothing overflows, and
+      ``tile_budget`` / ``heavy_tile_budget`` have no effect: empty tiles are skipped and crowded
+      ones take more blocks). An integer M: every tile selects among at most M candidates (static
+      shapes); a tile with more keeps the M with the smallest minimum vertex depth and is counted
+      in ``overflow``; the cost of the selection grows linearly with M. With K = 1 it scales the
+      budget of pixel chunks instead (None: as 64; see ``rasterize.select_nearest``).
     fragment_budget: fraction of the K * H * W fragment slots evaluated differentiably. Below 1,
       only the non-empty slots are evaluated (gathers, barycentrics, texture lookups and their
       gradients), compacted into a buffer of ``ceil(fragment_budget * K * H * W)`` fragments;
@@ -43,8 +46,12 @@ class RasterSettings:
       non-empty, ~18 % with back faces culled), so the evaluation costs that much less. Non-empty
       slots beyond the budget are dropped, farthest slot first (all pixels' slot K - 1, then slot K
       - 2, ...; within a slot, the last pixels in row-major / tile order first), and counted in
-      ``overflow``. ``render.occupancy`` measures what a view needs. 1 (the default) evaluates every
-      slot, empty or not (no compaction).
+      ``overflow``. ``render.occupancy`` measures what a view needs. 1 evaluates every slot, empty
+      or not (no compaction). None (the default): ``render_mesh`` picks, per call, the smallest of
+      the budgets K * H * W, 1/2, 1/4, 1/8 of it (at least 4096 slots) that holds the view's
+      non-empty slots (under vmap the batch's largest), so nothing is dropped and the result equals
+      that explicit budget's; its backward recomputes the branch's forward. ``rasterize``
+      evaluates every slot.
     tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below
       1, only the tiles that hold candidate faces are processed (a head filling half of the image:
       about half of the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with
@@ -82,8 +89,8 @@ class RasterSettings:
   gamma: float = 1e-4
   blur_radius: Optional[float] = None
   tile_size: int = 8
-  max_faces_per_tile: int = 64
-  fragment_budget: float = 1.0
+  max_faces_per_tile: Optional[int] = None
+  fragment_budget: Optional[float] = None
   tile_budget: float = 1.0
   heavy_tile_budget: float = 1.0
   face_budget: Optional[float] = None
@@ -116,15 +123,18 @@ class RasterSettings:
     object.__setattr__(self, "blur_radius", float(blur))
     if int(self.tile_size) != self.tile_size or not 1 <= self.tile_size <= 256:
       fail(f"tile_size must be an integer in [1, 256], got {self.tile_size!r}")
-    if int(self.max_faces_per_tile) != self.max_faces_per_tile or self.max_faces_per_tile < 1:
-      fail(f"max_faces_per_tile must be an integer >= 1, got {self.max_faces_per_tile!r}")
-    if self.max_faces_per_tile < self.faces_per_pixel:
+    cap = self.max_faces_per_tile
+    if cap is not None and (int(cap) != cap or cap < 1):
+      fail(f"max_faces_per_tile must be None or an integer >= 1, got {cap!r}")
+    if cap is not None and cap < self.faces_per_pixel:
       fail(
         f"max_faces_per_tile ({self.max_faces_per_tile}) must be >= faces_per_pixel "
         f"({self.faces_per_pixel})"
       )
     for name in ("fragment_budget", "tile_budget", "heavy_tile_budget"):
       value = getattr(self, name)
+      if value is None and name == "fragment_budget":
+        continue
       if not (math.isfinite(value) and 0 < value <= 1):
         fail(f"{name} must be a fraction in (0, 1], got {value!r}")
       object.__setattr__(self, name, float(value))
@@ -147,7 +157,7 @@ class RasterSettings:
   @property
   def light_faces_per_tile(self) -> int:
     """Candidates per tile in the first selection pass when ``heavy_tile_budget`` < 1."""
-    return max(self.faces_per_pixel, self.max_faces_per_tile // 4)
+    return max(self.faces_per_pixel, (self.max_faces_per_tile or 128) // 4)
 
   @property
   def is_hard(self) -> bool:

@@ -12,10 +12,13 @@ import jax.numpy as jnp
 
 from lipflow_jax.geometry.camera import Camera
 from lipflow_jax.render.rasterize import (
+  evaluate_slots,
   expand,
+  fragment_ladder,
+  fragment_rung,
   materialize,
-  rasterize_slots,
   reduce_leading,
+  select_slots,
   to_image,
 )
 from lipflow_jax.render.settings import RasterSettings
@@ -376,9 +379,40 @@ def render_mesh(
     raise ValueError(f"settings.background has {len(bg)} channels, the texture has {nc}")
   bg = bg * nc if len(bg) == 1 else bg
   face_uv = uvs[uv_faces].reshape(-1, 6)  # [F, 6]: u0 v0 u1 v1 u2 v2
-  slots, overflow = rasterize_slots(
-    verts, faces, camera, settings, face_attrs=face_uv, num_slots=1 if settings.is_hard else None
-  )
+  sel = select_slots(verts, faces, camera, settings, num_slots=1 if settings.is_hard else None)
+  if settings.fragment_budget is not None:
+    slots, overflow = evaluate_slots(sel, settings, face_uv)
+    rgb, alpha, depth, face_id = _shade(slots, texture, settings, bg)
+    return Rendered(rgb, alpha, depth, face_id, overflow)
+  # Automatic fragment budget: the smallest rung of the ladder that holds the non-empty slots (no
+  # slot is dropped), one compiled branch per rung; the backward recomputes the branch's forward.
+  rungs = fragment_ladder(sel.ids.size, settings)
+
+  def branch(budget):
+    def run(diff, const):
+      proj, face_uv, texture = diff
+      ids, pixel_column, column_pixel = const
+      s = sel._replace(proj=proj, ids=ids, pixel_column=pixel_column, column_pixel=column_pixel)
+      slots, _ = evaluate_slots(s, settings, face_uv, budget)
+      rgb, alpha, depth, face_id = _shade(slots, texture, settings, bg)
+      return rgb, alpha, depth, face_id.astype(rgb.dtype)  # (switch_remat: float outputs)
+
+    return run
+
+  diff = (sel.proj, face_uv, texture)
+  const = (sel.ids, sel.pixel_column, sel.column_pixel)
+  if len(rungs) == 1:
+    rgb, alpha, depth, face_id = branch(None)(diff, const)
+  else:
+    rung = fragment_rung(sel.ids, rungs)
+    rgb, alpha, depth, face_id = switch_remat(rung, [branch(b) for b in rungs], diff, const)
+  return Rendered(rgb, alpha, depth, face_id.astype(jnp.int32), sel.overflow)
+
+
+def _shade(slots, texture, settings: RasterSettings, bg):
+  """Texturing and blending of evaluated ``slots`` ([S, *Q] or compacted). Returns (rgb [H, W, C],
+  alpha [H, W, 1], depth [H, W], face_id [H, W] int32)."""
+  nc = texture.shape[-1]
   b, a = slots.bary, slots.attrs  # per evaluated fragment
   u = b[0] * a[0] + b[1] * a[2] + b[2] * a[4]
   v = b[0] * a[1] + b[1] * a[3] + b[2] * a[5]
@@ -431,10 +465,36 @@ def render_mesh(
       unflat(depth),
       unflat(face_id),
     )
-  return Rendered(
-    rgb=jnp.moveaxis(to_image(slots, rgb, bg), 0, -1),
-    alpha=to_image(slots, alpha)[..., None],
-    depth=to_image(slots, depth),
-    face_id=to_image(slots, face_id, -1),
-    overflow=overflow,
+  return (
+    jnp.moveaxis(to_image(slots, rgb, bg), 0, -1),
+    to_image(slots, alpha)[..., None],
+    to_image(slots, depth),
+    to_image(slots, face_id, -1),
   )
+
+
+def switch_remat(index, branches, diff, const):
+  """``lax.switch(index, branches, diff, const)``, differentiable with respect to ``diff`` (float
+  pytree); ``const`` holds integer arrays (no gradient). Only the inputs are kept for the backward,
+  which recomputes the taken branch's forward: reverse-mode ``lax.switch`` would make every branch
+  output (zero-filled) residuals of every other branch, as large as the largest.
+
+  Args:
+    index: [] int32, unbatched (see ``rasterize._batch_max``).
+    branches: callables (diff, const) -> pytree of float arrays, one output structure.
+  """
+
+  @jax.custom_vjp
+  def run(diff, const, index):
+    return lax.switch(index, branches, diff, const)
+
+  def fwd(diff, const, index):
+    return run(diff, const, index), (diff, const, index)
+
+  def bwd(res, ct):
+    diff, const, index = res
+    pullbacks = [lambda d, c, g, br=br: jax.vjp(lambda d: br(d, c), d)[1](g)[0] for br in branches]
+    return lax.switch(index, pullbacks, diff, const, ct), None, None
+
+  run.defvjp(fwd, bwd)
+  return run(diff, const, index)
