@@ -369,10 +369,14 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(
       best = min(rows, key=lambda r: r["geometry_error"])["lambda_prior"]
       assert tuning["lambdas"][method][inp] == best
       assert rep["config"]["lambda_prior_used"][method][inp] == best
-  # The fits of the test split used the tuned weights (the configured ones are in no grid).
+  # The fits of the test split used the tuned weights (the configured ones are in no grid): one per
+  # fitted method and input, and the live-driving block's full per-frame fit of its segment.
   _, _, _, spied = tiny_demo_and_spies
   fitted_runs = [(m, i, lam) for m, i, lam in spied["fits"] if m in fitted]
-  assert len(fitted_runs) == len(fitted) * len(config.eval.inputs)
+  assert sorted((m, i) for m, i, _ in fitted_runs) == sorted(
+    [(m, i) for m in fitted for i in config.eval.inputs]
+    + [(config.drive.method, i) for i in config.drive.inputs]
+  )
   for method, inp, lam in fitted_runs:
     assert lam == tuning["lambdas"][method][inp] != UNTUNED, (method, inp, lam)
   # The tuning read the validation split and nothing else: every split it opened, every frame it
