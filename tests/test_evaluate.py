@@ -329,6 +329,7 @@ def test_tiny_end_to_end_live_driving(tiny_demo):
   for d in drives:
     assert (d["method"], d["segment"]) == (config.drive.method, meta.test_segments[0])
     assert d["steps_per_frame"] == config.drive.steps[d["input"]] and d["skipped"] == 0
+    assert d["full_fit"]["steps"] == config.fit[d["input"]].num_steps  # the main job's fit
     with open(os.path.join(d["dir"], "frames.jsonl")) as f:
       rows = [json.loads(line) for line in f]
     seg = meta.segments.index(d["segment"])

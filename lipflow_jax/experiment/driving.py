@@ -138,9 +138,8 @@ def drive(
   codes = np.stack(codes)
 
   # ---------------------------------------------------------------------------------- full fit
-  full = evaluate.run_method(
-    method, input, bundles, obs, tuning.fit_options(config, method, input, lambdas)
-  )
+  full_options = tuning.fit_options(config, method, input, lambdas)
+  full = evaluate.run_method(method, input, bundles, obs, full_options)
   settings = evaluate.eval_settings(meta.image_size)
   streamed = evaluate.evaluate_codes(bundle, codes, seq, settings, keep_images=range(n))
   batch = evaluate.evaluate_codes(bundle, full.z, seq, settings, keep_images=range(n))
@@ -177,7 +176,7 @@ def drive(
       "geometry_error": float(np.mean(batch["geometry_error"])),
       "psnr": float(np.mean(batch["psnr"])),
       "ms_per_frame": 1e3 * full.seconds / n,
-      "steps": int(options.get("num_steps", cfg.num_steps)),
+      "steps": int(fit.fit_config(method, input, **full_options).num_steps),
     },
   }
   summary["geometry_error_vs_full_fit"] = (
