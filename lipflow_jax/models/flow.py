@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 
 import distrax
 import flax.linen as nn
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax.models import layers
+from lipflow_jax.models import layers, spline
 
 BIJECTORS = ("spline", "affine")
 MASKS = ("checkerboard", "half")
@@ -34,6 +35,48 @@ def coupling_masks(z_dim: int, num_layers: int, kind: str = "checkerboard"):
   return np.stack([base if i % 2 == 0 else ~base for i in range(num_layers)])
 
 
+def transformed_dims(mask) -> slice:
+  """The dimensions a coupling layer transforms (``mask`` [Z] False) as a static slice of the last
+  axis (the masks of ``coupling_masks`` are arithmetic progressions)."""
+  idx = np.flatnonzero(~np.asarray(mask))
+  step = int(idx[1] - idx[0]) if len(idx) > 1 else 1
+  if len(idx) == 0 or not np.array_equal(idx, np.arange(idx[0], idx[-1] + 1, step)):
+    raise ValueError(f"The transformed dimensions {idx} are not a slice.")
+  return slice(int(idx[0]), int(idx[-1]) + 1, step)
+
+
+class OnDims(distrax.Bijector):
+  """An elementwise bijector applied to ``x[..., dims]`` only (the identity on the other entries),
+  so that a coupling layer evaluates its bijector on the dimensions it transforms and no others.
+
+  Args:
+    inner: elementwise bijector for the [..., len(dims)] entries (its parameters sized for them).
+    dims: static slice of the last axis.
+    size: Z, the last axis' length.
+  """
+
+  def __init__(self, inner: distrax.Bijector, dims: slice, size: int):
+    super().__init__(event_ndims_in=0)
+    self._inner, self._dims = inner, dims
+    self._mask = np.zeros(size, bool)
+    self._mask[dims] = True
+    idx = np.flatnonzero(self._mask)
+    self._pad = (int(idx[0]), size - 1 - int(idx[-1]), dims.step - 1)  # lax.pad of the last axis
+
+  def _embed(self, sub, full):
+    """full [..., Z] with full[..., dims] = sub [..., len(dims)]."""
+    config = [(0, 0, 0)] * (sub.ndim - 1) + [self._pad]
+    return jnp.where(self._mask, lax.pad(sub, jnp.zeros((), sub.dtype), config), full)
+
+  def forward_and_log_det(self, x):
+    y, logdet = self._inner.forward_and_log_det(x[..., self._dims])
+    return self._embed(y, x), self._embed(logdet, jnp.zeros_like(x))
+
+  def inverse_and_log_det(self, y):
+    x, logdet = self._inner.inverse_and_log_det(y[..., self._dims])
+    return self._embed(x, y), self._embed(logdet, jnp.zeros_like(y))
+
+
 class LatentFlow(nn.Module):
   """Conditional coupling flow z = f(y; h) on R^Z.
 
@@ -45,8 +88,9 @@ class LatentFlow(nn.Module):
               the inverse's log-det is its negative.
 
   g is elementwise: a rational-quadratic spline on [-range_bound, range_bound] with ``num_bins``
-  bins (``bijector='spline'``; outside that interval g is the identity, and with
-  ``boundary_slopes='identity'`` the spline's end slopes are 1, so g is C^1 across the boundary), or
+  bins (``bijector='spline'``, ``spline.RationalQuadraticSpline``: distrax's spline with
+  ``boundary_slopes='identity'`` in faster whole-array ops; outside that interval g is the identity,
+  and the spline's end slopes are 1, so g is C^1 across the boundary), or
   an affine map g(x) = exp(s) * x + t with s = max_log_scale * tanh(raw / max_log_scale)
   (``bijector='affine'``). theta_k is an MLP on the masked input concatenated with the context h
   (when ``use_context``); its last layer is zero-initialised, so f is exactly the identity at
@@ -113,11 +157,30 @@ class LatentFlow(nn.Module):
     if self.bijector == "spline":
       if self.max_spline_param > 0:
         params = layers.soft_clip(params, self.max_spline_param)
-      return distrax.RationalQuadraticSpline(
-        params, range_min=-self.range_bound, range_max=self.range_bound, boundary_slopes="identity"
-      )
+      return spline.RationalQuadraticSpline(params, -self.range_bound, self.range_bound)
     shift, raw = params[..., 0], params[..., 1]
     return distrax.ScalarAffine(shift=shift, log_scale=layers.soft_clip(raw, self.max_log_scale))
+
+  def _conditioner_params(self, net, x, dims: slice):
+    """The conditioner MLP ``net``'s parameters of the transformed dimensions ``dims``: [..., D_in]
+    -> [..., len(dims), params_per_dim].
+
+    Outside initialisation the MLP (``layers.MLP`` without weight norm: dense layers, LeakyReLU
+    between) is evaluated from its variables with only the last layer's columns of ``dims``: the
+    other half of the output is never read (``MaskedCoupling`` keeps those dimensions).
+    """
+    shape = (self.z_dim, self.params_per_dim)
+    if self.is_initializing():
+      out = net(x)
+      return out.reshape(out.shape[:-1] + shape)[..., dims, :]
+    params = net.variables["params"]
+    num = len(params)
+    for i in range(num - 1):
+      x = layers.leaky_relu(x @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"])
+    last = params[f"dense_{num - 1}"]
+    cols = lambda a: a.reshape(a.shape[:-1] + shape)[..., dims, :].reshape(a.shape[:-1] + (-1,))
+    out = x @ cols(last["kernel"]) + cols(last["bias"])
+    return out.reshape(out.shape[:-1] + (-1, self.params_per_dim))
 
   def bijector_for(self, h: Optional[jnp.ndarray] = None) -> distrax.Chain:
     """The distrax bijector f(.; h) (a ``Chain`` of ``MaskedCoupling``), for use within this module.
@@ -132,22 +195,21 @@ class LatentFlow(nn.Module):
       raise ValueError("This flow is unconditional (use_context=False); h must be None.")
     masks = coupling_masks(self.z_dim, self.num_layers, self.mask)
 
-    def make_conditioner(net):
+    def coupling(mask, net):
+      dims = transformed_dims(mask)
+
       def conditioner(x):
         if h is not None:
           ctx = jnp.broadcast_to(h, x.shape[:-1] + h.shape[-1:])
           x = jnp.concatenate([x, ctx], axis=-1)
-        out = net(x)
-        return out.reshape(out.shape[:-1] + (self.z_dim, self.params_per_dim))
+        return self._conditioner_params(net, x, dims)
 
-      return conditioner
-
-    couplings = [
-      distrax.MaskedCoupling(
-        mask=jnp.asarray(m), conditioner=make_conditioner(net), bijector=self._inner, event_ndims=1
+      inner = lambda params: OnDims(self._inner(params), dims, self.z_dim)
+      return distrax.MaskedCoupling(
+        mask=jnp.asarray(mask), conditioner=conditioner, bijector=inner, event_ndims=1
       )
-      for m, net in zip(masks, self.conditioners)
-    ]
+
+    couplings = [coupling(m, net) for m, net in zip(masks, self.conditioners)]
     # distrax.Chain applies the last bijector first; reverse so that coupling_0 acts first on y.
     return distrax.Chain(couplings[::-1])
 
