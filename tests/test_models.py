@@ -182,6 +182,24 @@ class FlowTest(parameterized.TestCase):
       flow.init(key(0), jnp.zeros((1, 4)))
 
 
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_mlp_out_columns_equal_the_full_output_sliced(weight_norm):
+  """``MLP(x, out_columns=c)`` computes only the last layer's columns c (the flow's couplings read
+  the parameters of the dimensions they transform): equal to the full output's columns c, values
+  and gradients, for a non-contiguous, unordered c."""
+  mlp = layers.MLP((8, 6, 10), weight_norm=weight_norm)
+  x = jax.random.normal(key(0), (3, 5))
+  variables = perturb(mlp.init(key(1), x), key(2), 0.5)
+  cols = np.array([7, 0, 3, 4, 9])
+  sliced = lambda v: mlp.apply(v, x)[..., cols]
+  picked = lambda v: mlp.apply(v, x, out_columns=cols)
+  np.testing.assert_allclose(picked(variables), sliced(variables), rtol=1e-6, atol=1e-6)
+  g_picked = jax.grad(lambda v: jnp.sum(jnp.sin(picked(v))))(variables)
+  g_sliced = jax.grad(lambda v: jnp.sum(jnp.sin(sliced(v))))(variables)
+  for a, b in zip(jax.tree_util.tree_leaves(g_picked), jax.tree_util.tree_leaves(g_sliced)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- encoders
 
 

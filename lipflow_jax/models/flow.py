@@ -161,27 +161,6 @@ class LatentFlow(nn.Module):
     shift, raw = params[..., 0], params[..., 1]
     return distrax.ScalarAffine(shift=shift, log_scale=layers.soft_clip(raw, self.max_log_scale))
 
-  def _conditioner_params(self, net, x, dims: slice):
-    """The conditioner MLP ``net``'s parameters of the transformed dimensions ``dims``: [..., D_in]
-    -> [..., len(dims), params_per_dim].
-
-    Outside initialisation the MLP (``layers.MLP`` without weight norm: dense layers, LeakyReLU
-    between) is evaluated from its variables with only the last layer's columns of ``dims``: the
-    other half of the output is never read (``MaskedCoupling`` keeps those dimensions).
-    """
-    shape = (self.z_dim, self.params_per_dim)
-    if self.is_initializing():
-      out = net(x)
-      return out.reshape(out.shape[:-1] + shape)[..., dims, :]
-    params = net.variables["params"]
-    num = len(params)
-    for i in range(num - 1):
-      x = layers.leaky_relu(x @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"])
-    last = params[f"dense_{num - 1}"]
-    cols = lambda a: a.reshape(a.shape[:-1] + shape)[..., dims, :].reshape(a.shape[:-1] + (-1,))
-    out = x @ cols(last["kernel"]) + cols(last["bias"])
-    return out.reshape(out.shape[:-1] + (-1, self.params_per_dim))
-
   def bijector_for(self, h: Optional[jnp.ndarray] = None) -> distrax.Chain:
     """The distrax bijector f(.; h) (a ``Chain`` of ``MaskedCoupling``), for use within this module.
 
@@ -195,6 +174,8 @@ class LatentFlow(nn.Module):
       raise ValueError("This flow is unconditional (use_context=False); h must be None.")
     masks = coupling_masks(self.z_dim, self.num_layers, self.mask)
 
+    ppd = self.params_per_dim
+
     def coupling(mask, net):
       dims = transformed_dims(mask)
 
@@ -202,7 +183,10 @@ class LatentFlow(nn.Module):
         if h is not None:
           ctx = jnp.broadcast_to(h, x.shape[:-1] + h.shape[-1:])
           x = jnp.concatenate([x, ctx], axis=-1)
-        return self._conditioner_params(net, x, dims)
+        # Only the parameters of the transformed dimensions: MaskedCoupling never reads the rest.
+        cols = (np.arange(self.z_dim)[dims, None] * ppd + np.arange(ppd)).ravel()
+        out = net(x, out_columns=cols)
+        return out.reshape(out.shape[:-1] + (-1, ppd))
 
       inner = lambda params: OnDims(self._inner(params), dims, self.z_dim)
       return distrax.MaskedCoupling(

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -114,19 +115,32 @@ class MLP(nn.Module):
   weight_norm: bool = False
 
   @nn.compact
-  def __call__(self, x):
-    """[..., D_in] -> [..., features[-1]]."""
+  def __call__(self, x, out_columns=None):
+    """[..., D_in] -> [..., features[-1]], or [..., len(out_columns)] with ``out_columns`` (static
+    integer indices of the last layer's outputs): then, outside initialisation and without weight
+    norm, the last layer computes only those columns (a caller that reads part of the output skips
+    the rest of the last matmul)."""
     if not self.features:
       raise ValueError("MLP needs at least one layer (features is empty).")
     n = len(self.features)
     for i, f in enumerate(self.features):
-      if i == n - 1 and self.zero_init_last:
-        x = nn.Dense(f, kernel_init=nn.initializers.zeros, name=f"dense_{i}")(x)
+      if i == n - 1 and out_columns is not None:
+        cols = np.asarray(out_columns)
+        if self.is_initializing() or self.weight_norm:
+          x = self._layer(i, f)(x)[..., cols]
+        else:
+          last = self.variables["params"][f"dense_{i}"]
+          x = x @ jnp.take(last["kernel"], cols, axis=-1) + jnp.take(last["bias"], cols, axis=-1)
       else:
-        x = dense(f, self.weight_norm, name=f"dense_{i}")(x)
+        x = self._layer(i, f)(x)
       if i < n - 1 or self.activate_last:
         x = leaky_relu(x)
     return x
+
+  def _layer(self, i, f):
+    if i == len(self.features) - 1 and self.zero_init_last:
+      return nn.Dense(f, kernel_init=nn.initializers.zeros, name=f"dense_{i}")
+    return dense(f, self.weight_norm, name=f"dense_{i}")
 
 
 class ConvTower(nn.Module):
