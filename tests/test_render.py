@@ -911,6 +911,50 @@ def test_view_culling_crop_equals_full_set(settings):
     np.testing.assert_allclose(np.asarray(many.rgb[i]), np.asarray(one.rgb), atol=1e-6)
 
 
+def test_hard_in_view_chunk_ladder_matches_brute_force():
+  """K = 1 with the default ``face_budget=None``: the chunks enumerated straight from the faces in
+  view, on a rung below the full budget (asserted), agree with the float64 brute force on a close-up
+  of the 1,000-face head, jitted and vmapped over two crops (the batch takes the larger rung)."""
+  rz = importlib.import_module("lipflow_jax.render.rasterize")
+  mesh, _ = _head_view_40px()
+  verts, faces = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces)
+  s = RasterSettings.hard((24, 24), tile_size=4, cull_backfaces=True)
+  cams = [_crop_camera(24, (18, 16), focal=96.0), _crop_camera(24, (22, 24), focal=64.0)]
+  f = faces.shape[0]
+  budgets = [b for _, b in rz._ladder(f, rz._chunk_budget(f, s), s)]
+
+  def chunks(cam):
+    cols = rz._face_columns(*rz._project_columns(cam, verts), faces)
+    valid, c0, c1 = rz._rects_from_columns(cols, s, exact=True)
+    n = ((c1[:, 0] - c0[:, 0]) // 4 + 1) * ((c1[:, 1] - c0[:, 1]) // 4 + 1)
+    return int(jnp.sum(jnp.where(valid, n, 0)))
+
+  assert len(budgets) >= 3 and max(chunks(c) for c in cams) <= budgets[1]
+  one = jax.jit(render.rasterize, static_argnums=3)
+  many = jax.jit(jax.vmap(render.rasterize, (None, None, 0, None)), static_argnums=3)
+  batch = many(verts, faces, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cams), s)
+  cull = np.asarray(mesh.faces)
+  for i, cam in enumerate(cams):
+    fr = one(verts, faces, cam, s)
+    xy, _ = geometry.project_with_depth(cam, verts)
+    xy = np.asarray(xy, np.float64)[cull]
+    area2 = (xy[:, 1, 0] - xy[:, 0, 0]) * (xy[:, 2, 1] - xy[:, 0, 1]) - (
+      xy[:, 1, 1] - xy[:, 0, 1]
+    ) * (xy[:, 2, 0] - xy[:, 0, 0])
+    front = cull[area2 < 0]  # the brute force has no culling: give it the front faces only
+    ids, bary, _, zbuf, amb = reference_rasterize(mesh.verts, front, cam, 24, 24, 1, 0.0)
+    ids = np.where(ids >= 0, np.flatnonzero(area2 < 0)[np.maximum(ids, 0)], -1)
+    ok = _unambiguous(amb, mesh.verts, front, cam, 24, 24)
+    assert ok.mean() > 0.5 and (ids[ok] >= 0).mean() > 0.5
+    got = np.asarray(fr.face_ids)
+    np.testing.assert_array_equal(got[ok], ids[ok])
+    m = ok[..., None] & (ids >= 0)
+    np.testing.assert_allclose(np.asarray(fr.zbuf)[m], zbuf[m], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(fr.bary)[m], bary[m], atol=2e-4)
+    assert int(fr.overflow) == 0
+    np.testing.assert_array_equal(np.asarray(batch.face_ids[i]), got)
+
+
 def test_face_budget_overflow_counts_dropped_faces(jit_rasterize):
   """A compacted face set smaller than the view's faces keeps the first in face order and counts the
   rest in ``overflow``; one that holds them all equals the full set."""

@@ -77,9 +77,14 @@ def hmc_raster_settings(
   gamma: float = 1e-3,
 ):
   """``RasterSettings`` of the headset cameras at ``hmc_size`` (h, w), back faces culled (the face
-  mesh is open); sigma = 0 is hard. ``max_faces_per_tile`` defaults to 64 (hard) or 1024 (soft)."""
+  mesh is open); sigma = 0 is hard. ``max_faces_per_tile`` defaults to 32 (hard: it sizes the chunk
+  budget of ``render.select_nearest``, 2,572 chunks per 32 x 32 crop of the 4,888-face mesh, twice
+  the most a view of the synthetic capture needs, 1,146; 64 doubled every call's scratch memory
+  past glibc's 32 MB mmap threshold, which maps and page-faults it in afresh per call: the crops'
+  forward + backward ran ~2x slower) or 1024 (soft). Check ``overflow`` (or ``render.occupancy``)
+  for larger crops or meshes."""
   if max_faces_per_tile is None:
-    max_faces_per_tile = 64 if sigma == 0.0 else 1024
+    max_faces_per_tile = 32 if sigma == 0.0 else 1024
   if sigma == 0.0:
     return render.RasterSettings.hard(
       tuple(int(s) for s in hmc_size),

@@ -297,12 +297,16 @@ def _planes(xy, z, ids, origin, settings: RasterSettings):
   i = 3; [zlo, zhi] the face's inverse-depth range; box = (xlo, xhi, ylo, yhi) its bounding box
   grown by the blur radius. Empty slots get an edge that excludes every pixel.
   """
-  valid = ids >= 0
   c = jnp.maximum(ids, 0)
-  a = xy[c] - origin[..., None, :]  # [..., 3, 2] relative vertices
-  inv_z = 1.0 / jnp.maximum(z[c], settings.znear)  # [..., 3]
+  return _planes_of(xy[c] - origin[..., None, :], z[c], ids >= 0, settings)
+
+
+def _planes_of(a, zc, valid, settings: RasterSettings):
+  """``_planes`` from the gathered corners: ``a [..., 3, 2]`` relative to the origin, ``zc [...,
+  3]`` their depths, ``valid [...]`` (False = empty)."""
+  inv_z = 1.0 / jnp.maximum(zc, settings.znear)  # [..., 3]
   area2 = _cross2(a[..., 1, :] - a[..., 0, :], a[..., 2, :] - a[..., 0, :])
-  sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(xy.dtype)
+  sgn = jnp.where(area2 < 0, -1.0, 1.0).astype(a.dtype)
   inv_area2 = safe_div(1.0, area2)
   abc, w = [], [0.0, 0.0, 0.0]
   for i in range(3):
@@ -408,6 +412,70 @@ _scatter_min = _flat_batched(_scatter_min, True)
 _take = _flat_batched(_take, False)
 
 
+# Windowed versions for T x T pixel chunks: a [R, C] table, chunk corners ``starts [B, 2]`` (row,
+# column; the windows must lie inside the table) and [B, T, T] windows, one index per chunk rather
+# than per pixel (cheaper scatters, no [B, T*T] index arrays). Batched by stacking the batch along
+# the rows (windows never cross into the next entry's rows).
+def _window_dnums(ndim):
+  window = tuple(range(ndim - 1, ndim + 1))
+  return (
+    lax.GatherDimensionNumbers(offset_dims=window, collapsed_slice_dims=(), start_index_map=(0, 1)),
+    lax.ScatterDimensionNumbers(
+      update_window_dims=window, inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1)
+    ),
+  )
+
+
+def _window_batched(base):
+  """``base(table [R, C], starts [..., 2], *upd)`` as a custom_vmap that stacks the batch along the
+  table's rows."""
+  fn = jax.custom_batching.custom_vmap(base)
+
+  @fn.def_vmap
+  def rule(axis_size, in_batched, table, starts, *upd):
+    table, starts, *upd = [
+      x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+      for x, b in zip((table, starts) + tuple(upd), in_batched)
+    ]
+    rows = table.shape[1]
+    off = jnp.arange(axis_size, dtype=starts.dtype) * rows
+    starts = starts.at[..., 0].add(off.reshape((-1,) + (1,) * (starts.ndim - 2)))
+    flat = fn(table.reshape((-1,) + table.shape[2:]), starts, *upd)
+    return flat.reshape((axis_size, -1) + flat.shape[1:]) if flat.ndim == 2 else flat, True
+
+  return fn
+
+
+def _wscatter(op):
+  def base(table, starts, upd):
+    return op(
+      table,
+      starts,
+      upd,
+      _window_dnums(starts.ndim)[1],
+      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+
+  return _window_batched(base)
+
+
+_wscatter_max = _wscatter(lax.scatter_max)
+_wscatter_min = _wscatter(lax.scatter_min)
+
+
+def _wtake(table, starts, size):
+  """[B, size, size] windows of ``table`` at ``starts``."""
+  return _window_batched(
+    lambda table, starts: lax.gather(
+      table,
+      starts,
+      _window_dnums(starts.ndim)[0],
+      slice_sizes=(size, size),
+      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+  )(table, starts)
+
+
 def _chunk_budget(num_faces, settings: RasterSettings):
   """Static number of T x T pixel chunks evaluated by ``select_nearest``."""
   nty, ntx = _grid(settings)
@@ -437,7 +505,6 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None, fits=False):
     chunks [] int32 = the number of chunks of all faces, what the chunk budget must hold).
   """
   xy, z = lax.stop_gradient(xy), lax.stop_gradient(z)
-  h, w = settings.image_size
   t = settings.tile_size
   f = xy.shape[0]
   if fits:
@@ -452,36 +519,63 @@ def select_nearest(xy, z, settings: RasterSettings, budget=None, fits=False):
   s, local, live, total = _enumerate(n_chunks[order], budget)
   face = jnp.where(live, order[s], -1)
   fc = jnp.maximum(face, 0)
-  cx, cy = local % jnp.maximum(nx[fc], 1), local // jnp.maximum(nx[fc], 1)
-  origin = jnp.stack([c0[fc, 0] + cx * t, c0[fc, 1] + cy * t], -1)  # [B, 2] chunk's first pixel
-  abc, zlo, zhi, box = _planes(xy, z, face, origin.astype(xy.dtype), settings)
+  corners = (xy[fc, 0, 0], xy[fc, 0, 1], xy[fc, 1, 0], xy[fc, 1, 1], xy[fc, 2, 0], xy[fc, 2, 1])
+  corners += (z[fc, 0], z[fc, 1], z[fc, 2])
+  nxc = nx[fc]
+  ids = _nearest_of_chunks(corners, face >= 0, s, local, nxc, c0[fc], c1[fc], f, settings, fits)
+  ids = jnp.where(ids >= 0, order[jnp.maximum(ids, 0)], -1)
+  return ids, jnp.maximum(total - budget, 0).astype(jnp.int32), total
+
+
+def _nearest_of_chunks(corners, live, s, local, nx, c0, c1, f, settings: RasterSettings, fits):
+  """The tests and scatters of ``select_nearest`` over B chunks: per chunk its face's corners
+  (9 x [B]: x0, y0, x1, y1, x2, y2, z0, z1, z2), ``live [B]``, the face's rank ``s [B]`` (ties go
+  to the smaller; with ``fits``, to the smaller minimum depth first), the chunk's index ``local``
+  within the face's ``nx [B]`` x ny chunks anchored at ``c0 [B, 2]``, the face's last pixel ``c1 [B,
+  2]``; ``f`` > every rank. Returns [H, W] int32 the winning rank per pixel, -1 where none.
+
+  The per-pixel buffers are [H + T, W + T] (a chunk's window always fits) and every scatter /
+  gather moves one T x T window per chunk; pixels that are not near carry the operation's
+  identity."""
+  h, w = settings.image_size
+  t = settings.tile_size
+  key, start, zmin = _chunk_tests((*corners, live, s, local, nx, c0, c1), settings, fits)
+  table = lambda v: jnp.full((h + t, w + t), v, jnp.int32)
+  zbuf = _wscatter_max(table(0), start, key)
+  win = (key > 0) & (key == _wtake(zbuf, start, t))
+  if fits:  # s is the face index: among the winners, the smallest minimum depth first
+    big = jnp.iinfo(jnp.int32).max
+    zmin = jnp.broadcast_to(zmin[:, None, None], key.shape)
+    best = _wscatter_min(table(big), start, jnp.where(win, zmin, big))
+    win &= zmin == _wtake(best, start, t)
+  rank = _wscatter_min(table(f), start, jnp.where(win, s[:, None, None], f))[:h, :w]
+  return jnp.where(rank < f, rank, -1)
+
+
+def _chunk_tests(chunks, settings: RasterSettings, fits):
+  """The per-pixel tests of chunks (``_nearest_of_chunks``' arguments, as a list). Returns (key
+  [B, T, T] int32, 0 where not near; start [B, 2] int32 the chunk's first pixel (row, column);
+  zmin [B] int32 the face's minimum depth (float bits), None unless ``fits``)."""
+  t = settings.tile_size
+  *corners, live, s, local, nx, c0, c1 = chunks
+  cx, cy = local % jnp.maximum(nx, 1), local // jnp.maximum(nx, 1)
+  origin = jnp.stack([c0[:, 0] + cx * t, c0[:, 1] + cy * t], -1)  # [B, 2] chunk's first pixel
+  dtype = corners[0].dtype
+  o = origin.astype(dtype)
+  a = jnp.stack(
+    [jnp.stack([corners[2 * k] - o[:, 0], corners[2 * k + 1] - o[:, 1]], -1) for k in range(3)], 1
+  )  # [B, 3, 2]
+  zc = jnp.stack(corners[6:], -1)
+  abc, zlo, zhi, box = _planes_of(a, zc, live, settings)
   jj, ii = _tile_pixels(settings, jnp.float32)  # [P] pixel centres within a chunk
   dj, di = (jj - 0.5).astype(jnp.int32), (ii - 0.5).astype(jnp.int32)
   col = origin[:, 0:1] + dj  # [B, P]
   row = origin[:, 1:2] + di
-  near, key = _near_and_key(abc, zlo, zhi, box, jj.astype(xy.dtype), ii.astype(xy.dtype), settings)
-  near &= (col <= c1[fc, 0:1]) & (row <= c1[fc, 1:2])
-  # One masked key and pixel index per test, shared by both scatters (the barrier is a hint to
-  # evaluate the tests once rather than inside each scatter's operand fusion).
-  key, pix = lax.optimization_barrier(
-    (jnp.where(near, key, 0), jnp.where(near, row * w + col, h * w))
-  )
-  near = key > 0
-  zbuf = _scatter_max(jnp.zeros((h * w,), jnp.int32), pix, key)  # out-of-bounds pix are dropped
-  win = near & (key == _take(zbuf, pix))
-  if fits:  # s is the face index: among the winners, the smallest minimum depth first
-    zmin = lax.bitcast_convert_type(_min3(z[fc, 0], z[fc, 1], z[fc, 2]), jnp.int32)  # > 0: ordered
-    zmin = jnp.broadcast_to(zmin[:, None], pix.shape)
-    big = jnp.full((h * w,), jnp.iinfo(jnp.int32).max, jnp.int32)
-    best = _scatter_min(big, jnp.where(win, pix, h * w), zmin)
-    win &= zmin == _take(best, pix)
-  rank = _scatter_min(
-    jnp.full((h * w,), f, jnp.int32),
-    jnp.where(win, pix, h * w),
-    jnp.broadcast_to(s[:, None], pix.shape),
-  )
-  ids = jnp.where(rank < f, order[jnp.minimum(rank, f - 1)], -1).reshape(h, w)
-  return ids, jnp.maximum(total - budget, 0).astype(jnp.int32), total
+  near, key = _near_and_key(abc, zlo, zhi, box, jj.astype(dtype), ii.astype(dtype), settings)
+  near &= (col <= c1[:, 0:1]) & (row <= c1[:, 1:2])
+  key = jnp.where(near, key, 0).reshape(-1, t, t)
+  zmin = lax.bitcast_convert_type(_min3(*corners[6:]), jnp.int32) if fits else None  # > 0: ordered
+  return key, origin[:, ::-1], zmin
 
 
 def _select(xy, z, cand, settings: RasterSettings, tiles=None):
@@ -1232,18 +1326,19 @@ def _faces_from_columns(cols):
   return xy, jnp.stack(cols[6:], -1)
 
 
-def _rects_from_columns(cols, settings: RasterSettings):
+def _rects_from_columns(cols, settings: RasterSettings, exact=False):
   """A superset of ``_face_rects`` from the columns: (maybe [F] bool, c0, c1 [F, 2] int32 covering
   the pixel ranges). Conservative (the areas and boxes are checked with a margin), because its
   arithmetic may round differently from ``_face_rects``, which the selection runs again on the kept
-  faces."""
+  faces. ``exact``: ``_face_rects``' own thresholds instead (for a selection that uses these)."""
   x0, y0, x1, y1, x2, y2, z0, z1, z2 = cols
   area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+  eps = AREA_EPS if exact else 0.5 * AREA_EPS
   ok = (z0 > settings.znear) & (z1 > settings.znear) & (z2 > settings.znear)
-  ok &= (jnp.abs(area2) > 0.5 * AREA_EPS) & jnp.isfinite(area2) & jnp.isfinite(z0 + z1 + z2)
+  ok &= (jnp.abs(area2) > eps) & jnp.isfinite(area2) & jnp.isfinite(z0 + z1 + z2)
   if settings.cull_backfaces:
-    ok &= area2 < 0.5 * AREA_EPS
-  r = settings.blur_radius + 2 * _BIN_MARGIN
+    ok &= area2 < 0 if exact else area2 < eps
+  r = settings.blur_radius + (1 if exact else 2) * _BIN_MARGIN
   c0, c1 = [], []
   for lo, hi, n in (
     (_min3(x0, x1, x2), _max3(x0, x1, x2), settings.image_size[1]),
@@ -1306,6 +1401,44 @@ def _in_view(select, cols, settings: RasterSettings, full_budget, per_face_units
   return lax.switch(rung, branches, cols, maybe)
 
 
+def _nearest_in_view(cols, settings: RasterSettings):
+  """``select_nearest`` over the faces that can touch the image (``face_budget=None``, K = 1), on
+  the smallest rung of the chunk ladder that holds the view's chunks (``_ladder``'s budgets; under
+  vmap the batch's largest). The chunks are enumerated straight from all faces' columns (faces out
+  of view have none), so no face set is compacted and each face's box is computed once; ties go to
+  the smaller (minimum depth, face index), as in the depth-sorted full path, which rung 0 runs.
+  Returns (ids [H, W] int32, overflow [] int32)."""
+  f = cols[0].shape[0]
+  full = _chunk_budget(f, settings)
+  budgets = [b for _, b in _ladder(f, full, settings)]
+  fallback = lambda cols, rect: select_nearest(*_faces_from_columns(cols), settings, full)[:2]
+  if len(budgets) == 1:
+    return fallback(cols, None)
+  t = settings.tile_size
+  valid, c0, c1 = _rects_from_columns(cols, settings, exact=True)
+  nx = (c1[:, 0] - c0[:, 0]) // t + 1
+  n_chunks = jnp.where(valid, nx * ((c1[:, 1] - c0[:, 1]) // t + 1), 0)
+  total = jnp.sum(n_chunks)
+
+  def branch(budget):
+    def run(cols, rect):
+      c0, c1, nx, n_chunks = rect
+      s, local, live, _ = _enumerate(n_chunks, budget)
+      fc = jnp.where(live, s, 0)
+      corners = tuple(_take(c, fc) for c in cols)
+      c0c = jnp.stack([_take(c0[:, 0], fc), _take(c0[:, 1], fc)], -1)
+      c1c = jnp.stack([_take(c1[:, 0], fc), _take(c1[:, 1], fc)], -1)
+      ids = _nearest_of_chunks(corners, live, s, local, _take(nx, fc), c0c, c1c, f, settings, True)
+      return ids, jnp.int32(0)
+
+    return run
+
+  holds = sum((total <= b).astype(jnp.int32) for b in budgets[1:])
+  rung = len(budgets) - 1 - _batch_max(len(budgets) - 1 - holds)
+  branches = [fallback] + [branch(b) for b in budgets[1:]]
+  return lax.switch(rung, branches, cols, (c0, c1, nx, n_chunks))
+
+
 def _check_mesh(verts, faces):
   verts, faces = jnp.asarray(verts), jnp.asarray(faces)
   if verts.ndim != 2 or verts.shape[-1] != 3:
@@ -1350,8 +1483,11 @@ def select_slots(verts, faces, camera, settings: RasterSettings, num_slots=None)
   t = settings.tile_size
   if settings.faces_per_pixel == 1:
     chunks = lambda c0, c1: ((c1[:, 0] - c0[:, 0]) // t + 1) * ((c1[:, 1] - c0[:, 1]) // t + 1)
-    nearest = lambda xy, z, b, fits: select_nearest(xy, z, settings, b, fits)[:2]
-    ids, overflow = _in_view(nearest, cols, settings, _chunk_budget(f, settings), chunks)
+    if settings.face_budget is None:
+      ids, overflow = _nearest_in_view(cols, settings)
+    else:
+      nearest = lambda xy, z, b, fits: select_nearest(xy, z, settings, b, fits)[:2]
+      ids, overflow = _in_view(nearest, cols, settings, _chunk_budget(f, settings), chunks)
     ids = ids[None]
   else:
     pairs = lambda c0, c1: (c1[:, 0] // t - c0[:, 0] // t + 1) * (c1[:, 1] // t - c0[:, 1] // t + 1)
