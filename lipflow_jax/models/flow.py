@@ -178,13 +178,13 @@ class LatentFlow(nn.Module):
 
     def coupling(mask, net):
       dims = transformed_dims(mask)
+      # Only the parameters of the transformed dimensions: MaskedCoupling never reads the rest.
+      cols = (np.arange(self.z_dim)[dims, None] * ppd + np.arange(ppd)).ravel()
 
       def conditioner(x):
         if h is not None:
           ctx = jnp.broadcast_to(h, x.shape[:-1] + h.shape[-1:])
           x = jnp.concatenate([x, ctx], axis=-1)
-        # Only the parameters of the transformed dimensions: MaskedCoupling never reads the rest.
-        cols = (np.arange(self.z_dim)[dims, None] * ppd + np.arange(ppd)).ravel()
         out = net(x, out_columns=cols)
         return out.reshape(out.shape[:-1] + (-1, ppd))
 

@@ -376,11 +376,8 @@ def _flat_batched(base, scatter):
   fn = jax.custom_batching.custom_vmap(base)
 
   @fn.def_vmap
-  def rule(axis_size, in_batched, table, idx, *upd):
-    table, idx, *upd = [
-      x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
-      for x, b in zip((table, idx) + tuple(upd), in_batched)
-    ]
+  def rule(axis_size, in_batched, *args):
+    table, idx, *upd = _batch_all(axis_size, in_batched, args)
     size = table.shape[-1]  # table: [B, S]
     off = (jnp.arange(axis_size, dtype=idx.dtype) * size).reshape((-1,) + (1,) * (idx.ndim - 1))
     if scatter:  # out of range stays out of range (dropped)
@@ -389,6 +386,12 @@ def _flat_batched(base, scatter):
     return fn(table.reshape(-1), jnp.clip(idx, 0, size - 1) + off), True
 
   return fn
+
+
+def _batch_all(axis_size, in_batched, args):
+  """A custom_vmap rule's arguments, each with the batch axis in front (unbatched ones
+  broadcast)."""
+  return [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, b in zip(args, in_batched)]
 
 
 def _scatter_max(table, idx, upd):
@@ -426,22 +429,20 @@ def _window_dnums(ndim):
   )
 
 
-def _window_batched(base):
+def _window_batched(base, scatter):
   """``base(table [R, C], starts [..., 2], *upd)`` as a custom_vmap that stacks the batch along the
-  table's rows."""
+  table's rows (a scatter returns the stacked table, unstacked here; a gather's windows already
+  carry the batch axis of ``starts``)."""
   fn = jax.custom_batching.custom_vmap(base)
 
   @fn.def_vmap
-  def rule(axis_size, in_batched, table, starts, *upd):
-    table, starts, *upd = [
-      x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
-      for x, b in zip((table, starts) + tuple(upd), in_batched)
-    ]
+  def rule(axis_size, in_batched, *args):
+    table, starts, *upd = _batch_all(axis_size, in_batched, args)
     rows = table.shape[1]
     off = jnp.arange(axis_size, dtype=starts.dtype) * rows
     starts = starts.at[..., 0].add(off.reshape((-1,) + (1,) * (starts.ndim - 2)))
-    flat = fn(table.reshape((-1,) + table.shape[2:]), starts, *upd)
-    return flat.reshape((axis_size, -1) + flat.shape[1:]) if flat.ndim == 2 else flat, True
+    out = fn(table.reshape((-1,) + table.shape[2:]), starts, *upd)
+    return (out.reshape(table.shape) if scatter else out), True
 
   return fn
 
@@ -456,7 +457,7 @@ def _wscatter(op):
       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
 
-  return _window_batched(base)
+  return _window_batched(base, scatter=True)
 
 
 _wscatter_max = _wscatter(lax.scatter_max)
@@ -472,7 +473,8 @@ def _wtake(table, starts, size):
       _window_dnums(starts.ndim)[0],
       slice_sizes=(size, size),
       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
+    ),
+    scatter=False,
   )(table, starts)
 
 
