@@ -107,12 +107,11 @@ def _stream_step(
   s0 = _where(state.started, state.opt_state, opt.init(v_init[0]))
   grad_fn = jax.value_and_grad(fitting.make_loss(cfg, lambda_prior), has_aux=True)
 
-  # Unrolled, not a lax.scan: XLA's CPU compiler canonicalises only top-level convolutions for its
-  # fast (Eigen) path, and the decoder's input-gradient convolutions inside a loop body (even a
-  # one-trip one) fall back to the naive emitter, ~4x slower.
-  v, s = v0, s0
-  for _ in range(steps):
-    v, s, _ = fitting.adam_step(grad_fn, opt, v, s, frame, bundle)
+  def step(carry, _):
+    v, s, _ = fitting.adam_step(grad_fn, opt, *carry, frame, bundle)
+    return (v, s), None
+
+  (v, s), _ = jax.lax.scan(step, (v0, s0), None, length=steps)
   z = fitting.to_code(bundle, cfg, v, frame)
   ok = usable(obs, cfg)
   return StreamState(
@@ -129,8 +128,7 @@ def _stream_step(
 @functools.lru_cache(maxsize=None)
 def stream_step_fn(cfg: fitting.FitConfig, steps: int):
   """The compiled step ``(bundle, state, obs[, lambda_prior]) -> StreamState`` for ``cfg``,
-  ``steps`` Adam steps a frame (unrolled: compilation grows with ``steps``). ``obs``: one frame's
-  observation dict (no batch axis)."""
+  ``steps`` Adam steps a frame. ``obs``: one frame's observation dict (no batch axis)."""
   if steps < 1:
     raise ValueError(f"stream steps must be >= 1, got {steps}")
   return jax.jit(functools.partial(_stream_step, cfg=cfg, steps=steps))
