@@ -301,6 +301,31 @@ def test_decoder_shapes(tex_size, channels, upsample, weight_norm):
   np.testing.assert_allclose(tex, tex_none, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_upsample_conv_equals_conv_of_the_upsampled_input(weight_norm):
+  """The decoder's 'resize' layer as a sub-pixel conv (``layers.upsample_conv``) equals the 3x3 SAME
+  conv of the nearest 2x upsampled input with the same parameters: values and gradients (input
+  and parameters), odd sizes and channel counts, with and without weight norm."""
+  x = jax.random.normal(key(0), (2, 5, 3, 7))
+  phase = layers.conv(5, 3, 1, weight_norm, conv_general_dilated=layers.upsample_conv)
+  plain = layers.conv(5, 3, 1, weight_norm)
+  variables = perturb(phase.init(key(1), x), key(2), 0.5)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+    plain.init(key(1), layers.upsample_nearest(x))
+  )
+  fast = lambda v, x: phase.apply(v, x)
+  ref = lambda v, x: plain.apply(v, layers.upsample_nearest(x))
+  chex.assert_shape(fast(variables, x), (2, 10, 6, 5))
+  np.testing.assert_allclose(fast(variables, x), ref(variables, x), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda v, x: jnp.sum(jnp.sin(f(v, x)) * jnp.arange(5.0))
+  g_fast = jax.grad(loss(fast), argnums=(0, 1))(variables, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  with pytest.raises(ValueError, match="3x3 stride-1 SAME"):
+    layers.conv(5, 3, 2, conv_general_dilated=layers.upsample_conv).init(key(1), x)
+
+
 def test_decoder_bad_arguments():
   with pytest.raises(ValueError, match="len\\(channels\\) == 2"):
     M.Decoder(16, V, start_size=2, channels=(8,))

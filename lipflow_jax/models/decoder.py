@@ -55,8 +55,8 @@ class Decoder(nn.Module):
     and bias;
   vertices: dense from the z code only -> [V, 3].
 
-  Upsampling: 'resize' = nearest 2x resize + 3x3 conv (about 4x faster than transposed convs on
-    CPU);
+  Upsampling: 'resize' = nearest 2x resize + 3x3 conv, computed as a sub-pixel conv at the low
+    resolution (``layers.upsample_conv``; about 4x faster than transposed convs on CPU);
   'transpose' = 4x4 stride-2 ``ConvTranspose`` (Multiface). The number of 2x steps is
   ``len(channels) + 1`` and must take ``start_size`` to ``tex_size``.
 
@@ -102,7 +102,8 @@ class Decoder(nn.Module):
 
   def _up(self, x, features, name):
     if self.upsample == "resize":
-      return layers.conv(features, 3, 1, self.weight_norm, name=name)(layers.upsample_nearest(x))
+      up_conv = dict(conv_general_dilated=layers.upsample_conv)
+      return layers.conv(features, 3, 1, self.weight_norm, name=name, **up_conv)(x)
     kwargs = dict(kernel_size=(4, 4), strides=(2, 2), padding="SAME")
     if self.weight_norm:
       return layers.WeightNormed(nn.ConvTranspose(features, parent=None, **kwargs), name=name)(x)

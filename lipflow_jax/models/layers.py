@@ -93,10 +93,74 @@ def conv(
 
 def upsample_nearest(x):
   """[B, H, W, C] -> [B, 2H, 2W, C] by nearest-neighbour repetition (broadcast + reshape, no
-  gather)."""
+  gather); ``upsample_conv`` convolves it without building it."""
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
   return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _phase_taps(kernel, phase: int, axis: int):
+  """The 3 taps of a SAME convolution after a nearest 2x upsampling along ``axis``, as the 2 taps
+  at the low resolution of output phase ``phase`` (output 2i + phase reads low-res entries i +
+  phase - 1 and i + phase): [..., 3, ...] -> [..., 2, ...]."""
+  t0, t1, t2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+  return jnp.stack((t0, t1 + t2) if phase == 0 else (t0 + t1, t2), axis=axis)
+
+
+def upsample_conv(
+  x,
+  kernel,
+  window_strides=(1, 1),
+  padding="SAME",
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+):
+  """``conv(upsample_nearest(x), kernel)`` (3x3, stride 1, SAME) as a sub-pixel convolution at the
+  low resolution: the four output phases of each 2x2 low-res window in one matmul (im2col), then
+  depth-to-space. 2.25x fewer multiply-adds, the upsampled input is never built, and there is no
+  convolution op (XLA's CPU compiler runs convolutions inside loops, e.g. a fit's ``lax.scan``, and
+  their transposes on a slow path).
+
+  Takes ``lax.conv_general_dilated``'s arguments (``nn.Conv(conv_general_dilated=...)``; the
+  parameters are those of the 3x3 conv) and accepts only the configuration above.
+
+  Args:
+    x: [B, H, W, Ci]; kernel: [3, 3, Ci, Co] (HWIO).
+  Returns:
+    [B, 2H, 2W, Co].
+  """
+  ones = (None, (1, 1), [1, 1])
+  if (
+    kernel.shape[:2] != (3, 3)
+    or tuple(window_strides) != (1, 1)
+    or padding != "SAME"
+    or lhs_dilation not in ones
+    or rhs_dilation not in ones
+    or feature_group_count != 1
+    or x.ndim != 4
+  ):
+    raise ValueError(
+      "upsample_conv: only a 3x3 stride-1 SAME convolution of an NHWC batch, got kernel "
+      f"{kernel.shape}, strides {window_strides}, padding {padding!r}, input {x.shape}"
+    )
+  b, h, w, ci = x.shape
+  co = kernel.shape[-1]
+  rows = [_phase_taps(kernel, a, 0) for a in (0, 1)]
+  # [2, 2, Ci, 4 Co]: low-res taps (t, s) -> phases (a, c) in the output channels.
+  k2 = jnp.concatenate([_phase_taps(r, c, 1) for r in rows for c in (0, 1)], axis=-1)
+  # Window (r, q) covers low-res rows r - 1, r and columns q - 1, q; phase (a, c) of output (i, j)
+  # is window (i + a, j + c).
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = jnp.concatenate(
+    [xp[:, t : t + h + 1, s : s + w + 1] for t in (0, 1) for s in (0, 1)], axis=-1
+  )
+  y = jnp.matmul(windows.reshape(-1, 4 * ci), k2.reshape(4 * ci, 4 * co), precision=precision)
+  y = y.reshape(b, h + 1, w + 1, 2, 2, co)
+  out = [jnp.stack([y[:, a : a + h, c : c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
+  return jnp.stack(out, axis=2).reshape(b, 2 * h, 2 * w, co)
 
 
 class MLP(nn.Module):
