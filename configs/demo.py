@@ -149,9 +149,9 @@ def get_config(arg=None):
   config.fit.sequence_warm_steps = 20 if tiny else 60
 
   # ------------------------------------------------------------------------------------------
-  # tuning lambda_prior of every fitted method and input: the grid value with the lowest geometry
-  # error on ``max_frames`` frames of the validation split (held-out segments that are not the test
-  # split).
+  # tuning the fitting options of every fitted method and input on ``max_frames`` frames of the
+  # validation split (held-out segments that are not the test split): lambda_prior and, for the
+  # keypoints, the Adam schedule.
   config.tune = ml_collections.ConfigDict()
   config.tune.split = 'validation'
   # All 24 frames of the validation segment (capture v2): on 8 of them the keypoint fits' choice
@@ -163,6 +163,17 @@ def get_config(arg=None):
     dict(
       keypoints=(1e-4, 1e-3, 1e-2, 1e-1) if not tiny else (1e-2, 1e-1),
       hmc=(1e-5, 1e-4, 1e-3, 1e-2) if not tiny else (1e-5, 1e-3),
+    )
+  )
+  # Adam schedules tried for the keypoint fits (num_steps[i] steps at lr[i]), each with every
+  # lambda_prior; the fewest steps within one standard error of the best validation error win
+  # (``tuning.choose``). The first is config.fit.keypoints'. (The headset fits keep theirs: 40
+  # steps of ~100 ms a frame.)
+  config.tune.schedule_grid = ml_collections.ConfigDict(
+    dict(
+      keypoints=dict(num_steps=(40, 20), lr=(0.05, 0.1))
+      if tiny
+      else dict(num_steps=(200, 200, 100, 50), lr=(0.05, 0.1, 0.1, 0.1))
     )
   )
 

@@ -181,6 +181,8 @@ PIPELINE_RANGES: Mapping[str, Range] = {
   'fit.sequence_warm_steps': _int(0),
   'tune.max_frames': _int(1),
   'tune.lambda_grid.*': Range(0, each=True),
+  'tune.schedule_grid.*.num_steps': _int(1, each=True),
+  'tune.schedule_grid.*.lr': _positive(each=True),
   'eval.max_frames': _int(1),
   'eval.view_stride': _int(1),
   'eval.chunk': _int(1),

@@ -160,19 +160,21 @@ def test_report_schema_and_markdown(tmp_path):
 # ---------------------------------------------------------------------------------------------- end
 # to end
 UNTUNED = 123.0  # the configured prior weight: in no grid, so a fit that used it shows
+UNTUNED_STEPS = 7  # the configured keypoint steps: in no schedule grid either
 
 
 @pytest.fixture(scope="module")
 def tiny_demo_and_spies(tiny_capture, tmp_path_factory):
   """The whole pipeline (configs/demo.py:tiny) on the session's tiny capture, watched by spies on
-  what the lambda tuning reads (splits, frames, observations) and on the prior weight of every
-  fit. Returns (workdir, config, report, spied). Set LIPFLOW_TEST_DEMO_DIR to keep the workdir
-  between sessions (a re-run reuses its trainings, not its tuning and fits)."""
+  what the tuning reads (splits, frames, observations) and on the options of every fit. Returns
+  (workdir, config, report, spied). Set LIPFLOW_TEST_DEMO_DIR to keep the workdir between sessions
+  (a re-run reuses its trainings, not its tuning and fits)."""
   config = demo.get_config("tiny")
   config.dataset.data_dir = tiny_capture.data_dir
   for method in config.fit.lambda_prior:
     for inp in config.fit.lambda_prior[method]:
       config.fit.lambda_prior[method][inp] = UNTUNED
+  config.fit.keypoints.num_steps = UNTUNED_STEPS
   # An override that only saves compilations: every model trains on one device, as the demo does
   # on a CPU host (the suite forces 8 host devices, and an 8-way sharded step compiles ~20% longer;
   # sharded training is tested in test_train.py and test_distributed.py). (The tiny demo's tuning
@@ -188,7 +190,7 @@ def tiny_demo_and_spies(tiny_capture, tmp_path_factory):
     os.remove(os.path.join(workdir, tuning.TUNING_FILE))
   spied = dict(tuning_splits=[], tuning_sets=[], tuning_fits=[], fits=[])
   in_tuning = []
-  tune, open_split = tuning.tune_lambda_prior, input_pipeline.open_split
+  tune, open_split = tuning.tune_fit_options, input_pipeline.open_split
   load_eval_set, run_method = evaluate.load_eval_set, evaluate.run_method
 
   def tune_spy(*args, **kwargs):
@@ -210,15 +212,14 @@ def tiny_demo_and_spies(tiny_capture, tmp_path_factory):
     return out
 
   def run_method_spy(method, inp, bundles, obs, options=None):
-    lam = None if options is None else options.get("lambda_prior")
     if in_tuning:
       spied["tuning_fits"].append((method, inp, obs))
     else:
-      spied["fits"].append((method, inp, lam))
+      spied["fits"].append((method, inp, dict(options or {})))
     return run_method(method, inp, bundles, obs, options)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(tuning, "tune_lambda_prior", tune_spy)
+    mp.setattr(tuning, "tune_fit_options", tune_spy)
     mp.setattr(input_pipeline, "open_split", open_split_spy)
     mp.setattr(evaluate, "load_eval_set", load_eval_set_spy)
     mp.setattr(evaluate, "run_method", run_method_spy)
@@ -329,7 +330,9 @@ def test_tiny_end_to_end_live_driving(tiny_demo):
   for d in drives:
     assert (d["method"], d["segment"]) == (config.drive.method, meta.test_segments[0])
     assert d["steps_per_frame"] == config.drive.steps[d["input"]] and d["skipped"] == 0
-    assert d["full_fit"]["steps"] == config.fit[d["input"]].num_steps  # the main job's fit
+    # The main job's fit of that input, with its tuned options.
+    tuned = loaded["config"]["fit_options_tuned"][d["method"]][d["input"]]
+    assert d["full_fit"]["steps"] == tuned.get("num_steps", config.fit[d["input"]].num_steps)
     with open(os.path.join(d["dir"], "frames.jsonl")) as f:
       rows = [json.loads(line) for line in f]
     seg = meta.segments.index(d["segment"])
@@ -351,8 +354,37 @@ def test_tiny_end_to_end_live_driving(tiny_demo):
     assert Image.open(os.path.join(d["dir"], "latency.png")).format == "PNG"
 
 
+def _one_se_choice(rows):
+  """The one-standard-error rule written out: the lowest mean error m and its standard error s;
+  of the rows with error <= m + s, those with the fewest steps; of those, the lowest error."""
+  errors = [r["geometry_error"] for r in rows]
+  i = errors.index(min(errors))
+  bound = errors[i] + rows[i]["geometry_error_se"]
+  fewest = min(r["num_steps"] for r in rows if r["geometry_error"] <= bound)
+  cands = [r for r in rows if r["num_steps"] == fewest and r["geometry_error"] <= bound]
+  return min(cands, key=lambda r: r["geometry_error"])
+
+
+def test_choose_takes_the_fewest_steps_within_one_standard_error():
+  row = lambda steps, lam, err, se: dict(
+    num_steps=steps, lr=0.1, lambda_prior=lam, geometry_error=err, geometry_error_se=se
+  )
+  # The best (200 steps, 0.40 +- 0.03): 100 steps at 0.42 is within one standard error, 50 steps
+  # at 0.44 is not; of the 100-step rows the lower error wins.
+  rows = [row(200, 1e-2, 0.40, 0.03), row(100, 1e-3, 0.43, 0.01), row(100, 1e-2, 0.42, 0.01)]
+  rows.append(row(50, 1e-3, 0.44, 0.001))
+  assert tuning.choose(rows) == rows[2] == _one_se_choice(rows)
+  # A tighter best: only itself is within one standard error.
+  rows[0] = row(200, 1e-2, 0.40, 0.005)
+  assert tuning.choose(rows) == rows[0] == _one_se_choice(rows)
+  # The bound is the best's own standard error, not the candidate's.
+  rows[0] = row(200, 1e-2, 0.40, 0.0)
+  rows[2] = row(100, 1e-2, 0.401, 1.0)
+  assert tuning.choose(rows) == rows[0]
+
+
 @pytest.mark.slow
-def test_tiny_end_to_end_prior_weight_tuned_on_validation(
+def test_tiny_end_to_end_fit_options_tuned_on_validation(
   tiny_demo, tiny_demo_and_spies, tiny_capture
 ):
   workdir, config, rep = tiny_demo
@@ -363,31 +395,43 @@ def test_tiny_end_to_end_prior_weight_tuned_on_validation(
   test_frames = set(np.asarray(tiny_capture.meta.splits["test"]["frame_index"]).tolist())
   assert set(tuning["frames"]) <= val_frames and not set(tuning["frames"]) & test_frames
   fitted = ("dam_fit", "lipflow_fit", "conditional_gaussian_fit")
+  grid = config.tune.schedule_grid
   for method in fitted:
     for inp in config.eval.inputs:
       rows = [r for r in tuning["sweep"] if (r["method"], r["input"]) == (method, inp)]
-      assert [r["lambda_prior"] for r in rows] == list(config.tune.lambda_grid[inp])
-      best = min(rows, key=lambda r: r["geometry_error"])["lambda_prior"]
-      assert tuning["lambdas"][method][inp] == best
-      assert rep["config"]["lambda_prior_used"][method][inp] == best
-  # The fits of the test split used the tuned weights (the configured ones are in no grid): one per
-  # fitted method and input, and the live-driving block's full per-frame fit of its segment.
+      schedules = (
+        list(zip(grid[inp].num_steps, grid[inp].lr))
+        if inp in grid
+        else [(config.fit[inp].num_steps, config.fit[inp].lr)]
+      )
+      assert [(r["num_steps"], r["lr"], r["lambda_prior"]) for r in rows] == [
+        (n, lr, lam) for n, lr in schedules for lam in config.tune.lambda_grid[inp]
+      ]
+      best = _one_se_choice(rows)
+      want = {"lambda_prior": best["lambda_prior"]}
+      if inp in grid:
+        want.update(num_steps=best["num_steps"], lr=best["lr"])
+      assert tuning["tuned"][method][inp] == want
+      assert rep["config"]["fit_options_tuned"][method][inp] == want
+  # The fits of the test split used the tuned options (the configured prior weights and keypoint
+  # schedule are in no grid): one per fitted method and input, and the live-driving block's full
+  # per-frame fit of its segment.
   _, _, _, spied = tiny_demo_and_spies
-  fitted_runs = [(m, i, lam) for m, i, lam in spied["fits"] if m in fitted]
+  fitted_runs = [(m, i, opts) for m, i, opts in spied["fits"] if m in fitted]
   assert sorted((m, i) for m, i, _ in fitted_runs) == sorted(
     [(m, i) for m in fitted for i in config.eval.inputs]
     + [(config.drive.method, i) for i in config.drive.inputs]
   )
-  for method, inp, lam in fitted_runs:
-    assert lam == tuning["lambdas"][method][inp] != UNTUNED, (method, inp, lam)
+  for method, inp, opts in fitted_runs:
+    assert opts["lambda_prior"] != UNTUNED and opts["num_steps"] != UNTUNED_STEPS, (method, inp)
+    want = dict(tuning["tuned"][method][inp])
+    assert {k: opts[k] for k in want} == want, (method, inp, opts)
   # The tuning read the validation split and nothing else: every split it opened, every frame it
   # loaded, and the observations of every fit it ran.
   assert spied["tuning_splits"] and set(spied["tuning_splits"]) == {"validation"}
   (val_set,) = spied["tuning_sets"]
   assert set(val_set["frame_index"].tolist()) <= val_frames
-  assert len(spied["tuning_fits"]) == sum(
-    len(config.tune.lambda_grid[i]) for i in config.eval.inputs
-  ) * len(fitted)
+  assert len(spied["tuning_fits"]) == len(tuning["sweep"])
   for method, inp, obs in spied["tuning_fits"]:
     for k, v in obs.items():
       np.testing.assert_array_equal(v, val_set[k], err_msg=f"{method} {inp} {k}")
@@ -502,7 +546,7 @@ def test_caches_follow_the_training_config_and_the_fit_options(tiny_demo, tmp_pa
   models = os.path.join(workdir, "models")
   keys = {n: workdir_lib.fingerprint_of_done(os.path.join(models, n)) for n in os.listdir(models)}
   with open(os.path.join(workdir, "tuning.json")) as f:
-    lambdas = json.load(f)["lambdas"]
+    tuned = json.load(f)["tuned"]
   refit = []
 
   def fake_run_method(method, inp, bundles, obs, options=None):
@@ -522,7 +566,7 @@ def test_caches_follow_the_training_config_and_the_fit_options(tiny_demo, tmp_pa
   monkeypatch.setattr(evaluate, "run_method", fake_run_method)
   monkeypatch.setattr(evaluate, "evaluate_codes", fake_evaluate_codes)
 
-  def refitted(cfg, model_keys=keys, lams=lambdas):
+  def refitted(cfg, model_keys=keys, lams=tuned):
     refit.clear()
     pipeline.run_methods(cfg, {}, eval_set, copy, None, model_keys, lams)
     return sorted(refit)
@@ -534,9 +578,11 @@ def test_caches_follow_the_training_config_and_the_fit_options(tiny_demo, tmp_pa
   changed.fit.hmc.num_steps += 1
   assert refitted(changed) == sorted((m, i) for m, i in fitted if i == "hmc")
   assert refitted(changed) == []
-  lams = json.loads(json.dumps(lambdas))
-  lams["dam_fit"]["keypoints"] *= 10
+  lams = json.loads(json.dumps(tuned))
+  lams["dam_fit"]["keypoints"]["lambda_prior"] *= 10
   assert refitted(changed, lams=lams) == [("dam_fit", "keypoints")]
+  lams["lipflow_fit"]["keypoints"]["num_steps"] = 3  # a tuned schedule
+  assert refitted(changed, lams=lams) == [("lipflow_fit", "keypoints")]
   new_keys = dict(keys, lipflow="retrained")
   assert refitted(changed, model_keys=new_keys, lams=lams) == sorted(
     (m, i) for m, i in jobs if fit.METHODS[m].model_for(i) == "lipflow"

@@ -182,12 +182,15 @@ class FlowTest(parameterized.TestCase):
       flow.init(key(0), jnp.zeros((1, 4)))
 
 
-@pytest.mark.parametrize("weight_norm", [False, True])
-def test_mlp_out_columns_equal_the_full_output_sliced(weight_norm):
+@pytest.mark.parametrize(
+  "weight_norm,zero_init_last", [(False, False), (True, False), (True, True)]
+)
+def test_mlp_out_columns_equal_the_full_output_sliced(weight_norm, zero_init_last):
   """``MLP(x, out_columns=c)`` computes only the last layer's columns c (the flow's couplings read
   the parameters of the dimensions they transform): equal to the full output's columns c, values
-  and gradients, for a non-contiguous, unordered c."""
-  mlp = layers.MLP((8, 6, 10), weight_norm=weight_norm)
+  and gradients, for a non-contiguous, unordered c (weight norm on the last layer or, with a
+  zero-initialised last layer, on the others only)."""
+  mlp = layers.MLP((8, 6, 10), weight_norm=weight_norm, zero_init_last=zero_init_last)
   x = jax.random.normal(key(0), (3, 5))
   variables = perturb(mlp.init(key(1), x), key(2), 0.5)
   cols = np.array([7, 0, 3, 4, 9])

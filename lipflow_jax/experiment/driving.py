@@ -29,7 +29,7 @@ HEADSET_HZ = (72, 90)  # frame rates of VR headsets: budgets of 13.9 and 11.1 ms
 
 
 def load_run(workdir: str):
-  """(config, builder, meta, lambdas) of a finished main-job workdir."""
+  """(config, builder, meta, tuned fit options) of a finished main-job workdir."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -40,9 +40,9 @@ def load_run(workdir: str):
   ds = config.dataset
   builder = input_pipeline.prepare(ds.name, ds.get("builder_config"), ds.get("data_dir"))
   meta = schema.load_meta(builder)
-  tuned = os.path.join(workdir, tuning.TUNING_FILE)
-  lambdas = workdir_lib.read_json(tuned)["lambdas"] if os.path.exists(tuned) else None
-  return config, builder, meta, lambdas
+  path = os.path.join(workdir, tuning.TUNING_FILE)
+  tuned = workdir_lib.read_json(path)["tuned"] if os.path.exists(path) else None
+  return config, builder, meta, tuned
 
 
 def default_steps(config, input: str) -> int:  # noqa: A002
@@ -92,7 +92,7 @@ def drive(
     raise ValueError(f"drive: method must be one of {fit.FITTED}, got {method!r}")
   if input not in fit.INPUTS:
     raise ValueError(f"drive: input must be one of {fit.INPUTS}, got {input!r}")
-  config, builder, meta, lambdas = run
+  config, builder, meta, tuned = run
   split = split or config.eval.split
   cols = meta.splits.get(split)
   if cols is None or split == "train":
@@ -116,7 +116,7 @@ def drive(
   log(f"drive: {method} from {input}, segment {segment}: {n} frames, {steps} steps a frame")
 
   # ---------------------------------------------------------------------------------- stream
-  options = tuning.fit_options(config, method, input, lambdas)
+  options = tuning.fit_options(config, method, input, tuned)
   lam = options.pop("lambda_prior")
   for k in ("num_steps", "schedule", "warm_steps"):
     options.pop(k, None)
@@ -138,7 +138,7 @@ def drive(
   codes = np.stack(codes)
 
   # ---------------------------------------------------------------------------------- full fit
-  full_options = tuning.fit_options(config, method, input, lambdas)
+  full_options = tuning.fit_options(config, method, input, tuned)
   full = evaluate.run_method(method, input, bundles, obs, full_options)
   settings = evaluate.eval_settings(meta.image_size)
   streamed = evaluate.evaluate_codes(bundle, codes, seq, settings, keep_images=range(n))

@@ -143,7 +143,7 @@ def make_figures(config, bundles, eval_set, results, meta, settings, workdir: st
 
 
 def make_sequence_gif(
-  config, bundles, source, meta, settings, workdir: str, view_camera: int, lambdas=None
+  config, bundles, source, meta, settings, workdir: str, view_camera: int, tuned=None
 ) -> Optional[str]:
   """Fits one held-out sequence frame by frame (warm start) from keypoints with dam_fit and
   lipflow_fit and writes target | ground truth | dam_fit | lipflow_fit as an animated GIF."""
@@ -157,7 +157,7 @@ def make_sequence_gif(
   renders = {}
   for method in ("dam_fit", "lipflow_fit"):
     bundle = bundles[fit.METHODS[method].model]
-    opts = tuning.fit_options(config, method, "keypoints", lambdas)
+    opts = tuning.fit_options(config, method, "keypoints", tuned)
     opts["warm_steps"] = min(int(config.fit.sequence_warm_steps), int(opts["num_steps"]))
     res = fit.fit_latents(bundle, obs, method=method, input="keypoints", sequence=True, **opts)
     rgb, _ = evaluate.render_frames(

@@ -4,7 +4,8 @@ report, as one linear sequence of labelled blocks.
 Workdir layout:
   config.json                 the resolved config
   models/<name>/              one ``lipflow_jax.train`` workdir per model (DONE.json once finished)
-  tuning.json                 lambda_prior per fitted method and input (on the validation split)
+  tuning.json                 fitting options (lambda_prior, Adam schedule) per fitted method and
+                              input, chosen on the validation split
   fits/<method>_<input>.npz   codes, timings and per-frame metrics of each evaluated method (cache)
   report.json, report.md      the results table (see ``lipflow_jax.evaluate.report``)
   figures/*.png, figures/sequence.gif
@@ -105,7 +106,7 @@ def load_bundles(workdirs: Dict[str, str], meta) -> Dict[str, fit.ModelBundle]:
 
 
 def run_methods(
-  config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], lambdas=None
+  config, bundles, eval_set, workdir: str, settings, model_keys: Dict[str, str], tuned=None
 ):
   """Codes and per-frame metrics of every (method, input), cached in ``workdir/fits``."""
   obs = evaluate.observations(eval_set)
@@ -115,7 +116,7 @@ def run_methods(
   jobs = [(m, i) for i in config.eval.inputs for m in config.eval.methods]
   for n, (method, inp) in enumerate(jobs):
     spec = fit.METHODS[method]
-    options = tuning.fit_options(config, method, inp, lambdas) if spec.fitted else {}
+    options = tuning.fit_options(config, method, inp, tuned) if spec.fitted else {}
     key = fingerprint(
       method,
       inp,
@@ -199,12 +200,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     # ----------------------------------------------------------------------------------------------
     # tune
     with timed(timings, "tune"):
-      lambdas, sweep = tuning.tune_lambda_prior(config, bundles, builder, meta, workdir, model_keys)
+      tuned, sweep = tuning.tune_fit_options(config, bundles, builder, meta, workdir, model_keys)
 
     # ----------------------------------------------------------------------------------------------
     # fit + evaluate
     with timed(timings, "fit_eval"):
-      results = run_methods(config, bundles, eval_set, workdir, settings, model_keys, lambdas)
+      results = run_methods(config, bundles, eval_set, workdir, settings, model_keys, tuned)
     rows = [
       evaluate.summarize(
         m,
@@ -227,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         view_camera = int(eval_set["camera_index"][0, figures.frontal_view(eval_set)])
         figs.append(
           figures.make_sequence_gif(
-            config, bundles, source, meta, settings, workdir, view_camera, lambdas
+            config, bundles, source, meta, settings, workdir, view_camera, tuned
           )
         )
     if figs:
@@ -246,7 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
             drive_config.method,
             steps=drive_config.steps[inp],
             max_frames=drive_config.get("max_frames"),
-            run=(config, builder, meta, lambdas),
+            run=(config, builder, meta, tuned),
             bundles=bundles,
           )
         )
@@ -258,8 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   report_config["timings"] = timings
   report_config["eval_frames"] = eval_set["frame_index"].tolist()
   report_config["eval_cameras"] = eval_set["camera_index"][0].tolist()
-  report_config["lambda_prior_used"] = lambdas
-  report_config["lambda_prior_sweep"] = sweep
+  report_config["fit_options_tuned"] = tuned
+  report_config["fit_options_sweep"] = sweep
   stages = [k[: -len("_s")] for k in timings if k.endswith("_s") and not k.endswith("_cpu_s")]
   notes = (
     "Timings, wall (CPU, all cores) in s: "
@@ -271,7 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     report_config["live_driving"] = drives
     notes += "\n\n" + driving.markdown_section(drives)
   if sweep:
-    notes += "\n\n" + tuning.sweep_table(sweep, lambdas)
+    notes += "\n\n" + tuning.sweep_table(sweep, tuned)
   report = evaluate.write_report(
     workdir, rows, report_config, figures=figs, notes=notes, comparisons=comparisons
   )

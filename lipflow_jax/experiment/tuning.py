@@ -1,10 +1,12 @@
-"""The prior weight lambda_prior of every fitted method and input, chosen on the validation split
-(never the test split), and the fitting options a method runs with."""
+"""The fitting options every fitted method runs with for each input: the prior weight lambda_prior
+and, where a grid is given, the Adam schedule (steps, learning rate), chosen on the validation
+split (never the test split)."""
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,36 +20,72 @@ TUNING_FILE = "tuning.json"
 
 
 # pylint: disable=redefined-builtin
-def fit_options(config, method: str, input: str, lambdas=None) -> Dict[str, Any]:
-  """``fit.fit_config`` overrides of a fitted method for an input: ``config.fit[input]``, the prior
-  weight (``lambdas`` {method: {input: lambda_prior}} from ``tune_lambda_prior``, else
-  ``config.fit.lambda_prior``) and, for LiP-Flow, the optimised space."""
+def fit_options(config, method: str, input: str, tuned=None) -> Dict[str, Any]:
+  """``fit.fit_config`` overrides of a fitted method for an input: ``config.fit[input]``, then the
+  tuned options (``tuned`` {method: {input: {lambda_prior[, num_steps, lr]}}} from
+  ``tune_fit_options``; without it the prior weight of ``config.fit.lambda_prior``) and, for
+  LiP-Flow, the optimised space."""
   opts = dict(plain(config.fit[input]))
-  opts["lambda_prior"] = float((lambdas or plain(config.fit.lambda_prior))[method][input])
+  if tuned is None:
+    opts["lambda_prior"] = float(plain(config.fit.lambda_prior)[method][input])
+  else:
+    opts.update(tuned[method][input])
   if method == "lipflow_fit":
     opts["space"] = config.fit.get("space", "z")
   return opts
 
 
-def tune_lambda_prior(config, bundles, builder, meta, workdir: str, model_keys: Dict[str, str]):
-  """lambda_prior of every fitted method and input, chosen on the validation split (never the test
-  split).
+def choose(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+  """The one-standard-error rule (Hastie et al., The Elements of Statistical Learning, 7.10): among
+  the sweep rows of one method and input ({num_steps, geometry_error, geometry_error_se, ...}),
+  the fewest Adam steps whose mean validation error is within one standard error of the lowest
+  mean (the lowest row's own standard error); among those, the lowest error (ties: the first
+  row)."""
+  best = min(rows, key=lambda r: r["geometry_error"])
+  bound = best["geometry_error"] + best["geometry_error_se"]
+  close = [r for r in rows if r["geometry_error"] <= bound]
+  return min(close, key=lambda r: (r["num_steps"], r["geometry_error"]))
 
-  For each value of ``config.tune.lambda_grid[input]`` the method fits ``config.tune.max_frames``
-  validation frames; the value with the lowest mean geometry error wins (ties: the first). Without a
-  grid or a validation split the values of ``config.fit.lambda_prior`` are used as given. Cached in
+
+def _schedules(tune, input: str) -> List[Dict[str, Any]]:
+  """The Adam schedules ({num_steps, lr}) tried for an input: the pairs of
+  ``tune.schedule_grid[input]`` (num_steps, lr: tuples of one length), else [{}] (the configured
+  schedule alone)."""
+  grid = (tune.get("schedule_grid") or {}).get(input)
+  if not grid:
+    return [{}]
+  steps, lrs = tuple(grid["num_steps"]), tuple(grid["lr"])
+  if len(steps) != len(lrs):
+    raise ValueError(
+      f"config.tune.schedule_grid.{input}: num_steps {steps} and lr {lrs} differ in length"
+    )
+  return [{"num_steps": int(n), "lr": float(lr)} for n, lr in zip(steps, lrs)]
+
+
+def tune_fit_options(config, bundles, builder, meta, workdir: str, model_keys: Dict[str, str]):
+  """The prior weight (and, with ``config.tune.schedule_grid``, the Adam schedule) of every fitted
+  method and input, chosen on the validation split (never the test split).
+
+  Each (schedule, lambda_prior) of ``config.tune.schedule_grid[input]`` x
+  ``config.tune.lambda_grid[input]`` fits ``config.tune.max_frames`` validation frames; ``choose``
+  picks by the mean geometry error: the fewest steps within one standard error of the best, so a
+  cheaper schedule wins only where validation cannot tell it apart from the best. Without a grid
+  or a validation split the values of ``config.fit`` are used as given. Cached in
   ``workdir/tuning.json``.
 
   Returns:
-    (lambdas {method: {input: value}}, sweep rows [{method, input, lambda_prior, geometry_error,
-    obs_loss}]).
+    (tuned {method: {input: {lambda_prior[, num_steps, lr]}}}, sweep rows [{method, input,
+    lambda_prior, num_steps, lr, geometry_error, geometry_error_se, obs_loss}]).
   """
-  lambdas = {m: dict(v) for m, v in plain(config.fit.lambda_prior).items()}
+  tuned = {
+    m: {i: {"lambda_prior": float(lam)} for i, lam in v.items()}
+    for m, v in plain(config.fit.lambda_prior).items()
+  }
   tune = config.get("tune")
   split = tune.get("split") if tune else None
   if not tune or not tune.get("lambda_grid") or split not in meta.splits:
-    log(f"lambda_prior not tuned (no {split!r} split or no grid): using config.fit.lambda_prior")
-    return lambdas, []
+    log(f"fit options not tuned (no {split!r} split or no grid): using config.fit")
+    return tuned, []
   val = evaluate.load_eval_set(
     input_pipeline.open_split(builder, split),
     meta,
@@ -66,39 +104,44 @@ def tune_lambda_prior(config, bundles, builder, meta, workdir: str, model_keys: 
   path = os.path.join(workdir, TUNING_FILE)
   if os.path.exists(path) and workdir_lib.read_json(path).get("key") == key:
     cached = workdir_lib.read_json(path)
-    log(f"lambda_prior: reusing the validation sweep in {path}")
-    return cached["lambdas"], cached["sweep"]
+    log(f"fit options: reusing the validation sweep in {path}")
+    return cached["tuned"], cached["sweep"]
   obs = evaluate.observations(val)
   sweep = []
   for n, (method, inp) in enumerate(jobs):
-    best = None
-    for lam in tune.lambda_grid[inp]:
-      options = dict(fit_options(config, method, inp), lambda_prior=float(lam))
-      out = evaluate.run_method(method, inp, bundles, obs, options)
-      geo = float(
-        np.mean(evaluate.geometry_errors(out.bundle, jnp.asarray(out.z), jnp.asarray(val["verts"])))
-      )
-      obs_loss = float(np.mean(out.losses["obs"][:, -1]))
-      sweep.append(
-        {
-          "method": method,
-          "input": inp,
-          "lambda_prior": float(lam),
-          "geometry_error": geo,
-          "obs_loss": obs_loss,
-        }
-      )
-      if best is None or geo < best[1]:
-        best = (float(lam), geo)
-    lambdas[method][inp] = best[0]
+    rows = []
+    for schedule in _schedules(tune, inp):
+      for lam in tune.lambda_grid[inp]:
+        options = dict(fit_options(config, method, inp), **schedule, lambda_prior=float(lam))
+        out = evaluate.run_method(method, inp, bundles, obs, options)
+        errors = np.asarray(
+          evaluate.geometry_errors(out.bundle, jnp.asarray(out.z), jnp.asarray(val["verts"]))
+        )
+        rows.append(
+          {
+            "method": method,
+            "input": inp,
+            "lambda_prior": float(lam),
+            "num_steps": int(options["num_steps"]),
+            "lr": float(options["lr"]),
+            "geometry_error": float(np.mean(errors)),
+            "geometry_error_se": float(np.std(errors, ddof=1) / math.sqrt(len(errors)))
+            if len(errors) > 1
+            else 0.0,
+            "obs_loss": float(np.mean(out.losses["obs"][:, -1])),
+          }
+        )
+    best = choose(rows)
+    tuned[method][inp] = {"lambda_prior": best["lambda_prior"]}
+    if _schedules(tune, inp) != [{}]:
+      tuned[method][inp].update(num_steps=best["num_steps"], lr=best["lr"])
+    sweep += rows
     grid = ", ".join(
-      f"{r['lambda_prior']:g}: {r['geometry_error']:.3f}"
-      for r in sweep
-      if r["method"] == method and r["input"] == inp
+      f"{r['num_steps']}/{r['lr']:g}/{r['lambda_prior']:g}: {r['geometry_error']:.3f}" for r in rows
     )
     log(
-      f"[tune {n + 1}/{len(jobs)}] {method} / {inp}: lambda_prior {best[0]:g} (validation geometry "
-      f"{best[1]:.3f}; grid {grid})"
+      f"[tune {n + 1}/{len(jobs)}] {method} / {inp}: {tuned[method][inp]} (validation geometry "
+      f"{best['geometry_error']:.3f} +- {best['geometry_error_se']:.3f}; steps/lr/lambda: {grid})"
     )
   workdir_lib.write_json(
     path,
@@ -106,34 +149,43 @@ def tune_lambda_prior(config, bundles, builder, meta, workdir: str, model_keys: 
       "key": key,
       "split": split,
       "frames": val["frame_index"].tolist(),
-      "lambdas": lambdas,
+      "tuned": tuned,
       "sweep": sweep,
     },
   )
-  return lambdas, sweep
+  return tuned, sweep
 
 
-def sweep_table(sweep, lambdas) -> str:
-  """Markdown: validation geometry error of each fitted method and input per lambda_prior (chosen
-  in bold)."""
+def sweep_table(sweep, tuned) -> str:
+  """Markdown: validation geometry error of each fitted method, input and Adam schedule per
+  lambda_prior (chosen in bold)."""
   grid = sorted({r["lambda_prior"] for r in sweep})
   lines = [
-    "lambda_prior, chosen on the validation split (mean geometry error of the fitted codes; the "
-    "test "
-    "split is not used):",
+    "Fitting options chosen on the validation split (mean geometry error of the fitted codes; the "
+    "test split is not used): the fewest Adam steps within one standard error of the lowest error, "
+    "then the lowest error.",
     "",
-    "| input | method | " + " | ".join(f"{g:g}" for g in grid) + " |",
-    "|---|---|" + "---:|" * len(grid),
+    "| input | method | steps | lr | " + " | ".join(f"{g:g}" for g in grid) + " |",
+    "|---|---|---:|---:|" + "---:|" * len(grid),
   ]
-  for method, inp in dict.fromkeys((r["method"], r["input"]) for r in sweep):
+  for method, inp, steps, lr in dict.fromkeys(
+    (r["method"], r["input"], r["num_steps"], r["lr"]) for r in sweep
+  ):
     cells = {
       r["lambda_prior"]: r["geometry_error"]
       for r in sweep
-      if (r["method"], r["input"]) == (method, inp)
+      if (r["method"], r["input"], r["num_steps"], r["lr"]) == (method, inp, steps, lr)
     }
-    chosen = lambdas[method][inp]
+    chosen = tuned[method][inp]
+    picked = chosen.get("num_steps", steps) == steps and chosen.get("lr", lr) == lr
     fmt = lambda g: (
-      "n/a" if g not in cells else f"**{cells[g]:.4f}**" if g == chosen else f"{cells[g]:.4f}"
+      "n/a"
+      if g not in cells
+      else f"**{cells[g]:.4f}**"
+      if picked and g == chosen["lambda_prior"]
+      else f"{cells[g]:.4f}"
     )
-    lines.append(f"| {inp} | {method} | " + " | ".join(fmt(g) for g in grid) + " |")
+    lines.append(
+      f"| {inp} | {method} | {steps} | {lr:g} | " + " | ".join(fmt(g) for g in grid) + " |"
+    )
   return "\n".join(lines)

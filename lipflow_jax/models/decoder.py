@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lipflow_jax.models import layers
@@ -39,9 +38,7 @@ def decode_vertex_subset(decoder: "Decoder", params, z, vertex_ids):
   zc = layers.dense(decoder.z_features, wn).apply({"params": params["z_code"]}, z)
   zc = layers.leaky_relu(zc)
   cols = (3 * jnp.asarray(vertex_ids, jnp.int32)[:, None] + jnp.arange(3)).reshape(-1)
-  # Every leaf of a (weight-normalised) dense layer has the output features last.
-  sub = jax.tree_util.tree_map(lambda a: jnp.take(a, cols, axis=-1), params["verts"])
-  verts = layers.dense(cols.shape[0], wn).apply({"params": sub}, zc)
+  verts = layers.dense_columns(params["verts"], zc, cols, wn)
   return verts.reshape(z.shape[0], -1, 3)
 
 

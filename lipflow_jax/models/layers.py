@@ -68,12 +68,27 @@ class WeightNormed(nn.Module):
     return nn.WeightNorm(self.layer)(x)
 
 
-def dense(features: int, weight_norm: bool = False, name: Optional[str] = None, **kwargs):
+def dense(
+  features: int,
+  weight_norm: bool = False,
+  name: Optional[str] = None,
+  detached: bool = False,
+  **kwargs,
+):
   """A ``nn.Dense``, optionally weight-normalised (``nn.WeightNorm``, as in Multiface's
-  ``LinearWN``)."""
+  ``LinearWN``); ``detached``: not a submodule of the module whose method builds it."""
+  where = dict(parent=None) if detached else {}
   if weight_norm:
-    return WeightNormed(nn.Dense(features, parent=None, **kwargs), name=name)
-  return nn.Dense(features, name=name, **kwargs)
+    return WeightNormed(nn.Dense(features, parent=None, **kwargs), name=name, **where)
+  return nn.Dense(features, name=name, **kwargs, **where)
+
+
+def dense_columns(params, x, cols, weight_norm: bool = False):
+  """Only the output columns ``cols`` ([C] int) of a ``dense`` layer with parameters ``params``:
+  x [..., D_in] -> [..., C], equal to the full layer's output [..., cols] in O(C) work (every leaf
+  of a dense layer's parameters, weight norm's scale too, has the output features last)."""
+  sub = jax.tree_util.tree_map(lambda a: jnp.take(a, cols, axis=-1), params)
+  return dense(len(cols), weight_norm, detached=True).apply({"params": sub}, x)
 
 
 def conv(
@@ -181,22 +196,21 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, out_columns=None):
     """[..., D_in] -> [..., features[-1]], or [..., len(out_columns)] with ``out_columns`` (static
-    integer indices of the last layer's outputs): then, outside initialisation and without weight
-    norm, the last layer computes only those columns (a caller that reads part of the output skips
+    integer indices of the last layer's outputs): then, outside initialisation, the last layer
+    computes only those columns (``dense_columns``: a caller that reads part of the output skips
     the rest of the last matmul)."""
     if not self.features:
       raise ValueError("MLP needs at least one layer (features is empty).")
     n = len(self.features)
     for i, f in enumerate(self.features):
-      if i == n - 1 and out_columns is not None:
-        cols = np.asarray(out_columns)
-        if self.is_initializing() or self.weight_norm:
-          x = self._layer(i, f)(x)[..., cols]
-        else:
-          last = self.variables["params"][f"dense_{i}"]
-          x = x @ jnp.take(last["kernel"], cols, axis=-1) + jnp.take(last["bias"], cols, axis=-1)
+      if i == n - 1 and out_columns is not None and not self.is_initializing():
+        params = self.variables["params"][f"dense_{i}"]
+        weight_norm = self.weight_norm and not self.zero_init_last  # as ``_layer`` builds it
+        x = dense_columns(params, x, np.asarray(out_columns), weight_norm)
       else:
         x = self._layer(i, f)(x)
+        if i == n - 1 and out_columns is not None:
+          x = x[..., np.asarray(out_columns)]
       if i < n - 1 or self.activate_last:
         x = leaky_relu(x)
     return x
