@@ -188,4 +188,16 @@ def sweep_table(sweep, tuned) -> str:
     lines.append(
       f"| {inp} | {method} | {steps} | {lr:g} | " + " | ".join(fmt(g) for g in grid) + " |"
     )
-  return "\n".join(lines)
+  # Where schedules competed, the rule's numbers: the lowest error, its standard error, the choice.
+  name = lambda r: f"{r['num_steps']} steps, lr {r['lr']:g}, lambda {r['lambda_prior']:g}"
+  notes = []
+  for method, inp in dict.fromkeys((r["method"], r["input"]) for r in sweep):
+    rows = [r for r in sweep if (r["method"], r["input"]) == (method, inp)]
+    if len({(r["num_steps"], r["lr"]) for r in rows}) > 1:
+      best, pick = min(rows, key=lambda r: r["geometry_error"]), choose(rows)
+      notes.append(
+        f"- {inp} / {method}: lowest {best['geometry_error']:.4f} +- "
+        f"{best['geometry_error_se']:.4f} ({name(best)}); chosen {pick['geometry_error']:.4f} "
+        f"({name(pick)})"
+      )
+  return "\n".join(lines + ([""] + notes if notes else []))
