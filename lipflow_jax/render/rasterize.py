@@ -822,16 +822,15 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
     bit = jnp.left_shift(jnp.uint32(1), cpos.astype(jnp.uint32))[..., None]
     word = reduce_leading(jnp.where(near, bit, jnp.uint32(0)), jnp.bitwise_or)  # [rows, P]
 
-    def inv_depth(c):  # [rows, P] clipped inverse depth of chunk candidates c
-      g = lambda a: jnp.take_along_axis(a, c, axis=0)
-      a3, b3, c3 = (jnp.broadcast_to(x[..., None], (_CHUNK, rows, p)) for x in abc[3])
-      lo, hi = (jnp.broadcast_to(x[..., None], (_CHUNK, rows, p)) for x in (zlo, zhi))
-      c = c[None]
-      val = g(a3) * px + g(b3) * py + g(c3)
-      return jnp.clip(val, g(lo), g(hi))[0]
+    # Per (candidate, row) lookups, flat: one gather of a row of ``planes`` per pixel.
+    planes = jnp.stack([*abc[3], zlo, zhi], -1).reshape(_CHUNK * rows, 5)
+    flat = lambda c: c * rows + lax.broadcasted_iota(jnp.int32, c.shape, 0)  # c [rows, P]
+    take_face = lambda c: cand.reshape(-1)[flat(c)]
 
-    cand_p = jnp.broadcast_to(cand[..., None], (_CHUNK, rows, p))
-    take_face = lambda c: jnp.take_along_axis(cand_p, c[None], axis=0)[0]
+    def inv_depth(c):  # [rows, P] clipped inverse depth of chunk candidates c
+      g = planes[flat(c)]  # [rows, P, 5]
+      return jnp.clip(g[..., 0] * px + g[..., 1] * py + g[..., 2], g[..., 3], g[..., 4])
+
     # Merge with the state of these tiles.
     o_best, o_face, o_z = best[ts], best_face[ts], best_z[ts]
     o_lst, o_lz, o_n = lst[:, ts], lst_z[:, ts], n[ts]
