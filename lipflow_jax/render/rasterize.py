@@ -1263,8 +1263,12 @@ def _active_tiles(cand, settings: RasterSettings):
 # not depend on the rung.
 
 # The automatic ladder: pair / chunk budgets B, B / 2, B / 4, ... (B the full set's), down to
-# ``_MIN_LADDER_BUDGET``, at most ``_MAX_RUNGS`` (each is a compiled branch of binning / chunking).
+# ``_MIN_LADDER_BUDGET``, at most ``_MAX_RUNGS`` (each is a compiled branch of binning / chunking,
+# ~0.6 s of compile at 40 x 40 px). K > 1 stops at ``_MIN_PAIR_RUNG`` pairs once it has one rung
+# below B: a chunk (K = 1) costs T * T tests and three window scatters, a pair one sort entry, and
+# rungs of fewer than ~1,000 pairs save microseconds.
 _MIN_LADDER_BUDGET = 256
+_MIN_PAIR_RUNG = 1024
 _MAX_RUNGS = 6
 # The fragment ladder (``RasterSettings.fragment_budget=None``): K * H * W, halving down to this
 # many slots, at most this many rungs (each a compiled branch of the evaluation and shading).
@@ -1293,7 +1297,10 @@ def _ladder(num_faces, full_budget, settings: RasterSettings):
     size = min(num_faces, max(1, math.ceil(settings.face_budget * num_faces)))
     return ((size, max(1, math.ceil(full_budget * size / num_faces))),)
   rungs = [(num_faces, full_budget)]
-  while len(rungs) < _MAX_RUNGS and -(-rungs[-1][1] // 2) >= _MIN_LADDER_BUDGET:
+  floor = _MIN_LADDER_BUDGET
+  if settings.faces_per_pixel > 1:
+    floor = max(floor, min(_MIN_PAIR_RUNG, -(-full_budget // 2)))
+  while len(rungs) < _MAX_RUNGS and -(-rungs[-1][1] // 2) >= floor:
     budget = -(-rungs[-1][1] // 2)
     # Every face that can touch the image has at least one pair / chunk: a rung whose budget holds
     # the view's pairs / chunks holds its faces in min(F, budget).
