@@ -816,11 +816,14 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
     origin = jnp.stack([(ts % ntx) * t, (ts // ntx) * t], -1).astype(xy.dtype)  # [rows, 2]
     abc, zlo, zhi, box = _planes(xy, z, cand, jnp.broadcast_to(origin, (_CHUNK, rows, 2)), settings)
     near, keys = _near_and_key(abc, zlo, zhi, box, px, py, settings)  # [32, rows, P]
-    c_best = reduce_leading(
-      jnp.where(near, (keys & ~low) | (low - cpos[..., None]), 0), jnp.maximum
-    )
+    kn = jnp.where(near, (keys & ~low) | (low - cpos[..., None]), 0)  # > 0 where near
+    # The tests computed once: materialised as two exact 16-bit halves (``materialize`` takes
+    # floats); else the max and the bit-or below would each fuse (and run) all of them.
+    hi, lo = materialize((kn >> 16).astype(jnp.float32), (kn & 0xFFFF).astype(jnp.float32))
+    kn = (hi.astype(jnp.int32) << 16) | lo.astype(jnp.int32)
+    c_best = reduce_leading(kn, jnp.maximum)
     bit = jnp.left_shift(jnp.uint32(1), cpos.astype(jnp.uint32))[..., None]
-    word = reduce_leading(jnp.where(near, bit, jnp.uint32(0)), jnp.bitwise_or)  # [rows, P]
+    word = reduce_leading(jnp.where(kn > 0, bit, jnp.uint32(0)), jnp.bitwise_or)  # [rows, P]
 
     # Per (candidate, row) lookups, flat: one gather of a row of ``planes`` per pixel.
     planes = jnp.stack([*abc[3], zlo, zhi], -1).reshape(_CHUNK * rows, 5)
