@@ -4,6 +4,7 @@ jit.
 
   python benchmarks/fit.py                  # prints JSON
   python benchmarks/fit.py --quick          # fewer configurations
+  python benchmarks/fit.py --stream_only    # the streaming cases only
 
 The streaming case ("mode": "stream") follows a smooth sequence of frames at batch 1 with
 ``fit.stream_step_fn`` (a few warm-started Adam steps a frame) and reports per-frame latency p50 /
@@ -176,7 +177,14 @@ def time_unjitted(bundle, obs, cfg):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer configurations")
-  parser.add_argument("--stream_steps", type=int, default=5, help="Adam steps a streamed frame")
+  # The stream's steps a frame default to the main job's (configs/demo.py, config.drive.steps).
+  parser.add_argument(
+    "--stream_steps", type=int, default=30, help="Adam steps a streamed keypoint frame"
+  )
+  parser.add_argument(
+    "--stream_steps_hmc", type=int, default=1, help="Adam steps a streamed headset frame"
+  )
+  parser.add_argument("--stream_only", action="store_true", help="only the streaming cases")
   args = parser.parse_args()
   if args.quick:
     grid = {"keypoints": [(8, 50)], "hmc": [(2, 10)]}
@@ -190,7 +198,7 @@ def main():
   max_batch = max(b for v in grid.values() for b, _ in v)
   bundle, obs_all, _ = make_problem(max_batch)
   results = []
-  for inp, configs in grid.items():
+  for inp, configs in ({} if args.stream_only else grid).items():
     for method in ("dam_fit", "lipflow_fit"):
       for batch, steps in configs:
         obs = jax.tree_util.tree_map(lambda x, n=batch: x[:n], obs_all)
@@ -227,7 +235,10 @@ def main():
         )
       )
   frames = 8 if args.quick else 32
-  for inp, steps, full_steps in (("keypoints", args.stream_steps, 200), ("hmc", 3, 40)):
+  for inp, steps, full_steps in (
+    ("keypoints", args.stream_steps, 200),
+    ("hmc", args.stream_steps_hmc, 40),
+  ):
     results.append(stream_case(inp, frames, steps, full_steps))
   out = {
     "benchmark": "fit",
