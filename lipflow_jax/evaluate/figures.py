@@ -157,6 +157,9 @@ def line_plot(
   for k in range(5):
     y = y_max * k / 4
     draw.text((4, py(y) - 6), f"{y:.3g}", fill=(0, 0, 0))
+  for i in sorted({round((n - 1) * k / 4) for k in range(5)}):  # x ticks: 0 .. N-1
+    draw.line([px(i), h - bottom, px(i), h - bottom + 4], fill=(0, 0, 0))
+    draw.text((px(i) - 4, h - bottom + 6), str(i), fill=(0, 0, 0))
   colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
   for j, (label, y) in enumerate(hlines.items()):
     c = (120, 120, 120) if j % 2 else (200, 60, 60)
@@ -170,6 +173,6 @@ def line_plot(
       draw.line(pts, fill=c, width=2)
     draw.text((w - right + 6, top + 14 * j), label, fill=c)
   draw.text((left, 8), title, fill=(0, 0, 0))
-  draw.text((left + (w - left - right) // 2 - 20, h - bottom + 14), x_label, fill=(0, 0, 0))
+  draw.text((left + (w - left - right) // 2 - 20, h - bottom + 22), x_label, fill=(0, 0, 0))
   draw.text((4, top - 24), y_label, fill=(0, 0, 0))
   return np.asarray(img)

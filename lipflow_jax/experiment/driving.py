@@ -28,6 +28,11 @@ from lipflow_jax.experiment.workdir import log
 HEADSET_HZ = (72, 90)  # frame rates of VR headsets: budgets of 13.9 and 11.1 ms a frame
 
 
+def _steps(n: int) -> str:
+  """'1 step', '3 steps'."""
+  return f"{n} step" + ("" if n == 1 else "s")
+
+
 def load_run(workdir: str):
   """(config, builder, meta, tuned fit options) of a finished main-job workdir."""
   path = os.path.join(workdir, "config.json")
@@ -113,7 +118,7 @@ def drive(
   seq = evaluate.load_eval_set(source, meta, split, frames=frames, cameras=[camera])
   obs = {k: jnp.asarray(v) for k, v in evaluate.observations(seq).items()}
   n = len(frames)
-  log(f"drive: {method} from {input}, segment {segment}: {n} frames, {steps} steps a frame")
+  log(f"drive: {method} from {input}, segment {segment}: {n} frames, {_steps(steps)} a frame")
 
   # ---------------------------------------------------------------------------------- stream
   options = tuning.fit_options(config, method, input, tuned)
@@ -185,7 +190,7 @@ def drive(
   workdir_lib.write_json(os.path.join(out_dir, "summary.json"), summary)
   budgets = {f"{hz} Hz ({1e3 / hz:.1f} ms)": 1e3 / hz for hz in HEADSET_HZ}
   plot = draw.line_plot(
-    {f"stream, {steps} steps": latency},
+    {f"stream, {_steps(steps)}": latency},
     hlines=budgets,
     title=f"{method} from {input}: latency per frame ({segment}; compilation excluded)",
     x_label="frame",
@@ -207,7 +212,7 @@ def drive(
           batch["images"][i, 0],
         ]
       ],
-      col_labels=["input", "ground truth", f"streamed ({steps} steps)", "full per-frame fit"],
+      col_labels=["input", "ground truth", f"streamed ({_steps(steps)})", "full per-frame fit"],
       cell_height=128,
       title=f"frame {int(frames[i])}: {latency[i]:.1f} ms",
     )
@@ -223,7 +228,7 @@ def summary_line(s: Dict[str, Any]) -> str:
   lat = s["latency_ms"]
   return (
     f"{s['method']} from {s['input']} ({s['segment']}, {s['frames']} frames, "
-    f"{s['steps_per_frame']} steps/frame): latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} "
+    f"{_steps(s['steps_per_frame'])} a frame): latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} "
     f"ms, max {lat['max']:.1f} ms; geometry {s['stream']['geometry_error']:.4f} vs full fit "
     f"{s['full_fit']['geometry_error']:.4f} ({100 * s['geometry_error_vs_full_fit']:+.1f} %), "
     f"PSNR {s['stream']['psnr']:.2f} vs {s['full_fit']['psnr']:.2f} dB; full fit "
