@@ -13,7 +13,8 @@ duplicated), its texture ``demo_texture`` at ``--texture`` texels square, seen f
 ``render_mesh``; "fwd_bwd" the gradient of a scalar loss of rgb and alpha with respect to the
 vertices and the texture. Times are the median (and minimum) of ``--runs`` runs after a warm-up
 (compilation excluded), with ``block_until_ready``; the 1-minute load average is reported with them
-(on a shared machine, compare runs taken back to back).
+(on a shared machine, compare runs taken back to back). "compile_s" is the fwd_bwd program's
+tracing + XLA compile seconds (``lower().compile()``; mind a persistent compilation cache).
 
 Each case runs with the default settings ("1": ``RasterSettings``' defaults, which size themselves
 per call: the fragment budget from a short ladder, no per-tile cap (every candidate tested in
@@ -59,8 +60,14 @@ from lipflow_jax.render.demo import demo_texture, head_mesh
 AUTO_MARGIN = 1.1
 
 
-def _times_ms(fn, *args, runs):
-  """(median, min) wall time in ms of ``runs`` calls after a warm-up call (which compiles)."""
+def _times_ms(fn, *args, runs, compile_s=None):
+  """(median, min) wall time in ms of ``runs`` calls of the jitted ``fn`` after a warm-up call.
+  ``compile_s``: a dict, gets "s" = seconds of ``fn.lower(*args).compile()`` (tracing + XLA),
+  which is what the timed calls then run."""
+  if compile_s is not None:
+    start = time.perf_counter()
+    fn = fn.lower(*args).compile()
+    compile_s["s"] = time.perf_counter() - start
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(runs):
@@ -80,7 +87,7 @@ def _fit(settings, verts, faces, camera):
 
 
 def _time_render(verts, faces, uvs, uv_faces, texture, camera, settings, runs, seed=0):
-  """(forward output, fwd (median, min) ms, fwd + bwd (median, min) ms)."""
+  """(forward output, fwd (median, min) ms, fwd + bwd (median, min) ms, fwd + bwd compile s)."""
   h, w = settings.image_size
   weights = jnp.asarray(np.random.default_rng(seed).uniform(size=(h, w, 3)), jnp.float32)
   fwd = jax.jit(lambda v, t: render_mesh(v, faces, uvs, uv_faces, t, camera, settings))
@@ -91,10 +98,12 @@ def _time_render(verts, faces, uvs, uv_faces, texture, camera, settings, runs, s
 
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
   out = fwd(verts, texture)
+  comp = {}
   return (
     out,
     _times_ms(fwd, verts, texture, runs=runs),
-    _times_ms(fwd_bwd, verts, texture, runs=runs),
+    _times_ms(fwd_bwd, verts, texture, runs=runs, compile_s=comp),
+    comp["s"],
   )
 
 
@@ -134,7 +143,7 @@ def run_case(
     settings = _fit(settings, verts, faces, camera)
   elif budgets != "1":
     raise ValueError(f"budgets must be '1' or 'auto', got {budgets!r}")
-  out, (fwd_ms, fwd_min), (fwd_bwd_ms, fwd_bwd_min) = _time_render(
+  out, (fwd_ms, fwd_min), (fwd_bwd_ms, fwd_bwd_min), compile_s = _time_render(
     verts, faces, uvs, uv_faces, texture, camera, settings, runs
   )
   crop_res = {}
@@ -150,7 +159,7 @@ def run_case(
         faces,
         crop_cam,
       )
-    c_out, (c_fwd, _), (c_fwd_bwd, _) = _time_render(
+    c_out, (c_fwd, _), (c_fwd_bwd, _), _ = _time_render(
       verts, faces, uvs, uv_faces, texture, crop_cam, crop_settings, runs
     )
     crop_res = {
@@ -180,6 +189,7 @@ def run_case(
     "fwd_bwd_ms": round(fwd_bwd_ms, 2),
     "fwd_min_ms": round(fwd_min, 2),
     "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
+    "compile_s": round(compile_s, 2),
     "fwd_mpix_per_s": round(mpix / (fwd_ms / 1e3), 2),
     "fwd_bwd_mpix_per_s": round(mpix / (fwd_bwd_ms / 1e3), 2),
     "overflow": int(out.overflow),
@@ -226,7 +236,8 @@ def run_crops(runs, frames=8, seed=0):
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
   grey, alpha, overflow = fwd(verts, texture)
   fwd_ms, fwd_min = _times_ms(fwd, verts, texture, runs=runs)
-  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs)
+  comp = {}
+  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs, compile_s=comp)
   return {
     "case": "hmc_crops",
     "resolution": list(hmc_size),
@@ -241,6 +252,7 @@ def run_crops(runs, frames=8, seed=0):
     "fwd_bwd_ms": round(fwd_bwd_ms, 2),
     "fwd_min_ms": round(fwd_min, 2),
     "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
+    "compile_s": round(comp["s"], 2),
     "overflow": int(jnp.max(overflow)),
     "coverage": round(float(jnp.mean(alpha)), 3),
     "device": jax.devices()[0].platform,
