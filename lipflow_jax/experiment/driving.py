@@ -228,8 +228,9 @@ def summary_line(s: Dict[str, Any]) -> str:
   lat = s["latency_ms"]
   return (
     f"{s['method']} from {s['input']} ({s['segment']}, {s['frames']} frames, "
-    f"{_steps(s['steps_per_frame'])} a frame): latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} "
-    f"ms, max {lat['max']:.1f} ms; geometry {s['stream']['geometry_error']:.4f} vs full fit "
+    f"{_steps(s['steps_per_frame'])} a frame): latency p50 {lat['p50']:.1f} ms, "
+    f"p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms; "
+    f"geometry {s['stream']['geometry_error']:.4f} vs full fit "
     f"{s['full_fit']['geometry_error']:.4f} ({100 * s['geometry_error_vs_full_fit']:+.1f} %), "
     f"PSNR {s['stream']['psnr']:.2f} vs {s['full_fit']['psnr']:.2f} dB; full fit "
     f"{s['full_fit']['ms_per_frame']:.1f} ms/frame; skipped {s['skipped']}"
