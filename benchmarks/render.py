@@ -60,14 +60,15 @@ from lipflow_jax.render.demo import demo_texture, head_mesh
 AUTO_MARGIN = 1.1
 
 
-def _times_ms(fn, *args, runs, compile_s=None):
-  """(median, min) wall time in ms of ``runs`` calls of the jitted ``fn`` after a warm-up call.
-  ``compile_s``: a dict, gets "s" = seconds of ``fn.lower(*args).compile()`` (tracing + XLA),
-  which is what the timed calls then run."""
-  if compile_s is not None:
-    start = time.perf_counter()
-    fn = fn.lower(*args).compile()
-    compile_s["s"] = time.perf_counter() - start
+def _compiled(fn, *args):
+  """(``fn.lower(*args).compile()``, its seconds: tracing + XLA compile)."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _times_ms(fn, *args, runs):
+  """(median, min) wall time in ms of ``runs`` calls after a warm-up call (which compiles)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(runs):
@@ -98,12 +99,12 @@ def _time_render(verts, faces, uvs, uv_faces, texture, camera, settings, runs, s
 
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
   out = fwd(verts, texture)
-  comp = {}
+  fwd_bwd, compile_s = _compiled(fwd_bwd, verts, texture)
   return (
     out,
     _times_ms(fwd, verts, texture, runs=runs),
-    _times_ms(fwd_bwd, verts, texture, runs=runs, compile_s=comp),
-    comp["s"],
+    _times_ms(fwd_bwd, verts, texture, runs=runs),
+    compile_s,
   )
 
 
@@ -236,8 +237,8 @@ def run_crops(runs, frames=8, seed=0):
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
   grey, alpha, overflow = fwd(verts, texture)
   fwd_ms, fwd_min = _times_ms(fwd, verts, texture, runs=runs)
-  comp = {}
-  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs, compile_s=comp)
+  fwd_bwd, compile_s = _compiled(fwd_bwd, verts, texture)
+  fwd_bwd_ms, fwd_bwd_min = _times_ms(fwd_bwd, verts, texture, runs=runs)
   return {
     "case": "hmc_crops",
     "resolution": list(hmc_size),
@@ -252,7 +253,7 @@ def run_crops(runs, frames=8, seed=0):
     "fwd_bwd_ms": round(fwd_bwd_ms, 2),
     "fwd_min_ms": round(fwd_min, 2),
     "fwd_bwd_min_ms": round(fwd_bwd_min, 2),
-    "compile_s": round(comp["s"], 2),
+    "compile_s": round(compile_s, 2),
     "overflow": int(jnp.max(overflow)),
     "coverage": round(float(jnp.mean(alpha)), 3),
     "device": jax.devices()[0].platform,
