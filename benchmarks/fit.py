@@ -196,7 +196,8 @@ def main():
     }
     nojit = {"keypoints": (1, 20), "hmc": (1, 5)}
   max_batch = max(b for v in grid.values() for b, _ in v)
-  bundle, obs_all, _ = make_problem(max_batch)
+  # (--stream_only: the streaming cases build their own problem; this one gives the model's sizes)
+  bundle, obs_all, _ = make_problem(1 if args.stream_only else max_batch)
   results = []
   for inp, configs in ({} if args.stream_only else grid).items():
     for method in ("dam_fit", "lipflow_fit"):
