@@ -57,8 +57,11 @@ def take(eval_set: Dict[str, Any], index) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # rendering
+@functools.partial(jax.jit, static_argnames=("settings",))
 def render_frames(bundle, z, K, Rt, settings, camera_index=None):
-  """Each frame's code rendered into its views (``fit.render_views`` over frames).
+  """Each frame's code rendered into its views (``fit.render_views`` over frames), jitted (one
+  compilation per shape and settings; a call outside jit would dispatch the renderer's switches
+  one by one, each compiled on its own).
 
   Args:
     bundle: ``fit.ModelBundle``; z: [N, Z]; K: [N, C, 3, 3]; Rt: [N, C, 3, 4]; settings:
