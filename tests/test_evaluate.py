@@ -6,6 +6,7 @@ import os
 import shutil
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -494,6 +495,34 @@ def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
   keep[3, 1] = False
   for k in ("image_mse", "psnr", "ssim"):
     np.testing.assert_allclose(chunked[k][keep], full[k][keep], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_figure_renders_compile_once_per_shape(tiny_demo, tiny_capture):
+  """The figures render codes with ``evaluate.render_codes`` (``render_frames``): a second call of
+  the same shapes compiles nothing and renders the same image. (Called outside jit, the renderer
+  compiles each of its switches again on every call, ~3 s apiece.)"""
+  workdir, _, _ = tiny_demo
+  bundle = fit.load_fitter(os.path.join(workdir, "models", "dam"), meta=tiny_capture.meta)
+  eval_set = tiny_capture.eval_set("test")
+  settings = evaluate.eval_settings(tiny_capture.meta.image_size)
+  K, Rt = eval_set["camera_K"][0, 0], eval_set["camera_Rt"][0, 0]
+  z = np.random.RandomState(1).normal(0, 0.5, (3, bundle.latent_dim)).astype(np.float32)
+  compiled = []
+
+  def listener(event, seconds, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(seconds)
+
+  first = evaluate.render_codes(bundle, z, K, Rt, settings)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = evaluate.render_codes(bundle, z, K, Rt, settings)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiled, f"{len(compiled)} compilations ({sum(compiled):.1f} s) on the second call"
+  assert first.shape == (3, *tiny_capture.meta.image_size, 3)
+  np.testing.assert_array_equal(first, second)
 
 
 @pytest.mark.slow
