@@ -500,8 +500,10 @@ def test_padded_last_chunk_and_empty_mask_view(tiny_demo, tiny_capture):
 @pytest.mark.slow
 def test_figure_renders_compile_once_per_shape(tiny_demo, tiny_capture):
   """The figures render codes with ``evaluate.render_codes`` (``render_frames``): a second call of
-  the same shapes compiles nothing and renders the same image. (Called outside jit, the renderer
-  compiles each of its switches again on every call, ~3 s apiece.)"""
+  the same shapes compiles nothing and renders the same image, also when its codes are committed to
+  a device (a jitted function's output, as the conditional samples are) and the first call's were
+  not (eager samples). (Called outside jit, the renderer compiles each of its switches again on
+  every call, ~3 s apiece.)"""
   workdir, _, _ = tiny_demo
   bundle = fit.load_fitter(os.path.join(workdir, "models", "dam"), meta=tiny_capture.meta)
   eval_set = tiny_capture.eval_set("test")
@@ -514,10 +516,12 @@ def test_figure_renders_compile_once_per_shape(tiny_demo, tiny_capture):
     if event == "/jax/core/compile/backend_compile_duration":
       compiled.append(seconds)
 
-  first = evaluate.render_codes(bundle, z, K, Rt, settings)
+  first = evaluate.render_codes(bundle, jnp.asarray(z), K, Rt, settings)
+  committed = jax.device_put(z, jax.devices()[0])
+  assert committed.committed and not jnp.asarray(z).committed
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    second = evaluate.render_codes(bundle, z, K, Rt, settings)
+    second = evaluate.render_codes(bundle, committed, K, Rt, settings)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiled, f"{len(compiled)} compilations ({sum(compiled):.1f} s) on the second call"

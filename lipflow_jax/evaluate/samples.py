@@ -50,10 +50,13 @@ def _mode_jit(bundle, batch, name):
 
 def render_codes(bundle, z, K, Rt, settings) -> np.ndarray:
   """[n, Z] codes rendered into one camera (K [3, 3], Rt [3, 4]) -> [n, H, W, 3] numpy in [0, 1]."""
+  # Through the host: a code committed to a device (a jitted function's output) and one that is
+  # not (an eager sample) are different keys of render_frames' compilation cache.
+  z = jnp.asarray(np.asarray(z))
   n = z.shape[0]
   Ks = jnp.broadcast_to(jnp.asarray(K), (n, 1, 3, 3))
   Rts = jnp.broadcast_to(jnp.asarray(Rt), (n, 1, 3, 4))
-  rgb, _ = evaluation.render_frames(fit.decoder_only(bundle), jnp.asarray(z), Ks, Rts, settings)
+  rgb, _ = evaluation.render_frames(fit.decoder_only(bundle), z, Ks, Rts, settings)
   return np.asarray(rgb[:, 0])
 
 
