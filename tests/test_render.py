@@ -1146,11 +1146,12 @@ def test_dense_mesh_soft_render_and_gradients_jit_equal_eager(sigma):
   np.testing.assert_allclose(np.asarray(alpha_j), np.asarray(alpha_e), atol=1e-5)
   opaque = np.asarray(alpha_e)[..., 0] > 0.99
   assert opaque.mean() > 0.1 and np.std(np.asarray(rgb_e)[opaque], axis=-1).mean() > 0.05
-  for gj, ge in ((gv_j, gv_e), (gt_j, gt_e)):
+  # (Relative to the largest entry: the vertex gradients reach ~300 where faces are ~1 px.)
+  for gj, ge, rel in ((gv_j, gv_e, 1e-3), (gt_j, gt_e, 2e-4)):
     gj, ge = np.asarray(gj), np.asarray(ge)
     assert np.all(np.isfinite(gj)) and np.all(np.isfinite(ge))
     assert np.abs(ge).max() > 0
-    np.testing.assert_allclose(gj, ge, atol=1e-3 * np.abs(ge).max())
+    np.testing.assert_allclose(gj, ge, atol=rel * np.abs(ge).max())
 
 
 def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
