@@ -1190,10 +1190,11 @@ def test_dense_mesh_wide_blur_keeps_covering_face(jit_render):
   assert covered.mean() < alpha.mean() < covered.mean() + 0.1
 
 
-def test_eval_fragment_gradients_match_finite_differences():
+@pytest.mark.parametrize("outputs", ["bary dist depth", "bary", "dist", "depth"])
+def test_eval_fragment_gradients_match_finite_differences(outputs):
   """The hand-written backward of eval_fragment vs central differences (float64), pixels inside and
   outside faces (the distance's closest feature an edge or a vertex), with cotangents on every
-  output."""
+  output or on some only (the others are JAX's symbolic zeros, whose terms the backward skips)."""
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
     n = 400
@@ -1222,7 +1223,8 @@ def test_eval_fragment_gradients_match_finite_differences():
 
     def loss(*a):
       (b0, b1, b2), d, dep = render.eval_fragment(*a)
-      return jnp.sum(w[0] * b0 + w[1] * b1 + w[2] * b2 + w[3] * d + w[4] * dep, axis=0)
+      terms = {"bary": w[0] * b0 + w[1] * b1 + w[2] * b2, "dist": w[3] * d, "depth": w[4] * dep}
+      return jnp.sum(sum(terms[o] for o in outputs.split()), axis=0)
 
     per = jax.vmap(jax.grad(lambda *a: loss(*a), argnums=tuple(range(9))))(
       *[a[:, None] for a in args]
@@ -1300,11 +1302,13 @@ def test_auto_fragment_budget_equals_explicit_rung():
     wts = jnp.asarray(np.random.default_rng(0).normal(size=(h, h, 3)), jnp.float32)
 
     def run(s, cam=cam, wts=wts):
-      def loss(v, t):
-        out = render.render_mesh(v, faces, uvs, uv_faces, t, cam, s)
+      def loss(v, t, u):
+        out = render.render_mesh(v, faces, u, uv_faces, t, cam, s)
         return jnp.sum(out.rgb * wts) + jnp.sum(out.alpha) + jnp.sum(out.depth), out
 
-      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(verts, tex)
+      # The uvs differentiated in one mode only (the ladder's backward skips undifferentiated ones).
+      wrt = (0, 1) if s.is_hard else (0, 1, 2)
+      return jax.jit(jax.value_and_grad(loss, argnums=wrt, has_aux=True))(verts, tex, uvs)
 
     select = jax.jit(rz.select_slots, static_argnums=(3, 4))
     sel = select(verts, faces, cam, s, 1 if s.is_hard else None)

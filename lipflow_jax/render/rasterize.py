@@ -1011,8 +1011,9 @@ def eval_fragment(x0, y0, x1, y1, x2, y2, z0, z1, z2, px, py):
   return t["bary"], t["dist"], t["depth"]
 
 
-def _eval_fragment_fwd(*args):
-  return eval_fragment(*args), args
+def _eval_fragment_fwd(*args):  # symbolic zeros: args are CustomVJPPrimal
+  values = tuple(a.value for a in args)
+  return eval_fragment(*values), values
 
 
 def _first_min3(a, b, c):
@@ -1022,76 +1023,91 @@ def _first_min3(a, b, c):
   return s0, s1, ~s0 & ~s1
 
 
+def _materialize_given(*cts):
+  """Cotangents materialised once (``materialize``; not recomputed per consumer), JAX's symbolic
+  zeros (outputs that nobody differentiates) as None."""
+  given = [g for g in cts if not isinstance(g, jax.custom_derivatives.SymbolicZero)]
+  given = iter(materialize(*given) if given else ())
+  return [
+    next(given) if not isinstance(g, jax.custom_derivatives.SymbolicZero) else None for g in cts
+  ]
+
+
 def _eval_fragment_bwd(args, cts):
   """Chain rule in closed form. With lam_i the screen barycentrics of p (the pixel), d lam_i / d v_k
   = -lam_k grad_p lam_i. The distance to a segment (or line) from p, at closest point c = a + t (b -
   a), has gradient n, -(1 - t) n, -t n with respect to p, a, b (n the unit normal / direction from c
-  to p)."""
+  to p). Outputs that nobody differentiates (symbolic zeros: the distance in hard mode, often the
+  depth) cost nothing: their terms are skipped."""
   (gb0, gb1, gb2), g_dist, g_depth = cts
-  gb0, gb1, gb2, g_dist, g_depth = materialize(gb0, gb1, gb2, g_dist, g_depth)  # not per output
+  gb0, gb1, gb2, g_dist, g_depth = _materialize_given(gb0, gb1, gb2, g_dist, g_depth)
+  through_bary = any(g is not None for g in (gb0, gb1, gb2, g_depth))
+  if not through_bary and g_dist is None:
+    return (None,) * len(args)
   x = _fragment_terms(*args)
   z, q, nrm, lam, depth = x["z"], x["q"], x["nrm"], x["lam"], x["depth"]
-  gb = (gb0, gb1, gb2)
-  # Perspective: b_i = q_i * depth, depth = 1 / sum(q), q_i = nrm_i / z_i.
-  sb = gb0 * x["bary"][0] + gb1 * x["bary"][1] + gb2 * x["bary"][2]
-  gq = [(gb[i] - sb) * depth - g_depth * depth * depth for i in range(3)]
-  g_z = [-gq[i] * q[i] / z[i] for i in range(3)]
-  gn = [gq[i] / z[i] for i in range(3)]
-  # Clip and normalise: nrm_i = max(lam_i, 0) / total (or 1/3 where not ok).
-  sn = gn[0] * nrm[0] + gn[1] * nrm[1] + gn[2] * nrm[2]
-  g_lam = [jnp.where(x["ok"] & (lam[i] > 0), (gn[i] - sn) * x["inv_total"], 0.0) for i in range(3)]
-  # G = sum_i g_lam_i grad_p lam_i; grad_p lam_i = (-e_y, e_x) / area2 for edge i.
-  gx = sum(g_lam[i] * -x["edge"][i][1] for i in range(3)) * x["inv_area2"]
-  gy = sum(g_lam[i] * x["edge"][i][0] for i in range(3)) * x["inv_area2"]
-  # Distance: the edge that attains it (first on ties).
-  inside = x["inside"]
-  sel_in = _first_min3(*x["d"])
-  sel_out = _first_min3(*x["seg"])
-  dist_len = safe_sqrt(x["seg_min"])
-  live = inside | (x["seg_min"] > 1e-20)  # below, safe_sqrt is flat
-  wnx = wny = tt_act = edge = 0.0
-  for i in range(3):
-    ex, ey = x["edge"][i]
-    inv_l = 1.0 / x["length"][i]
-    t = x["along"][i] * inv_l
-    rel = x["r"][(i + 1) % 3]
-    tc = jnp.clip(t, 0.0, 1.0)
-    # Inside: d_i = n_in . (p - a), n_in = sgn (-e_y, e_x) / L. Outside: dist = -|p - c| (the
-    # direction from c to p, divided by the distance).
-    sgn_l = x["sgn"] * inv_l
-    inv_dl = 1.0 / dist_len
-    nx = jnp.where(inside, -ey * sgn_l, -(rel[0] - tc * ex) * inv_dl)
-    ny = jnp.where(inside, ex * sgn_l, -(rel[1] - tc * ey) * inv_dl)
-    act = jnp.where(inside, sel_in[i], sel_out[i])
-    w = jnp.where(live & act, g_dist, 0.0)
-    wnx, wny = wnx + w * nx, wny + w * ny
-    tt_act = tt_act + jnp.where(act, jnp.where(inside, t, tc), 0.0)
-    edge = edge + jnp.where(act, float(i), 0.0)
+  basis = []  # per fragment: (gx, gy) of the barycentrics; (wnx, wny, tt_act, edge) of the distance
+  g_z = [None] * 3
+  if through_bary:
+    gb = [0.0 if g is None else g for g in (gb0, gb1, gb2)]
+    # Perspective: b_i = q_i * depth, depth = 1 / sum(q), q_i = nrm_i / z_i.
+    sb = gb[0] * x["bary"][0] + gb[1] * x["bary"][1] + gb[2] * x["bary"][2]
+    gq = [(gb[i] - sb) * depth for i in range(3)]
+    if g_depth is not None:
+      gq = [g - g_depth * depth * depth for g in gq]
+    g_z = [-gq[i] * q[i] / z[i] for i in range(3)]
+    gn = [gq[i] / z[i] for i in range(3)]
+    # Clip and normalise: nrm_i = max(lam_i, 0) / total (or 1/3 where not ok).
+    sn = gn[0] * nrm[0] + gn[1] * nrm[1] + gn[2] * nrm[2]
+    g_lam = [
+      jnp.where(x["ok"] & (lam[i] > 0), (gn[i] - sn) * x["inv_total"], 0.0) for i in range(3)
+    ]
+    # G = sum_i g_lam_i grad_p lam_i; grad_p lam_i = (-e_y, e_x) / area2 for edge i.
+    gx = sum(g_lam[i] * -x["edge"][i][1] for i in range(3)) * x["inv_area2"]
+    gy = sum(g_lam[i] * x["edge"][i][0] for i in range(3)) * x["inv_area2"]
+    basis += [gx, gy]
+  if g_dist is not None:  # the edge that attains the distance (first on ties)
+    inside = x["inside"]
+    sel_in = _first_min3(*x["d"])
+    sel_out = _first_min3(*x["seg"])
+    dist_len = safe_sqrt(x["seg_min"])
+    live = inside | (x["seg_min"] > 1e-20)  # below, safe_sqrt is flat
+    wnx = wny = tt_act = edge = 0.0
+    for i in range(3):
+      ex, ey = x["edge"][i]
+      inv_l = 1.0 / x["length"][i]
+      t = x["along"][i] * inv_l
+      rel = x["r"][(i + 1) % 3]
+      tc = jnp.clip(t, 0.0, 1.0)
+      # Inside: d_i = n_in . (p - a), n_in = sgn (-e_y, e_x) / L. Outside: dist = -|p - c| (the
+      # direction from c to p, divided by the distance).
+      sgn_l = x["sgn"] * inv_l
+      inv_dl = 1.0 / dist_len
+      nx = jnp.where(inside, -ey * sgn_l, -(rel[0] - tc * ex) * inv_dl)
+      ny = jnp.where(inside, ex * sgn_l, -(rel[1] - tc * ey) * inv_dl)
+      act = jnp.where(inside, sel_in[i], sel_out[i])
+      w = jnp.where(live & act, g_dist, 0.0)
+      wnx, wny = wnx + w * nx, wny + w * ny
+      tt_act = tt_act + jnp.where(act, jnp.where(inside, t, tc), 0.0)
+      edge = edge + jnp.where(act, float(i), 0.0)
+    basis += [wnx, wny, tt_act, edge]
   # The per-fragment basis computed once; each output below reads only it.
-  gx, gy, wnx, wny, tt_act, edge = materialize(gx, gy, wnx, wny, tt_act, edge)
-  g_v = []
-  for k in range(3):  # vertex k is the start of edge k + 2 and the end of edge k + 1 (mod 3)
-    c = jnp.where(edge == (k + 2) % 3, 1.0 - tt_act, 0.0) + jnp.where(
-      edge == (k + 1) % 3, tt_act, 0.0
-    )
-    g_v.append([-lam[k] * gx - c * wnx, -lam[k] * gy - c * wny])
-  zeros = jnp.zeros_like(args[9])
-  return (
-    g_v[0][0],
-    g_v[0][1],
-    g_v[1][0],
-    g_v[1][1],
-    g_v[2][0],
-    g_v[2][1],
-    g_z[0],
-    g_z[1],
-    g_z[2],
-    zeros,
-    zeros,
-  )
+  basis = materialize(*basis)
+  g_v = [[0.0, 0.0] for _ in range(3)]
+  if through_bary:
+    gx, gy = basis[:2]
+    g_v = [[-lam[k] * gx, -lam[k] * gy] for k in range(3)]
+  if g_dist is not None:
+    wnx, wny, tt_act, edge = basis[-4:]
+    for k in range(3):  # vertex k is the start of edge k + 2 and the end of edge k + 1 (mod 3)
+      c = jnp.where(edge == (k + 2) % 3, 1.0 - tt_act, 0.0) + jnp.where(
+        edge == (k + 1) % 3, tt_act, 0.0
+      )
+      g_v[k] = [g_v[k][0] - c * wnx, g_v[k][1] - c * wny]
+  return (*[g for v in g_v for g in v], *g_z, None, None)
 
 
-eval_fragment.defvjp(_eval_fragment_fwd, _eval_fragment_bwd)
+eval_fragment.defvjp(_eval_fragment_fwd, _eval_fragment_bwd, symbolic_zeros=True)
 
 
 @jax.custom_vjp

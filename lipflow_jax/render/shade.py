@@ -104,6 +104,8 @@ def _bilinear_fwd(texture, u, v):
 
 def _bilinear_bwd(res, cts):
   (th, tw, nc), t, idx, fx, fy, inx, iny = res
+  # Computed once: XLA would fuse them (and their producers) into each of the 4 C updates below.
+  *cts, fx, fy = materialize(*cts, fx, fy)
   g = jnp.stack(cts, -1)  # [..., C]
   wy = jnp.stack([1.0 - fy, fy], -1)[..., :, None]  # [..., 2, 1]
   upd = (
@@ -477,24 +479,55 @@ def switch_remat(index, branches, diff, const):
   """``lax.switch(index, branches, diff, const)``, differentiable with respect to ``diff`` (float
   pytree); ``const`` holds integer arrays (no gradient). Only the inputs are kept for the backward,
   which recomputes the taken branch's forward: reverse-mode ``lax.switch`` would make every branch
-  output (zero-filled) residuals of every other branch, as large as the largest.
+  output (zero-filled) residuals of every other branch, as large as the largest. The backward
+  differentiates only the leaves of ``diff`` that the caller differentiates (e.g. not constant
+  texture coordinates) and only the outputs that it uses (JAX's symbolic zeros), so that it does no
+  work whose result would be dropped.
 
   Args:
     index: [] int32, unbatched (see ``rasterize._batch_max``).
     branches: callables (diff, const) -> pytree of float arrays, one output structure.
   """
+  primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+  zero = lambda x: isinstance(x, jax.custom_derivatives.SymbolicZero)
 
   @jax.custom_vjp
   def run(diff, const, index):
     return lax.switch(index, branches, diff, const)
 
-  def fwd(diff, const, index):
-    return run(diff, const, index), (diff, const, index)
+  def fwd(diff, const, index):  # symbolic zeros: leaves are CustomVJPPrimal
+    value = lambda tree: jax.tree.map(lambda p: p.value, tree, is_leaf=primal)
+    # which leaves of diff are differentiated, as pytree structure: () yes, None no
+    perturbed = tuple(() if p.perturbed else None for p in jax.tree.leaves(diff, is_leaf=primal))
+    diff, const, index = value(diff), value(const), value(index)
+    return run(diff, const, index), (diff, const, index, perturbed)
 
   def bwd(res, ct):
-    diff, const, index = res
-    pullbacks = [lambda d, c, g, br=br: jax.vjp(lambda d: br(d, c), d)[1](g)[0] for br in branches]
-    return lax.switch(index, pullbacks, diff, const, ct), None, None
+    diff, const, index, perturbed = res
+    leaves, treedef = jax.tree.flatten(diff)
+    wrt = [p is not None for p in perturbed]
+    cts = jax.tree.leaves(ct, is_leaf=zero)
+    used = [not zero(g) for g in cts]
+    if not any(used):
+      return jax.tree.map(jnp.zeros_like, diff), None, None
 
-  run.defvjp(fwd, bwd)
+    def pullback(
+      branch, live, const, g
+    ):  # vjp of the used outputs w.r.t. the differentiated leaves
+      def fn(live):
+        it = iter(live)
+        out = branch(treedef.unflatten([next(it) if w else x for w, x in zip(wrt, leaves)]), const)
+        return [o for o, u in zip(jax.tree.leaves(out), used) if u]
+
+      return jax.vjp(fn, live)[1](g)[0]
+
+    live = [x for w, x in zip(wrt, leaves) if w]
+    g = [c for c, u in zip(cts, used) if u]
+    grads = iter(
+      lax.switch(index, [lambda *a, br=br: pullback(br, *a) for br in branches], live, const, g)
+    )
+    out = [next(grads) if w else jnp.zeros_like(x) for w, x in zip(wrt, leaves)]
+    return treedef.unflatten(out), None, None
+
+  run.defvjp(fwd, bwd, symbolic_zeros=True)
   return run(diff, const, index)
