@@ -821,7 +821,7 @@ def test_view_culling_ladder_picks_smallest_set():
   assert rungs == ((f, 1000), (500, 500))
 
   def set_size(cam, settings):
-    cols = rz._face_columns(*rz._project_columns(cam, verts), faces)
+    cols = rz._corner_columns(cam, verts, faces)
     select = lambda xy, z, budget, fits: (jnp.zeros((1,), jnp.int32), jnp.int32(xy.shape[0]))
     return rz._in_view(select, cols, settings, 1000, lambda c0, c1: c0[:, 0] * 0 + 1)[1]
 
@@ -926,7 +926,7 @@ def test_hard_in_view_chunk_ladder_matches_brute_force():
   budgets = [b for _, b in rz._ladder(f, rz._chunk_budget(f, s), s)]
 
   def chunks(cam):
-    cols = rz._face_columns(*rz._project_columns(cam, verts), faces)
+    cols = rz._corner_columns(cam, verts, faces)
     valid, c0, c1 = rz._rects_from_columns(cols, s, exact=True)
     n = ((c1[:, 0] - c0[:, 0]) // 4 + 1) * ((c1[:, 1] - c0[:, 1]) // 4 + 1)
     return int(jnp.sum(jnp.where(valid, n, 0)))
@@ -1285,8 +1285,9 @@ def test_uncapped_soft_matches_brute_force(jit_rasterize, num_faces, k, blur):
 
 def test_auto_fragment_budget_equals_explicit_rung():
   """``fragment_budget=None`` (the default) evaluates the smallest rung of the ladder that holds the
-  view's non-empty slots: bit for bit the render and gradients of that budget given explicitly,
-  under vmap too (the batch takes the largest rung), and never drops a slot."""
+  view's non-empty slots: bit for bit the render of that budget given explicitly, and its gradients
+  (to the last bit's rounding), under vmap too (the batch takes the largest rung), and never drops
+  a slot."""
   rz = importlib.import_module("lipflow_jax.render.rasterize")
   mesh = head_mesh(1000)
   verts, faces, uvs = jnp.asarray(mesh.verts), jnp.asarray(mesh.faces), jnp.asarray(mesh.uvs)
@@ -1317,10 +1318,13 @@ def test_auto_fragment_budget_equals_explicit_rung():
     (_, auto), g_auto = run(s)
     (_, fixed), g_fixed = run(s.replace(fragment_budget=rungs[rung] / sel.ids.size))
     assert int(auto.overflow) == int(fixed.overflow) == 0
-    for a, b in zip(
-      jax.tree_util.tree_leaves((auto, g_auto)), jax.tree_util.tree_leaves((fixed, g_fixed))
-    ):
+    for a, b in zip(jax.tree_util.tree_leaves(auto), jax.tree_util.tree_leaves(fixed)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The gradients are the same sums, but XLA fuses (and so rounds) the projection's backward
+    # differently in the two programs: it has moved 43 of 1,620 vertex gradient entries by 1 ulp.
+    for a, b in zip(jax.tree_util.tree_leaves(g_auto), jax.tree_util.tree_leaves(g_fixed)):
+      b = np.asarray(b)
+      np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7 * np.abs(b).max())
     if not s.is_hard:
       continue  # (the rung's batching rule is the same in both modes; soft close-ups rarely fill K)
     # Batched with a close-up that needs a larger rung: the batch takes the larger.

@@ -1339,12 +1339,16 @@ def _project_columns(camera: Camera, verts, eps=1e-8):
   return p[0] / wz, p[1] / wz, cam[2]
 
 
-def _face_columns(vx, vy, vz, faces):
-  """The faces' corners as 9 columns [F] (x0, y0, x1, y1, x2, y2, z0, z1, z2) from the projected
-  vertices' columns [V]: one gather per column (under vmap ~5x faster on XLA:CPU than gathering
-  [F, 3, 2] rows, whose windows then span the batch)."""
-  xy = [_take(c, faces[:, k]) for k in range(3) for c in (vx, vy)]
-  return tuple(xy) + tuple(_take(vz, faces[:, k]) for k in range(3))
+def _corner_columns(camera: Camera, verts, faces):
+  """The faces' projected corners as 9 columns [F] (x0, y0, x1, y1, x2, y2, z0, z1, z2): gathered in
+  3-D, one gather per column, and projected after. Under vmap over cameras (views of one mesh) the
+  gathers do not depend on the camera, so they run once per mesh rather than once per view, and
+  column gathers are ~5x faster on XLA:CPU than gathering [F, 3, 3] rows."""
+  corners = [
+    jnp.stack([_take(verts[:, c], faces[:, k]) for c in range(3)], -1) for k in range(3)
+  ]  # 3 x [F, 3]
+  proj = [_project_columns(camera, c) for c in corners]
+  return tuple(p[i] for p in proj for i in (0, 1)) + tuple(p[2] for p in proj)
 
 
 def _faces_from_columns(cols):
@@ -1387,7 +1391,7 @@ def _in_view(select, cols, settings: RasterSettings, full_budget, per_face_units
       arguments, -1 for none; overflow [] int32; optional extra outputs, passed through), with
       ``budget`` a static count of pairs / chunks and ``fits`` (static) True when the budget is
       known to hold all of them.
-    cols: ``_face_columns`` of the projected faces (constants), 9 x [F].
+    cols: ``_corner_columns`` of the faces (constants), 9 x [F].
     full_budget: the pair / chunk budget of the full set (scaled with the set's size).
     per_face_units: c0, c1 [F, 2] -> [F] int32 pairs / chunks of each face (where valid).
   Returns:
@@ -1502,7 +1506,7 @@ def select_slots(verts, faces, camera, settings: RasterSettings, num_slots=None)
   verts, faces = _check_mesh(verts, faces)
   faces = faces.astype(jnp.int32)
   vx, vy, vz = _project_columns(camera, verts)  # [V] each
-  cols = _face_columns(*lax.stop_gradient((vx, vy, vz)), faces)  # 9 x [F] (selection)
+  cols = _corner_columns(camera, lax.stop_gradient(verts), faces)  # 9 x [F] (selection)
   f = faces.shape[0]
   h = settings.image_size[0]
   w = settings.image_size[1]
