@@ -33,6 +33,12 @@ the image centre) with its settings ("crop_*" fields; "crop_*_pct" = crop time /
 ``--cull-backfaces`` culls the closed head's back faces, as this repository's own renders do. Check
 "overflow" in the JSON: a case with overflow > 0 dropped faces and rendered a (slightly) different
 image.
+
+Compare processes, not only runs: on the 2-core CI machines a whole process sometimes runs ~2x
+slower than the next one started the same way (every call of it, so its minimum too; memory-bound
+ops such as broadcasts and copies up to 10x). Measured on the crops case, 2 to 4 processes in 8 took
+~12-15 ms against ~7 ms, whatever the glibc malloc thresholds or ``--xla_cpu_multi_thread_eigen``.
+Run a case two or three times and take the faster process.
 """
 
 from __future__ import annotations

@@ -1592,7 +1592,13 @@ def evaluate_slots(sel: Selection, settings: RasterSettings, face_attrs=None, bu
     pixel = pos % num_columns  # (== 0 for unused entries: harmless, they evaluate the dummy face)
     if column_pixel is not None:
       pixel = column_pixel[pixel]
-    rows = jnp.where(pos < total, ids.reshape(-1)[jnp.minimum(pos, total - 1)], -1)
+    # The face of each compacted fragment, scattered like ``pos`` (a gather through ``pos`` would be
+    # fused into, and recomputed by, each of the evaluation's gathers that read it).
+    rows = (
+      jnp.full((budget,), -1, jnp.int32)
+      .at[jnp.where(kept, rank, budget)]
+      .set(ids.reshape(-1), mode="drop", unique_indices=True)
+    )
   else:  # every slot: [S, Q] (broadcasting the pixel centres)
     pixel = (
       jnp.arange(h * w, dtype=jnp.int32).reshape(h, w) if column_pixel is None else column_pixel
