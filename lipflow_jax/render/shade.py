@@ -511,9 +511,9 @@ def switch_remat(index, branches, diff, const):
     if not any(used):
       return jax.tree.map(jnp.zeros_like, diff), None, None
 
-    def pullback(
-      branch, live, const, g
-    ):  # vjp of the used outputs w.r.t. the differentiated leaves
+    def pullback(branch, live, const, g):
+      """The vjp of ``branch``'s used outputs with respect to the differentiated leaves."""
+
       def fn(live):
         it = iter(live)
         out = branch(treedef.unflatten([next(it) if w else x for w, x in zip(wrt, leaves)]), const)
