@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax import data, fit, geometry, models
+from lipflow_jax import data, fit, geometry, host_memory, models
 from lipflow_jax.data import rig as rig_lib
 from lipflow_jax.data import synthetic_head as sh
 
@@ -185,7 +185,13 @@ def main():
     "--stream_steps_hmc", type=int, default=1, help="Adam steps a streamed headset frame"
   )
   parser.add_argument("--stream_only", action="store_true", help="only the streaming cases")
+  parser.add_argument(
+    "--malloc_defaults",
+    action="store_true",
+    help="keep malloc's defaults (no host_memory.retain_freed_memory)",
+  )
   args = parser.parse_args()
+  retained = not args.malloc_defaults and host_memory.retain_freed_memory()
   if args.quick:
     grid = {"keypoints": [(8, 50)], "hmc": [(2, 10)]}
     nojit = {"keypoints": (1, 10), "hmc": (1, 3)}
@@ -248,6 +254,7 @@ def main():
     "cpu_count": os.cpu_count(),
     "machine": platform.machine(),
     "jax": jax.__version__,
+    "retain_freed_memory": retained,
     "model": {
       "z_dim": bundle.latent_dim,
       "num_vertices": int(bundle.meta.vert_mean.shape[0]),

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from lipflow_jax import host_memory
 from lipflow_jax.data import rig as rig_lib
 from lipflow_jax.data import synthetic_head as sh
 from lipflow_jax.fit.loading import hmc_fit_settings
@@ -302,9 +303,15 @@ def main(argv=None):
     "--crop", type=int, default=32, help="also time a crop x crop window of each view (0: no)"
   )
   ap.add_argument("--crops-only", action="store_true", help="run the headset-crops case only")
+  ap.add_argument(
+    "--malloc-defaults",
+    action="store_true",
+    help="keep malloc's defaults (no host_memory.retain_freed_memory)",
+  )
   args = ap.parse_args(argv)
+  retained = not args.malloc_defaults and host_memory.retain_freed_memory()
   if not args.no_crops:
-    print(json.dumps(run_crops(args.runs)), flush=True)
+    print(json.dumps({**run_crops(args.runs), "retain_freed_memory": retained}), flush=True)
   if args.crops_only:
     return
   if args.quick:
@@ -326,7 +333,7 @@ def main(argv=None):
       cull_backfaces=args.cull_backfaces,
       crop=args.crop,
     )
-    print(json.dumps(res), flush=True)
+    print(json.dumps({**res, "retain_freed_memory": retained}), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipflow_jax import config_base, distributed
+from lipflow_jax import config_base, distributed, host_memory
 from lipflow_jax.data import input_pipeline, schema
 from lipflow_jax.train import tasks as tasks_lib
 from lipflow_jax.train import train_state as ts
@@ -188,8 +188,15 @@ def main(argv=None):
   )
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--multiface_steps', type=int, default=3)
+  p.add_argument(
+    '--malloc_defaults',
+    action='store_true',
+    help="keep malloc's defaults (no host_memory.retain_freed_memory)",
+  )
   args = p.parse_args(argv)
+  retained = not args.malloc_defaults and host_memory.retain_freed_memory()
   out = dict(
+    retain_freed_memory=retained,
     backend=jax.default_backend(),
     devices=jax.device_count(),
     device_kind=jax.devices()[0].device_kind,

@@ -11,7 +11,7 @@ workdir reuses finished trainings, fits and metrics whose inputs are unchanged.
 from absl import app, flags
 from ml_collections import config_flags
 
-from lipflow_jax import config_validation, experiment
+from lipflow_jax import config_validation, experiment, host_memory
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (models, fits, report, figures).")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  host_memory.retain_freed_memory()  # before JAX's first computation
   experiment.run(config_validation.validate_or_exit(_CONFIG.value), _WORKDIR.value)
 
 

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lipflow_jax import config_validation, distributed
+from lipflow_jax import config_validation, distributed, host_memory
 from lipflow_jax.train import checkpointing, loop
 
 FLAGS = flags.FLAGS
@@ -31,6 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   config_validation.validate_or_exit(FLAGS.config)
+  host_memory.retain_freed_memory()  # before JAX's first computation
   distributed.initialize()  # multi-process start-up precedes any use of JAX devices
   logging.info(
     'JAX process %d / %d, local devices %s',
