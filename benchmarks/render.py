@@ -34,6 +34,11 @@ the image centre) with its settings ("crop_*" fields; "crop_*_pct" = crop time /
 "overflow" in the JSON: a case with overflow > 0 dropped faces and rendered a (slightly) different
 image.
 
+The script first calls ``lipflow_jax.host_memory.retain_freed_memory()`` (as the main job does), so
+that calls reuse the memory that earlier calls freed instead of page-faulting it in again (a
+quarter of a 512 x 512 forward + backward's time otherwise); ``--malloc-defaults`` skips it, and
+each JSON line says which ("retain_freed_memory").
+
 Compare processes, not only runs: on the 2-core CI machines a whole process sometimes runs ~2x
 slower than the next one started the same way (every call of it, so its minimum too; memory-bound
 ops such as broadcasts and copies up to 10x). Measured on the crops case, 2 to 4 processes in 8 took

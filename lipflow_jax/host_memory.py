@@ -5,7 +5,8 @@ when it ends (a 512 x 512 render's forward + backward at K = 8: 668 MB). glibc s
 over 32 MiB, and every large allocation made on a worker thread, with a fresh ``mmap`` and gives
 them back to the kernel on ``free``, so each call page-faults in all the temporary memory it
 touches again: ~47,000 minor faults (~190 MB of zeroed pages) per call of that program, measured
-with ``getrusage``. Its forward + backward took ~185 ms a call, ~130 ms without the faults.
+with ``getrusage``. That forward + backward took 186-196 ms a call, 135-165 ms without the
+faults (three benchmark runs each, 2-core CPU). Small programs gain nothing (README, Rendering).
 
 ``retain_freed_memory()`` sets three ``mallopt`` parameters: one malloc arena (worker threads
 allocate from the main heap, which can grow past 64 MiB), no ``mmap`` for large blocks, and no trim
