@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from lipflow_jax import config_validation, fit, host_memory
+from lipflow_jax import config_validation, fit
 from lipflow_jax.experiment import driving, pipeline
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished main-job workdir.")
@@ -32,7 +32,6 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  host_memory.retain_freed_memory()  # before JAX's first computation
   workdir = _WORKDIR.value
   try:
     run = driving.load_run(workdir)

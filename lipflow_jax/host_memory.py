@@ -6,16 +6,19 @@ over 32 MiB, and every large allocation made on a worker thread, with a fresh ``
 them back to the kernel on ``free``, so each call page-faults in all the temporary memory it
 touches again: ~47,000 minor faults (~190 MB of zeroed pages) per call of that program, measured
 with ``getrusage``. That forward + backward took 186-196 ms a call, 135-165 ms without the
-faults (three benchmark runs each, 2-core CPU). Small programs gain nothing (README, Rendering).
+faults (three benchmark runs each, 2-core CPU). Small programs gain nothing and may lose a little
+(README, Rendering): ``drive``, whose per-frame programs are small and latency-bound, leaves it
+out (streamed keypoint fits, ``benchmarks/fit.py --stream_only``: p50 5.5 and 7.3 ms with it,
+4.4 and 6.3 ms without, two runs each).
 
 ``retain_freed_memory()`` sets three ``mallopt`` parameters: one malloc arena (worker threads
 allocate from the main heap, which can grow past 64 MiB), no ``mmap`` for large blocks, and no trim
 of the heap's free top below 2 GiB. After the first call, later calls reuse the same pages. The
-price: the process keeps its peak heap resident until it exits. The entry points (``main``,
-``train``, ``drive``, the benchmarks) call it first thing; call it yourself at the start
-of a script that imports the library, before JAX's first computation starts its worker threads (a
-thread's arena is made on its first allocation, and arenas already made keep serving their
-threads). Outside glibc (macOS, musl) it does nothing.
+price: the process keeps its peak heap resident until it exits. ``main``, ``train`` and the
+benchmarks call it first thing; call it yourself at the start of a script that imports the
+library, before JAX's first computation starts its worker threads (a thread's arena is made on its
+first allocation, and arenas already made keep serving their threads). Outside glibc (macOS, musl)
+it does nothing.
 """
 
 from __future__ import annotations
