@@ -274,6 +274,23 @@ def test_small_tiles_and_caps_agree(jit_rasterize):
   np.testing.assert_allclose(np.asarray(a.bary), np.asarray(b.bary), atol=1e-5)
 
 
+def test_cumsum_matches_numpy():
+  """``rasterize.cumsum`` (a parallel scan) against NumPy's sequential prefix sum: odd and
+  power-of-2 lengths (the scan's padding), each axis, and under vmap."""
+  cumsum = importlib.import_module("lipflow_jax.render.rasterize").cumsum
+  rng = np.random.default_rng(0)
+  for n in (1, 2, 7, 64, 1000, 4097):
+    x = rng.integers(0, 3, n).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cumsum)(jnp.asarray(x))), np.cumsum(x))
+  x = rng.integers(-5, 5, (5, 6, 7)).astype(np.int32)
+  for axis in (0, 1, 2, -1):
+    got = jax.jit(cumsum, static_argnums=1)(jnp.asarray(x), axis)
+    np.testing.assert_array_equal(np.asarray(got), np.cumsum(x, axis=axis))
+  np.testing.assert_array_equal(
+    np.asarray(jax.vmap(cumsum)(jnp.asarray(x[:, 0]))), np.cumsum(x[:, 0], axis=1)
+  )
+
+
 def test_selection_unrolled_and_scan_agree():
   """``select_faces`` takes the first set bits of its candidate masks unrolled for up to 128
   candidates per tile and with a scan beyond: padding the candidate lists with empty entries crosses

@@ -139,6 +139,14 @@ def reduce_leading(x, op):
   return x[0]
 
 
+def cumsum(x, axis=0):
+  """Inclusive prefix sum of ``x`` along ``axis``, as a parallel scan (``lax.associative_scan``).
+  XLA:CPU runs ``jnp.cumsum`` as a reduce-window, ~4x slower on large arrays (the 1M fragment slots
+  of 512 x 512 at K = 8: 5.1 -> 1.3 ms; the view's forward + backward ~15 ms faster) and no faster
+  on small ones."""
+  return lax.associative_scan(jnp.add, x, axis=axis % x.ndim)
+
+
 # --------------------------------------------------------------------------------------------------
 # Projection.
 
@@ -209,7 +217,7 @@ def _face_rects(xy, z, settings: RasterSettings):
 def _enumerate(counts, budget):
   """Enumerates ``counts [F]`` items per entry: for j < budget, (entry s, index within entry, in
   range)."""
-  incl = jnp.cumsum(counts)
+  incl = cumsum(counts)
   j = jnp.arange(budget, dtype=jnp.int32)
   s = jnp.minimum(jnp.searchsorted(incl, j, side="right"), counts.shape[0] - 1).astype(jnp.int32)
   return s, j - (incl - counts)[s], j < incl[-1], incl[-1]
@@ -256,7 +264,7 @@ def _bin_faces(xy, z, settings: RasterSettings, budget=None):
   hist = hist.at[t0[:, 1], t1[:, 0] + 1].add(-ones)
   hist = hist.at[t1[:, 1] + 1, t0[:, 0]].add(-ones)
   hist = hist.at[t1[:, 1] + 1, t1[:, 0] + 1].add(ones)
-  demand = jnp.cumsum(jnp.cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
+  demand = cumsum(cumsum(hist, axis=0), axis=1)[:nty, :ntx].reshape(-1)
 
   # (face, tile) pairs in order of the face's minimum depth.
   budget = _pair_budget(f, settings) if budget is None else budget
@@ -792,9 +800,9 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
   max_j = -(-face.shape[0] // _CHUNK) + 1  # static bound on the chunks of one tile
   # Tiles per group j (chunks > j), blocks per group, and the first block of each group.
   hist = jnp.zeros((max_j + 1,), jnp.int32).at[jnp.minimum(chunks, max_j)].add(1)
-  tiles_in = n_tiles - jnp.cumsum(hist)[:-1]  # [max_j]: tiles with chunks > j
+  tiles_in = n_tiles - cumsum(hist)[:-1]  # [max_j]: tiles with chunks > j
   blocks = -(-tiles_in // rows)
-  first_block = jnp.cumsum(blocks) - blocks
+  first_block = cumsum(blocks) - blocks
   n_blocks = jnp.sum(blocks)
   low = _CHUNK - 1
   cpos = lax.broadcasted_iota(jnp.int32, (_CHUNK, 1), 0)  # [32, 1]
@@ -805,7 +813,7 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
     j = jnp.sum((first_block <= b).astype(jnp.int32)) - 1  # this block's group
     r0 = (b - first_block[j]) * rows
     member = chunks > j
-    rank = jnp.cumsum(member.astype(jnp.int32)) - 1
+    rank = cumsum(member.astype(jnp.int32)) - 1
     slot = jnp.where(member & (rank >= r0) & (rank < r0 + rows), rank - r0, rows)
     tiles = jnp.full((rows,), n_tiles, jnp.int32).at[slot].set(tile_ids, mode="drop")
     used = tiles < n_tiles
@@ -1227,7 +1235,7 @@ def _compact(valid, budget):
   T if unused,
   dropped [] int32)."""
   total = valid.shape[0]
-  rank = jnp.cumsum(valid.astype(jnp.int32)) - 1
+  rank = cumsum(valid.astype(jnp.int32)) - 1
   kept = valid & (rank < budget)
   pos = (
     jnp.full((budget,), total, jnp.int32)
