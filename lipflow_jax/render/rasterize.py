@@ -854,10 +854,13 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
     # (a sequential extraction would be recomputed by every entry's fusion).
     found = lax.population_count(word).astype(jnp.int32)
     new_l, new_lz = [], []
-    for i in range(k):
-      r = i - o_n
-      c = _nth_bit(word, jnp.maximum(r, 0))
-      take = (r >= 0) & (r < found)
+    # Materialised: the face and the inverse-depth lookups below would each recompute them.
+    nth = materialize(
+      *[_nth_bit(word, jnp.maximum(i - o_n, 0)).astype(jnp.float32) for i in range(k)]
+    )
+    nth = [x.astype(jnp.int32) for x in nth]
+    for i, c in enumerate(nth):
+      take = (i >= o_n) & (i - o_n < found)
       new_l.append(jnp.where(take, take_face(c), o_lst[i]))
       new_lz.append(jnp.where(take, inv_depth(c), o_lz[i]))
     o_n = jnp.minimum(o_n + found, k)
@@ -897,22 +900,10 @@ def select_blocks(xy, z, face, starts, settings: RasterSettings):
     f_i = jnp.where(i - 1 < q, lst[i - 1], lst[i])
     ids.append(f_i)
     keys.append(jnp.where(f_i >= 0, jnp.where(i - 1 < q, lst_z[i - 1], lst_z[i]), -1.0))
-  # Sorted nearest first (stable) by rank: materialised between the steps, so that no fusion
-  # recomputes the others' work per output element (face ids < 2^24 are exact in float32).
-  vals = materialize(*keys, *[x.astype(jnp.float32) for x in ids])
-  keys, ids = vals[:k], vals[k:]
-  rank = [
-    sum((keys[j] > keys[i]) | ((keys[j] == keys[i]) & (j < i)) for j in range(k) if j != i)
-    for i in range(k)
-  ]
-  rank = jnp.stack(materialize(*[jnp.asarray(r, jnp.float32) for r in rank]))  # [K, ...]
-  # out[r] = the id of rank r: one broadcast expression (a stack of K sums would make every output
-  # element evaluate all K of them).
-  slot = lax.broadcasted_iota(jnp.float32, (1, k) + (1,) * best.ndim, 1)
-  hit = rank[:, None] == slot  # [K (i), K (r), ...]
-  out = reduce_leading(jnp.where(hit, jnp.stack(ids)[:, None], 0.0), jnp.add)
-  # Materialised once: its consumers (compaction, gathers, face ids) would each recompute it.
-  return jnp.stack(materialize(*out)).astype(jnp.int32)
+  # Sorted nearest first (stable; ``_sort_by_key``), materialised once: its consumers (compaction,
+  # gathers, face ids) would each recompute the network.
+  out = _sort_by_key(jnp.stack(keys), jnp.stack(ids))
+  return jnp.stack(materialize(*[x.astype(jnp.float32) for x in out])).astype(jnp.int32)
 
 
 def _nth_bit(word, r):
