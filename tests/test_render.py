@@ -1300,6 +1300,25 @@ def test_uncapped_soft_matches_brute_force(jit_rasterize, num_faces, k, blur):
   np.testing.assert_allclose(np.asarray(fr.bary)[m], bary[m], atol=3e-4)
 
 
+def test_fragment_ladder_picks_the_smallest_rung_that_holds():
+  """The ladder of a large view (512 x 512, K = 8) and the rung picked for n non-empty slots,
+  against the brute-force choice (the last rung of at least n) and the ladder's promise: dense
+  first, decreasing, at least 4096 slots, and a view filling at least the smallest rung gets at
+  most 3/2 of its slots (steps of 3/4 and 2/3; 2 in halving steps below 2^17 slots)."""
+  rz = importlib.import_module("lipflow_jax.render.rasterize")
+  s = RasterSettings((512, 512), faces_per_pixel=8)
+  total = 8 * 512 * 512
+  rungs = rz.fragment_ladder(total, s)
+  assert rungs[0] == total and rungs[-1] >= 4096
+  assert all(a > b for a, b in zip(rungs, rungs[1:]))
+  rung_of = jax.jit(lambda n: rz.fragment_rung(jnp.where(jnp.arange(total) < n, 0, -1), rungs))
+  for n in [0, 1, rungs[-1], rungs[-1] + 1, 380_000, 393_216, 393_217, 700_000, total // 2 + 1]:
+    r = int(rung_of(n))
+    assert r == max(i for i, b in enumerate(rungs) if b >= n), n
+    if rungs[-1] <= n <= rungs[1]:
+      assert rungs[r] <= (3 / 2 if rungs[r] >= 1 << 17 else 2) * n + 1, (n, rungs[r])
+
+
 def test_auto_fragment_budget_equals_explicit_rung():
   """``fragment_budget=None`` (the default) evaluates the smallest rung of the ladder that holds the
   view's non-empty slots: bit for bit the render of that budget given explicitly, and its gradients

@@ -1293,9 +1293,15 @@ _MIN_LADDER_BUDGET = 256
 _MIN_PAIR_RUNG = 1024
 _MAX_RUNGS = 6
 # The fragment ladder (``RasterSettings.fragment_budget=None``): K * H * W, halving down to this
-# many slots, at most this many rungs (each a compiled branch of the evaluation and shading).
+# many slots, at most this many rungs so (each rung a compiled branch of the evaluation and
+# shading); below the half, a rung of 3/4 of the rung above between halvings while it holds at
+# least ``_MIN_FINE_FRAGMENT_RUNG`` slots, so that a large view evaluates at most half again as
+# many slots as it has, not twice as many (512 x 512, K = 8, back faces culled: ~18 % of the
+# slots are non-empty, the 3/16 rung instead of 1/4; forward + backward ~20 ms faster, in-process
+# A/B; two more compiled branches).
 _MIN_FRAGMENT_RUNG = 4096
 _MAX_FRAGMENT_RUNGS = 4
+_MIN_FINE_FRAGMENT_RUNG = 1 << 17
 
 
 @jax.custom_batching.custom_vmap
@@ -1555,12 +1561,19 @@ def select_slots(verts, faces, camera, settings: RasterSettings, num_slots=None)
 
 
 def fragment_ladder(num_slots, settings: RasterSettings):
-  """Static fragment budgets (evaluated slots) of the automatic ladder (``fragment_budget=None``),
-  the dense evaluation (every slot) first, then halving down to ``_MIN_FRAGMENT_RUNG``; at most
-  ``_MAX_FRAGMENT_RUNGS``. One rung (dense) for small images."""
-  rungs = [num_slots]
-  while len(rungs) < _MAX_FRAGMENT_RUNGS and -(-rungs[-1] // 2) >= _MIN_FRAGMENT_RUNG:
-    rungs.append(-(-rungs[-1] // 2))
+  """Static fragment budgets (evaluated slots) of the automatic ladder (``fragment_budget=None``):
+  the dense evaluation (every slot) first, then halving down to ``_MIN_FRAGMENT_RUNG`` (at most
+  ``_MAX_FRAGMENT_RUNGS`` such rungs), with a 3/4 step between halvings below the half while it
+  holds at least ``_MIN_FINE_FRAGMENT_RUNG`` slots (512 x 512, K = 8: 1, 1/2, 3/8, 1/4, 3/16, 1/8
+  of the slots). One rung (dense) for small images."""
+  halves = [num_slots]
+  while len(halves) < _MAX_FRAGMENT_RUNGS and -(-halves[-1] // 2) >= _MIN_FRAGMENT_RUNG:
+    halves.append(-(-halves[-1] // 2))
+  rungs = list(halves[:2])
+  for upper, lower in zip(halves[1:], halves[2:]):
+    if -(-3 * upper // 4) >= _MIN_FINE_FRAGMENT_RUNG:
+      rungs.append(-(-3 * upper // 4))
+    rungs.append(lower)
   return tuple(rungs)
 
 

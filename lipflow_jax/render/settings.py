@@ -48,10 +48,10 @@ class RasterSettings:
       - 2, ...; within a slot, the last pixels in row-major / tile order first), and counted in
       ``overflow``. ``render.occupancy`` measures what a view needs. 1 evaluates every slot, empty
       or not (no compaction). None (the default): ``render_mesh`` picks, per call, the smallest of
-      the budgets K * H * W, 1/2, 1/4, 1/8 of it (at least 4096 slots) that holds the view's
-      non-empty slots (under vmap the batch's largest), so nothing is dropped and the result equals
-      that explicit budget's; its backward recomputes the branch's forward. ``rasterize``
-      evaluates every slot.
+      the budgets K * H * W, 1/2, 1/4, 1/8 of it (at least 4096 slots; for large views also 3/8
+      and 3/16, see ``rasterize.fragment_ladder``) that holds the view's non-empty slots (under
+      vmap the batch's largest), so nothing is dropped and the result equals that explicit
+      budget's; its backward recomputes the branch's forward. ``rasterize`` evaluates every slot.
     tile_budget: fraction of the screen tiles that selection and shading run over when K > 1. Below
       1, only the tiles that hold candidate faces are processed (a head filling half of the image:
       about half of the tiles), compacted into ``ceil(tile_budget * n_tiles)`` tiles; tiles with
