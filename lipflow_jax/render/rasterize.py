@@ -1293,7 +1293,7 @@ _MIN_LADDER_BUDGET = 256
 _MIN_PAIR_RUNG = 1024
 _MAX_RUNGS = 6
 # The fragment ladder (``RasterSettings.fragment_budget=None``): K * H * W, halving down to this
-# many slots, at most this many rungs so (each rung a compiled branch of the evaluation and
+# many slots, at most this many of them (each rung a compiled branch of the evaluation and
 # shading); below the half, a rung of 3/4 of the rung above between halvings while it holds at
 # least ``_MIN_FINE_FRAGMENT_RUNG`` slots, so that a large view evaluates at most half again as
 # many slots as it has, not twice as many (512 x 512, K = 8, back faces culled: ~18 % of the
