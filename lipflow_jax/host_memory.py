@@ -3,13 +3,13 @@
 XLA:CPU allocates a program's temporary buffer with ``malloc`` when the program starts and frees it
 when it ends (a 512 x 512 render's forward + backward at K = 8: 668 MB). glibc serves allocations
 over 32 MiB, and every large allocation made on a worker thread, with a fresh ``mmap`` and gives
-them back to the kernel on ``free``, so each call page-faults in all the temporary memory it
-touches again: ~47,000 minor faults (~190 MB of zeroed pages) per call of that program, measured
-with ``getrusage``. That forward + backward took 186-196 ms a call, 135-165 ms without the
-faults (three benchmark runs each, 2-core CPU). Small programs gain nothing and may lose a little
-(README, Rendering): ``drive``, whose per-frame programs are small and latency-bound, leaves it
-out (streamed keypoint fits, ``benchmarks/fit.py --stream_only``: p50 5.5 and 7.3 ms with it,
-4.4 and 6.3 ms without, two runs each).
+them back to the kernel on ``free``, so each call page-faults in all the temporary memory it touches
+again: ~47,000 minor faults (~190 MB of zeroed pages) per call of that program, measured with
+``getrusage``. That forward + backward took 186-196 ms a call, 135-165 ms without the faults (three
+benchmark runs each, 2-core CPU, with the renderer of then; README has today's). Small programs gain
+nothing and may lose a little (README, Rendering): ``drive``, whose per-frame programs are small and
+latency-bound, leaves it out (streamed keypoint fits, ``benchmarks/fit.py --stream_only``: p50 5.5
+and 7.3 ms with it, 4.4 and 6.3 ms without, two runs each).
 
 ``retain_freed_memory()`` sets three ``mallopt`` parameters: one malloc arena (worker threads
 allocate from the main heap, which can grow past 64 MiB), no ``mmap`` for large blocks, and no trim
