@@ -21,7 +21,7 @@ corner).
      candidate bit masks. With ``heavy_tile_budget`` < 1 it runs in two passes: every tile among its
      first M / 4 candidates, then only the tiles with more (compacted) among all M.
    - K > 1 without a cap (``max_faces_per_tile=None``, the default; ``select_blocks``): the same
-     sorted pairs, tested 32 candidates at a time in a ``lax.while_loop`` over blocks of tiles
+     sorted pairs, tested 32 candidates at a time in ``lax.while_loop``s over blocks of tiles
      (first chunks of all tiles that hold faces, then the second chunks of the crowded ones, ...),
      merging a running best key and the first K near candidates per pixel: no cap, no overflow,
      and the work is what the view holds.
